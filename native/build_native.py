@@ -1,0 +1,38 @@
+"""cffi out-of-line API build of shmrt's C helper (`shmrt._native`).
+
+setup.py names this module's `ffibuilder` in `cffi_modules`; `python native/build_native.py`
+builds it in place for development.
+"""
+import pathlib
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+HEADER = HERE / "shmrt_native.h"
+
+
+def _cdef_from_header() -> str:
+    text = HEADER.read_text()
+    body = text.split("/* CDEF-BEGIN */", 1)[1].split("/* CDEF-END */", 1)[0]
+    # cffi's cdef takes '#define NAME <int>' but no comments spanning lines are an issue: strip them.
+    lines = []
+    for line in body.splitlines():
+        line = line.split("/*", 1)[0].rstrip()
+        if line:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef_from_header())
+ffibuilder.set_source(
+    "shmrt._native",
+    '#include "shmrt_native.h"',
+    sources=[str(HERE.relative_to(pathlib.Path.cwd()) / "shmrt_native.c")
+             if HERE.is_relative_to(pathlib.Path.cwd()) else str(HERE / "shmrt_native.c")],
+    include_dirs=[str(HERE)],
+    extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=False)

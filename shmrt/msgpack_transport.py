@@ -1,0 +1,183 @@
+"""The v2.4 baseline, kept faithful: every tensor's bytes inside one msgpack message on ZeroMQ.
+
+Request:  {"method", "seq", "token", "layer", "op", "pos", "text",
+           "tensors": [{"dtype": str, "shape": [int], "data": bytes}]}
+Reply:    {"method", "seq", "error": str|None, "work_ns", "text", "tensors": [...]}
+
+Unlike v2.4, the tensor<->bytes copies (tobytes before packing, the copy out of the unpacked
+buffer) are timed, inside Serialize and Deserialize. Decoding validates types, the dtype
+whitelist and shape x itemsize == len(data); msgpack never builds anything but plain data.
+"""
+from __future__ import annotations
+
+import json
+
+import msgpack
+import torch
+
+from .errors import PeerError, ProtocolError
+from .native import now_ns
+from .protocol import MAX_TENSORS, NAME_BY_DTYPE, TOKEN_BYTES, check_shape, dtype_from_name
+from .transport import CallStats, ClientTransport, ReplyBuilder, Reply, Request, ServerSession
+from .protocol import RPC_METHODS
+
+CONTROL = ("Hello", "Close")
+
+
+def tensor_to_wire(t: torch.Tensor) -> dict:
+    t = t.detach().contiguous().cpu()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return {"dtype": NAME_BY_DTYPE[t.dtype], "shape": list(t.shape), "data": data}
+
+
+def tensor_from_wire(obj, name: str) -> torch.Tensor:
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+        raise ProtocolError(f"{name} must be a map with keys dtype, shape, data")
+    dtype = dtype_from_name(obj["dtype"], f"{name}.dtype")
+    data = obj["data"]
+    if not isinstance(data, bytes):
+        raise ProtocolError(f"{name}.data must be binary")
+    shape = check_shape(obj["shape"], dtype, len(data), name)
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)  # bytearray(): the copy out
+
+
+def unpack(payload: bytes, what: str) -> dict:
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ProtocolError(f"{what} is not valid msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} must be a msgpack map")
+    return obj
+
+
+def _int_field(obj: dict, key: str, default: int = 0) -> int:
+    value = obj.get(key, default)
+    if type(value) is not int:
+        raise ProtocolError(f"field {key!r} must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _tensors_field(obj: dict) -> list:
+    items = obj.get("tensors", [])
+    if not isinstance(items, list) or len(items) > MAX_TENSORS:
+        raise ProtocolError(f"field 'tensors' must be a list of at most {MAX_TENSORS}")
+    return [tensor_from_wire(item, f"tensor[{i}]") for i, item in enumerate(items)]
+
+
+class MsgpackClient(ClientTransport):
+    name = "msgpack"
+
+    def _roundtrip(self, message: dict, stats: CallStats | None = None) -> tuple[dict, bytes, bytes]:
+        payload = msgpack.packb(message, use_bin_type=True)
+        if stats is not None:
+            stats.t_encoded = now_ns()
+        self._send(payload)
+        if stats is not None:
+            stats.t_sent = now_ns()
+        raw = self._recv()
+        if stats is not None:
+            stats.t_replied = now_ns()
+        reply = unpack(raw, "reply")
+        if reply.get("error"):
+            raise PeerError(f"daemon at {self.endpoint}: {reply['error']}")
+        if _int_field(reply, "seq") != message["seq"]:
+            raise ProtocolError(f"reply seq {reply.get('seq')!r}, expected {message['seq']}")
+        if reply.get("method") != message["method"]:
+            raise ProtocolError(f"reply method {reply.get('method')!r}, expected {message['method']}")
+        return reply, payload, raw
+
+    def hello(self, client_info: dict) -> dict:
+        reply, _, _ = self._roundtrip({"method": "Hello", "seq": self._next_seq(), "token": self.token,
+                                       "text": json.dumps(client_info)})
+        try:
+            config = json.loads(reply.get("text", ""))
+        except (TypeError, ValueError):
+            raise ProtocolError("Hello reply text is not JSON") from None
+        if not isinstance(config, dict):
+            raise ProtocolError("Hello reply is not a JSON object")
+        return config
+
+    def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(tuple(shape), dtype=dtype)
+
+    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0) -> Reply:
+        stats = CallStats(method, self.name, layer, t_start=now_ns())
+        wire = [tensor_to_wire(t) for t in tensors]
+        message = {"method": method, "seq": self._next_seq(), "token": self.token, "layer": layer,
+                   "op": op, "pos": pos, "text": "", "tensors": wire}
+        reply, payload, raw = self._roundtrip(message, stats)
+        out = _tensors_field(reply)
+        stats.t_decoded = now_ns()
+        stats.payload_sent = sum(len(w["data"]) for w in wire)
+        stats.payload_recv = sum(t.numel() * t.element_size() for t in out)
+        stats.sent_bytes = len(payload)
+        stats.recv_bytes = len(raw)
+        stats.work_ns = _int_field(reply, "work_ns")
+        self._notify(stats)
+        return Reply(out, stats, reply.get("text", "") or "")
+
+    def close(self) -> None:
+        if not self._closed and self.seq:
+            try:
+                self._sock.send(msgpack.packb({"method": "Close", "seq": self._next_seq(), "token": self.token}),
+                                flags=1)
+            except Exception:
+                pass
+        super().close()
+
+
+class MsgpackReplyBuilder(ReplyBuilder):
+    def __init__(self):
+        self.tensors: list[torch.Tensor] = []
+
+    def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(tuple(shape), dtype=dtype)
+        self.tensors.append(t)
+        return t
+
+
+def parse_request(payload: bytes) -> dict:
+    """Validate the envelope of a request (method, seq, token); tensors are decoded later."""
+    obj = unpack(payload, "request")
+    method = obj.get("method")
+    if method not in RPC_METHODS + CONTROL:
+        raise ProtocolError(f"method {method!r}, expected one of {RPC_METHODS + CONTROL}")
+    _int_field(obj, "seq")
+    token = obj.get("token")
+    if not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
+        raise ProtocolError(f"token must be {TOKEN_BYTES} bytes")
+    return obj
+
+
+class MsgpackServerSession(ServerSession):
+    transport = "msgpack"
+
+    def decode(self, payload: bytes) -> Request:
+        obj = parse_request(payload)
+        if obj["token"] != self.token:
+            raise ProtocolError("request token does not match this session's token")
+        seq = obj["seq"]
+        if seq != self.expect_seq:
+            raise ProtocolError(f"request seq {seq}, expected {self.expect_seq}")
+        self.expect_seq += 1
+        layer, op, pos = _int_field(obj, "layer", -1), _int_field(obj, "op"), _int_field(obj, "pos")
+        if layer < -1 or pos < 0:
+            raise ProtocolError(f"layer {layer} / pos {pos} out of range")
+        text = obj.get("text", "") or ""
+        if not isinstance(text, str):
+            raise ProtocolError("field 'text' must be a string")
+        return Request(obj["method"], seq, layer, op, pos, _tensors_field(obj), text)
+
+    def reply_builder(self) -> MsgpackReplyBuilder:
+        return MsgpackReplyBuilder()
+
+    def encode_reply(self, request: Request, builder: MsgpackReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
+        tensors = [tensor_to_wire(t) for t in builder.tensors] if builder else []
+        return msgpack.packb({"method": request.method, "seq": request.seq, "error": None, "work_ns": work_ns,
+                              "text": text, "tensors": tensors}, use_bin_type=True)
+
+    def encode_error(self, seq: int, message: str) -> bytes:
+        return msgpack.packb({"method": "Error", "seq": seq, "error": message, "tensors": []}, use_bin_type=True)

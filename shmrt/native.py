@@ -1,0 +1,96 @@
+"""The only module that touches cffi: timed copies and header-word atomics from the C helper.
+
+Every buffer is checked (contiguous, writable where written, large enough) before
+`ffi.from_buffer`, and every C return code is mapped to an exception here, in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ProtocolError, SetupError
+
+try:
+    from ._native import ffi, lib
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise SetupError(
+        "shmrt's C helper (shmrt._native) is not built. Install the package so cffi compiles it: "
+        "`pip install -e .` (needs gcc), or build it in place: `python native/build_native.py`."
+    ) from exc
+
+
+@dataclass(frozen=True)
+class Span:
+    """CLOCK_MONOTONIC nanoseconds around one copy, taken inside the C helper."""
+
+    start_ns: int
+    end_ns: int
+
+    @property
+    def ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+
+def now_ns() -> int:
+    return lib.shmrt_now_ns()
+
+
+def _check_rc(rc: int, what: str) -> None:
+    if rc == lib.SHMRT_OK:
+        return
+    if rc == lib.SHMRT_E_BOUNDS:
+        raise ProtocolError(f"{what}: range lies outside the mapped buffer")
+    if rc == lib.SHMRT_E_ALIGN:
+        raise ProtocolError(f"{what}: header word is not 8-byte aligned")
+    raise AssertionError(f"unknown return code {rc} from {what}")
+
+
+def _tensor_pointer(t: torch.Tensor):
+    assert t.device.type == "cpu", t.device
+    if not t.is_contiguous():
+        raise ValueError("tensor must be contiguous for a native copy")
+    return ffi.cast("uint8_t *", t.data_ptr())
+
+
+class MappedBuffer:
+    """A shared mapping seen by the C helper: bounds-checked timed copies and header atomics.
+
+    The cffi view is taken once (`ffi.from_buffer` is not free); `release()` drops it so the
+    underlying mmap can be closed.
+    """
+
+    def __init__(self, buf):
+        self._buf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+        self.nbytes = len(self._buf)
+
+    def copy_in(self, offset: int, src: torch.Tensor) -> Span:
+        """Copy `src`'s bytes to [offset, offset + src.nbytes) of the mapping."""
+        n = src.numel() * src.element_size()
+        span = ffi.new("shmrt_span *")
+        _check_rc(lib.shmrt_copy_in(self._buf, self.nbytes, offset, _tensor_pointer(src), n, span),
+                  "copy_in")
+        return Span(span.start_ns, span.end_ns)
+
+    def copy_out(self, offset: int, dst: torch.Tensor) -> Span:
+        """Copy [offset, offset + dst.nbytes) of the mapping into `dst`."""
+        n = dst.numel() * dst.element_size()
+        span = ffi.new("shmrt_span *")
+        _check_rc(lib.shmrt_copy_out(_tensor_pointer(dst), self._buf, self.nbytes, offset, n, span),
+                  "copy_out")
+        return Span(span.start_ns, span.end_ns)
+
+    def load(self, offset: int) -> int:
+        """Acquire-load the 64-bit word at `offset`."""
+        out = ffi.new("uint64_t *")
+        _check_rc(lib.shmrt_load_acquire(self._buf, self.nbytes, offset, out), "load_acquire")
+        return int(out[0])
+
+    def store(self, offset: int, value: int) -> None:
+        """Release-store the 64-bit word at `offset`."""
+        _check_rc(lib.shmrt_store_release(self._buf, self.nbytes, offset, value), "store_release")
+
+    def release(self) -> None:
+        if self._buf is not None:
+            ffi.release(self._buf)
+            self._buf = None

@@ -1,0 +1,242 @@
+"""The doorbell: the small binary message ZeroMQ carries instead of tensor bytes.
+
+A doorbell names a method, a sequence number, the session token, a few integer arguments and,
+per tensor, where its bytes lie in the sender's ring. It never carries tensor bytes, never
+pickles, never evaluates anything.
+
+Wire layout (little-endian, fixed size header, then descriptors, then UTF-8 text):
+
+    header (72 bytes)
+      0   4s   magic      b"SHMD"
+      4   H    version    PROTOCOL_VERSION
+      6   B    method     Method
+      7   B    flags      FLAG_* bits (unknown bits rejected)
+      8   Q    seq        request number, echoed by the reply
+     16   16s  token      random per session, chosen by the client at Hello
+     32   i    layer      decoder layer index, -1 where not used
+     36   I    op         method-specific (BatchLinear: projection bits; Matmul: MATMUL_* bits)
+     40   q    pos        first sequence position of the tensors (KV cache placement)
+     48   Q    ring_end   sender's ring position after this message; the receiver releases to it
+     56   Q    work_ns    daemon compute time for this reply (informational, never trusted)
+     64   H    ntensors   <= MAX_TENSORS
+     66   H    text_len   <= MAX_TEXT bytes of UTF-8 after the descriptors
+     68   4x
+    descriptor (72 bytes each)
+      0   Q    offset     into the sender's ring data area, multiple of RING_ALIGN
+      8   Q    nbytes     == prod(shape) * itemsize(dtype)
+     16   B    dtype      DTYPES code
+     17   B    ndim       <= MAX_NDIM
+     18   6x
+     24   6q   shape      dims beyond ndim must be 0
+
+Decoding copies the message once (ZeroMQ hands us private bytes), then validates every field
+before anything is used; a violation raises ProtocolError naming the field and what was expected.
+Offsets and lengths are checked against the ring capacity with arithmetic that cannot overflow.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ProtocolError
+
+MAGIC = b"SHMD"
+PROTOCOL_VERSION = 1
+MAX_TENSORS = 8
+MAX_NDIM = 6
+MAX_DIM = 1 << 40
+MAX_TEXT = (1 << 16) - 1
+RING_ALIGN = 64
+TOKEN_BYTES = 16
+
+FLAG_ERROR = 0x01
+KNOWN_FLAGS = FLAG_ERROR
+
+MATMUL_TRANSPOSE_B = 0x01   # a @ b.transpose(-1, -2)
+MATMUL_CACHE_K = 0x02       # b holds new K rows: append to the daemon's cache, multiply with all of it
+MATMUL_CACHE_V = 0x04       # b holds new V rows: likewise
+KNOWN_MATMUL_BITS = MATMUL_TRANSPOSE_B | MATMUL_CACHE_K | MATMUL_CACHE_V
+
+_HEADER = struct.Struct("<4sHBBQ16siIqQQHH4x")
+_DESC = struct.Struct("<QQBB6x6q")
+assert _HEADER.size == 72 and _DESC.size == 72
+
+
+class Method(enum.IntEnum):
+    Init = 1
+    Embedding = 2
+    BatchLinear = 3
+    Matmul = 4
+    LMHead = 5
+    Hello = 16   # control: opens a session, returns the model config (not a logged RPC)
+    Close = 17   # control: ends a session, the daemon detaches its rings
+    Error = 18   # reply only: text says what went wrong
+
+
+RPC_METHODS = ("Init", "Embedding", "BatchLinear", "Matmul", "LMHead")
+
+# Projection bits for BatchLinear's `op`, in checkpoint names.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def projection_bits(names) -> int:
+    bits = 0
+    for name in names:
+        bits |= 1 << PROJECTIONS.index(name)
+    return bits
+
+
+def projection_names(bits: int) -> list[str]:
+    if bits <= 0 or bits >> len(PROJECTIONS):
+        raise ProtocolError(f"BatchLinear op bits {bits:#x} name no known projection "
+                            f"(expected a non-empty subset of {PROJECTIONS})")
+    return [name for i, name in enumerate(PROJECTIONS) if bits >> i & 1]
+
+
+# ---- dtypes (the whitelist; both transports use it)
+
+DTYPES: dict[int, tuple[str, torch.dtype]] = {
+    1: ("float32", torch.float32),
+    2: ("bfloat16", torch.bfloat16),
+    3: ("float16", torch.float16),
+    4: ("int64", torch.int64),
+    5: ("int32", torch.int32),
+}
+DTYPE_CODE = {dt: code for code, (_, dt) in DTYPES.items()}
+DTYPE_BY_NAME = {name: dt for name, dt in DTYPES.values()}
+NAME_BY_DTYPE = {dt: name for name, dt in DTYPES.values()}
+
+
+def dtype_from_name(name, field_name: str = "dtype") -> torch.dtype:
+    if not isinstance(name, str) or name not in DTYPE_BY_NAME:
+        raise ProtocolError(f"{field_name} {name!r} not allowed (expected one of {sorted(DTYPE_BY_NAME)})")
+    return DTYPE_BY_NAME[name]
+
+
+def check_shape(shape, dtype: torch.dtype, nbytes: int, field_name: str) -> tuple[int, ...]:
+    """Validate a shape against a byte count: ints, 0 <= dim <= MAX_DIM, product * itemsize == nbytes."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
+        raise ProtocolError(f"{field_name}.shape must be a list of at most {MAX_NDIM} dims, got {shape!r}")
+    for d in shape:
+        if type(d) is not int or not 0 <= d <= MAX_DIM:
+            raise ProtocolError(f"{field_name}.shape has dim {d!r}; expected an int in [0, {MAX_DIM}]")
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    if type(nbytes) is not int or nbytes != expected:
+        raise ProtocolError(f"{field_name}.nbytes is {nbytes!r}, expected prod{tuple(shape)} x "
+                            f"{dtype.itemsize} = {expected}")
+    return tuple(shape)
+
+
+@dataclass(frozen=True)
+class TensorDesc:
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Doorbell:
+    method: Method
+    seq: int
+    token: bytes
+    layer: int = -1
+    op: int = 0
+    pos: int = 0
+    ring_end: int = 0
+    work_ns: int = 0
+    tensors: tuple[TensorDesc, ...] = ()
+    text: str = ""
+    flags: int = 0
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.flags & FLAG_ERROR)
+
+
+def encode(bell: Doorbell) -> bytes:
+    text = bell.text.encode("utf-8")
+    assert len(bell.tensors) <= MAX_TENSORS, len(bell.tensors)
+    assert len(text) <= MAX_TEXT, len(text)
+    assert len(bell.token) == TOKEN_BYTES, bell.token
+    parts = [_HEADER.pack(MAGIC, PROTOCOL_VERSION, int(bell.method), bell.flags, bell.seq, bell.token,
+                          bell.layer, bell.op, bell.pos, bell.ring_end, bell.work_ns,
+                          len(bell.tensors), len(text))]
+    for t in bell.tensors:
+        assert len(t.shape) <= MAX_NDIM, t.shape
+        dims = list(t.shape) + [0] * (MAX_NDIM - len(t.shape))
+        parts.append(_DESC.pack(t.offset, t.nbytes, DTYPE_CODE[t.dtype], len(t.shape), *dims))
+    parts.append(text)
+    return b"".join(parts)
+
+
+def encoded_size(ntensors: int, text_len: int = 0) -> int:
+    return _HEADER.size + ntensors * _DESC.size + text_len
+
+
+def is_doorbell(payload: bytes) -> bool:
+    return payload[:4] == MAGIC
+
+
+def decode(payload: bytes, *, capacity: int, token: bytes | None = None,
+           expect_seq: int | None = None) -> Doorbell:
+    """Parse and validate a doorbell. `capacity`: the sender's ring data bytes (bounds for offsets)."""
+    data = bytes(payload)  # one private copy; nothing below reads `payload` again
+    if len(data) < _HEADER.size:
+        raise ProtocolError(f"doorbell is {len(data)} bytes, expected at least {_HEADER.size}")
+    (magic, version, method, flags, seq, msg_token, layer, op, pos, ring_end, work_ns,
+     ntensors, text_len) = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"doorbell magic {magic!r}, expected {MAGIC!r}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"doorbell version {version}, expected {PROTOCOL_VERSION}: "
+                            "daemon and client run different shmrt versions")
+    try:
+        method = Method(method)
+    except ValueError:
+        raise ProtocolError(f"doorbell method {method}, expected one of "
+                            f"{[f'{m.value}={m.name}' for m in Method]}") from None
+    if flags & ~KNOWN_FLAGS:
+        raise ProtocolError(f"doorbell flags {flags:#x}, expected a subset of {KNOWN_FLAGS:#x}")
+    if token is not None and msg_token != token:
+        raise ProtocolError("doorbell token does not match this session's token")
+    if expect_seq is not None and seq != expect_seq:
+        raise ProtocolError(f"doorbell seq {seq}, expected {expect_seq}")
+    if layer < -1:
+        raise ProtocolError(f"doorbell layer {layer}, expected -1 or a layer index")
+    if pos < 0:
+        raise ProtocolError(f"doorbell pos {pos}, expected >= 0")
+    if ntensors > MAX_TENSORS:
+        raise ProtocolError(f"doorbell ntensors {ntensors}, expected at most {MAX_TENSORS}")
+    expected_len = encoded_size(ntensors, text_len)
+    if len(data) != expected_len:
+        raise ProtocolError(f"doorbell is {len(data)} bytes, expected {expected_len} for "
+                            f"{ntensors} tensors and {text_len} text bytes")
+    tensors = []
+    for i in range(ntensors):
+        offset, nbytes, code, ndim, *dims = _DESC.unpack_from(data, _HEADER.size + i * _DESC.size)
+        name = f"tensor[{i}]"
+        if code not in DTYPES:
+            raise ProtocolError(f"{name}.dtype code {code}, expected one of "
+                                f"{[f'{c}={n}' for c, (n, _) in DTYPES.items()]}")
+        dtype = DTYPES[code][1]
+        if ndim > MAX_NDIM:
+            raise ProtocolError(f"{name}.ndim {ndim}, expected at most {MAX_NDIM}")
+        if any(dims[ndim:]):
+            raise ProtocolError(f"{name}.shape has non-zero entries past ndim {ndim}")
+        shape = check_shape(dims[:ndim], dtype, nbytes, name)
+        if offset % RING_ALIGN:
+            raise ProtocolError(f"{name}.offset {offset} is not a multiple of {RING_ALIGN}")
+        if not (offset <= capacity and nbytes <= capacity - offset):
+            raise ProtocolError(f"{name} [{offset}, +{nbytes}) lies outside the ring data area "
+                                f"of {capacity} bytes")
+        tensors.append(TensorDesc(offset, nbytes, dtype, shape))
+    try:
+        text = data[expected_len - text_len:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("doorbell text is not valid UTF-8") from None
+    return Doorbell(method, seq, msg_token, layer, op, pos, ring_end, work_ns, tuple(tensors), text, flags)

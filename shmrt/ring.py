@@ -1,0 +1,342 @@
+"""A single-producer / single-consumer byte ring in one POSIX shared-memory segment.
+
+Memory only: layout, positions, views, create/attach/close/unlink. No sockets, no torch.
+One segment per direction (client->daemon requests, daemon->client responses).
+
+Layout (little-endian; every header word on its own 64-byte line):
+
+    offset  size  field          written by            when
+    ------  ----  -------------  --------------------  ----------------------------
+         0     8  magic          creator               once, before anyone attaches
+         8     4  layout version creator               once
+        12     4  header bytes   creator               once (HEADER_BYTES)
+        16     8  capacity       creator               once (bytes in the data area)
+        24     8  owner pid      creator               once (for `shmrt cleanup`)
+        32     8  created ns     creator               once (CLOCK_REALTIME)
+        64     8  head           producer              release-store after writing data
+       128     8  tail           consumer              release-store after it is done reading
+      4096   cap  data area      producer writes [tail, head); consumer reads it
+
+Positions (head, tail) are byte counters that only grow; a position maps to the data
+offset `pos % capacity`. An allocation never straddles the end: if it does not fit before
+the end, the producer skips to the next lap (the skipped bytes count as used).
+
+Write-order rule: the producer (1) writes tensor bytes into [head, new_head), (2) release-stores
+head, (3) only then rings the doorbell that names the offsets. The consumer (1) reads the doorbell,
+(2) reads the data, (3) release-stores tail = end of the released message. Neither side ever trusts
+its own position from shared memory: each keeps it privately and the header words are published
+copies. The one word each side must read from the other (the producer reads tail) is loaded once
+per check, validated against the producer's private head, and never re-read for the same decision.
+"""
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+import re
+import secrets
+import struct
+import time
+
+import posix_ipc
+
+from .errors import ProtocolError, RingFull, SetupError, TensorTooLarge
+from .native import MappedBuffer
+
+MAGIC = b"SHMRTRNG"
+LAYOUT_VERSION = 1
+HEADER_BYTES = 4096
+OFF_HEAD = 64
+OFF_TAIL = 128
+_FIXED = struct.Struct("<8sIIQQQ")  # magic, version, header bytes, capacity, owner pid, created ns
+
+SMALL_ALIGN = 64
+LARGE_ALIGN = 4096
+LARGE_TENSOR = 1 << 20  # tensors from 1 MiB up start on a page boundary (DMA-friendly)
+
+NAME_PREFIX = "/shmrt-"
+NAME_RE = re.compile(r"^/shmrt-[0-9a-f]{32}-(req|rsp)$")
+SHM_DIR = "/dev/shm"
+
+
+def new_segment_name(role: str) -> str:
+    """An unguessable segment name: 128 random bits plus the direction."""
+    assert role in ("req", "rsp"), role
+    return f"{NAME_PREFIX}{secrets.token_hex(16)}-{role}"
+
+
+def check_segment_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ProtocolError(f"segment name {name!r} is not a shmrt ring name (expected /shmrt-<32 hex>-req|rsp)")
+    return name
+
+
+def align_up(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+def alignment_for(nbytes: int) -> int:
+    return LARGE_ALIGN if nbytes >= LARGE_TENSOR else SMALL_ALIGN
+
+
+def _shm_free_bytes() -> int | None:
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class Ring:
+    """One mapped ring segment. Use `Ring.create` (owner: unlinks on close) or `Ring.attach`."""
+
+    def __init__(self, name: str, mm: mmap.mmap, capacity: int, owner: bool):
+        self.name = name
+        self.capacity = capacity
+        self.owner = owner
+        self._mm = mm
+        self.native = MappedBuffer(mm)
+        self.data = memoryview(mm)[HEADER_BYTES:HEADER_BYTES + capacity]
+        self.data_offset = HEADER_BYTES  # where the data area starts inside the mapping
+        self.producer = Producer(self)
+        self.consumer = Consumer(self)
+        self._closed = False
+
+    # ---- lifetime
+
+    @classmethod
+    def create(cls, capacity: int, role: str, *, prefault: bool = True, name: str | None = None) -> "Ring":
+        """Create, size, reserve and map a new segment (mode 0600, O_EXCL)."""
+        if capacity <= 0 or capacity % SMALL_ALIGN:
+            raise ValueError(f"ring capacity must be a positive multiple of {SMALL_ALIGN}, got {capacity}")
+        name = name or new_segment_name(role)
+        total = HEADER_BYTES + capacity
+        free = _shm_free_bytes()
+        if free is not None and free < total:
+            raise SetupError(
+                f"{SHM_DIR} has {_mib(free)} free but the ring needs {_mib(total)}: "
+                f"free space in {SHM_DIR} (remove stale segments with `shmrt cleanup`), enlarge it "
+                f"(`mount -o remount,size=... {SHM_DIR}`), or pass a smaller --ring-mib")
+        try:
+            shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=0o600, size=total)
+        except posix_ipc.ExistentialError as exc:
+            raise SetupError(f"shared memory segment {name} already exists: {exc}") from exc
+        try:
+            if prefault:
+                # Reserve every page now so a full /dev/shm fails here with ENOSPC instead of
+                # SIGBUS on first touch mid-inference.
+                try:
+                    os.posix_fallocate(shm.fd, 0, total)
+                except OSError as exc:
+                    raise SetupError(
+                        f"could not reserve {_mib(total)} in {SHM_DIR} for ring {name} "
+                        f"({exc.strerror}; {_mib(_shm_free_bytes() or 0)} free): free space or pass a "
+                        f"smaller --ring-mib") from exc
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
+            mm = mmap.mmap(shm.fd, total, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            shm.close_fd()
+            shm.unlink()
+            raise
+        shm.close_fd()
+        mm[:_FIXED.size] = _FIXED.pack(MAGIC, LAYOUT_VERSION, HEADER_BYTES, capacity, os.getpid(), time.time_ns())
+        ring = cls(name, mm, capacity, owner=True)
+        ring.native.store(OFF_HEAD, 0)
+        ring.native.store(OFF_TAIL, 0)
+        return ring
+
+    @classmethod
+    def attach(cls, name: str, expected_capacity: int) -> "Ring":
+        """Map an existing segment after validating its header against what the creator told us."""
+        check_segment_name(name)
+        try:
+            shm = posix_ipc.SharedMemory(name, flags=0)
+        except posix_ipc.ExistentialError as exc:
+            raise ProtocolError(f"ring segment {name} does not exist (peer gone or wrong name)") from exc
+        try:
+            total = HEADER_BYTES + expected_capacity
+            size = os.fstat(shm.fd).st_size
+            # Under Gramine the file may look like a character device with size 0; otherwise the
+            # segment must be exactly as large as announced.
+            if size not in (0, total):
+                raise ProtocolError(f"ring {name} is {size} bytes, expected {total}")
+            mm = mmap.mmap(shm.fd, total, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            shm.close_fd()
+        try:
+            header = read_header(mm)  # copied once, then validated
+            if header.capacity != expected_capacity:
+                raise ProtocolError(f"ring {name} header capacity {header.capacity}, expected {expected_capacity}")
+        except BaseException:
+            mm.close()
+            raise
+        return cls(name, mm, expected_capacity, owner=False)
+
+    def close(self) -> None:
+        """Unmap; the creator also unlinks. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.native.release()
+        try:
+            self.data.release()
+            self._mm.close()
+        except BufferError:
+            # A tensor view still references the mapping; it is unmapped when the last view dies.
+            pass
+        if self.owner:
+            unlink_segment(self.name)
+
+    def __enter__(self) -> "Ring":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def mapping(self) -> mmap.mmap:
+        return self._mm
+
+    # ---- views
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        """Bytes [offset, offset+nbytes) of the data area; bounds-checked without overflow."""
+        if not (0 <= offset <= self.capacity and 0 <= nbytes <= self.capacity - offset):
+            raise ProtocolError(f"range [{offset}, +{nbytes}) is outside ring {self.name} of {self.capacity} bytes")
+        return self.data[offset:offset + nbytes]
+
+
+class RingHeader:
+    __slots__ = ("magic", "version", "header_bytes", "capacity", "owner_pid", "created_ns")
+
+    def __init__(self, *fields):
+        for slot, value in zip(self.__slots__, fields):
+            setattr(self, slot, value)
+
+
+def read_header(buf) -> RingHeader:
+    """Copy the fixed header out of `buf` once and validate it."""
+    if len(buf) < HEADER_BYTES:
+        raise ProtocolError(f"segment is {len(buf)} bytes, smaller than a ring header ({HEADER_BYTES})")
+    header = RingHeader(*_FIXED.unpack(bytes(buf[:_FIXED.size])))
+    if header.magic != MAGIC:
+        raise ProtocolError(f"ring magic {header.magic!r}, expected {MAGIC!r}: not a shmrt ring")
+    if header.version != LAYOUT_VERSION:
+        raise ProtocolError(f"ring layout version {header.version}, expected {LAYOUT_VERSION}: "
+                            "daemon and client are different shmrt versions")
+    if header.header_bytes != HEADER_BYTES:
+        raise ProtocolError(f"ring header size {header.header_bytes}, expected {HEADER_BYTES}")
+    return header
+
+
+def unlink_segment(name: str) -> bool:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+class Producer:
+    """Reserves space for messages. State is private; only `tail` is read from shared memory."""
+
+    def __init__(self, ring: Ring):
+        self.ring = ring
+        self.head = 0        # private: bytes ever reserved
+        self.known_tail = 0  # private: last validated tail
+
+    def _load_tail(self) -> int:
+        tail = self.ring.native.load(OFF_TAIL)  # one load, validated before any use
+        if not (self.known_tail <= tail <= self.head):
+            raise ProtocolError(
+                f"ring {self.ring.name}: consumer tail {tail} outside [{self.known_tail}, {self.head}] "
+                "(peer corrupted the ring header)")
+        self.known_tail = tail
+        return tail
+
+    def free_bytes(self) -> int:
+        return self.ring.capacity - (self.head - self._load_tail())
+
+    def _placement(self, nbytes: int, alignment: int) -> tuple[int, int]:
+        """(position where the allocation starts, its data offset), skipping to the next lap if needed."""
+        cap = self.ring.capacity
+        lap_offset = self.head % cap
+        offset = align_up(lap_offset, alignment)
+        if offset + nbytes > cap:
+            return self.head + (cap - lap_offset), 0
+        return self.head + (offset - lap_offset), offset
+
+    def reserve(self, nbytes: int, *, timeout: float, what: str = "tensor") -> int:
+        """Reserve `nbytes` and return its data offset; waits for the consumer up to `timeout` s."""
+        cap = self.ring.capacity
+        alignment = alignment_for(nbytes)
+        if nbytes > cap:
+            raise TensorTooLarge(
+                f"{what} of {_mib(nbytes)} does not fit ring {self.ring.name} of {_mib(cap)}: pass a larger --ring-mib")
+        deadline = None
+        delay = 1e-6
+        while True:
+            start, offset = self._placement(nbytes, alignment)
+            end = start + nbytes
+            tail = self._load_tail()
+            if end - tail <= cap:
+                self.head = end
+                return offset
+            if tail == self.head:
+                # Ring is empty and the message still does not fit: it never will.
+                raise TensorTooLarge(
+                    f"{what} of {_mib(nbytes)} plus the rest of its message does not fit ring "
+                    f"{self.ring.name} of {_mib(cap)}: pass a larger --ring-mib")
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + timeout
+            elif now >= deadline:
+                raise RingFull(
+                    f"ring {self.ring.name} stayed full for {timeout:.1f} s ({_mib(cap - (self.head - tail))} free, "
+                    f"{_mib(nbytes)} needed): the consumer is not releasing")
+            time.sleep(delay)
+            delay = min(delay * 2, 1e-3)
+
+    def publish(self) -> int:
+        """Release-store head after the data is written; returns the message's end position."""
+        self.ring.native.store(OFF_HEAD, self.head)
+        return self.head
+
+
+class Consumer:
+    """Tracks messages handed out by the producer and releases them in order."""
+
+    def __init__(self, ring: Ring):
+        self.ring = ring
+        self.accepted_end = 0   # private: end position of the last accepted message
+        self.tail = 0           # private: bytes released so far
+        self._outstanding: collections.deque[list] = collections.deque()  # [end, done]
+
+    def accept(self, end: int) -> list:
+        """Validate a message's end position (from its doorbell) and track it until released."""
+        if not (self.accepted_end <= end <= self.tail + self.ring.capacity):
+            raise ProtocolError(
+                f"ring {self.ring.name}: message end {end} outside [{self.accepted_end}, "
+                f"{self.tail + self.ring.capacity}]")
+        self.accepted_end = end
+        entry = [end, False]
+        self._outstanding.append(entry)
+        return entry
+
+    def release(self, entry: list) -> None:
+        """Mark a message done; publish tail over the completed prefix (FIFO order)."""
+        entry[1] = True
+        advanced = False
+        while self._outstanding and self._outstanding[0][1]:
+            self.tail = self._outstanding.popleft()[0]
+            advanced = True
+        if advanced:
+            self.ring.native.store(OFF_TAIL, self.tail)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)

@@ -1,0 +1,231 @@
+"""The daemon's serving loop: one ROUTER socket, one session per client, either transport.
+
+A client's first message must be Hello; its bytes tell the transport (a doorbell starts with
+b"SHMD", anything else is taken as msgpack). The session then lives until Close, a protocol
+violation (the client gets an Error reply and the session is dropped), idleness past
+`session_timeout`, or - where the client's pid is visible to us - the client process dying.
+
+What the loop serves is up to a handler: `EchoHandler` (tests, micro bench) or the model
+(daemon.py). Handlers see `Request`s and fill `ReplyBuilder`s; they never touch sockets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import zmq
+
+from . import protocol
+from .errors import ProtocolError, ShmrtError
+from .msgpack_transport import MsgpackServerSession, parse_request
+from .native import now_ns
+from .protocol import Doorbell, Method
+from .ring import Ring
+from .shm_transport import ShmServerSession
+from .transport import ReplyBuilder, Request, ServerSession, check_endpoint
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def client_info() -> dict:
+    """What a client says about itself in Hello (lets the daemon notice its death early)."""
+    return {"pid": os.getpid(), "pidns": _pid_namespace()}
+
+
+class Handler:
+    """What the daemon computes. `state` is a per-session dict the handler may use."""
+
+    def hello(self) -> dict:
+        return {}
+
+    def handle(self, request: Request, builder: ReplyBuilder, state: dict, session: ServerSession) -> str:
+        raise NotImplementedError
+
+    def session_closed(self, state: dict) -> None:
+        pass
+
+
+class EchoHandler(Handler):
+    """Returns every request tensor unchanged (a copy into the reply buffers)."""
+
+    def hello(self) -> dict:
+        return {"echo": True}
+
+    def handle(self, request, builder, state, session) -> str:
+        for t in request.tensors:
+            builder.alloc(t.shape, t.dtype).copy_(t)
+        return ""
+
+
+@dataclass
+class Session:
+    identity: bytes
+    transport: ServerSession
+    pid: int | None
+    last_seen: float
+    state: dict = field(default_factory=dict)
+
+
+class Server:
+    def __init__(self, endpoint: str, handler: Handler, *, session_timeout: float = 120.0,
+                 allow_remote: bool = False, log=None):
+        self.endpoint = check_endpoint(endpoint, bind=True, allow_remote=allow_remote)
+        self.handler = handler
+        self.session_timeout = session_timeout
+        self.sessions: dict[bytes, Session] = {}
+        self.log = log or (lambda msg: print(f"shmrt daemon: {msg}", file=sys.stderr, flush=True))
+        self._pidns = _pid_namespace()
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            self._sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close()
+            raise ShmrtError(f"cannot listen on {endpoint}: {exc} (another daemon there? pick --endpoint)") from None
+        if endpoint.startswith("ipc://"):
+            os.chmod(endpoint[len("ipc://"):], 0o600)
+        self.stopping = False
+
+    # ---- lifetime
+
+    def close(self) -> None:
+        for identity in list(self.sessions):
+            self._drop(identity, "daemon shutting down")
+        self._sock.close(linger=0)
+        if self.endpoint.startswith("ipc://"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except OSError:
+                pass
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def serve(self, *, until=None, poll_ms: int = 200) -> None:
+        """Serve until `stopping` is set (signal handler) or `until()` returns True."""
+        next_reap = time.monotonic() + 1.0
+        while not self.stopping and not (until and until()):
+            if self._sock.poll(poll_ms, zmq.POLLIN):
+                frames = self._sock.recv_multipart(copy=True)
+                if len(frames) == 2:
+                    self._on_message(frames[0], frames[1])
+            if time.monotonic() >= next_reap:
+                self.reap()
+                next_reap = time.monotonic() + 1.0
+
+    # ---- messages
+
+    def _on_message(self, identity: bytes, payload: bytes) -> None:
+        session = self.sessions.get(identity)
+        if session is None:
+            reply = self._open(identity, payload)
+        else:
+            session.last_seen = time.monotonic()
+            reply = self._serve(session, payload)
+        if reply is not None:
+            self._sock.send_multipart([identity, reply])
+
+    def _open(self, identity: bytes, payload: bytes) -> bytes | None:
+        try:
+            if protocol.is_doorbell(payload):
+                bell = protocol.decode(payload, capacity=0, expect_seq=1)
+                if bell.method != Method.Hello:
+                    raise ProtocolError(f"first message is {bell.method.name}, expected Hello")
+                transport, text = ShmServerSession(bell.token), bell.text
+            else:
+                obj = parse_request(payload)
+                if obj["method"] != "Hello" or obj["seq"] != 1:
+                    raise ProtocolError(f"first message is {obj['method']} seq {obj['seq']}, expected Hello seq 1")
+                transport, text = MsgpackServerSession(obj["token"]), obj.get("text") or "{}"
+            info = json.loads(text) if isinstance(text, str) and text else {}
+        except (ProtocolError, ValueError) as exc:
+            self.log(f"refused a new client: {exc}")
+            err_session = ShmServerSession(b"\0" * 16) if protocol.is_doorbell(payload) else MsgpackServerSession(b"")
+            return err_session.encode_error(1, f"session refused: {exc}")
+        transport.expect_seq = 2
+        pid = info.get("pid") if isinstance(info, dict) and info.get("pidns") == self._pidns else None
+        self.sessions[identity] = Session(identity, transport, pid if type(pid) is int else None, time.monotonic())
+        hello = Request("Hello", 1)
+        return transport.encode_reply(hello, None, text=json.dumps(self.handler.hello()))
+
+    def _serve(self, session: Session, payload: bytes) -> bytes | None:
+        transport = session.transport
+        seq = transport.expect_seq
+        request = None
+        try:
+            request = transport.decode(payload)
+            if request.method == "Close":
+                self._drop(session.identity, "client closed the session")
+                return None
+            builder = transport.reply_builder()
+            t0 = now_ns()
+            text = self.handler.handle(request, builder, session.state, transport)
+            work_ns = now_ns() - t0
+            if request.release:
+                request.release()
+            return transport.encode_reply(request, builder, work_ns=work_ns, text=text or "")
+        except ShmrtError as exc:
+            message = str(exc)
+        except Exception as exc:  # a bug or a hostile input we did not foresee: never crash the daemon
+            traceback.print_exc(file=sys.stderr)
+            message = f"internal error in {getattr(request, 'method', '?')}: {type(exc).__name__}: {exc}"
+        reply = transport.encode_error(request.seq if request else seq, message)
+        self._drop(session.identity, message)
+        return reply
+
+    # ---- sessions
+
+    def _drop(self, identity: bytes, why: str) -> None:
+        session = self.sessions.pop(identity, None)
+        if session is None:
+            return
+        self.log(f"session {identity.hex()[:8]} ({session.transport.transport}) closed: {why}")
+        self.handler.session_closed(session.state)
+        owner_dead = session.pid is not None and not _alive(session.pid)
+        names = [r.name for r in (getattr(session.transport, "req", None), getattr(session.transport, "rsp", None)) if r]
+        session.transport.close()
+        if owner_dead:
+            # The creator cannot unlink any more; nobody else will use these names.
+            from .ring import unlink_segment
+            for name in names:
+                unlink_segment(name)
+
+    def reap(self) -> None:
+        now = time.monotonic()
+        for identity, session in list(self.sessions.items()):
+            if session.pid is not None and not _alive(session.pid):
+                self._drop(identity, f"client process {session.pid} is gone")
+            elif now - session.last_seen > self.session_timeout:
+                self._drop(identity, f"idle for more than {self.session_timeout:.0f} s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still "exists"; treat it as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+__all__ = ["Server", "Handler", "EchoHandler", "client_info", "Ring", "Doorbell"]

@@ -1,0 +1,32 @@
+"""Settings read from the environment (the only module that reads os.environ for shmrt)."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+
+def default_timeout() -> float:
+    """Seconds to wait for a peer before giving up (SHMRT_TIMEOUT, default 60)."""
+    return float(os.environ.get("SHMRT_TIMEOUT", "60"))
+
+
+def runtime_dir() -> pathlib.Path:
+    """A directory only this user can enter, for ipc:// sockets (SHMRT_RUNTIME_DIR)."""
+    base = os.environ.get("SHMRT_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR")
+    path = pathlib.Path(base) / "shmrt" if base else pathlib.Path(f"/tmp/shmrt-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        os.chmod(path, 0o700) if st.st_uid == os.getuid() else None
+        if path.stat().st_mode & 0o077 or st.st_uid != os.getuid():
+            raise PermissionError(f"{path} is not private to this user; set SHMRT_RUNTIME_DIR")
+    return path
+
+
+def default_endpoint() -> str:
+    return os.environ.get("SHMRT_ENDPOINT") or f"ipc://{runtime_dir() / 'daemon.sock'}"
+
+
+def enclave_forced() -> bool:
+    """SHMRT_ENCLAVE=1 forces in-enclave rules even outside SGX."""
+    return os.environ.get("SHMRT_ENCLAVE", "") not in ("", "0")

@@ -1,0 +1,252 @@
+"""The product transport: tensors in two shared-memory rings, doorbells on ZeroMQ.
+
+Session life:
+  1. Hello   (doorbell, no tensors)       -> reply text: the model config as JSON
+  2. the client creates a request ring and a response ring sized for that model (it owns them)
+  3. Init    (text names both rings)       -> the daemon attaches, then answers with tensors
+  4. RPCs    request tensors in the request ring, reply tensors in the response ring
+  5. Close   (or the client vanishes)      -> the daemon detaches; the client unlinks
+
+Who writes what: the client is the only producer of the request ring and the only consumer of
+the response ring; the daemon the reverse. Each side releases what it consumed by storing the
+`ring_end` of that message's doorbell into the ring's tail word (see ring.py for the order rule).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from . import protocol
+from .errors import PeerError, ProtocolError
+from .protocol import Doorbell, Method, TensorDesc
+from .ring import Ring, check_segment_name
+from .transport import CallStats, ClientTransport, ReplyBuilder, Reply, Request, ServerSession
+from .native import now_ns
+
+MAX_RING_BYTES = 1 << 40
+
+
+def ring_view(ring: Ring, desc: TensorDesc) -> torch.Tensor:
+    """A tensor aliasing the ring bytes a (validated) descriptor names."""
+    if desc.nbytes == 0:
+        return torch.empty(desc.shape, dtype=desc.dtype)
+    region = ring.view(desc.offset, desc.nbytes)
+    return torch.frombuffer(region, dtype=desc.dtype).view(desc.shape)
+
+
+def _raise_if_error(bell: Doorbell, endpoint: str) -> None:
+    if bell.is_error or bell.method == Method.Error:
+        raise PeerError(f"daemon at {endpoint}: {bell.text}")
+
+
+class ShmClient(ClientTransport):
+    name = "shm"
+
+    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False):
+        super().__init__(endpoint, timeout=timeout, enclave=enclave)
+        self.req: Ring | None = None
+        self.rsp: Ring | None = None
+        self._staged: dict[int, TensorDesc] = {}
+
+    # ---- session
+
+    def _control(self, method: Method, text: str = "") -> Doorbell:
+        seq = self._next_seq()
+        self._send(protocol.encode(Doorbell(method, seq, self.token, text=text)))
+        return self._decode_reply(self._recv(), seq, capacity=0)
+
+    def _decode_reply(self, raw: bytes, seq: int, capacity: int) -> Doorbell:
+        bell = protocol.decode(raw, capacity=capacity)
+        _raise_if_error(bell, self.endpoint)  # errors first: they may predate the session's token
+        if bell.token != self.token:
+            raise ProtocolError("reply token does not match this session's token")
+        if bell.seq != seq:
+            raise ProtocolError(f"reply seq {bell.seq}, expected {seq}")
+        return bell
+
+    def hello(self, client_info: dict) -> dict:
+        bell = self._control(Method.Hello, json.dumps(client_info))
+        try:
+            config = json.loads(bell.text)
+        except ValueError:
+            raise ProtocolError("Hello reply text is not JSON") from None
+        if not isinstance(config, dict):
+            raise ProtocolError("Hello reply is not a JSON object")
+        return config
+
+    def open_session(self, ring_bytes: int) -> None:
+        assert self.req is None, "session already open"
+        capacity = -(-ring_bytes // 4096) * 4096
+        self.req = Ring.create(capacity, "req")
+        try:
+            self.rsp = Ring.create(capacity, "rsp")
+        except BaseException:
+            self.req.close()
+            self.req = None
+            raise
+
+    # ---- calls
+
+    def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        shape = tuple(int(d) for d in shape)
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        offset = self.req.producer.reserve(nbytes, timeout=self.timeout, what="staged tensor")
+        desc = TensorDesc(offset, nbytes, dtype, shape)
+        view = ring_view(self.req, desc)
+        if nbytes:
+            self._staged[view.data_ptr()] = desc
+        return view
+
+    def _describe(self, t: torch.Tensor) -> tuple[TensorDesc, int]:
+        """Descriptor for `t` in the request ring; copies it in (timed) unless it was staged there."""
+        desc = self._staged.pop(t.data_ptr(), None) if t.numel() else None
+        if desc is not None and desc.shape == tuple(t.shape) and desc.dtype == t.dtype and t.is_contiguous():
+            return desc, 0
+        t = t.detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        offset = self.req.producer.reserve(nbytes, timeout=self.timeout)
+        span = self.req.native.copy_in(self.req.data_offset + offset, t) if nbytes else None
+        return TensorDesc(offset, nbytes, t.dtype, tuple(t.shape)), (span.ns if span else 0)
+
+    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0) -> Reply:
+        assert self.req is not None, "open_session() first"
+        stats = CallStats(method, self.name, layer, t_start=now_ns())
+        descs = []
+        for t in tensors:
+            desc, copy_ns = self._describe(t)
+            descs.append(desc)
+            stats.copy_in_ns += copy_ns
+        self._staged.clear()
+        ring_end = self.req.producer.publish()
+        text = ""
+        if method == "Init":
+            text = json.dumps({"req": self.req.name, "rsp": self.rsp.name, "capacity": self.req.capacity})
+        seq = self._next_seq()
+        payload = protocol.encode(Doorbell(Method[method], seq, self.token, layer, op, pos, ring_end,
+                                           tensors=tuple(descs), text=text))
+        stats.t_encoded = now_ns()
+        self._send(payload)
+        stats.t_sent = now_ns()
+        raw = self._recv()
+        stats.t_replied = now_ns()
+        bell = self._decode_reply(raw, seq, self.rsp.capacity)
+        if bell.method != Method[method]:
+            raise ProtocolError(f"reply method {bell.method.name}, expected {method}")
+        entry = self.rsp.consumer.accept(bell.ring_end)
+        out = [ring_view(self.rsp, d) for d in bell.tensors]
+        stats.t_decoded = now_ns()
+        stats.payload_sent = sum(d.nbytes for d in descs)
+        stats.payload_recv = sum(d.nbytes for d in bell.tensors)
+        stats.sent_bytes = stats.payload_sent + len(payload)
+        stats.recv_bytes = stats.payload_recv + len(raw)
+        stats.work_ns = bell.work_ns
+        self._notify(stats)
+        return Reply(out, stats, bell.text, release=lambda: self.rsp.consumer.release(entry))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self.req is not None:
+                # Best effort: tell the daemon to detach now rather than at its idle timeout.
+                seq = self._next_seq()
+                self._sock.send(protocol.encode(Doorbell(Method.Close, seq, self.token)), flags=1)
+        except Exception:
+            pass
+        for ring in (self.req, self.rsp):
+            if ring is not None:
+                ring.close()
+        super().close()
+
+
+class ShmReplyBuilder(ReplyBuilder):
+    def __init__(self, ring: Ring, timeout: float):
+        self.ring = ring
+        self.timeout = timeout
+        self.descs: list[TensorDesc] = []
+
+    def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        shape = tuple(int(d) for d in shape)
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        offset = self.ring.producer.reserve(nbytes, timeout=self.timeout, what="reply tensor")
+        desc = TensorDesc(offset, nbytes, dtype, shape)
+        self.descs.append(desc)
+        return ring_view(self.ring, desc)
+
+
+class ShmServerSession(ServerSession):
+    transport = "shm"
+
+    def __init__(self, token: bytes, *, reply_timeout: float = 1.0):
+        super().__init__(token)
+        self.req: Ring | None = None
+        self.rsp: Ring | None = None
+        self.reply_timeout = reply_timeout
+
+    def _attach(self, text: str) -> None:
+        if self.req is not None:
+            raise ProtocolError("Init sent twice in one session")
+        try:
+            info = json.loads(text)
+        except ValueError:
+            raise ProtocolError("Init text is not JSON naming the rings") from None
+        if not isinstance(info, dict):
+            raise ProtocolError("Init text must be a JSON object {req, rsp, capacity}")
+        capacity = info.get("capacity")
+        if type(capacity) is not int or not 0 < capacity <= MAX_RING_BYTES or capacity % 4096:
+            raise ProtocolError(f"Init capacity {capacity!r}, expected a multiple of 4096 up to {MAX_RING_BYTES}")
+        req_name = check_segment_name(info.get("req"))
+        rsp_name = check_segment_name(info.get("rsp"))
+        self.req = Ring.attach(req_name, capacity)
+        try:
+            self.rsp = Ring.attach(rsp_name, capacity)
+        except BaseException:
+            self.req.close()
+            self.req = None
+            raise
+
+    def decode(self, payload: bytes) -> Request:
+        capacity = self.req.capacity if self.req is not None else 0
+        bell = protocol.decode(payload, capacity=capacity, token=self.token, expect_seq=self.expect_seq)
+        self.expect_seq += 1
+        if bell.flags or bell.method in (Method.Error, Method.Hello):
+            raise ProtocolError(f"method {bell.method.name} is not a request in an open session")
+        if bell.method == Method.Init:
+            self._attach(bell.text)
+        elif bell.method != Method.Close and self.req is None:
+            raise ProtocolError(f"{bell.method.name} before Init: no rings attached")
+        release = None
+        views = []
+        if self.req is not None and bell.method != Method.Close:
+            entry = self.req.consumer.accept(bell.ring_end)
+            views = [ring_view(self.req, d) for d in bell.tensors]
+            release = lambda: self.req.consumer.release(entry)  # noqa: E731
+        return Request(bell.method.name, bell.seq, bell.layer, bell.op, bell.pos, views, bell.text, release)
+
+    def reply_builder(self) -> ShmReplyBuilder:
+        return ShmReplyBuilder(self.rsp, self.reply_timeout)
+
+    def encode_reply(self, request: Request, builder: ShmReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
+        ring_end = self.rsp.producer.publish() if self.rsp is not None else 0
+        return protocol.encode(Doorbell(Method[request.method], request.seq, self.token, ring_end=ring_end,
+                                        work_ns=work_ns, tensors=tuple(builder.descs) if builder else (),
+                                        text=text))
+
+    def encode_error(self, seq: int, message: str) -> bytes:
+        text = message.encode("utf-8")[:protocol.MAX_TEXT].decode("utf-8", "ignore")
+        return protocol.encode(Doorbell(Method.Error, seq, self.token, flags=protocol.FLAG_ERROR, text=text))
+
+    def host_buffers(self) -> list:
+        """The mappings a CUDA daemon registers (cudaHostRegister) for DMA."""
+        return [r.mapping for r in (self.req, self.rsp) if r is not None]
+
+    def close(self) -> None:
+        for ring in (self.req, self.rsp):
+            if ring is not None:
+                ring.close()
+        self.req = self.rsp = None

@@ -1,0 +1,264 @@
+"""The transport interface both sides share, the per-call timings, and the ZeroMQ plumbing.
+
+Two transports sit side by side behind it, chosen by name: `msgpack` (the v2.4 baseline: tensor
+bytes inside a msgpack message) and `shm` (tensors in shared-memory rings, a doorbell on ZeroMQ).
+A call carries a method name, a few integer arguments and a list of tensors each way.
+
+Client side: `ClientTransport.call()` returns a `Reply` whose tensors are valid until it is
+released (use it as a context manager). `staging()` hands out a buffer the caller may fill in
+place for the next call (a view on the request ring for shm: zero copy).
+
+Server side: `ServerSession` decodes requests into `Request`s (tensors as views where possible)
+and encodes replies whose tensors were written into buffers from `ReplyBuilder.alloc()`.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from .errors import PeerTimeout, ProtocolError, SetupError, ShmrtError
+from .native import now_ns
+
+TRANSPORTS = ("shm", "msgpack")
+
+
+# ---- timings
+
+@dataclass
+class CallStats:
+    """Timestamps (CLOCK_MONOTONIC ns) of one call's stages and its byte counts.
+
+    Serialize = t_encoded - t_start (tensor copies into the ring or into bytes, plus encoding);
+    Send = t_sent - t_encoded; Recv = t_replied - t_sent (includes all daemon work);
+    Deserialize = t_decoded - t_replied (copies out of the ring or bytes, decoding).
+    """
+
+    method: str
+    transport: str
+    layer: int = -1
+    t_start: int = 0
+    t_encoded: int = 0
+    t_sent: int = 0
+    t_replied: int = 0
+    t_decoded: int = 0
+    sent_bytes: int = 0
+    recv_bytes: int = 0
+    payload_sent: int = 0      # tensor bytes only
+    payload_recv: int = 0
+    copy_in_ns: int = 0        # of Serialize: time spent in the C helper's copies
+    work_ns: int = 0           # daemon-reported compute time (informational)
+
+    @property
+    def serialize_ns(self) -> int:
+        return self.t_encoded - self.t_start
+
+    @property
+    def send_ns(self) -> int:
+        return self.t_sent - self.t_encoded
+
+    @property
+    def recv_ns(self) -> int:
+        return self.t_replied - self.t_sent
+
+    @property
+    def deserialize_ns(self) -> int:
+        return self.t_decoded - self.t_replied
+
+    @property
+    def total_ns(self) -> int:
+        return self.t_decoded - self.t_start
+
+
+class Reply:
+    """A call's result tensors; views into the transport's memory until `release()`."""
+
+    def __init__(self, tensors: list[torch.Tensor], stats: CallStats, text: str = "", release=None):
+        self.tensors = tensors
+        self.stats = stats
+        self.text = text
+        self._release = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            self.tensors = []
+            release, self._release = self._release, None
+            release()
+
+    def __enter__(self) -> "Reply":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---- endpoints
+
+_TCP_RE = re.compile(r"^tcp://(?P<host>[^:/\s]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
+
+
+def check_endpoint(endpoint: str, *, enclave: bool = False, bind: bool = False,
+                   allow_remote: bool = False) -> str:
+    """Validate an endpoint; in an enclave only tcp:// can reach the host daemon."""
+    if endpoint.startswith("ipc://"):
+        if enclave:
+            raise SetupError(
+                f"endpoint {endpoint}: an SGX enclave cannot reach a host Unix-domain socket; "
+                "use a tcp://127.0.0.1:PORT endpoint for both daemon and client")
+        if len(endpoint) <= len("ipc://"):
+            raise SetupError(f"endpoint {endpoint!r} names no socket path")
+        return endpoint
+    m = _TCP_RE.match(endpoint)
+    if not m:
+        raise SetupError(f"endpoint {endpoint!r} is not ipc://PATH or tcp://HOST:PORT")
+    if not 0 < int(m["port"]) < 65536:
+        raise SetupError(f"endpoint {endpoint!r}: port must be 1-65535")
+    if bind and not allow_remote and m["host"] not in ("127.0.0.1", "localhost", "[::1]"):
+        raise SetupError(f"endpoint {endpoint}: the daemon binds loopback only unless --allow-remote is given")
+    return endpoint
+
+
+def transport_label(transport: str, endpoint: str) -> str:
+    """Line 1 of the v2.4 log: IPC/TCP for msgpack (as v2.4), SHM+IPC/SHM+TCP for shm."""
+    kind = "IPC" if endpoint.startswith("ipc://") else "TCP"
+    return f"SHM+{kind}" if transport == "shm" else kind
+
+
+# ---- client side
+
+class ClientTransport:
+    """A DEALER socket to the daemon plus the request/response encoding of one transport."""
+
+    name = "?"
+
+    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False):
+        self.endpoint = check_endpoint(endpoint, enclave=enclave)
+        self.timeout = timeout
+        self.enclave = enclave
+        self.token = secrets.token_bytes(16)
+        self.seq = 0
+        self.observers: list = []  # called with each RPC's CallStats
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.connect(endpoint)
+        self._closed = False
+
+    # Subclasses implement these four.
+    def hello(self, client_info: dict) -> dict:
+        raise NotImplementedError
+
+    def open_session(self, ring_bytes: int) -> None:
+        """Allocate per-session resources (rings) once the model config is known."""
+
+    def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0) -> Reply:
+        raise NotImplementedError
+
+    # Shared plumbing.
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _send(self, payload: bytes) -> None:
+        try:
+            self._sock.send(payload, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            if not self._sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
+                raise PeerTimeout(f"no daemon is accepting connections at {self.endpoint} "
+                                  f"(waited {self.timeout:.0f} s): start `shmrt daemon` there or pass --endpoint") from None
+            self._sock.send(payload)
+
+    def _recv(self) -> bytes:
+        if not self._sock.poll(int(self.timeout * 1000), zmq.POLLIN):
+            raise PeerTimeout(f"the daemon at {self.endpoint} did not answer within {self.timeout:.0f} s "
+                              "(is it running? pass --timeout to wait longer)")
+        return self._sock.recv(copy=True)
+
+    def _notify(self, stats: CallStats) -> None:
+        for observer in self.observers:
+            observer(stats)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sock.close(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_client_transport(name: str, endpoint: str, *, timeout: float, enclave: bool = False) -> ClientTransport:
+    if name == "shm":
+        from .shm_transport import ShmClient
+        return ShmClient(endpoint, timeout=timeout, enclave=enclave)
+    if name == "msgpack":
+        from .msgpack_transport import MsgpackClient
+        return MsgpackClient(endpoint, timeout=timeout, enclave=enclave)
+    raise SetupError(f"unknown transport {name!r}; expected one of {TRANSPORTS}")
+
+
+# ---- server side
+
+@dataclass
+class Request:
+    """A decoded request. `tensors` may be views on shared memory: copy before validating contents."""
+
+    method: str
+    seq: int
+    layer: int = -1
+    op: int = 0
+    pos: int = 0
+    tensors: list = field(default_factory=list)
+    text: str = ""
+    release: object = None  # callable: the server is done with the request's memory
+
+
+class ReplyBuilder:
+    """Buffers for a reply's tensors; `alloc` returns a tensor the server writes the result into."""
+
+    def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ServerSession:
+    """One client's session as the daemon sees it (one per transport kind)."""
+
+    transport = "?"
+
+    def __init__(self, token: bytes):
+        self.token = token
+        self.expect_seq = 1
+
+    def decode(self, payload: bytes) -> Request:
+        raise NotImplementedError
+
+    def reply_builder(self) -> ReplyBuilder:
+        raise NotImplementedError
+
+    def encode_reply(self, request: Request, builder: ReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
+        raise NotImplementedError
+
+    def encode_error(self, seq: int, message: str) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def stage_timer() -> int:
+    return now_ns()
+
+
+__all__ = ["CallStats", "Reply", "ClientTransport", "ServerSession", "ReplyBuilder", "Request",
+           "make_client_transport", "check_endpoint", "transport_label", "TRANSPORTS", "ShmrtError",
+           "ProtocolError"]
