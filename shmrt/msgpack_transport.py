@@ -103,9 +103,11 @@ class MsgpackClient(ClientTransport):
     def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(tuple(shape), dtype=dtype)
 
-    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0) -> Reply:
+    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
+             wire_dtype=None) -> Reply:
         stats = CallStats(method, self.name, layer, t_start=now_ns())
-        wire = [tensor_to_wire(t) for t in tensors]
+        wire = [tensor_to_wire(t.to(wire_dtype) if wire_dtype is not None and t.is_floating_point() else t)
+                for t in tensors]
         message = {"method": method, "seq": self._next_seq(), "token": self.token, "layer": layer,
                    "op": op, "pos": pos, "text": "", "tensors": wire}
         reply, payload, raw = self._roundtrip(message, stats)

@@ -80,6 +80,11 @@ class MappedBuffer:
                   "copy_out")
         return Span(span.start_ns, span.end_ns)
 
+    @property
+    def address(self) -> int:
+        """The mapping's base address (for cudaHostRegister)."""
+        return int(ffi.cast("uintptr_t", self._buf))
+
     def load(self, offset: int) -> int:
         """Acquire-load the 64-bit word at `offset`."""
         out = ffi.new("uint64_t *")

@@ -158,7 +158,9 @@ class Server:
             return err_session.encode_error(1, f"session refused: {exc}")
         transport.expect_seq = 2
         pid = info.get("pid") if isinstance(info, dict) and info.get("pidns") == self._pidns else None
-        self.sessions[identity] = Session(identity, transport, pid if type(pid) is int else None, time.monotonic())
+        session = Session(identity, transport, pid if type(pid) is int else None, time.monotonic())
+        session.state["client"] = info if isinstance(info, dict) else {}
+        self.sessions[identity] = session
         hello = Request("Hello", 1)
         return transport.encode_reply(hello, None, text=json.dumps(self.handler.hello()))
 

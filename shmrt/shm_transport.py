@@ -100,23 +100,32 @@ class ShmClient(ClientTransport):
             self._staged[view.data_ptr()] = desc
         return view
 
-    def _describe(self, t: torch.Tensor) -> tuple[TensorDesc, int]:
-        """Descriptor for `t` in the request ring; copies it in (timed) unless it was staged there."""
+    def _describe(self, t: torch.Tensor, wire_dtype) -> tuple[TensorDesc, int]:
+        """Descriptor for `t` in the request ring: no copy if it was staged there; else one copy in
+        (the C helper's memcpy, timed) or one converting copy (torch, when the wire dtype differs)."""
         desc = self._staged.pop(t.data_ptr(), None) if t.numel() else None
         if desc is not None and desc.shape == tuple(t.shape) and desc.dtype == t.dtype and t.is_contiguous():
             return desc, 0
-        t = t.detach().contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
+        dtype = wire_dtype if wire_dtype is not None and t.is_floating_point() else t.dtype
+        t = t.detach().cpu()
+        nbytes = t.numel() * dtype.itemsize
         offset = self.req.producer.reserve(nbytes, timeout=self.timeout)
-        span = self.req.native.copy_in(self.req.data_offset + offset, t) if nbytes else None
-        return TensorDesc(offset, nbytes, t.dtype, tuple(t.shape)), (span.ns if span else 0)
+        desc = TensorDesc(offset, nbytes, dtype, tuple(t.shape))
+        if not nbytes:
+            return desc, 0
+        if dtype == t.dtype:
+            return desc, self.req.native.copy_in(self.req.data_offset + offset, t.contiguous()).ns
+        start = now_ns()
+        ring_view(self.req, desc).copy_(t)
+        return desc, now_ns() - start
 
-    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0) -> Reply:
+    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
+             wire_dtype=None) -> Reply:
         assert self.req is not None, "open_session() first"
         stats = CallStats(method, self.name, layer, t_start=now_ns())
         descs = []
         for t in tensors:
-            desc, copy_ns = self._describe(t)
+            desc, copy_ns = self._describe(t, wire_dtype)
             descs.append(desc)
             stats.copy_in_ns += copy_ns
         self._staged.clear()
@@ -212,7 +221,12 @@ class ShmServerSession(ServerSession):
 
     def decode(self, payload: bytes) -> Request:
         capacity = self.req.capacity if self.req is not None else 0
-        bell = protocol.decode(payload, capacity=capacity, token=self.token, expect_seq=self.expect_seq)
+        try:
+            bell = protocol.decode(payload, capacity=capacity, token=self.token, expect_seq=self.expect_seq)
+        except ProtocolError as exc:
+            if self.req is None and payload[6:7] not in (bytes([Method.Init]), bytes([Method.Close])):
+                raise ProtocolError(f"request before Init: no rings attached ({exc})") from None
+            raise
         self.expect_seq += 1
         if bell.flags or bell.method in (Method.Error, Method.Hello):
             raise ProtocolError(f"method {bell.method.name} is not a request in an open session")
@@ -243,7 +257,7 @@ class ShmServerSession(ServerSession):
 
     def host_buffers(self) -> list:
         """The mappings a CUDA daemon registers (cudaHostRegister) for DMA."""
-        return [r.mapping for r in (self.req, self.rsp) if r is not None]
+        return [r.native for r in (self.req, self.rsp) if r is not None]
 
     def close(self) -> None:
         for ring in (self.req, self.rsp):

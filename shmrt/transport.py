@@ -158,7 +158,9 @@ class ClientTransport:
     def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
-    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0) -> Reply:
+    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
+             wire_dtype: torch.dtype | None = None) -> Reply:
+        """One RPC. Floating tensors are converted to `wire_dtype` on their way in (timed as Serialize)."""
         raise NotImplementedError
 
     # Shared plumbing.

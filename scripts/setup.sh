@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Create .venv with the CPU build of torch (from the local wheel where the machine has one; an
+# unpinned torch would pull a multi-GB CUDA build) and install shmrt editable (compiles the C helper).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q --no-build-isolation -e ".[test,plot]"

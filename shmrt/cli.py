@@ -1,0 +1,300 @@
+"""`shmrt` command line: daemon, client, run, bench, analyze, cleanup.
+
+Errors a user can cause (ShmrtError) are printed as one line and exit 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import settings
+from .errors import ShmrtError
+
+DEFAULT_PROMPT = "Hello from the enclave"
+
+
+# ---- arguments
+
+def _add_daemon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="checkpoint directory or preset (tiny, small, llama3.2-1b)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of the daemon's weights")
+    p.add_argument("--layers", type=int, help="use only the first N decoder layers")
+    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transport", default="shm", choices=["shm", "msgpack"])
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--kv-cache", default="daemon", choices=["daemon", "client"],
+                   help="where K/V live between steps (client: sent in full each step, as v2.4)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text prompt (tokenized in the enclave)")
+    src.add_argument("--prefill", type=int, metavar="N", help="N random token ids (seeded by --seed-ids)")
+    src.add_argument("--token-ids", help="comma-separated token ids, e.g. 1,2,3")
+    src.add_argument("--token-ids-file", help="file with one token id per line")
+    p.add_argument("--seed-ids", type=int, default=0, help="seed of --prefill's random ids")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="tokenizer.json or a checkpoint directory holding one")
+    p.add_argument("--log", default="zmq_performance.log", help="v2.4-format log (sidecar: LOG.jsonl); '' for none")
+    p.add_argument("--logits-out", help="save float32 logits of the last prefill position as .npy")
+    p.add_argument("--ring-mib", type=float, help="ring size per direction (default: sized for the run)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the daemon (default 60)")
+    p.add_argument("--enclave", action="store_true", help="apply in-enclave rules (tcp only) even outside SGX")
+    p.add_argument("--quiet", action="store_true", help="no progress or summary output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shmrt", description="shared-memory split LLaMA inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("daemon", help="serve the model's linear algebra (the GPU side)")
+    _add_daemon_args(d)
+    d.add_argument("--endpoint", default=None, help="ipc://PATH or tcp://127.0.0.1:PORT")
+    d.add_argument("--session-timeout", type=float, default=120.0, help="drop a silent client after this many s")
+    d.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback tcp address")
+    d.add_argument("--ready-file", help="create this file once listening")
+    d.add_argument("--quiet", action="store_true")
+
+    c = sub.add_parser("client", help="run the enclave side against a running daemon")
+    c.add_argument("--endpoint", default=None)
+    _add_client_args(c)
+
+    r = sub.add_parser("run", help="start a daemon, run the client, stop the daemon")
+    _add_daemon_args(r)
+    r.add_argument("--endpoint", default=None, help="default: a fresh ipc:// socket in a private directory")
+    _add_client_args(r)
+
+    b = sub.add_parser("bench", help="benchmark suites (micro, e2e)")
+    from .bench import add_bench_args
+    add_bench_args(b)
+
+    a = sub.add_parser("analyze", help="report on one log, compare several")
+    from .analyze import add_analyze_args
+    add_analyze_args(a)
+
+    cl = sub.add_parser("cleanup", help="remove ring segments whose owner process is dead")
+    cl.add_argument("--dry-run", action="store_true", help="only list them")
+    return parser
+
+
+# ---- client
+
+def _token_ids(args, client) -> "torch.Tensor":
+    import torch
+    from .tokenizer import load_tokenizer
+    if args.token_ids is not None or args.token_ids_file is not None:
+        text = args.token_ids if args.token_ids is not None else pathlib.Path(args.token_ids_file).read_text()
+        try:
+            ids = [int(x) for x in text.replace(",", " ").split()]
+        except ValueError:
+            raise ShmrtError("token ids must be integers separated by commas or newlines") from None
+        return client.check_ids(torch.tensor([ids], dtype=torch.int64))
+    if args.prefill is not None:
+        if args.prefill < 1:
+            raise ShmrtError("--prefill must be at least 1")
+        gen = torch.Generator().manual_seed(args.seed_ids)
+        return torch.randint(0, client.cfg.vocab_size, (1, args.prefill), generator=gen)
+    tok = load_tokenizer(args.tokenizer, client.cfg.vocab_size)
+    return client.check_ids(torch.tensor([tok.encode(args.prompt or DEFAULT_PROMPT)], dtype=torch.int64))
+
+
+def _prompt_length(args) -> int:
+    if args.prefill is not None:
+        return args.prefill
+    if args.token_ids is not None:
+        return len(args.token_ids.split(","))
+    if args.token_ids_file is not None:
+        try:
+            return len(pathlib.Path(args.token_ids_file).read_text().split())
+        except OSError as exc:
+            raise ShmrtError(f"--token-ids-file: {exc.strerror}: {args.token_ids_file}") from None
+    return 4 * len((args.prompt or DEFAULT_PROMPT).encode()) + 2  # upper bound for ring sizing
+
+
+def cmd_client(args, endpoint: str) -> int:
+    import numpy as np
+    import torch
+    from .client import EnclaveClient
+    from .generate import Sampler, generate
+    from .tokenizer import load_tokenizer
+
+    if args.max_new_tokens < 0:
+        raise ShmrtError("--max-new-tokens must be >= 0")
+    prompt_len = _prompt_length(args)
+    collected = []
+    enclave = args.enclave or settings.enclave_forced() or os.path.exists("/dev/attestation")
+    with EnclaveClient(endpoint=endpoint, transport=args.transport, wire_dtype=args.wire_dtype,
+                       kv_cache=args.kv_cache, timeout=args.timeout, log_path=args.log or None,
+                       prompt_tokens=prompt_len, total_tokens=prompt_len + args.max_new_tokens,
+                       ring_mib=args.ring_mib, enclave=enclave) as client:
+        ids = _token_ids(args, client)
+        if ids.shape[1] + args.max_new_tokens > client.cfg.max_position_embeddings:
+            raise ShmrtError(f"prompt of {ids.shape[1]} tokens plus {args.max_new_tokens} new exceeds the "
+                             f"model's {client.cfg.max_position_embeddings} positions")
+        client.transport.observers.append(collected.append)
+        progress = None
+        if not args.quiet and args.max_new_tokens >= 16:
+            def progress(i, n):
+                if i == n or i % max(1, n // 10) == 0:
+                    print(f"  decoded {i}/{n} tokens", file=sys.stderr, flush=True)
+        sampler = Sampler(args.temperature, args.top_p, args.sample_seed)
+        with torch.inference_mode():
+            result = generate(client.model, ids, args.max_new_tokens, sampler, client.perflog, progress)
+        if args.logits_out:
+            np.save(args.logits_out, result.prefill_logits[0].numpy())
+        if not args.quiet:
+            tok = None
+            try:
+                tok = load_tokenizer(args.tokenizer, client.cfg.vocab_size)
+            except ShmrtError:
+                pass
+            _print_summary(args, client, result, collected, tok)
+    return 0
+
+
+def _print_summary(args, client, result, calls, tok) -> None:
+    info = client.server_info
+    rpc = sum(c.total_ns for c in calls) / 1e9
+    daemon = sum(c.work_ns for c in calls) / 1e9
+    wall = result.prefill_s + result.decode_s
+    transport = max(rpc - daemon, 0.0)
+    enclave = max(wall - rpc, 0.0)
+    out = sys.stdout
+    print(f"shmrt: {info.get('model')} on {info.get('device')} ({info.get('dtype')}), transport {args.transport}, "
+          f"wire {args.wire_dtype}, kv-cache {args.kv_cache}", file=out)
+    print(f"prompt {result.prompt_tokens} tokens -> generated {len(result.tokens)}: {result.tokens}", file=out)
+    if tok is not None and result.tokens:
+        print(f"text: {tok.decode(result.tokens)!r}", file=out)
+    print(f"prefill: {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms "
+          f"({result.prompt_tokens / max(result.prefill_s, 1e-9):.0f} tokens/s)", file=out)
+    if result.decode_steps:
+        print(f"decode:  {result.decode_steps} steps in {result.decode_s * 1e3:.1f} ms "
+              f"({result.decode_steps / max(result.decode_s, 1e-9):.1f} tokens/s)", file=out)
+    print(f"time: transport {transport * 1e3:.1f} ms ({100 * transport / max(wall, 1e-9):.1f}%), "
+          f"daemon compute {daemon * 1e3:.1f} ms, enclave compute {enclave * 1e3:.1f} ms, {len(calls)} calls",
+          file=out)
+    if client.perflog:
+        print(f"log: {client.perflog.path} (sidecar {client.perflog.sidecar_path})", file=out)
+
+
+# ---- daemon and run
+
+def cmd_daemon(args) -> int:
+    from .daemon import run_daemon
+    endpoint = args.endpoint or settings.default_endpoint()
+
+    def ready():
+        if args.ready_file:
+            pathlib.Path(args.ready_file).write_text(str(os.getpid()))
+    return run_daemon(model=args.model, device=args.device, dtype=args.dtype, endpoint=endpoint,
+                      layers=args.layers, seed=args.seed, session_timeout=args.session_timeout,
+                      allow_remote=args.allow_remote, ready=ready, quiet=args.quiet)
+
+
+class DaemonProcess:
+    """`shmrt daemon` as a child process: waits until it listens; always stops it on exit."""
+
+    def __init__(self, daemon_args: list[str], endpoint: str, *, timeout: float = 600.0, quiet: bool = False):
+        self.endpoint = endpoint
+        self._tmp = tempfile.TemporaryDirectory(prefix="shmrt-run-")
+        ready = os.path.join(self._tmp.name, "ready")
+        cmd = [sys.executable, "-m", "shmrt", "daemon", "--endpoint", endpoint, "--ready-file", ready, *daemon_args]
+        if quiet:
+            cmd.append("--quiet")
+        self.proc = subprocess.Popen(cmd)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(ready):
+            if self.proc.poll() is not None:
+                self._tmp.cleanup()
+                raise ShmrtError(f"the daemon exited with code {self.proc.returncode} before listening (see above)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ShmrtError(f"the daemon did not start listening within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._tmp.cleanup()
+        return self.proc.returncode
+
+    def __enter__(self) -> "DaemonProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def daemon_argv(args) -> list[str]:
+    out = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed)]
+    if args.layers:
+        out += ["--layers", str(args.layers)]
+    return out
+
+
+def run_endpoint() -> str:
+    return f"ipc://{settings.runtime_dir() / f'run-{os.getpid()}.sock'}"
+
+
+def cmd_run(args) -> int:
+    from .weights import resolve_model
+    resolve_model(args.model, args.layers)  # fail fast, in this process, on a bad --model
+    if args.tokenizer is None and not args.model.startswith(("tiny", "small", "llama3.2")):
+        candidate = pathlib.Path(args.model) / "tokenizer.json"
+        args.tokenizer = str(candidate) if candidate.is_file() else None
+    endpoint = args.endpoint or run_endpoint()
+    with DaemonProcess(daemon_argv(args), endpoint, quiet=args.quiet):
+        return cmd_client(args, endpoint)
+
+
+def cmd_cleanup(args) -> int:
+    from .cleanup import cleanup
+    return cleanup(dry_run=args.dry_run)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "daemon":
+            return cmd_daemon(args)
+        if args.command == "client":
+            return cmd_client(args, args.endpoint or settings.default_endpoint())
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "bench":
+            from .bench import main as bench_main
+            return bench_main(args)
+        if args.command == "analyze":
+            from .analyze import main as analyze_main
+            return analyze_main(args)
+        if args.command == "cleanup":
+            return cmd_cleanup(args)
+    except ShmrtError as exc:
+        print(f"shmrt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"shmrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"shmrt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The daemon's linear algebra: embedding, projections, Q*K^T and P*V (with an optional K/V
+cache per session), LM head. Inputs are CPU tensors (possibly views on a ring); outputs are
+tensors on the compute device. Argument checks raise ModelError/ProtocolError, never a
+device-side assert: ids are copied out of shared memory first, then range-checked.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import ModelError, ProtocolError
+from .protocol import KNOWN_MATMUL_BITS, MATMUL_CACHE_K, MATMUL_CACHE_V, MATMUL_TRANSPOSE_B, PROJECTIONS
+from .weights import LlamaWeights, projection_cols, projection_rows
+
+
+class KVStore:
+    """K and V rows per layer for one session, on the compute device: [B, Hkv, T, hd]."""
+
+    def __init__(self, layers: int, max_positions: int):
+        self.k: list[torch.Tensor | None] = [None] * layers
+        self.v: list[torch.Tensor | None] = [None] * layers
+        self.max_positions = max_positions
+
+    def append(self, layer: int, which: str, rows: torch.Tensor, pos: int) -> torch.Tensor:
+        store = self.k if which == "k" else self.v
+        if not 0 <= layer < len(store):
+            raise ProtocolError(f"layer {layer} out of range [0, {len(store)})")
+        have = 0 if store[layer] is None or pos == 0 else store[layer].shape[2]
+        if pos != have:
+            raise ProtocolError(f"{which.upper()} cache of layer {layer} holds {have} positions, request says pos {pos}")
+        if pos + rows.shape[2] > self.max_positions:
+            raise ModelError(f"sequence would reach {pos + rows.shape[2]} positions, the model allows {self.max_positions}")
+        if have and store[layer].shape[:2] + store[layer].shape[3:] != rows.shape[:2] + rows.shape[3:]:
+            raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} do not match the cache {tuple(store[layer].shape)}")
+        store[layer] = rows if not have else torch.cat([store[layer], rows], dim=2)
+        return store[layer]
+
+
+class LinearCompute:
+    def __init__(self, weights: LlamaWeights, device: str, dtype: torch.dtype):
+        self.w = weights
+        self.cfg = weights.cfg
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.rows = projection_rows(self.cfg)
+        self.cols = projection_cols(self.cfg)
+
+    def _in(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
+            raise ProtocolError(f"Embedding expects int64 ids [B, S], got {ids.dtype} {tuple(ids.shape)}")
+        ids = ids.to(torch.int64, copy=True)  # private copy first, then validate (no double fetch)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): min {int(ids.min())}, max {int(ids.max())}")
+        return torch.nn.functional.embedding(ids.to(self.device), self.w.embed)
+
+    def linear(self, layer: int, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+        if not 0 <= layer < self.cfg.num_hidden_layers:
+            raise ProtocolError(f"layer {layer} out of range [0, {self.cfg.num_hidden_layers})")
+        cols = self.cols[names[0]]
+        if any(self.cols[n] != cols for n in names) or x.dim() != 3 or x.shape[-1] != cols:
+            raise ProtocolError(f"BatchLinear {names} expects input [B, S, {cols}], got {tuple(x.shape)}")
+        xd = self._in(x)
+        weight = self.w.projection(layer, names)
+        if weight is not None:
+            y = xd @ weight.t()
+            return list(torch.split(y, [self.rows[n] for n in names], dim=-1))
+        return [xd @ self.w.projection(layer, [n]).t() for n in names]
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, op: int, layer: int, pos: int,
+               kv: KVStore | None) -> torch.Tensor:
+        if op & ~KNOWN_MATMUL_BITS or (op & MATMUL_CACHE_K and op & MATMUL_CACHE_V):
+            raise ProtocolError(f"Matmul op bits {op:#x} not understood")
+        if a.dim() != 4 or b.dim() != 4 or a.shape[:2] != b.shape[:2] or a.dtype != b.dtype:
+            raise ProtocolError(f"Matmul expects two [B, Hkv, rows, cols] tensors of one dtype, got "
+                                f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+        bd = self._in(b)
+        if op & (MATMUL_CACHE_K | MATMUL_CACHE_V):
+            if kv is None:
+                raise ProtocolError("Matmul asks for the daemon K/V cache, which this session has not got")
+            bd = kv.append(layer, "k" if op & MATMUL_CACHE_K else "v", bd, pos)
+        inner_b = bd.shape[-1] if op & MATMUL_TRANSPOSE_B else bd.shape[-2]
+        if a.shape[-1] != inner_b:
+            raise ProtocolError(f"Matmul inner dims differ: {tuple(a.shape)} x {tuple(bd.shape)}"
+                                f"{' transposed' if op & MATMUL_TRANSPOSE_B else ''}")
+        ad = self._in(a)
+        # Scores and probabilities are accumulated in float32 whatever the weights' dtype.
+        if self.dtype != torch.float32:
+            ad, bd = ad.float(), bd.float()
+        return torch.matmul(ad, bd.transpose(-1, -2) if op & MATMUL_TRANSPOSE_B else bd)
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        D = self.cfg.hidden_size
+        if x.dim() not in (2, 3) or x.shape[-1] != D or (x.dim() == 3 and x.shape[1] != 1):
+            raise ProtocolError(f"LMHead expects [B, 1, {D}] or [B, {D}], got {tuple(x.shape)}")
+        return (self._in(x.reshape(x.shape[0], D)) @ self.w.lm_head.t()).float()
+
+    def init_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        from .config import rope_inv_freq
+        inv_freq, scaling = rope_inv_freq(self.cfg)
+        return self.w.norms(), inv_freq, scaling
+
+
+__all__ = ["LinearCompute", "KVStore", "PROJECTIONS"]

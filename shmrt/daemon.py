@@ -1,0 +1,142 @@
+"""The GPU side: serves Init / Embedding / BatchLinear / Matmul / LMHead from one model.
+
+Request tensors arrive as views on the client's ring (zero copy: on CUDA the ring is registered
+with cudaHostRegister once per session, so `.to(device)` is DMA straight from it); results are
+written straight into the response ring (on CUDA a DMA into the registered mapping).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+import torch
+
+from .compute import KVStore, LinearCompute
+from .errors import ProtocolError, SetupError
+from .protocol import dtype_from_name, projection_names
+from .server import Handler, Server
+from .transport import ReplyBuilder, Request
+from .weights import load_weights
+
+WIRE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HostRegistration:
+    """cudaHostRegister for a session's ring mappings; unregistered before they are unmapped."""
+
+    def __init__(self, buffers, log):
+        self.pointers = []
+        cudart = torch.cuda.cudart()
+        for mapped in buffers:
+            rc = cudart.cudaHostRegister(mapped.address, mapped.nbytes, 0)
+            if int(rc) != 0:
+                log(f"cudaHostRegister failed ({rc}); copies to/from this ring fall back to pageable")
+                continue
+            self.pointers.append(mapped.address)
+
+    def release(self) -> None:
+        cudart = torch.cuda.cudart()
+        for ptr in self.pointers:
+            cudart.cudaHostUnregister(ptr)
+        self.pointers = []
+
+
+class ModelHandler(Handler):
+    def __init__(self, compute: LinearCompute, model_name: str, log=print):
+        self.c = compute
+        self.model_name = model_name
+        self.log = log
+        self.cuda = compute.device.type == "cuda"
+
+    def hello(self) -> dict:
+        return {"config": self.c.cfg.to_dict(), "model": self.model_name, "device": str(self.c.device),
+                "dtype": str(self.c.dtype).replace("torch.", "")}
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.c.device)
+
+    @staticmethod
+    def _put(builder: ReplyBuilder, result: torch.Tensor, dtype: torch.dtype) -> None:
+        result = result.to(dtype)  # on the device, so the copy below is a plain DMA
+        builder.alloc(result.shape, dtype).copy_(result)
+
+    def handle(self, request: Request, builder: ReplyBuilder, state: dict, session) -> str:
+        method = request.method
+        wire = state.setdefault("wire", dtype_from_name(state.get("client", {}).get("wire_dtype", "float32"),
+                                                         "wire_dtype"))
+        if wire not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ProtocolError(f"wire_dtype {wire} is not a floating type")
+        ts = request.tensors
+        if method == "Init":
+            norms, inv_freq, scaling = self.c.init_tensors()
+            builder.alloc(norms.shape, torch.float32).copy_(norms)
+            builder.alloc(inv_freq.shape, torch.float32).copy_(inv_freq)
+            state["kv"] = KVStore(self.c.cfg.num_hidden_layers, self.c.cfg.max_position_embeddings)
+            if self.cuda and hasattr(session, "host_buffers"):
+                state["registration"] = HostRegistration(session.host_buffers(), self.log)
+            return json.dumps({"attention_scaling": scaling})
+        if "kv" not in state:
+            raise ProtocolError(f"{method} before Init")
+        expected = {"Embedding": 1, "BatchLinear": 1, "Matmul": 2, "LMHead": 1}[method]
+        if len(ts) != expected:
+            raise ProtocolError(f"{method} takes {expected} tensor(s), got {len(ts)}")
+        if method == "Embedding":
+            self._put(builder, self.c.embedding(ts[0]), wire)
+        elif method == "BatchLinear":
+            for y in self.c.linear(request.layer, projection_names(request.op), ts[0]):
+                self._put(builder, y, wire)
+        elif method == "Matmul":
+            self._put(builder, self.c.matmul(ts[0], ts[1], request.op, request.layer, request.pos, state["kv"]), wire)
+        else:
+            self._put(builder, self.c.lm_head(ts[0]), torch.float32)
+        self._sync()
+        return ""
+
+    def session_closed(self, state: dict) -> None:
+        registration = state.pop("registration", None)
+        if registration is not None:
+            registration.release()
+        state.pop("kv", None)
+
+
+def check_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SetupError(f"--device {device}: this torch build or machine has no CUDA device; use --device cpu")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise SetupError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return f"cuda:{index}"
+    raise SetupError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+
+
+def run_daemon(*, model: str, device: str, dtype: str, endpoint: str, layers: int | None = None,
+               seed: int = 0, session_timeout: float = 120.0, allow_remote: bool = False,
+               ready=None, quiet: bool = False) -> int:
+    """Load the model, serve until SIGTERM/SIGINT. `ready()` is called once listening."""
+    device = check_device(device)
+    log = (lambda msg: None) if quiet else (lambda msg: print(f"shmrt daemon: {msg}", file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    weights = load_weights(model, layers=layers, dtype=COMPUTE_DTYPES[dtype], device=device, seed=seed)
+    compute = LinearCompute(weights, device, COMPUTE_DTYPES[dtype])
+    cfg = weights.cfg
+    log(f"model {model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}) "
+        f"on {device} {dtype}, loaded in {time.perf_counter() - t0:.1f} s")
+    with Server(endpoint, ModelHandler(compute, model, log), session_timeout=session_timeout,
+                allow_remote=allow_remote, log=log) as server:
+        def stop(signum, frame):
+            server.stopping = True
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log(f"listening on {endpoint}")
+        if ready:
+            ready()
+        server.serve()
+        log("stopped")
+    return 0

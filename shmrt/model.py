@@ -1,0 +1,149 @@
+"""LLaMA forward as the enclave runs it: norms, RoPE, causal softmax, SiLU*up, residuals.
+
+Everything with a weight matrix (embedding, projections, Q*K^T, P*V, LM head) goes through an
+`ops` object: `RemoteOps` sends it to the daemon over a transport, `LocalOps` computes it
+in-process (the reference and the compute floor). The math lives here once.
+
+Each ops call returns a `Reply` whose tensors may be views into the transport's memory: they
+are used inside a `with` block and released before the next call needs the space.
+GQA needs no repeat: query heads of one KV group are stacked along rows, so Q*K^T and P*V are
+plain batched matmuls over [B, Hkv, g*S, ...] (contiguous views, no copies).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import LlamaConfig
+from .protocol import MATMUL_CACHE_K, MATMUL_CACHE_V
+
+QKV = ["q_proj", "k_proj", "v_proj"]
+O = ["o_proj"]
+GATE_UP = ["gate_proj", "up_proj"]
+DOWN = ["down_proj"]
+KV_PLACEMENTS = ("client", "daemon")
+
+
+def owned(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`t` as float32 memory of our own: copies if it still aliases `source` (a reply view)."""
+    t = t.float()
+    if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        t = t.clone()
+    return t
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, scaling: float):
+    positions = torch.arange(start, start + length, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]            # [S, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                   # [S, hd]
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def causal_softmax(scores: torch.Tensor, start: int, scale: float, out: torch.Tensor) -> None:
+    """out = softmax(scores * scale + causal mask) over the last dim; scores, out: [B, H, S, T]."""
+    S, T = scores.shape[-2:]
+    x = scores.float() * scale if scores.dtype != torch.float32 else torch.mul(scores, scale)
+    if S > 1:
+        # query i sits at absolute position start+i and may attend to keys j <= start+i
+        mask = torch.ones(S, T, dtype=torch.bool).triu_(start + 1)
+        x.masked_fill_(mask, float("-inf"))
+    if out.dtype == torch.float32:
+        torch.softmax(x, dim=-1, out=out)
+    else:
+        out.copy_(torch.softmax(x, dim=-1))
+
+
+class EnclaveModel:
+    """The enclave's half of a LLaMA: holds norms and RoPE, drives `ops` for the rest."""
+
+    def __init__(self, cfg: LlamaConfig, norms: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float,
+                 ops, kv_cache: str = "daemon"):
+        assert kv_cache in KV_PLACEMENTS, kv_cache
+        self.cfg = cfg
+        self.norms = norms.float()            # [2L+1, D]
+        self.inv_freq = inv_freq.float()      # [hd/2]
+        self.attention_scaling = attention_scaling
+        self.ops = ops
+        self.kv_cache = kv_cache
+        self.scale = cfg.head_dim ** -0.5
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the sequence (client-side K/V; the daemon's cache restarts at pos 0)."""
+        self.k_cache: list[torch.Tensor | None] = [None] * self.cfg.num_hidden_layers
+        self.v_cache: list[torch.Tensor | None] = [None] * self.cfg.num_hidden_layers
+        self.length = 0
+
+    # ---- one forward
+
+    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """ids: [B, S] positions start..start+S-1 -> float32 logits of the last position [B, V]."""
+        cfg = self.cfg
+        if start != self.length:
+            raise ValueError(f"forward at position {start}, but the cache holds {self.length}")
+        B, S = ids.shape
+        with self.ops.embedding(ids) as r:
+            h = owned(r.tensors[0], r.tensors[0])             # h: [B, S, D]
+        cos, sin = rope_cos_sin(self.inv_freq, start, S, self.attention_scaling)
+        for layer in range(cfg.num_hidden_layers):
+            h = self._block(layer, h, start, cos, sin)
+        x = rms_norm(h[:, -1:, :], self.norms[-1], cfg.rms_norm_eps)  # x: [B, 1, D]
+        with self.ops.lm_head(x) as r:
+            logits = owned(r.tensors[0], r.tensors[0])        # [B, V]
+        self.length = start + S
+        return logits
+
+    def _block(self, layer: int, h: torch.Tensor, start: int, cos, sin) -> torch.Tensor:
+        cfg = self.cfg
+        B, S, _ = h.shape
+        H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        x = rms_norm(h, self.norms[2 * layer], cfg.rms_norm_eps)
+        with self.ops.linear(layer, QKV, x) as r:
+            q, k, v = (t.float() for t in r.tensors)
+            q = apply_rope(q.view(B, S, H, hd).transpose(1, 2), cos, sin)      # [B, H, S, hd]
+            k = apply_rope(k.view(B, S, Hkv, hd).transpose(1, 2), cos, sin)    # [B, Hkv, S, hd]
+            v = owned(v.view(B, S, Hkv, hd).transpose(1, 2).contiguous(), r.tensors[2])  # [B, Hkv, S, hd]
+        attn = self._attention(layer, q, k, v, start)                          # [B, S, H*hd]
+        with self.ops.linear(layer, O, attn) as r:
+            h = h + r.tensors[0].float()
+        x = rms_norm(h, self.norms[2 * layer + 1], cfg.rms_norm_eps)
+        with self.ops.linear(layer, GATE_UP, x) as r:
+            gate, up = (t.float() for t in r.tensors)
+            act = F.silu(gate) * up                                            # [B, S, I]
+        with self.ops.linear(layer, DOWN, act) as r:
+            return h + r.tensors[0].float()
+
+    def _attention(self, layer: int, q, k, v, start: int) -> torch.Tensor:
+        B, H, S, hd = q.shape
+        Hkv = k.shape[1]
+        T = start + S
+        qg = q.contiguous().view(B, Hkv, (H // Hkv) * S, hd)   # heads of a KV group stacked along rows
+        if self.kv_cache == "client":
+            keys = k if self.k_cache[layer] is None else torch.cat([self.k_cache[layer], k], dim=2)
+            values = v if self.v_cache[layer] is None else torch.cat([self.v_cache[layer], v], dim=2)
+            self.k_cache[layer], self.v_cache[layer] = keys, values
+            score_call = dict(transpose_b=True)
+            ctx_call = dict(transpose_b=False)
+        else:
+            keys, values = k, v                                 # only the new rows travel
+            score_call = dict(transpose_b=True, layer=layer, cache=MATMUL_CACHE_K, pos=start)
+            ctx_call = dict(transpose_b=False, layer=layer, cache=MATMUL_CACHE_V, pos=start)
+        probs = None
+        with self.ops.matmul(qg, keys, expect_cols=T, **score_call) as r:
+            scores = r.tensors[0]                               # [B, Hkv, g*S, T]
+            probs = self.ops.staging(scores.shape)              # written in place: no extra copy
+            causal_softmax(scores.view(B, H, S, T), start, self.scale, probs.view(B, H, S, T))
+        with self.ops.matmul(probs, values, expect_cols=hd, **ctx_call) as r:
+            ctx = r.tensors[0]
+            return owned(ctx.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd), ctx)

@@ -1,0 +1,113 @@
+"""zmq_performance.log in the exact v2.4 layout, plus a JSONL sidecar with what the text cannot hold.
+
+Text layout (see LOG_FORMAT.md): 4 header lines, one 144-character row per call appended and
+flushed as the call ends, a SUMMARY block when the run ends. One run per file: IDs never restart.
+Sidecar (`<log>.jsonl`): a "run" header object, a "call" object per RPC with nanosecond stage
+timestamps, and a "phase" object per prefill/decode span (enclave compute = phase minus calls).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+from .transport import CallStats
+
+RULE = "=" * 120
+WIDTHS = (5, 20, 15, 12, 12, 17, 12, 12, 12, 18)
+COLUMNS = ("ID", "Method", "Serialize(ms)", "Send(ms)", "Recv(ms)", "Deserialize(ms)", "Total(ms)",
+           "Sent(KB)", "Recv(KB)", "Throughput(MB/s)")
+LINE_WIDTH = sum(WIDTHS) + len(WIDTHS) - 1  # 144
+SUMMARY_KEYS = ("Total RPC Calls", "Average Serialize Time", "Average Send Time", "Average Receive Time",
+                "Average Deserialize Time", "Average Total Time", "Total Data Sent", "Total Data Received",
+                "Average Throughput")
+
+
+def format_row(fields) -> str:
+    return " ".join(str(f).ljust(w) for f, w in zip(fields, WIDTHS))
+
+
+def header_lines(label: str) -> list[str]:
+    return [f"ZeroMQ Performance Log - Transport: {label}", RULE, format_row(COLUMNS), RULE]
+
+
+def row_fields(call_id: int, method: str, ser_ms, send_ms, recv_ms, deser_ms, total_ms, sent_b, recv_b):
+    mbps = (sent_b + recv_b) / 2**20 / (total_ms / 1000) if total_ms > 0 else 0.0
+    return (call_id, method, f"{ser_ms:.3f}", f"{send_ms:.3f}", f"{recv_ms:.3f}", f"{deser_ms:.3f}",
+            f"{total_ms:.3f}", f"{sent_b / 1024:.2f}", f"{recv_b / 1024:.2f}", f"{mbps:.2f}")
+
+
+def summary_lines(calls: int, ser_ms: float, send_ms: float, recv_ms: float, deser_ms: float,
+                  total_ms: float, sent_b: int, recv_b: int) -> list[str]:
+    """The SUMMARY block; arguments are sums over the run (averages are taken here)."""
+    n = max(calls, 1)
+    mbps = (sent_b + recv_b) / 2**20 / (total_ms / 1000) if total_ms > 0 else 0.0
+    return ["", RULE, "SUMMARY", RULE,
+            f"Total RPC Calls: {calls}",
+            f"Average Serialize Time: {ser_ms / n:.3f} ms",
+            f"Average Send Time: {send_ms / n:.3f} ms",
+            f"Average Receive Time: {recv_ms / n:.3f} ms",
+            f"Average Deserialize Time: {deser_ms / n:.3f} ms",
+            f"Average Total Time: {total_ms / n:.3f} ms",
+            f"Total Data Sent: {sent_b / 2**20:.2f} MB",
+            f"Total Data Received: {recv_b / 2**20:.2f} MB",
+            f"Average Throughput: {mbps:.2f} MB/s",
+            RULE]
+
+
+class PerfLog:
+    """Observer of a client transport: writes the text log and the sidecar as calls end."""
+
+    def __init__(self, path: str, label: str, run_info: dict):
+        self.path = path
+        self.sidecar_path = path + ".jsonl"
+        self._text = open(path, "w", encoding="utf-8")
+        self._side = open(self.sidecar_path, "w", encoding="utf-8")
+        self.calls = 0
+        self.phase = "init"
+        self._sums = [0.0] * 5
+        self._bytes = [0, 0]
+        self._text.write("\n".join(header_lines(label)) + "\n")
+        self._text.flush()
+        info = {"type": "run", "label": label, "started_unix": time.time(), "host": platform.node(),
+                "python": platform.python_version(), **run_info}
+        self._write_side(info)
+
+    def _write_side(self, obj: dict) -> None:
+        self._side.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        self._side.flush()
+
+    def __call__(self, s: CallStats) -> None:
+        self.calls += 1
+        ms = [s.serialize_ns / 1e6, s.send_ns / 1e6, s.recv_ns / 1e6, s.deserialize_ns / 1e6, s.total_ns / 1e6]
+        for i, v in enumerate(ms):
+            self._sums[i] += v
+        self._bytes[0] += s.sent_bytes
+        self._bytes[1] += s.recv_bytes
+        line = format_row(row_fields(self.calls, s.method, *ms, s.sent_bytes, s.recv_bytes))
+        assert len(line) == LINE_WIDTH, line
+        self._text.write(line + "\n")
+        self._text.flush()
+        self._write_side({"type": "call", "id": self.calls, "method": s.method, "layer": s.layer,
+                          "phase": self.phase, "transport": s.transport,
+                          "t_start_ns": s.t_start, "t_encoded_ns": s.t_encoded, "t_sent_ns": s.t_sent,
+                          "t_replied_ns": s.t_replied, "t_decoded_ns": s.t_decoded,
+                          "sent_bytes": s.sent_bytes, "recv_bytes": s.recv_bytes,
+                          "payload_sent": s.payload_sent, "payload_recv": s.payload_recv,
+                          "copy_in_ns": s.copy_in_ns, "daemon_work_ns": s.work_ns})
+
+    def mark_phase(self, phase: str, start_ns: int, end_ns: int, tokens: int) -> None:
+        self._write_side({"type": "phase", "phase": phase, "start_ns": start_ns, "end_ns": end_ns, "tokens": tokens})
+
+    def close(self) -> None:
+        if self._text.closed:
+            return
+        self._text.write("\n".join(summary_lines(self.calls, *self._sums, *self._bytes)) + "\n")
+        self._text.close()
+        self._side.close()
+
+    def __enter__(self) -> "PerfLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

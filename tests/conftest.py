@@ -1,0 +1,150 @@
+"""Fixtures: real daemon processes on real sockets, tracked and torn down with a timeout."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pathlib
+import secrets
+import sys
+import time
+
+import pytest
+
+from shmrt.cli import DaemonProcess
+
+SPAWN = mp.get_context("spawn")
+
+
+def shm_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("shmrt-")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_segments():
+    before = shm_segments()
+    yield
+    time.sleep(0.2)
+    leaked = shm_segments() - before
+    for name in leaked:  # clean up so one failure does not poison later runs, then fail loudly
+        os.unlink(f"/dev/shm/{name}")
+    assert not leaked, f"tests leaked shared-memory segments: {sorted(leaked)}"
+
+
+@pytest.fixture
+def endpoint(tmp_path) -> str:
+    return f"ipc://{tmp_path}/d-{secrets.token_hex(4)}.sock"
+
+
+def _serve_echo(endpoint: str, session_timeout: float) -> None:
+    from shmrt.server import EchoHandler, Server
+    with Server(endpoint, EchoHandler(), session_timeout=session_timeout, log=lambda m: None) as server:
+        server.serve()
+
+
+class EchoDaemon:
+    def __init__(self, endpoint: str, session_timeout: float = 120.0):
+        self.endpoint = endpoint
+        self.proc = SPAWN.Process(target=_serve_echo, args=(endpoint, session_timeout), daemon=True)
+        self.proc.start()
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
+
+
+@pytest.fixture
+def echo_daemon(endpoint):
+    d = EchoDaemon(endpoint)
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def model_daemon(tmp_path):
+    """Factory: start `shmrt daemon` on a model; stopped at teardown."""
+    started = []
+
+    def start(model: str = "tiny", *extra: str, endpoint: str | None = None) -> DaemonProcess:
+        ep = endpoint or f"ipc://{tmp_path}/m-{secrets.token_hex(4)}.sock"
+        d = DaemonProcess(["--model", model, *extra], ep, timeout=120, quiet=True)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def pytest_report_header(config):
+    return f"python {sys.version.split()[0]}, /dev/shm free: {os.statvfs('/dev/shm').f_bavail * os.statvfs('/dev/shm').f_frsize >> 20} MiB"
+
+
+def repo_root() -> pathlib.Path:
+    return pathlib.Path(__file__).resolve().parent.parent
+
+
+# ---- small HuggingFace checkpoints written by transformers itself (random weights)
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def write_checkpoint(path: pathlib.Path, *, tie: bool, scaling: dict | None, kv_heads: int = 2,
+                     layers: int = 2, legacy_config: bool = False, shard: str | None = None, seed: int = 0):
+    import json
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    rope = dict(scaling or {"rope_type": "default"}, rope_theta=500000.0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                      tie_word_embeddings=tie, rope_parameters=rope, rms_norm_eps=1e-5, initializer_range=0.08)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norms so a norm bug shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    if legacy_config:  # rewrite config.json the way transformers 4.x wrote it
+        cfg_path = path / "config.json"
+        d = json.loads(cfg_path.read_text())
+        params = d.pop("rope_parameters")
+        d["rope_theta"] = params.pop("rope_theta")
+        d["rope_scaling"] = params if params.get("rope_type") != "default" else None
+        cfg_path.write_text(json.dumps(d))
+    return model
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """name -> (path, transformers model) for the configurations the parity tests cover."""
+    specs = {
+        "gqa-tied-llama3": dict(tie=True, scaling=LLAMA3_SCALING),
+        "untied-mha-legacy": dict(tie=False, scaling=None, kv_heads=4, legacy_config=True),
+        "sharded-gqa": dict(tie=False, scaling=LLAMA3_SCALING, shard="100KB", seed=3),
+    }
+    out = {}
+    for name, spec in specs.items():
+        path = tmp_path_factory.mktemp(name)
+        out[name] = (path, write_checkpoint(path, **spec))
+    return out
+
+
+def random_ids(n: int, vocab: int, seed: int):
+    import torch
+    ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+    assert len(set(ids[0].tolist())) > n // 2, "ids must not be (nearly) identical: that hides a missing mask"
+    return ids
+
+
+def check_close(name: str, got, ref, rel: float) -> float:
+    """llm.c-style check_tensor: report the max difference relative to the reference's scale."""
+    diff = (got.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    print(f"{name}: max|diff| {diff:.3e}, max|ref| {scale:.3e}, ratio {diff / scale:.3e} (limit {rel:.0e})")
+    assert diff <= rel * scale, f"{name}: max|diff| {diff} > {rel} x {scale}"
+    return diff

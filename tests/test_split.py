@@ -1,0 +1,99 @@
+"""The split over real processes: `shmrt daemon` + the enclave client, both transports, vs transformers."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import check_close, random_ids
+from shmrt.client import EnclaveClient
+from shmrt.generate import Sampler, generate
+
+TRANSPORTS = ["shm", "msgpack"]
+
+
+def run_client(endpoint, transport, ids, *, wire="float32", kv="daemon", new=0, log=None):
+    with EnclaveClient(endpoint=endpoint, transport=transport, wire_dtype=wire, kv_cache=kv, timeout=30,
+                       prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + new, log_path=log) as c:
+        with torch.inference_mode():
+            return generate(c.model, ids, new, Sampler())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("name", ["gqa-tied-llama3", "untied-mha-legacy"])
+def test_fp32_wire_logits_match_transformers(checkpoints, model_daemon, transport, name):
+    path, hf = checkpoints[name]
+    d = model_daemon(str(path))
+    ids = random_ids(48, 320, seed=11)
+    with torch.no_grad():
+        ref = hf(ids).logits[:, -1]
+    got = run_client(d.endpoint, transport, ids).prefill_logits
+    check_close(f"{name}/{transport}/fp32", got, ref, 1e-4)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bf16_wire_same_argmax_and_close(checkpoints, model_daemon, transport):
+    path, hf = checkpoints["gqa-tied-llama3"]
+    d = model_daemon(str(path))
+    ids = random_ids(48, 320, seed=12)
+    with torch.no_grad():
+        ref = hf(ids).logits[:, -1]
+    got = run_client(d.endpoint, transport, ids, wire="bfloat16").prefill_logits
+    check_close(f"{transport}/bf16", got, ref, 2e-2)
+    assert int(got.argmax()) == int(ref.argmax())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kv", ["client", "daemon"])
+def test_prefill_then_8_greedy_tokens_equal_transformers_generate(checkpoints, model_daemon, transport, kv):
+    path, hf = checkpoints["sharded-gqa"]
+    d = model_daemon(str(path))
+    ids = random_ids(24, 320, seed=13)
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, 24:].tolist()
+    assert run_client(d.endpoint, transport, ids, kv=kv, new=8).tokens == ref
+
+
+def shmrt(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "shmrt", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_run_token_ids_logits_out_matches_transformers(checkpoints, tmp_path):
+    path, hf = checkpoints["gqa-tied-llama3"]
+    ids = random_ids(30, 320, seed=14)
+    out = tmp_path / "logits.npy"
+    r = shmrt("run", "--model", str(path), "--token-ids", ",".join(map(str, ids[0].tolist())),
+              "--max-new-tokens", "0", "--logits-out", str(out), "--log", str(tmp_path / "run.log"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        ref = hf(ids).logits[0, -1]
+    check_close("cli logits", torch.from_numpy(np.load(out)), ref, 1e-4)
+
+
+def test_cli_run_default_is_tiny_over_shm_and_reports(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "shmrt", "run"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "tiny on cpu" in r.stdout and "transport shm" in r.stdout
+    assert "tokens/s" in r.stdout and "transport" in r.stdout
+    assert (tmp_path / "zmq_performance.log").exists() and (tmp_path / "zmq_performance.log.jsonl").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "neither a preset"),
+    (["--model", "gigantic"], "neither a preset"),
+    (["--token-ids", "1,2,99999"], "token ids must lie in [0, 512)"),
+    (["--prefill", "3000"], "but the model allows 2048"),
+])
+def test_cli_bad_input_is_one_clear_line(args, message, tmp_path):
+    r = shmrt("run", *args, "--log", str(tmp_path / "x.log"))
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_client_without_daemon_fails_within_timeout_naming_endpoint(tmp_path):
+    ep = f"ipc://{tmp_path}/nobody.sock"
+    r = shmrt("client", "--endpoint", ep, "--timeout", "1", "--log", "")
+    assert r.returncode == 2 and ep in r.stderr and "Traceback" not in r.stderr

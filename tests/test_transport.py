@@ -1,0 +1,116 @@
+"""Both transports, two processes, real sockets and rings: bit-exact round trips and failures."""
+import random
+import re
+
+import pytest
+import torch
+
+from shmrt.errors import PeerError, PeerTimeout, SetupError, TensorTooLarge
+from shmrt.server import client_info
+from shmrt.transport import check_endpoint, make_client_transport
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
+SHAPES = [(), (0,), (1,), (3, 5), (2, 0, 4), (2, 3, 4, 5), (1, 1, 1, 1, 1, 7)]
+
+
+def random_tensor(shape, dtype, gen):
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=gen) * 1000).to(dtype)
+    return torch.randint(-2**62, 2**62, shape, generator=gen, dtype=dtype)
+
+
+@pytest.mark.parametrize("transport", ["shm", "msgpack"])
+def test_round_trip_bit_exact_all_dtypes_and_shapes(echo_daemon, transport):
+    gen = torch.Generator().manual_seed(1)
+    with make_client_transport(transport, echo_daemon.endpoint, timeout=10) as t:
+        assert t.hello(client_info()) == {"echo": True}
+        t.open_session(1 << 20)
+        with t.call("Init") as r:
+            assert r.tensors == []
+        for dtype in DTYPES:
+            for shape in SHAPES:
+                x = random_tensor(shape, dtype, gen)
+                with t.call("Matmul", [x, x.clone()]) as r:
+                    for got in r.tensors:
+                        assert got.dtype == dtype and tuple(got.shape) == shape
+                        assert torch.equal(got.view(-1).view(torch.uint8) if got.numel() else got,
+                                           x.view(-1).view(torch.uint8) if x.numel() else x)
+                    assert r.stats.sent_bytes >= x.numel() * x.element_size() * 2
+
+
+def test_shm_staged_tensor_is_sent_without_a_copy(echo_daemon):
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        t.open_session(1 << 20)
+        t.call("Init").release()
+        buf = t.staging((256,), torch.float32)
+        buf.copy_(torch.arange(256.0))
+        with t.call("Matmul", [buf]) as r:
+            assert torch.equal(r.tensors[0], torch.arange(256.0))
+            assert r.stats.copy_in_ns == 0
+            assert r.stats.payload_sent == 1024
+
+
+def test_shm_many_random_calls_wrap_the_rings(echo_daemon):
+    seed = random.randrange(2**32)
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        t.open_session(64 * 1024)
+        t.call("Init").release()
+        for i in range(400):
+            x = torch.randn(rng.randrange(0, 6000), generator=gen)
+            with t.call("Embedding", [x]) as r:
+                assert torch.equal(r.tensors[0], x), f"seed={seed} call={i}"
+        assert t.req.producer.head > 10 * t.req.capacity
+
+
+def test_oversize_tensor_is_a_clear_error(echo_daemon):
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        t.open_session(64 * 1024)
+        t.call("Init").release()
+        with pytest.raises(TensorTooLarge, match="--ring-mib"):
+            t.call("Matmul", [torch.zeros(100_000)])
+
+
+def test_silent_peer_times_out_naming_the_endpoint(endpoint):
+    with make_client_transport("shm", endpoint, timeout=0.5) as t:
+        with pytest.raises(PeerTimeout, match=re.escape(endpoint)):
+            t.hello(client_info())
+
+
+def test_daemon_reports_protocol_errors_and_drops_the_session(echo_daemon):
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        t.open_session(1 << 16)
+        with pytest.raises(PeerError, match="before Init"):
+            t.call("Matmul", [torch.ones(3)])
+
+
+def test_enclave_mode_refuses_ipc_endpoints():
+    with pytest.raises(SetupError, match="tcp://127.0.0.1"):
+        check_endpoint("ipc:///tmp/x.sock", enclave=True)
+    assert check_endpoint("tcp://127.0.0.1:5555", enclave=True)
+
+
+def test_tcp_round_trip(tmp_path):
+    import socket
+    from conftest import EchoDaemon
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    d = EchoDaemon(f"tcp://127.0.0.1:{port}")
+    try:
+        for name in ("shm", "msgpack"):
+            with make_client_transport(name, d.endpoint, timeout=10, enclave=True) as t:
+                t.hello(client_info())
+                t.open_session(1 << 16)
+                t.call("Init").release()
+                with t.call("LMHead", [torch.arange(10.0)]) as r:
+                    assert torch.equal(r.tensors[0], torch.arange(10.0))
+    finally:
+        d.stop()
