@@ -268,6 +268,7 @@ def cmd_cleanup(args) -> int:
 
 
 def main(argv=None) -> int:
+    settings.apply_process_defaults()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "daemon":

@@ -30,3 +30,10 @@ def default_endpoint() -> str:
 def enclave_forced() -> bool:
     """SHMRT_ENCLAVE=1 forces in-enclave rules even outside SGX."""
     return os.environ.get("SHMRT_ENCLAVE", "") not in ("", "0")
+
+
+def apply_process_defaults() -> None:
+    """Before torch loads: OpenMP workers sleep instead of spinning between ops. Daemon and client
+    take turns on the same cores; spinning workers of the idle side starve the busy one (measured:
+    2.4x slower prefill, 1.7x slower decode on 2 cores). A user's own setting wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

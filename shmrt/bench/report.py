@@ -10,6 +10,7 @@ from ..cli import DaemonProcess
 from ..weights import load_weights, resolve_model
 from ..daemon import COMPUTE_DTYPES
 from .e2e import configurations, measure_floor, measure_transport
+from .micro import _size
 
 
 def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
@@ -91,7 +92,7 @@ def _micro_table(records: list[dict]) -> list[str]:
     lines = ["| size | floor ms | shm ms | msgpack ms | msgpack / shm | shm / floor |", "|---|---|---|---|---|---|"]
     for n in sorted({k[1] for k in micro}):
         f, s, m = (micro[(t, n)]["median_s"] for t in ("floor", "shm", "msgpack"))
-        lines.append(f"| {n / 2**20:g} MiB | {f * 1e3:.3f} | {s * 1e3:.3f} | {m * 1e3:.3f} | {m / s:.1f}x | {s / f:.2f}x |")
+        lines.append(f"| {_size(n)} | {f * 1e3:.3f} | {s * 1e3:.3f} | {m * 1e3:.3f} | {m / s:.1f}x | {s / f:.2f}x |")
     return lines
 
 

@@ -1,0 +1,47 @@
+"""`shmrt cleanup`: unlink ring segments whose creator process is dead (owner pid in the header).
+
+A segment is only touched when its header is a valid shmrt ring header and the recorded owner
+pid does not exist (or is a zombie) in this pid namespace; live owners' segments are never removed.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+
+from .errors import ProtocolError
+from .ring import HEADER_BYTES, NAME_RE, SHM_DIR, read_header, unlink_segment
+from .server import _alive
+
+
+def stale_segments() -> list[tuple[str, int, int]]:
+    """(name, owner pid, bytes) of every shmrt segment whose owner is gone."""
+    out = []
+    for entry in sorted(os.listdir(SHM_DIR)):
+        name = "/" + entry
+        if not NAME_RE.match(name):
+            continue
+        path = os.path.join(SHM_DIR, entry)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < HEADER_BYTES:
+                    continue
+                with mmap.mmap(f.fileno(), HEADER_BYTES, prot=mmap.PROT_READ) as mm:
+                    header = read_header(mm)
+        except (OSError, ProtocolError, ValueError):
+            continue
+        if not _alive(header.owner_pid):
+            out.append((name, header.owner_pid, size))
+    return out
+
+
+def cleanup(*, dry_run: bool = False) -> int:
+    stale = stale_segments()
+    for name, pid, size in stale:
+        if dry_run:
+            print(f"would remove {name} ({size / 2**20:.1f} MiB, owner pid {pid} is gone)")
+        elif unlink_segment(name):
+            print(f"removed {name} ({size / 2**20:.1f} MiB, owner pid {pid} was gone)")
+    if not stale:
+        print("no stale shmrt segments")
+    return 0
