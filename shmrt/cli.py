@@ -247,7 +247,13 @@ def daemon_argv(args) -> list[str]:
     return out
 
 
-def run_endpoint() -> str:
+def run_endpoint(enclave: bool) -> str:
+    """A fresh endpoint for `shmrt run`: a private ipc socket, or loopback tcp in enclave mode."""
+    if enclave:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
     return f"ipc://{settings.runtime_dir() / f'run-{os.getpid()}.sock'}"
 
 
@@ -257,7 +263,10 @@ def cmd_run(args) -> int:
     if args.tokenizer is None and not args.model.startswith(("tiny", "small", "llama3.2")):
         candidate = pathlib.Path(args.model) / "tokenizer.json"
         args.tokenizer = str(candidate) if candidate.is_file() else None
-    endpoint = args.endpoint or run_endpoint()
+    enclave = args.enclave or settings.enclave_forced()
+    endpoint = args.endpoint or run_endpoint(enclave)
+    from .transport import check_endpoint
+    check_endpoint(endpoint, enclave=enclave)  # refuse ipc:// before starting anything
     with DaemonProcess(daemon_argv(args), endpoint, quiet=args.quiet):
         return cmd_client(args, endpoint)
 

@@ -1,0 +1,92 @@
+"""The v2.4 log layout (writer) and `shmrt analyze` (reader, report, comparison, JSON, plot)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import repo_root
+from shmrt import analyze
+from shmrt.perflog import LINE_WIDTH, RULE, SUMMARY_KEYS, PerfLog, format_row, row_fields
+from shmrt.transport import CallStats
+
+SAMPLE = repo_root() / "tests" / "data" / "zmq_performance_v2.4_sample.log"
+
+
+def test_writer_layout_matches_the_v24_sample_exactly(tmp_path):
+    sample = SAMPLE.read_text().splitlines()
+    path = str(tmp_path / "x.log")
+    log = PerfLog(path, "IPC", {})
+    log(CallStats("Init", "msgpack", t_start=0, t_encoded=17_000, t_sent=29_000, t_replied=728_000,
+                  t_decoded=780_000, sent_bytes=20, recv_bytes=10015))
+    log.close()
+    ours = open(path).read()
+    lines = ours.splitlines()
+    assert lines[:4] == sample[:4]                       # header, rules and column names to the byte
+    assert all(len(l) == LINE_WIDTH == 144 for l in lines[2:5] if l != RULE)
+    assert lines[4].split()[:2] == ["1", "Init"] and len(lines[4]) == 144
+    summary = [l.split(":")[0] for l in lines if ":" in l and not l.startswith("ZeroMQ")]
+    assert summary == list(SUMMARY_KEYS)
+    assert lines[-1] == RULE and ours.endswith("\n") and lines[-12] == "SUMMARY"
+    side = [json.loads(l) for l in open(path + ".jsonl")]
+    assert side[0]["type"] == "run" and side[1]["method"] == "Init" and side[1]["t_replied_ns"] == 728_000
+
+
+def test_row_formatting_reproduces_a_sample_row():
+    row = format_row(row_fields(2, "Embedding", 0.013, 0.019, 1.794, 0.023, 1.857, int(1.05 * 1024), int(128.05 * 1024)))
+    expected = SAMPLE.read_text().splitlines()[5]
+    assert row[:118] == expected[:118] and len(row) == len(expected) == 144
+
+
+def test_analyzer_splits_the_v24_sample_into_two_runs_and_matches_its_summary():
+    runs = analyze.load(str(SAMPLE))
+    assert [len(r.rows) for r in runs] == [27, 26]
+    s = analyze.summarize(runs[-1])
+    assert s["calls"] == 26
+    # rows hold 3-decimal values, v2.4 averaged unrounded ones: agree to the last printed digit
+    assert s["serialize_ms"] / 26 == pytest.approx(0.196, abs=1.5e-3)
+    assert s["recv_ms"] / 26 == pytest.approx(1.711, abs=1.5e-3)
+    assert s["total_ms"] / 26 == pytest.approx(2.147, abs=1.5e-3)
+    assert round(s["sent_bytes"] / 2**20, 2) == 6.35 and round(s["recv_bytes"] / 2**20, 2) == 7.19
+    assert round(s["throughput_mib_s"], 0) == 242
+
+
+def shmrt(*args):
+    return subprocess.run([sys.executable, "-m", "shmrt", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_real_runs_over_both_transports_read_back_compare_and_plot(tmp_path):
+    logs = {}
+    for t in ("msgpack", "shm"):
+        logs[t] = tmp_path / f"{t}.log"
+        r = shmrt("run", "--transport", t, "--prefill", "24", "--max-new-tokens", "3", "--log", str(logs[t]), "--quiet")
+        assert r.returncode == 0, r.stderr
+    calls = 1 + 3 * (2 * 6 + 2)  # Init + 3 forwards of the 2-layer tiny preset
+    r = shmrt("analyze", str(logs["msgpack"]), str(logs["shm"]), "--plot", str(tmp_path / "cmp.png"))
+    assert r.returncode == 0, r.stderr
+    for section in ("Overall", "Time breakdown", "By method", "Top 5 slowest", "Top 5 largest", "Recommendations",
+                    "comparison"):
+        assert section in r.stdout
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    r = shmrt("analyze", "--json", str(logs["msgpack"]), str(logs["shm"]))
+    runs = json.loads(r.stdout)["runs"]
+    assert [x["calls"] for x in runs] == [calls, calls]
+    assert [x["transport"] for x in runs] == ["IPC", "SHM+IPC"]
+    assert runs[0]["by_method"]["BatchLinear"]["calls"] == 3 * 2 * 4
+    assert "transport shm" in analyze.recommendations(analyze.summarize(analyze.load(str(logs["msgpack"]))[0]))[0] \
+        or any("--transport shm" in x for x in analyze.recommendations(analyze.summarize(analyze.load(str(logs["msgpack"]))[0])))
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no such file"),
+    ("", "empty file"),
+    ("hello world\n", "not a zmq_performance.log"),
+    ("\n".join(SAMPLE.read_text().splitlines()[:8]) + "\n9     BatchLinear          0.03", "truncated"),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, content, message):
+    path = tmp_path / "bad.log"
+    if content is not None:
+        path.write_text(content)
+    r = shmrt("analyze", str(path))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
