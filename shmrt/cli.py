@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- client
 
-def _token_ids(args, client) -> "torch.Tensor":
+def _token_ids(args, client):
     import torch
     from .tokenizer import load_tokenizer
     if args.token_ids is not None or args.token_ids_file is not None:
@@ -142,11 +142,7 @@ def cmd_client(args, endpoint: str) -> int:
             raise ShmrtError(f"prompt of {ids.shape[1]} tokens plus {args.max_new_tokens} new exceeds the "
                              f"model's {client.cfg.max_position_embeddings} positions")
         client.transport.observers.append(collected.append)
-        progress = None
-        if not args.quiet and args.max_new_tokens >= 16:
-            def progress(i, n):
-                if i == n or i % max(1, n // 10) == 0:
-                    print(f"  decoded {i}/{n} tokens", file=sys.stderr, flush=True)
+        progress = None if args.quiet or args.max_new_tokens < 16 else _decode_progress
         sampler = Sampler(args.temperature, args.top_p, args.sample_seed)
         with torch.inference_mode():
             result = generate(client.model, ids, args.max_new_tokens, sampler, client.perflog, progress)
@@ -160,6 +156,11 @@ def cmd_client(args, endpoint: str) -> int:
                 pass
             _print_summary(args, client, result, collected, tok)
     return 0
+
+
+def _decode_progress(i: int, n: int) -> None:
+    if i == n or i % max(1, n // 10) == 0:
+        print(f"  decoded {i}/{n} tokens", file=sys.stderr, flush=True)
 
 
 def _print_summary(args, client, result, calls, tok) -> None:

@@ -16,7 +16,6 @@ from .errors import ModelError, ProtocolError
 from .model import KV_PLACEMENTS, EnclaveModel
 from .ops import RemoteOps
 from .perflog import PerfLog
-from .protocol import DTYPE_BY_NAME
 from .ring import LARGE_ALIGN
 from .server import client_info
 from .transport import make_client_transport, transport_label
@@ -142,5 +141,3 @@ def _version() -> str:
     except Exception:
         return "dev"
 
-
-__all__ = ["EnclaveClient", "ring_bytes_for", "DTYPE_BY_NAME"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ModelError, ProtocolError
-from .protocol import KNOWN_MATMUL_BITS, MATMUL_CACHE_K, MATMUL_CACHE_V, MATMUL_TRANSPOSE_B, PROJECTIONS
+from .protocol import KNOWN_MATMUL_BITS, MATMUL_CACHE_K, MATMUL_CACHE_V, MATMUL_TRANSPOSE_B
 from .weights import LlamaWeights, projection_cols, projection_rows
 
 
@@ -101,5 +101,3 @@ class LinearCompute:
         inv_freq, scaling = rope_inv_freq(self.cfg)
         return self.w.norms(), inv_freq, scaling
 
-
-__all__ = ["LinearCompute", "KVStore", "PROJECTIONS"]

@@ -5,7 +5,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -183,5 +183,3 @@ def rope_inv_freq(cfg: LlamaConfig) -> tuple[torch.Tensor, float]:
     is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return torch.where(is_medium, smoothed, scaled), 1.0
 
-
-__all__ = ["LlamaConfig", "PRESETS", "read_hf_config", "rope_inv_freq", "field"]

@@ -20,7 +20,6 @@ from .server import Handler, Server
 from .transport import ReplyBuilder, Request
 from .weights import load_weights
 
-WIRE_DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

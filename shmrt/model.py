@@ -50,13 +50,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def causal_softmax(scores: torch.Tensor, start: int, scale: float, out: torch.Tensor) -> None:
-    """out = softmax(scores * scale + causal mask) over the last dim; scores, out: [B, H, S, T]."""
-    S, T = scores.shape[-2:]
+def causal_mask(start: int, S: int) -> torch.Tensor | None:
+    """[S, start+S] True where query i (at absolute position start+i) must not see key j > start+i."""
+    return torch.ones(S, start + S, dtype=torch.bool).triu_(start + 1) if S > 1 else None
+
+
+def causal_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, out: torch.Tensor) -> None:
+    """out = softmax(scores * scale, masked) over the last dim; scores, out: [B, H, S, T]."""
     x = scores.float() * scale if scores.dtype != torch.float32 else torch.mul(scores, scale)
-    if S > 1:
-        # query i sits at absolute position start+i and may attend to keys j <= start+i
-        mask = torch.ones(S, T, dtype=torch.bool).triu_(start + 1)
+    if mask is not None:
         x.masked_fill_(mask, float("-inf"))
     if out.dtype == torch.float32:
         torch.softmax(x, dim=-1, out=out)
@@ -96,15 +98,16 @@ class EnclaveModel:
         with self.ops.embedding(ids) as r:
             h = owned(r.tensors[0], r.tensors[0])             # h: [B, S, D]
         cos, sin = rope_cos_sin(self.inv_freq, start, S, self.attention_scaling)
+        mask = causal_mask(start, S)
         for layer in range(cfg.num_hidden_layers):
-            h = self._block(layer, h, start, cos, sin)
+            h = self._block(layer, h, start, cos, sin, mask)
         x = rms_norm(h[:, -1:, :], self.norms[-1], cfg.rms_norm_eps)  # x: [B, 1, D]
         with self.ops.lm_head(x) as r:
             logits = owned(r.tensors[0], r.tensors[0])        # [B, V]
         self.length = start + S
         return logits
 
-    def _block(self, layer: int, h: torch.Tensor, start: int, cos, sin) -> torch.Tensor:
+    def _block(self, layer: int, h: torch.Tensor, start: int, cos, sin, mask) -> torch.Tensor:
         cfg = self.cfg
         B, S, _ = h.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -114,7 +117,7 @@ class EnclaveModel:
             q = apply_rope(q.view(B, S, H, hd).transpose(1, 2), cos, sin)      # [B, H, S, hd]
             k = apply_rope(k.view(B, S, Hkv, hd).transpose(1, 2), cos, sin)    # [B, Hkv, S, hd]
             v = owned(v.view(B, S, Hkv, hd).transpose(1, 2).contiguous(), r.tensors[2])  # [B, Hkv, S, hd]
-        attn = self._attention(layer, q, k, v, start)                          # [B, S, H*hd]
+        attn = self._attention(layer, q, k, v, start, mask)                          # [B, S, H*hd]
         with self.ops.linear(layer, O, attn) as r:
             h = h + r.tensors[0].float()
         x = rms_norm(h, self.norms[2 * layer + 1], cfg.rms_norm_eps)
@@ -124,7 +127,7 @@ class EnclaveModel:
         with self.ops.linear(layer, DOWN, act) as r:
             return h + r.tensors[0].float()
 
-    def _attention(self, layer: int, q, k, v, start: int) -> torch.Tensor:
+    def _attention(self, layer: int, q, k, v, start: int, mask) -> torch.Tensor:
         B, H, S, hd = q.shape
         Hkv = k.shape[1]
         T = start + S
@@ -143,7 +146,7 @@ class EnclaveModel:
         with self.ops.matmul(qg, keys, expect_cols=T, **score_call) as r:
             scores = r.tensors[0]                               # [B, Hkv, g*S, T]
             probs = self.ops.staging(scores.shape)              # written in place: no extra copy
-            causal_softmax(scores.view(B, H, S, T), start, self.scale, probs.view(B, H, S, T))
+            causal_softmax(scores.view(B, H, S, T), mask, self.scale, probs.view(B, H, S, T))
         with self.ops.matmul(probs, values, expect_cols=hd, **ctx_call) as r:
             ctx = r.tensors[0]
             return owned(ctx.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd), ctx)

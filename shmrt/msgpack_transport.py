@@ -121,14 +121,8 @@ class MsgpackClient(ClientTransport):
         self._notify(stats)
         return Reply(out, stats, reply.get("text", "") or "")
 
-    def close(self) -> None:
-        if not self._closed and self.seq:
-            try:
-                self._sock.send(msgpack.packb({"method": "Close", "seq": self._next_seq(), "token": self.token}),
-                                flags=1)
-            except Exception:
-                pass
-        super().close()
+    def _close_message(self) -> bytes | None:
+        return msgpack.packb({"method": "Close", "seq": self._next_seq(), "token": self.token}) if self.seq else None
 
 
 class MsgpackReplyBuilder(ReplyBuilder):

@@ -4,6 +4,7 @@ Text layout (see LOG_FORMAT.md): 4 header lines, one 144-character row per call 
 flushed as the call ends, a SUMMARY block when the run ends. One run per file: IDs never restart.
 Sidecar (`<log>.jsonl`): a "run" header object, a "call" object per RPC with nanosecond stage
 timestamps, and a "phase" object per prefill/decode span (enclave compute = phase minus calls).
+The sidecar is flushed at phase marks and at close, not per call: it is off the hot path.
 """
 from __future__ import annotations
 
@@ -72,10 +73,10 @@ class PerfLog:
         info = {"type": "run", "label": label, "started_unix": time.time(), "host": platform.node(),
                 "python": platform.python_version(), **run_info}
         self._write_side(info)
+        self._side.flush()
 
     def _write_side(self, obj: dict) -> None:
         self._side.write(json.dumps(obj, separators=(",", ":")) + "\n")
-        self._side.flush()
 
     def __call__(self, s: CallStats) -> None:
         self.calls += 1
@@ -98,6 +99,7 @@ class PerfLog:
 
     def mark_phase(self, phase: str, start_ns: int, end_ns: int, tokens: int) -> None:
         self._write_side({"type": "phase", "phase": phase, "start_ns": start_ns, "end_ns": end_ns, "tokens": tokens})
+        self._side.flush()
 
     def close(self) -> None:
         if self._text.closed:

@@ -23,8 +23,8 @@ from . import protocol
 from .errors import ProtocolError, ShmrtError
 from .msgpack_transport import MsgpackServerSession, parse_request
 from .native import now_ns
-from .protocol import Doorbell, Method
-from .ring import Ring
+from .protocol import Method
+from .ring import unlink_segment
 from .shm_transport import ShmServerSession
 from .transport import ReplyBuilder, Request, ServerSession, check_endpoint
 
@@ -202,7 +202,6 @@ class Server:
         session.transport.close()
         if owner_dead:
             # The creator cannot unlink any more; nobody else will use these names.
-            from .ring import unlink_segment
             for name in names:
                 unlink_segment(name)
 
@@ -229,5 +228,3 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True
 
-
-__all__ = ["Server", "Handler", "EchoHandler", "client_info", "Ring", "Doorbell"]

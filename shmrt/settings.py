@@ -16,10 +16,10 @@ def runtime_dir() -> pathlib.Path:
     path = pathlib.Path(base) / "shmrt" if base else pathlib.Path(f"/tmp/shmrt-{os.getuid()}")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        os.chmod(path, 0o700) if st.st_uid == os.getuid() else None
-        if path.stat().st_mode & 0o077 or st.st_uid != os.getuid():
-            raise PermissionError(f"{path} is not private to this user; set SHMRT_RUNTIME_DIR")
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to another user; set SHMRT_RUNTIME_DIR to a private directory")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
     return path
 
 

@@ -35,6 +35,22 @@ def ring_view(ring: Ring, desc: TensorDesc) -> torch.Tensor:
     return torch.frombuffer(region, dtype=desc.dtype).view(desc.shape)
 
 
+def reserve_view(ring: Ring, shape, dtype: torch.dtype, timeout: float, what: str) -> tuple[TensorDesc, torch.Tensor]:
+    """Reserve room for a tensor in `ring` (the caller is its producer) and return it as a writable view."""
+    shape = tuple(int(d) for d in shape)
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+    desc = TensorDesc(ring.producer.reserve(nbytes, timeout=timeout, what=what), nbytes, dtype, shape)
+    return desc, ring_view(ring, desc)
+
+
+def close_rings(*rings: Ring | None) -> None:
+    for ring in rings:
+        if ring is not None:
+            ring.close()
+
+
 def _raise_if_error(bell: Doorbell, endpoint: str) -> None:
     if bell.is_error or bell.method == Method.Error:
         raise PeerError(f"daemon at {endpoint}: {bell.text}")
@@ -82,21 +98,15 @@ class ShmClient(ClientTransport):
         try:
             self.rsp = Ring.create(capacity, "rsp")
         except BaseException:
-            self.req.close()
+            close_rings(self.req)
             self.req = None
             raise
 
     # ---- calls
 
     def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        shape = tuple(int(d) for d in shape)
-        nbytes = dtype.itemsize
-        for d in shape:
-            nbytes *= d
-        offset = self.req.producer.reserve(nbytes, timeout=self.timeout, what="staged tensor")
-        desc = TensorDesc(offset, nbytes, dtype, shape)
-        view = ring_view(self.req, desc)
-        if nbytes:
+        desc, view = reserve_view(self.req, shape, dtype, self.timeout, "staged tensor")
+        if desc.nbytes:
             self._staged[view.data_ptr()] = desc
         return view
 
@@ -155,20 +165,13 @@ class ShmClient(ClientTransport):
         self._notify(stats)
         return Reply(out, stats, bell.text, release=lambda: self.rsp.consumer.release(entry))
 
+    def _close_message(self) -> bytes | None:
+        return protocol.encode(Doorbell(Method.Close, self._next_seq(), self.token)) if self.req else None
+
     def close(self) -> None:
-        if self._closed:
-            return
-        try:
-            if self.req is not None:
-                # Best effort: tell the daemon to detach now rather than at its idle timeout.
-                seq = self._next_seq()
-                self._sock.send(protocol.encode(Doorbell(Method.Close, seq, self.token)), flags=1)
-        except Exception:
-            pass
-        for ring in (self.req, self.rsp):
-            if ring is not None:
-                ring.close()
         super().close()
+        close_rings(self.req, self.rsp)
+        self.req = self.rsp = None
 
 
 class ShmReplyBuilder(ReplyBuilder):
@@ -178,14 +181,9 @@ class ShmReplyBuilder(ReplyBuilder):
         self.descs: list[TensorDesc] = []
 
     def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        shape = tuple(int(d) for d in shape)
-        nbytes = dtype.itemsize
-        for d in shape:
-            nbytes *= d
-        offset = self.ring.producer.reserve(nbytes, timeout=self.timeout, what="reply tensor")
-        desc = TensorDesc(offset, nbytes, dtype, shape)
+        desc, view = reserve_view(self.ring, shape, dtype, self.timeout, "reply tensor")
         self.descs.append(desc)
-        return ring_view(self.ring, desc)
+        return view
 
 
 class ShmServerSession(ServerSession):
@@ -215,7 +213,7 @@ class ShmServerSession(ServerSession):
         try:
             self.rsp = Ring.attach(rsp_name, capacity)
         except BaseException:
-            self.req.close()
+            close_rings(self.req)
             self.req = None
             raise
 
@@ -260,7 +258,5 @@ class ShmServerSession(ServerSession):
         return [r.native for r in (self.req, self.rsp) if r is not None]
 
     def close(self) -> None:
-        for ring in (self.req, self.rsp):
-            if ring is not None:
-                ring.close()
+        close_rings(self.req, self.rsp)
         self.req = self.rsp = None

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from .errors import PeerTimeout, ProtocolError, SetupError, ShmrtError
-from .native import now_ns
+from .errors import PeerTimeout, SetupError
 
 TRANSPORTS = ("shm", "msgpack")
 
@@ -187,10 +186,22 @@ class ClientTransport:
         for observer in self.observers:
             observer(stats)
 
+    def _close_message(self) -> bytes | None:
+        """The transport's Close request, or None if no session was opened."""
+        return None
+
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._sock.close(linger=0)
+        """Tell the daemon to drop the session now (best effort, not waiting for an answer), then close."""
+        if self._closed:
+            return
+        self._closed = True
+        message = self._close_message()
+        if message is not None:
+            try:
+                self._sock.send(message, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self._sock.close(linger=100 if message is not None else 0)
 
     def __enter__(self):
         return self
@@ -256,11 +267,3 @@ class ServerSession:
     def close(self) -> None:
         pass
 
-
-def stage_timer() -> int:
-    return now_ns()
-
-
-__all__ = ["CallStats", "Reply", "ClientTransport", "ServerSession", "ReplyBuilder", "Request",
-           "make_client_transport", "check_endpoint", "transport_label", "TRANSPORTS", "ShmrtError",
-           "ProtocolError"]

@@ -11,6 +11,10 @@ from shmrt.client import EnclaveClient
 from shmrt.generate import Sampler, generate
 
 TRANSPORTS = ["shm", "msgpack"]
+# The daemon on CUDA (registered ring, DMA) must give the same parity; skipped where there is no GPU.
+# TF32 would loosen float32 matmuls on the GPU; the daemon leaves it off (torch's default).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])]
 
 
 def run_client(endpoint, transport, ids, *, wire="float32", kv="daemon", new=0, log=None):
@@ -20,16 +24,17 @@ def run_client(endpoint, transport, ids, *, wire="float32", kv="daemon", new=0, 
             return generate(c.model, ids, new, Sampler())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("name", ["gqa-tied-llama3", "untied-mha-legacy"])
-def test_fp32_wire_logits_match_transformers(checkpoints, model_daemon, transport, name):
+def test_fp32_wire_logits_match_transformers(checkpoints, model_daemon, transport, name, device):
     path, hf = checkpoints[name]
-    d = model_daemon(str(path))
+    d = model_daemon(str(path), "--device", device)
     ids = random_ids(48, 320, seed=11)
     with torch.no_grad():
         ref = hf(ids).logits[:, -1]
     got = run_client(d.endpoint, transport, ids).prefill_logits
-    check_close(f"{name}/{transport}/fp32", got, ref, 1e-4)
+    check_close(f"{name}/{transport}/{device}/fp32", got, ref, 1e-4)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -44,11 +49,12 @@ def test_bf16_wire_same_argmax_and_close(checkpoints, model_daemon, transport):
     assert int(got.argmax()) == int(ref.argmax())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("kv", ["client", "daemon"])
-def test_prefill_then_8_greedy_tokens_equal_transformers_generate(checkpoints, model_daemon, transport, kv):
+def test_prefill_then_8_greedy_tokens_equal_transformers_generate(checkpoints, model_daemon, transport, kv, device):
     path, hf = checkpoints["sharded-gqa"]
-    d = model_daemon(str(path))
+    d = model_daemon(str(path), "--device", device)
     ids = random_ids(24, 320, seed=13)
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, 24:].tolist()

@@ -3,7 +3,6 @@ measured in the same run (two memcpys of the size + a 64-byte ZeroMQ round trip)
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 import zmq
@@ -127,5 +126,3 @@ def parse_size(text: str) -> int:
             return int(float(text[: -len(unit)]) * scale)
     return int(text)
 
-
-__all__ = ["run_micro", "format_micro", "parse_size", "time"]

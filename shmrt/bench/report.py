@@ -98,7 +98,7 @@ def _micro_table(records: list[dict]) -> list[str]:
 
 def write_results(records: list[dict], out: pathlib.Path, machine: str) -> None:
     (out / "results.json").write_text(json.dumps(records, indent=1))
-    lines = [f"# shmrt bench results", "", f"Machine: {machine}", ""]
+    lines = ["# shmrt bench results", "", f"Machine: {machine}", ""]
     micro = _micro_table(records)
     if micro:
         lines += ["## micro: echo round trip of one float32 tensor (median)", "",
