@@ -49,6 +49,7 @@ PROTOCOL_VERSION = 1
 MAX_TENSORS = 8
 MAX_NDIM = 6
 MAX_DIM = 1 << 40
+MAX_SPAN = 1 << 48  # bytes spanned by the non-zero dims: keeps every stride far from int64 overflow
 MAX_TEXT = (1 << 16) - 1
 RING_ALIGN = 64
 TOKEN_BYTES = 16
@@ -124,7 +125,11 @@ def check_shape(shape, dtype: torch.dtype, nbytes: int, field_name: str) -> tupl
     for d in shape:
         if type(d) is not int or not 0 <= d <= MAX_DIM:
             raise ProtocolError(f"{field_name}.shape has dim {d!r}; expected an int in [0, {MAX_DIM}]")
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    span = math.prod(d for d in shape if d) * dtype.itemsize  # Python ints: no overflow
+    if span > MAX_SPAN:
+        # A zero dim makes nbytes 0, but the other dims still set strides: bound them too.
+        raise ProtocolError(f"{field_name}.shape {tuple(shape)} spans {span} bytes, more than {MAX_SPAN}")
+    expected = math.prod(shape) * dtype.itemsize
     if type(nbytes) is not int or nbytes != expected:
         raise ProtocolError(f"{field_name}.nbytes is {nbytes!r}, expected prod{tuple(shape)} x "
                             f"{dtype.itemsize} = {expected}")

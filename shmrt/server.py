@@ -29,6 +29,10 @@ from .shm_transport import ShmServerSession
 from .transport import ReplyBuilder, Request, ServerSession, check_endpoint
 
 
+NO_SESSION = ("no open session for this client (it ended after an error or was idle past the daemon's "
+              "--session-timeout): start a new session")
+
+
 def _pid_namespace() -> int | None:
     try:
         return os.stat("/proc/self/ns/pid").st_ino
@@ -142,14 +146,16 @@ class Server:
     def _open(self, identity: bytes, payload: bytes) -> bytes | None:
         try:
             if protocol.is_doorbell(payload):
+                if payload[6:7] != bytes([Method.Hello]):
+                    raise ProtocolError(NO_SESSION)
                 bell = protocol.decode(payload, capacity=0, expect_seq=1)
-                if bell.method != Method.Hello:
-                    raise ProtocolError(f"first message is {bell.method.name}, expected Hello")
                 transport, text = ShmServerSession(bell.token), bell.text
             else:
                 obj = parse_request(payload)
-                if obj["method"] != "Hello" or obj["seq"] != 1:
-                    raise ProtocolError(f"first message is {obj['method']} seq {obj['seq']}, expected Hello seq 1")
+                if obj["method"] != "Hello":
+                    raise ProtocolError(NO_SESSION)
+                if obj["seq"] != 1:
+                    raise ProtocolError(f"Hello seq {obj['seq']}, expected 1")
                 transport, text = MsgpackServerSession(obj["token"]), obj.get("text") or "{}"
             info = json.loads(text) if isinstance(text, str) and text else {}
         except (ProtocolError, ValueError) as exc:

@@ -70,6 +70,13 @@ def test_each_corrupted_field_is_rejected_with_its_name(name, corrupt, message):
         protocol.decode(raw, capacity=CAP, token=TOKEN, expect_seq=7)
 
 
+def test_zero_dim_cannot_smuggle_huge_strides():
+    """nbytes 0 satisfies prod(shape) * itemsize, but the other dims would overflow torch's strides."""
+    with pytest.raises(ProtocolError, match="spans"):
+        protocol.check_shape((0, 2**40, 2**40), torch.float32, 0, "tensor[0]")
+    assert protocol.check_shape((0, 5, 7), torch.float32, 0, "tensor[0]") == (0, 5, 7)
+
+
 def test_invalid_utf8_text_rejected():
     raw = protocol.encode(bell(text="ab"))
     with pytest.raises(ProtocolError, match="UTF-8"):

@@ -1,0 +1,221 @@
+"""Hostile peers: fuzzed doorbells into the daemon's full request path, a peer scribbling on the rings
+while a client runs, and a multi-process stress through small rings. Outcomes allowed: a result or
+a ShmrtError (ProtocolError and friends). Never a crash, a hang, or any other exception."""
+import multiprocessing as mp
+import os
+import random
+import signal
+import struct
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from shmrt import protocol
+from shmrt.compute import KVStore, LinearCompute
+from shmrt.daemon import ModelHandler
+from shmrt.errors import ShmrtError
+from shmrt.ring import OFF_TAIL, Consumer, Ring
+from shmrt.server import client_info
+from shmrt.shm_transport import ShmServerSession
+from shmrt.transport import make_client_transport
+from shmrt.weights import load_weights
+
+SPAWN = mp.get_context("spawn")
+CAP = 1 << 16
+TOKEN = b"k" * 16
+HEADER = struct.Struct("<4sHBBQ16siIqQQHH4x")
+DESC = struct.Struct("<QQBB6x6q")
+
+u64 = st.integers(0, 2**64 - 1)
+
+
+ITEM = {1: 4, 2: 2, 3: 2, 4: 8, 5: 4}
+# Shapes the tiny model (hidden 64, 4 heads of 16, 2 KV heads, intermediate 176) would accept.
+PLAUSIBLE = {2: [[(1, 5)]], 3: [[(1, 5, 64)], [(1, 5, 176)]], 4: [[(1, 2, 10, 16), (1, 2, 5, 16)],
+             [(1, 2, 10, 5), (1, 2, 5, 16)]], 5: [[(1, 1, 64)], [(1, 64)]]}
+
+
+@st.composite
+def doorbells(draw):
+    """Half the cases are coherent requests the handler can run, with at most one field made hostile
+    (so the fuzz reaches the compute path); the other half are hostile throughout."""
+    coherent = draw(st.booleans())
+    hostile = draw(st.sampled_from(["none", "method", "layer", "op", "pos", "ring_end", "dtype", "shape",
+                                    "nbytes", "offset", "count", "flags", "token"])) if coherent else "all"
+
+    def pick(field, good, bad):
+        return draw(bad) if hostile in (field, "all") else draw(good)
+
+    method = pick("method", st.sampled_from([2, 3, 4, 5]), st.integers(0, 255))
+    shapes = draw(st.sampled_from(PLAUSIBLE.get(method, [[(3,)]])))
+    if hostile in ("count", "all"):
+        shapes = shapes + [(2,)] if draw(st.booleans()) else shapes[:-1]
+    descs, offset = b"", 0
+    for shape in shapes:
+        dtype = pick("dtype", st.just(4 if method == 2 else 1), st.integers(0, 255))
+        shape = list(shape)
+        if hostile in ("shape", "all"):
+            shape = draw(st.lists(st.one_of(st.integers(0, 64), st.integers(-2**63, 2**63 - 1)), max_size=6))
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = pick("nbytes", st.just(max(n, 0) * ITEM.get(dtype, 1)), u64)
+        off = pick("offset", st.just(offset), st.one_of(st.sampled_from([CAP - 64, CAP, 3]), u64))
+        offset += (max(n, 0) * 8 + 63) // 64 * 64
+        shape = [min(max(d, -2**63), 2**63 - 1) for d in shape]
+        descs += DESC.pack(off % 2**64, nbytes % 2**64, dtype % 256, len(shape), *(shape + [0] * (6 - len(shape))))
+    op = {3: 0b111 if shapes and shapes[0][-1:] == (64,) else 0b1000000, 4: 1 if shapes and shapes[-1][-1:] == (16,)
+          and shapes[0][-1:] == (16,) else 0}.get(method, 0)
+    head = HEADER.pack(b"SHMD", 1, method, pick("flags", st.just(0), st.integers(0, 255)), 1,
+                       pick("token", st.just(TOKEN), st.binary(min_size=16, max_size=16)),
+                       pick("layer", st.integers(0, 1), st.integers(-2**31, 2**31 - 1)),
+                       pick("op", st.just(op), st.integers(0, 2**32 - 1)),
+                       pick("pos", st.just(0), st.integers(-2**63, 2**63 - 1)),
+                       pick("ring_end", st.just(min(offset, CAP)), u64), 0, len(shapes), 0)
+    return head + descs
+
+
+@pytest.fixture(scope="module")
+def attached_session():
+    w = load_weights("tiny")
+    handler = ModelHandler(LinearCompute(w, "cpu", torch.float32), "tiny", log=lambda m: None)
+    with Ring.create(CAP, "req") as req, Ring.create(CAP, "rsp") as rsp:
+        session = ShmServerSession(TOKEN, reply_timeout=0.0)
+        session.req, session.rsp = Ring.attach(req.name, CAP), Ring.attach(rsp.name, CAP)
+        yield handler, session, rsp
+        session.close()
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@given(raw=doorbells(), fill=st.integers(0, 255))
+def test_fuzzed_doorbells_through_the_daemons_request_path_raise_only_shmrt_errors(attached_session, raw, fill):
+    handler, session, rsp = attached_session
+    session.expect_seq = 1
+    session.req.consumer = Consumer(session.req)  # each case starts from empty rings
+    session.rsp.producer.head = session.rsp.producer.known_tail = 0
+    rsp.native.store(OFF_TAIL, 0)
+    state = {"kv": KVStore(2, 2048)}
+    try:
+        session.req.data[: min(CAP, 4096)] = bytes([fill]) * min(CAP, 4096)
+        request = session.decode(raw)
+        for t in request.tensors:  # every view lies inside the request ring
+            if t.numel():
+                base = session.req.native.address
+                assert base <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= base + session.req.native.nbytes
+        if request.method != "Close":
+            handler.handle(request, session.reply_builder(), state, session)
+    except ShmrtError:
+        pass
+
+
+def _scribble(names, capacity, seed, ready):
+    rng = random.Random(seed)
+    rings = [Ring.attach(n, capacity) for n in names]
+    ready.set()
+    while True:  # until terminated
+        ring = rng.choice(rings)
+        if rng.random() < 0.2:  # header words: head, tail, and the fixed fields read at attach
+            ring.native.store(rng.choice([8, 16, 64, 128]), rng.getrandbits(64))
+        else:
+            off = rng.randrange(capacity)
+            n = min(rng.randrange(1, 4096), capacity - off)
+            ring.data[off:off + n] = rng.randbytes(n)
+        time.sleep(rng.random() * 1e-3)
+
+
+@pytest.mark.slow
+def test_scribbler_on_the_rings_while_a_client_runs_never_crashes_or_hangs(model_daemon):
+    from shmrt.client import EnclaveClient
+    from shmrt.generate import Sampler, generate
+    seed = random.randrange(2**32)
+    print(f"seed={seed}")
+    d = model_daemon("tiny")
+    outcomes = {"ok": 0, "shmrt_error": 0}
+    deadline = time.monotonic() + 8
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        try:
+            with EnclaveClient(endpoint=d.endpoint, transport="shm", timeout=5, prompt_tokens=16,
+                               total_tokens=24) as c:
+                ready = SPAWN.Event()
+                scribbler = SPAWN.Process(target=_scribble, args=([c.transport.req.name, c.transport.rsp.name],
+                                                                  c.transport.req.capacity, seed + i, ready))
+                scribbler.start()
+                try:
+                    assert ready.wait(30), "scribbler did not start"
+                    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(seed + i))
+                    until = time.monotonic() + 1.5
+                    while time.monotonic() < until:
+                        t0 = time.monotonic()
+                        generate(c.model, ids, 8, Sampler())
+                        assert time.monotonic() - t0 < 10, "a generation hung"
+                        outcomes["ok"] += 1
+                finally:
+                    scribbler.terminate()
+                    scribbler.join(5)
+        except ShmrtError:
+            outcomes["shmrt_error"] += 1
+    print(outcomes)
+    assert outcomes["shmrt_error"] > 0, f"seed={seed}: scribbling never caused a detected error"
+    assert d.proc.poll() is None, "the daemon died"
+    with EnclaveClient(endpoint=d.endpoint, transport="shm", timeout=5, prompt_tokens=8, total_tokens=8) as c:
+        assert c.model.forward(torch.arange(8).view(1, 8), 0).shape == (1, 512)
+
+
+def _stress(endpoint, seed, count, q):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    with make_client_transport("shm", endpoint, timeout=30) as t:
+        t.hello(client_info())
+        t.open_session(32 * 1024)  # small rings: wraparound every few calls
+        t.call("Init").release()
+        bad = 0
+        for i in range(count):
+            x = torch.randn(rng.randrange(0, 3000), generator=gen).to(rng.choice([torch.float32, torch.bfloat16]))
+            with t.call("Embedding", [x]) as r:
+                bad += not torch.equal(r.tensors[0].view(torch.uint8) if x.numel() else r.tensors[0],
+                                       x.view(torch.uint8) if x.numel() else x)
+        q.put((seed, bad, t.req.producer.head // t.req.capacity))
+
+
+@pytest.mark.slow
+def test_stress_10000_random_messages_4_processes_small_rings_bit_exact(echo_daemon):
+    seed = random.randrange(2**32)
+    print(f"seed={seed}")
+    q = SPAWN.Queue()
+    procs = [SPAWN.Process(target=_stress, args=(echo_daemon.endpoint, seed + k, 2500, q)) for k in range(4)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert all(bad == 0 for _, bad, _ in results), results
+    assert all(laps > 50 for _, _, laps in results), results  # each ring wrapped many times
+    assert all(p.exitcode == 0 for p in procs)
+
+
+def test_hostile_peer_over_a_real_socket_gets_errors_and_the_daemon_keeps_serving(model_daemon):
+    import zmq
+    d = model_daemon("tiny")
+    rng = random.Random(7)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(d.endpoint)
+    answered = 0
+    for i in range(300):
+        token = rng.randbytes(16)
+        hello = protocol.encode(protocol.Doorbell(protocol.Method.Hello, 1, token, text="{}"))
+        junk = rng.choice([rng.randbytes(rng.randrange(0, 300)), b"SHMD" + rng.randbytes(rng.randrange(0, 300)),
+                           hello[:30], b"\x85" + rng.randbytes(40)])
+        for payload in ([hello, junk] if i % 2 else [junk]):
+            sock.send(payload)
+            assert sock.poll(5000), "the daemon stopped answering"
+            sock.recv()
+            answered += 1
+    assert answered >= 300 and d.proc.poll() is None
+    with make_client_transport("shm", d.endpoint, timeout=5) as t:
+        assert t.hello(client_info())["model"] == "tiny"
+    os.kill(d.proc.pid, signal.SIGTERM)

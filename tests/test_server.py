@@ -1,0 +1,171 @@
+"""The daemon's sessions under faults: concurrent clients, kill -9 on either side, silent clients,
+wrong tokens, access rules. Real processes, sockets and shared memory throughout."""
+import multiprocessing as mp
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import shm_segments
+from shmrt.cli import DaemonProcess
+from shmrt.errors import PeerError, SetupError
+from shmrt.server import client_info
+from shmrt.transport import check_endpoint, make_client_transport
+
+SPAWN = mp.get_context("spawn")
+
+
+def _client_run(endpoint, seed, transport, q):
+    from shmrt.client import EnclaveClient
+    from shmrt.generate import Sampler, generate
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(seed))
+    with EnclaveClient(endpoint=endpoint, transport=transport, timeout=60, prompt_tokens=24, total_tokens=30) as c:
+        g = generate(c.model, ids, 5, Sampler())
+    q.put((seed, g.prefill_logits.numpy(), g.tokens))  # numpy: no fd sharing with an exiting process
+
+
+@pytest.mark.slow
+def test_8_concurrent_clients_get_the_same_logits_as_each_alone(model_daemon):
+    d = model_daemon("tiny")
+    q = SPAWN.Queue()
+    procs = [SPAWN.Process(target=_client_run, args=(d.endpoint, seed, "shm" if seed % 2 else "msgpack", q))
+             for seed in range(8)]
+    for p in procs:
+        p.start()
+    together = {}
+    for _ in procs:
+        seed, logits, tokens = q.get(timeout=240)
+        together[seed] = (logits, tokens)
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    for seed in range(8):  # the same clients one at a time: identical results, no cross-talk
+        _client_run(d.endpoint, seed, "shm", q)
+        _, logits, tokens = q.get(timeout=60)
+        assert (logits == together[seed][0]).all() and tokens == together[seed][1], seed
+
+
+def _shmrt(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "shmrt", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def _wait_for_new_segments(before, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = shm_segments() - before
+        if len(new) == 2:
+            return new
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("client never created its rings")
+
+
+def test_kill_9_daemon_mid_run_client_fails_within_timeout_and_unlinks(tmp_path):
+    endpoint = f"ipc://{tmp_path}/d.sock"
+    daemon = DaemonProcess(["--model", "tiny"], endpoint, quiet=True)
+    before = shm_segments()
+    client = _shmrt("client", "--endpoint", endpoint, "--timeout", "2", "--prefill", "32",
+                    "--max-new-tokens", "1900", "--log", str(tmp_path / "c.log"), "--quiet")
+    try:
+        ours = _wait_for_new_segments(before, client)
+        time.sleep(0.5)                                   # mid-decode
+        os.kill(daemon.proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = client.communicate(timeout=30)
+        detect = time.monotonic() - t0
+    finally:
+        client.kill()
+        daemon.stop()
+    print(f"client noticed the dead daemon after {detect:.2f} s")
+    assert client.returncode == 2 and "did not answer within 2 s" in err and "Traceback" not in err
+    assert detect < 2 + 3
+    assert not (ours & shm_segments()), "the client left its rings behind"
+    with DaemonProcess(["--model", "tiny"], endpoint, quiet=True):  # a restarted daemon serves a new client
+        ok = _shmrt("client", "--endpoint", endpoint, "--prefill", "8", "--max-new-tokens", "2", "--log", "")
+        assert ok.wait(60) == 0, ok.communicate()
+
+
+def test_kill_9_client_daemon_frees_its_session_and_rings_and_keeps_serving(model_daemon, tmp_path):
+    d = model_daemon("tiny")
+    before = shm_segments()
+    client = _shmrt("client", "--endpoint", d.endpoint, "--prefill", "32", "--max-new-tokens", "1900",
+                    "--log", "", "--quiet")
+    ours = _wait_for_new_segments(before, client)
+    time.sleep(0.5)
+    os.kill(client.pid, signal.SIGKILL)
+    client.wait()
+    t0 = time.monotonic()
+    while ours & shm_segments() and time.monotonic() - t0 < 10:
+        time.sleep(0.02)
+    freed = time.monotonic() - t0
+    print(f"daemon freed the dead client's session and rings after {freed:.2f} s")
+    assert not (ours & shm_segments()) and freed < 2.5  # reaper runs every second
+    with make_client_transport("shm", d.endpoint, timeout=5) as t:
+        assert t.hello(client_info())["model"] == "tiny"
+
+
+def test_silent_client_without_visible_pid_is_dropped_after_session_timeout(model_daemon):
+    # An enclave client's pid means nothing to the host: only the idle timeout applies.
+    d = model_daemon("tiny", "--session-timeout", "1")
+    with make_client_transport("shm", d.endpoint, timeout=5) as t:
+        t.hello({"wire_dtype": "float32"})
+        t.open_session(1 << 20)
+        t.call("Init").release()
+        time.sleep(2.6)
+        with pytest.raises(PeerError, match="no open session"):
+            t.call("LMHead", [torch.zeros(1, 64)])
+
+
+def test_wrong_session_token_is_refused(model_daemon):
+    d = model_daemon("tiny")
+    with make_client_transport("shm", d.endpoint, timeout=5) as t:
+        t.hello(client_info())
+        t.open_session(1 << 20)
+        t.call("Init").release()
+        t.token = b"\x00" * 16
+        with pytest.raises(PeerError, match="token does not match"):
+            t.call("LMHead", [torch.zeros(1, 64)])
+
+
+def test_ipc_socket_private_and_tcp_loopback_only(model_daemon, tmp_path):
+    d = model_daemon("tiny")
+    assert stat.S_IMODE(os.stat(d.endpoint[len("ipc://"):]).st_mode) == 0o600
+    from shmrt import settings
+    assert stat.S_IMODE(settings.runtime_dir().stat().st_mode) == 0o700
+    with pytest.raises(SetupError, match="loopback only"):
+        check_endpoint("tcp://0.0.0.0:5555", bind=True)
+    assert check_endpoint("tcp://0.0.0.0:5555", bind=True, allow_remote=True)
+    r = subprocess.run([sys.executable, "-m", "shmrt", "daemon", "--endpoint", "tcp://0.0.0.0:5599"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--allow-remote" in r.stderr
+
+
+def _create_and_die(q):
+    from shmrt.ring import Ring
+    ring = Ring.create(1 << 16, "req")
+    q.put(ring.name)
+    q.close()
+    q.join_thread()  # flush before dying: os._exit skips the queue's feeder thread
+    os._exit(0)  # no cleanup: the segment outlives its owner
+
+
+def test_cleanup_removes_only_segments_of_dead_owners(tmp_path):
+    from shmrt.ring import Ring
+    q = SPAWN.Queue()
+    p = SPAWN.Process(target=_create_and_die, args=(q,))
+    p.start()
+    dead = q.get(timeout=30)
+    p.join(10)
+    with Ring.create(1 << 16, "rsp") as live:
+        dry = subprocess.run([sys.executable, "-m", "shmrt", "cleanup", "--dry-run"], capture_output=True, text=True)
+        assert f"would remove {dead}" in dry.stdout and live.name not in dry.stdout
+        assert os.path.exists(f"/dev/shm{dead}")
+        real = subprocess.run([sys.executable, "-m", "shmrt", "cleanup"], capture_output=True, text=True)
+        assert f"removed {dead}" in real.stdout
+        assert not os.path.exists(f"/dev/shm{dead}") and os.path.exists(f"/dev/shm{live.name}")
