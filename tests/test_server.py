@@ -169,3 +169,16 @@ def test_cleanup_removes_only_segments_of_dead_owners(tmp_path):
         real = subprocess.run([sys.executable, "-m", "shmrt", "cleanup"], capture_output=True, text=True)
         assert f"removed {dead}" in real.stdout
         assert not os.path.exists(f"/dev/shm{dead}") and os.path.exists(f"/dev/shm{live.name}")
+
+
+def test_ctrl_c_on_run_stops_both_processes_and_leaves_no_segment(tmp_path):
+    before = shm_segments()
+    run = _shmrt("run", "--prefill", "32", "--max-new-tokens", "1900", "--log", "", start_new_session=True)
+    ours = _wait_for_new_segments(before, run)
+    time.sleep(0.5)
+    os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    _, err = run.communicate(timeout=30)
+    assert run.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not (ours & shm_segments())
+    with pytest.raises(ProcessLookupError):  # nothing of the group is left running
+        os.killpg(run.pid, 0)
