@@ -54,12 +54,10 @@ class ModelHandler(Handler):
         return {"config": self.c.cfg.to_dict(), "model": self.model_name, "device": str(self.c.device),
                 "dtype": str(self.c.dtype).replace("torch.", "")}
 
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.c.device)
-
     @staticmethod
     def _put(builder: ReplyBuilder, result: torch.Tensor, dtype: torch.dtype) -> None:
+        """Write a result into the reply. The copy is blocking: once every result is in, the device work
+        (and the DMA from the request ring that fed it) is done, so the request can be released."""
         result = result.to(dtype)  # on the device, so the copy below is a plain DMA
         builder.alloc(result.shape, dtype).copy_(result)
 
@@ -92,7 +90,6 @@ class ModelHandler(Handler):
             self._put(builder, self.c.matmul(ts[0], ts[1], request.op, request.layer, request.pos, state["kv"]), wire)
         else:
             self._put(builder, self.c.lm_head(ts[0]), torch.float32)
-        self._sync()
         return ""
 
     def session_closed(self, state: dict) -> None:

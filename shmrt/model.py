@@ -5,7 +5,10 @@ Everything with a weight matrix (embedding, projections, Q*K^T, P*V, LM head) go
 in-process (the reference and the compute floor). The math lives here once.
 
 Each ops call returns a `Reply` whose tensors may be views into the transport's memory: they
-are used inside a `with` block and released before the next call needs the space.
+are used inside a `with` block and released before the next call needs the space. The other way,
+every large input of the next call is written by its op straight into `ops.staging(...)` (for shm a
+view on the request ring): the enclave writes each byte it sends once, and never copies it again. A
+staged buffer feeds only the very next call (the ring reuses the space once the daemon releases it).
 GQA needs no repeat: query heads of one KV group are stacked along rows, so Q*K^T and P*V are
 plain batched matmuls over [B, Hkv, g*S, ...] (contiguous views, no copies).
 """
@@ -32,9 +35,9 @@ def owned(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
+    return torch.mul(weight, x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps), out=out)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, scaling: float):
@@ -44,10 +47,10 @@ def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, scaling: float
     return emb.cos() * scaling, emb.sin() * scaling
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return torch.add(x * cos, rotated * sin, out=out)
 
 
 def causal_mask(start: int, S: int) -> torch.Tensor | None:
@@ -111,19 +114,22 @@ class EnclaveModel:
         cfg = self.cfg
         B, S, _ = h.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        x = rms_norm(h, self.norms[2 * layer], cfg.rms_norm_eps)
+        staging = self.ops.staging
+        x = rms_norm(h, self.norms[2 * layer], cfg.rms_norm_eps, out=staging((B, S, cfg.hidden_size)))
         with self.ops.linear(layer, QKV, x) as r:
             q, k, v = (t.float() for t in r.tensors)
-            q = apply_rope(q.view(B, S, H, hd).transpose(1, 2), cos, sin)      # [B, H, S, hd]
-            k = apply_rope(k.view(B, S, Hkv, hd).transpose(1, 2), cos, sin)    # [B, Hkv, S, hd]
+            # q (and k, when only new rows travel) feed the next call: rotate them straight into the ring
+            q = apply_rope(q.view(B, S, H, hd).transpose(1, 2), cos, sin, out=staging((B, H, S, hd)))
+            k_out = staging((B, Hkv, S, hd)) if self.kv_cache == "daemon" else None
+            k = apply_rope(k.view(B, S, Hkv, hd).transpose(1, 2), cos, sin, out=k_out)  # [B, Hkv, S, hd]
             v = owned(v.view(B, S, Hkv, hd).transpose(1, 2).contiguous(), r.tensors[2])  # [B, Hkv, S, hd]
         attn = self._attention(layer, q, k, v, start, mask)                          # [B, S, H*hd]
         with self.ops.linear(layer, O, attn) as r:
             h = h + r.tensors[0].float()
-        x = rms_norm(h, self.norms[2 * layer + 1], cfg.rms_norm_eps)
+        x = rms_norm(h, self.norms[2 * layer + 1], cfg.rms_norm_eps, out=staging((B, S, cfg.hidden_size)))
         with self.ops.linear(layer, GATE_UP, x) as r:
             gate, up = (t.float() for t in r.tensors)
-            act = F.silu(gate) * up                                            # [B, S, I]
+            act = torch.mul(F.silu(gate), up, out=staging((B, S, cfg.intermediate_size)))  # [B, S, I]
         with self.ops.linear(layer, DOWN, act) as r:
             return h + r.tensors[0].float()
 
@@ -131,7 +137,7 @@ class EnclaveModel:
         B, H, S, hd = q.shape
         Hkv = k.shape[1]
         T = start + S
-        qg = q.contiguous().view(B, Hkv, (H // Hkv) * S, hd)   # heads of a KV group stacked along rows
+        qg = q.view(B, Hkv, (H // Hkv) * S, hd)                # heads of a KV group stacked along rows
         if self.kv_cache == "client":
             keys = k if self.k_cache[layer] is None else torch.cat([self.k_cache[layer], k], dim=2)
             values = v if self.v_cache[layer] is None else torch.cat([self.v_cache[layer], v], dim=2)
@@ -148,5 +154,6 @@ class EnclaveModel:
             probs = self.ops.staging(scores.shape)              # written in place: no extra copy
             causal_softmax(scores.view(B, H, S, T), mask, self.scale, probs.view(B, H, S, T))
         with self.ops.matmul(probs, values, expect_cols=hd, **ctx_call) as r:
-            ctx = r.tensors[0]
-            return owned(ctx.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd), ctx)
+            attn = self.ops.staging((B, S, H * hd))             # o_proj's input, written once
+            attn.view(B, S, H, hd).copy_(r.tensors[0].view(B, H, S, hd).transpose(1, 2))
+            return attn

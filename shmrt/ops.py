@@ -65,15 +65,23 @@ class LocalOps:
         self.c = compute
         self.wire_dtype = wire_dtype
         self.kv = KVStore(compute.cfg.num_hidden_layers, compute.cfg.max_position_embeddings)
+        self.pinned = compute.device.type == "cuda"
 
     def _out(self, tensors, dtype=None) -> Reply:
-        return Reply([t.to(device="cpu", dtype=dtype or self.wire_dtype) for t in tensors], stats=None)
+        out = []
+        for t in tensors:
+            t = t.to(dtype or self.wire_dtype)
+            out.append(t if t.device.type == "cpu" else
+                       torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t))
+        return Reply(out, stats=None)
 
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.wire_dtype) if t.is_floating_point() else t
 
     def staging(self, shape) -> torch.Tensor:
-        return torch.empty(tuple(shape), dtype=self.wire_dtype)
+        # Pinned (and reused by torch's caching host allocator) on CUDA: the floor moves bytes to and
+        # from the GPU by DMA, as the daemon does from its registered ring.
+        return torch.empty(tuple(shape), dtype=self.wire_dtype, pin_memory=self.pinned)
 
     def embedding(self, ids) -> Reply:
         return self._out([self.c.embedding(ids)])

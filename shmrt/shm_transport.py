@@ -114,8 +114,9 @@ class ShmClient(ClientTransport):
         """Descriptor for `t` in the request ring: no copy if it was staged there; else one copy in
         (the C helper's memcpy, timed) or one converting copy (torch, when the wire dtype differs)."""
         desc = self._staged.pop(t.data_ptr(), None) if t.numel() else None
-        if desc is not None and desc.shape == tuple(t.shape) and desc.dtype == t.dtype and t.is_contiguous():
-            return desc, 0
+        if desc is not None and desc.nbytes == t.numel() * t.element_size() and desc.dtype == t.dtype \
+                and t.is_contiguous():
+            return TensorDesc(desc.offset, desc.nbytes, t.dtype, tuple(t.shape)), 0  # a view of it, any shape
         dtype = wire_dtype if wire_dtype is not None and t.is_floating_point() else t.dtype
         t = t.detach().cpu()
         nbytes = t.numel() * dtype.itemsize

@@ -103,3 +103,18 @@ def test_client_without_daemon_fails_within_timeout_naming_endpoint(tmp_path):
     ep = f"ipc://{tmp_path}/nobody.sock"
     r = shmrt("client", "--endpoint", ep, "--timeout", "1", "--log", "")
     assert r.returncode == 2 and ep in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shm_activations_are_written_into_the_ring_once(model_daemon):
+    """Every BatchLinear input and the QK^T operands are produced in place in the request ring: no copy in."""
+    d = model_daemon("tiny")
+    calls = []
+    ids = random_ids(32, 512, seed=15)
+    with EnclaveClient(endpoint=d.endpoint, transport="shm", timeout=30, prompt_tokens=32, total_tokens=32) as c:
+        c.transport.observers.append(calls.append)
+        with torch.inference_mode():
+            generate(c.model, ids, 0, Sampler())
+    linear = [s for s in calls if s.method == "BatchLinear"]
+    matmul = [s for s in calls if s.method == "Matmul"]
+    assert len(linear) == 2 * 4 and all(s.copy_in_ns == 0 and s.payload_sent > 0 for s in linear)
+    assert all(s.copy_in_ns == 0 for s in matmul[0::2])      # Q and new K rows; P*V copies only V's rows
