@@ -2,23 +2,42 @@
 cache per session), LM head. Inputs are CPU tensors (possibly views on a ring); outputs are
 tensors on the compute device. Argument checks raise ModelError/ProtocolError, never a
 device-side assert: ids are copied out of shared memory first, then range-checked.
+
+Every op checks the size of its result *before* computing it (`max_elements`: what the reply can
+carry). A request is bounded by the request ring, but a result need not be: an inner dimension of 0
+makes two empty inputs whose product is [M, N] zeros, and an embedding turns 8 bytes per id into a
+row of `hidden` floats. Without the check, a request of a few bytes could make the daemon allocate
+gigabytes (found by the fuzz test: 24 GiB, then the OOM killer).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .errors import ModelError, ProtocolError
+from .config import LlamaConfig
+from .errors import ModelError, ProtocolError, TensorTooLarge
 from .protocol import KNOWN_MATMUL_BITS, MATMUL_CACHE_K, MATMUL_CACHE_V, MATMUL_TRANSPOSE_B
 from .weights import LlamaWeights, projection_cols, projection_rows
+
+
+def check_result_fits(shape, max_elements: int | None, what: str) -> None:
+    """Refuse a result larger than the reply can carry, before anything is allocated for it."""
+    elements = math.prod(shape)
+    if max_elements is not None and elements > max_elements:
+        raise TensorTooLarge(f"{what} result {tuple(shape)} has {elements} elements, more than the reply can "
+                             f"carry ({max_elements}): the client should pass a larger --ring-mib")
 
 
 class KVStore:
     """K and V rows per layer for one session, on the compute device: [B, Hkv, T, hd]."""
 
-    def __init__(self, layers: int, max_positions: int):
+    def __init__(self, cfg: LlamaConfig):
+        layers = cfg.num_hidden_layers
         self.k: list[torch.Tensor | None] = [None] * layers
         self.v: list[torch.Tensor | None] = [None] * layers
-        self.max_positions = max_positions
+        self.max_positions = cfg.max_position_embeddings
+        self.heads_and_dim = (cfg.num_key_value_heads, cfg.head_dim)
 
     def append(self, layer: int, which: str, rows: torch.Tensor, pos: int) -> torch.Tensor:
         store = self.k if which == "k" else self.v
@@ -27,6 +46,9 @@ class KVStore:
         have = 0 if store[layer] is None or pos == 0 else store[layer].shape[2]
         if pos != have:
             raise ProtocolError(f"{which.upper()} cache of layer {layer} holds {have} positions, request says pos {pos}")
+        if (rows.shape[1], rows.shape[3]) != self.heads_and_dim:
+            raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} are not [B, {self.heads_and_dim[0]}, S, "
+                                f"{self.heads_and_dim[1]}] (KV heads, head dim of this model)")
         if pos + rows.shape[2] > self.max_positions:
             raise ModelError(f"sequence would reach {pos + rows.shape[2]} positions, the model allows {self.max_positions}")
         if have and store[layer].shape[:2] + store[layer].shape[3:] != rows.shape[:2] + rows.shape[3:]:
@@ -47,20 +69,22 @@ class LinearCompute:
     def _in(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
-    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+    def embedding(self, ids: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
             raise ProtocolError(f"Embedding expects int64 ids [B, S], got {ids.dtype} {tuple(ids.shape)}")
+        check_result_fits((*ids.shape, self.cfg.hidden_size), max_elements, "Embedding")
         ids = ids.to(torch.int64, copy=True)  # private copy first, then validate (no double fetch)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
             raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): min {int(ids.min())}, max {int(ids.max())}")
         return torch.nn.functional.embedding(ids.to(self.device), self.w.embed)
 
-    def linear(self, layer: int, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+    def linear(self, layer: int, names: list[str], x: torch.Tensor, max_elements: int | None = None) -> list[torch.Tensor]:
         if not 0 <= layer < self.cfg.num_hidden_layers:
             raise ProtocolError(f"layer {layer} out of range [0, {self.cfg.num_hidden_layers})")
         cols = self.cols[names[0]]
         if any(self.cols[n] != cols for n in names) or x.dim() != 3 or x.shape[-1] != cols:
             raise ProtocolError(f"BatchLinear {names} expects input [B, S, {cols}], got {tuple(x.shape)}")
+        check_result_fits((*x.shape[:2], sum(self.rows[n] for n in names)), max_elements, "BatchLinear")
         xd = self._in(x)
         weight = self.w.projection(layer, names)
         if weight is not None:
@@ -69,14 +93,20 @@ class LinearCompute:
         return [xd @ self.w.projection(layer, [n]).t() for n in names]
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, op: int, layer: int, pos: int,
-               kv: KVStore | None) -> torch.Tensor:
+               kv: KVStore | None, max_elements: int | None = None) -> torch.Tensor:
         if op & ~KNOWN_MATMUL_BITS or (op & MATMUL_CACHE_K and op & MATMUL_CACHE_V):
             raise ProtocolError(f"Matmul op bits {op:#x} not understood")
         if a.dim() != 4 or b.dim() != 4 or a.shape[:2] != b.shape[:2] or a.dtype != b.dtype:
             raise ProtocolError(f"Matmul expects two [B, Hkv, rows, cols] tensors of one dtype, got "
                                 f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+        cached = bool(op & (MATMUL_CACHE_K | MATMUL_CACHE_V))
+        if op & MATMUL_TRANSPOSE_B:  # result columns: rows of b (all cached rows, with the cache)
+            cols = b.shape[2] + (max(pos, 0) if cached else 0)
+        else:
+            cols = b.shape[3]
+        check_result_fits((*a.shape[:-1], cols), max_elements, "Matmul")
         bd = self._in(b)
-        if op & (MATMUL_CACHE_K | MATMUL_CACHE_V):
+        if cached:
             if kv is None:
                 raise ProtocolError("Matmul asks for the daemon K/V cache, which this session has not got")
             bd = kv.append(layer, "k" if op & MATMUL_CACHE_K else "v", bd, pos)
@@ -90,10 +120,11 @@ class LinearCompute:
             ad, bd = ad.float(), bd.float()
         return torch.matmul(ad, bd.transpose(-1, -2) if op & MATMUL_TRANSPOSE_B else bd)
 
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+    def lm_head(self, x: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
         D = self.cfg.hidden_size
         if x.dim() not in (2, 3) or x.shape[-1] != D or (x.dim() == 3 and x.shape[1] != 1):
             raise ProtocolError(f"LMHead expects [B, 1, {D}] or [B, {D}], got {tuple(x.shape)}")
+        check_result_fits((x.shape[0], self.cfg.vocab_size), max_elements, "LMHead")
         return (self._in(x.reshape(x.shape[0], D)) @ self.w.lm_head.t()).float()
 
     def init_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float]:

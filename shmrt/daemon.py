@@ -72,7 +72,7 @@ class ModelHandler(Handler):
             norms, inv_freq, scaling = self.c.init_tensors()
             builder.alloc(norms.shape, torch.float32).copy_(norms)
             builder.alloc(inv_freq.shape, torch.float32).copy_(inv_freq)
-            state["kv"] = KVStore(self.c.cfg.num_hidden_layers, self.c.cfg.max_position_embeddings)
+            state["kv"] = KVStore(self.c.cfg)
             if self.cuda and hasattr(session, "host_buffers"):
                 state["registration"] = HostRegistration(session.host_buffers(), self.log)
             return json.dumps({"attention_scaling": scaling})
@@ -81,15 +81,17 @@ class ModelHandler(Handler):
         expected = {"Embedding": 1, "BatchLinear": 1, "Matmul": 2, "LMHead": 1}[method]
         if len(ts) != expected:
             raise ProtocolError(f"{method} takes {expected} tensor(s), got {len(ts)}")
+        room = builder.capacity // wire.itemsize  # elements a reply can carry; checked before computing
         if method == "Embedding":
-            self._put(builder, self.c.embedding(ts[0]), wire)
+            self._put(builder, self.c.embedding(ts[0], room), wire)
         elif method == "BatchLinear":
-            for y in self.c.linear(request.layer, projection_names(request.op), ts[0]):
+            for y in self.c.linear(request.layer, projection_names(request.op), ts[0], room):
                 self._put(builder, y, wire)
         elif method == "Matmul":
-            self._put(builder, self.c.matmul(ts[0], ts[1], request.op, request.layer, request.pos, state["kv"]), wire)
+            self._put(builder, self.c.matmul(ts[0], ts[1], request.op, request.layer, request.pos, state["kv"], room),
+                      wire)
         else:
-            self._put(builder, self.c.lm_head(ts[0]), torch.float32)
+            self._put(builder, self.c.lm_head(ts[0], builder.capacity // 4), torch.float32)
         return ""
 
     def session_closed(self, state: dict) -> None:

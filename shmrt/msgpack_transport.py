@@ -15,6 +15,7 @@ import json
 import msgpack
 import torch
 
+from . import settings
 from .errors import PeerError, ProtocolError
 from .native import now_ns
 from .protocol import MAX_TENSORS, NAME_BY_DTYPE, TOKEN_BYTES, check_shape, dtype_from_name
@@ -128,6 +129,7 @@ class MsgpackClient(ClientTransport):
 class MsgpackReplyBuilder(ReplyBuilder):
     def __init__(self):
         self.tensors: list[torch.Tensor] = []
+        self.capacity = settings.max_reply_bytes()
 
     def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
         t = torch.empty(tuple(shape), dtype=dtype)

@@ -64,7 +64,7 @@ class LocalOps:
     def __init__(self, compute: LinearCompute, wire_dtype: torch.dtype = torch.float32):
         self.c = compute
         self.wire_dtype = wire_dtype
-        self.kv = KVStore(compute.cfg.num_hidden_layers, compute.cfg.max_position_embeddings)
+        self.kv = KVStore(compute.cfg)
         self.pinned = compute.device.type == "cuda"
 
     def _out(self, tensors, dtype=None) -> Reply:

@@ -27,6 +27,12 @@ def default_endpoint() -> str:
     return os.environ.get("SHMRT_ENDPOINT") or f"ipc://{runtime_dir() / 'daemon.sock'}"
 
 
+def max_reply_bytes() -> int:
+    """The largest reply a msgpack session may ask the daemon for (SHMRT_MAX_REPLY_MIB, default 2048).
+    An shm reply is bounded by the client's response ring instead."""
+    return int(float(os.environ.get("SHMRT_MAX_REPLY_MIB", "2048")) * 2**20)
+
+
 def enclave_forced() -> bool:
     """SHMRT_ENCLAVE=1 forces in-enclave rules even outside SGX."""
     return os.environ.get("SHMRT_ENCLAVE", "") not in ("", "0")

@@ -178,6 +178,7 @@ class ShmClient(ClientTransport):
 class ShmReplyBuilder(ReplyBuilder):
     def __init__(self, ring: Ring, timeout: float):
         self.ring = ring
+        self.capacity = ring.capacity
         self.timeout = timeout
         self.descs: list[TensorDesc] = []
 

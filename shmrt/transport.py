@@ -237,7 +237,11 @@ class Request:
 
 
 class ReplyBuilder:
-    """Buffers for a reply's tensors; `alloc` returns a tensor the server writes the result into."""
+    """Buffers for a reply's tensors; `alloc` returns a tensor the server writes the result into.
+    `capacity` is the most bytes one reply may carry: the handler checks results against it before
+    computing them."""
+
+    capacity: int = 0
 
     def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError

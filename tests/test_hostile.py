@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from shmrt import protocol
 from shmrt.compute import KVStore, LinearCompute
 from shmrt.daemon import ModelHandler
-from shmrt.errors import ShmrtError
+from shmrt.errors import ProtocolError, ShmrtError
 from shmrt.ring import OFF_TAIL, Consumer, Ring
 from shmrt.server import client_info
 from shmrt.shm_transport import ShmServerSession
@@ -88,15 +88,19 @@ def attached_session():
         session.close()
 
 
+def _start_from_empty_rings(session, rsp) -> None:
+    session.expect_seq = 1
+    session.req.consumer = Consumer(session.req)
+    session.rsp.producer.head = session.rsp.producer.known_tail = 0
+    rsp.native.store(OFF_TAIL, 0)
+
+
 @settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 @given(raw=doorbells(), fill=st.integers(0, 255))
 def test_fuzzed_doorbells_through_the_daemons_request_path_raise_only_shmrt_errors(attached_session, raw, fill):
     handler, session, rsp = attached_session
-    session.expect_seq = 1
-    session.req.consumer = Consumer(session.req)  # each case starts from empty rings
-    session.rsp.producer.head = session.rsp.producer.known_tail = 0
-    rsp.native.store(OFF_TAIL, 0)
-    state = {"kv": KVStore(2, 2048)}
+    _start_from_empty_rings(session, rsp)
+    state = {"kv": KVStore(handler.c.cfg)}
     try:
         session.req.data[: min(CAP, 4096)] = bytes([fill]) * min(CAP, 4096)
         request = session.decode(raw)
@@ -108,6 +112,56 @@ def test_fuzzed_doorbells_through_the_daemons_request_path_raise_only_shmrt_erro
             handler.handle(request, session.reply_builder(), state, session)
     except ShmrtError:
         pass
+
+
+def _handle(handler, session, rsp, bell: protocol.Doorbell) -> None:
+    _start_from_empty_rings(session, rsp)
+    request = session.decode(protocol.encode(bell))
+    handler.handle(request, session.reply_builder(), {"kv": KVStore(handler.c.cfg)}, session)
+
+
+def _desc(offset, dtype, shape):
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return protocol.TensorDesc(offset, n, dtype, tuple(shape))
+
+
+# Requests of at most a few KiB whose results would be huge: each must be refused before the daemon
+# allocates anything. The first is the case the fuzz test found in CI (Q*K^T with an inner dim of 0:
+# two empty tensors, a [M, N] result; 24 GiB there, then the OOM killer).
+AMPLIFIERS = {
+    "matmul-empty-inner": (protocol.Method.Matmul, 1, [_desc(0, torch.float32, (1, 2, 100_000, 0)),
+                                                       _desc(0, torch.float32, (1, 2, 100_000, 0))]),
+    "embedding-rows": (protocol.Method.Embedding, 0, [_desc(0, torch.int64, (1, 8000))]),
+    "gate-up-rows": (protocol.Method.BatchLinear, 0b11000, [_desc(0, torch.float32, (1, 200, 64))]),
+    "lm-head-batch": (protocol.Method.LMHead, 0, [_desc(0, torch.float32, (200, 1, 64))]),
+}
+
+
+@pytest.mark.parametrize("case", list(AMPLIFIERS))
+def test_a_small_request_with_a_huge_result_is_refused_before_computing(attached_session, case):
+    import resource
+    from shmrt.errors import TensorTooLarge
+    handler, session, rsp = attached_session
+    method, op, descs = AMPLIFIERS[case]
+    end = max(d.offset + d.nbytes for d in descs)
+    assert end <= CAP
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(TensorTooLarge, match="more than the reply can carry"):
+        _handle(handler, session, rsp, protocol.Doorbell(method, 1, TOKEN, layer=0, op=op, ring_end=end,
+                                                         tensors=tuple(descs)))
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 64, f"{case}: peak RSS grew by {grown_mib:.0f} MiB"
+
+
+def test_cached_rows_must_have_the_models_kv_heads_and_head_dim(attached_session):
+    handler, session, rsp = attached_session
+    q, k = _desc(0, torch.float32, (1, 2, 2, 8)), _desc(128, torch.float32, (1, 2, 1, 8))  # head dim 8, not 16
+    with pytest.raises(ProtocolError, match="KV heads, head dim"):
+        _handle(handler, session, rsp, protocol.Doorbell(protocol.Method.Matmul, 1, TOKEN, layer=0,
+                                                         op=protocol.MATMUL_TRANSPOSE_B | protocol.MATMUL_CACHE_K,
+                                                         ring_end=256, tensors=(q, k)))
 
 
 def _scribble(names, capacity, seed, ready):
