@@ -14,7 +14,7 @@ import statistics
 import torch
 
 from ..client import EnclaveClient
-from ..compute import LinearCompute
+from ..compute import KVStore, LinearCompute
 from ..daemon import COMPUTE_DTYPES
 from ..generate import Sampler, decode_n, prefill
 from ..model import EnclaveModel
@@ -83,7 +83,7 @@ def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: st
     pre, dec = [], []
     with torch.inference_mode():
         for i in range(repeats + 1):
-            m.ops.kv = type(m.ops.kv)(w.cfg.num_hidden_layers, w.cfg.max_position_embeddings)
+            m.ops.kv = KVStore(w.cfg)
             t0 = now_ns()
             logits = prefill(m, ids)
             t1 = now_ns()

@@ -1,0 +1,65 @@
+"""`shmrt bench` as a user runs it (a real daemon process per transport), shrunk to seconds: the
+records follow the schema of the bench issue, the numbers add up, and every log it leaves is one the
+analyzer reads back with the same call count. No timing is asserted here: benchmarks measure, tests
+only check that what they write is complete and consistent."""
+import itertools
+import json
+import subprocess
+import sys
+
+from shmrt.config import LlamaConfig
+
+E2E_KEYS = {"suite", "transport", "wire_dtype", "kv_cache", "phase", "tokens", "median_s", "transport_s",
+            "floor_s", "calls", "sent_bytes", "recv_bytes", "machine"}
+MICRO_KEYS = {"suite", "transport", "nbytes", "median_s", "p10_s", "p90_s", "repeats"}
+
+
+def test_bench_all_writes_complete_consistent_records_tables_plots_and_readable_logs(tmp_path):
+    out = tmp_path / "res"
+    run = subprocess.run([sys.executable, "-m", "shmrt", "bench", "--suite", "all", "--model", "tiny",
+                          "--prompts", "8", "--new-tokens", "2", "--repeats", "3", "--sizes", "4KiB,64KiB",
+                          "--out", str(out)], capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "msgpack/shm" in run.stdout and "shm/floor" in run.stdout  # the micro table with its ratios
+    records = json.loads((out / "results.json").read_text())
+
+    micro = [r for r in records if r["suite"] == "micro"]
+    assert {(r["transport"], r["nbytes"]) for r in micro} == set(itertools.product(("floor", "shm", "msgpack"),
+                                                                                    (4096, 65536)))
+    for r in micro:
+        assert MICRO_KEYS <= r.keys() and r["repeats"] >= 20 and 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"]
+
+    e2e = [r for r in records if r["suite"] == "e2e" and r["transport"] != "floor"]
+    configs = set(itertools.product(("msgpack", "shm"), ("float32", "bfloat16"), ("daemon", "client"),
+                                    ("prefill", "decode")))
+    assert {(r["transport"], r["wire_dtype"], r["kv_cache"], r["phase"]) for r in e2e} == configs
+    floors = {(r["wire_dtype"], r["kv_cache"], r["phase"]): r for r in records
+              if r["suite"] == "e2e" and r["transport"] == "floor"}
+    assert floors.keys() == {c[1:] for c in configs}
+    assert all(r["calls"] == 0 and r["transport_s"] == 0 and r["median_s"] == r["floor_s"] for r in floors.values())
+    per_forward = 6 * LlamaConfig.from_name("tiny").num_hidden_layers + 2
+    for r in e2e:
+        assert E2E_KEYS <= r.keys(), r
+        assert r["machine"] and r["median_s"] > 0
+        assert r["floor_s"] == floors[r["wire_dtype"], r["kv_cache"], r["phase"]]["median_s"] > 0
+        assert 0 < r["transport_s"] < r["median_s"]
+        assert r["tokens"] == (8 if r["phase"] == "prefill" else 2)
+        assert r["calls"] == per_forward * (1 if r["phase"] == "prefill" else 2)
+        assert r["sent_bytes"] > 0 and r["recv_bytes"] > 0
+    # bfloat16 halves the float payload on the wire; client-side K/V sends more while decoding
+    by = {(r["transport"], r["wire_dtype"], r["kv_cache"], r["phase"]): r for r in e2e}
+    for t, kv in itertools.product(("msgpack", "shm"), ("daemon", "client")):
+        assert by[t, "bfloat16", kv, "prefill"]["recv_bytes"] < by[t, "float32", kv, "prefill"]["recv_bytes"]
+    for t in ("msgpack", "shm"):
+        assert by[t, "float32", "client", "decode"]["sent_bytes"] > by[t, "float32", "daemon", "decode"]["sent_bytes"]
+
+    table = (out / "results.md").read_text()
+    assert "shm vs msgpack" in table and table.count("\n| 8 |") >= len(configs)
+    assert (out / "e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for log in sorted(out.glob("*.log")):  # each run's log reads back with every call it made
+        report = subprocess.run([sys.executable, "-m", "shmrt", "analyze", str(log), "--json"],
+                                capture_output=True, text=True, timeout=60)
+        assert report.returncode == 0, report.stderr
+        calls = sum(run["calls"] for run in json.loads(report.stdout)["runs"])
+        # Init, then a warm-up and 3 measured rounds, each a prefill and 2 decode steps
+        assert calls == 1 + 4 * 3 * per_forward, (log.name, calls)
