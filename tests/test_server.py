@@ -2,6 +2,7 @@
 wrong tokens, access rules. Real processes, sockets and shared memory throughout."""
 import multiprocessing as mp
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -182,3 +183,34 @@ def test_ctrl_c_on_run_stops_both_processes_and_leaves_no_segment(tmp_path):
     assert not (ours & shm_segments())
     with pytest.raises(ProcessLookupError):  # nothing of the group is left running
         os.killpg(run.pid, 0)
+
+
+def _in_small_dev_shm(script: str, mib: int = 1) -> subprocess.CompletedProcess:
+    """Run `script` (sh) in a private mount namespace whose /dev/shm is a fresh `mib`-MiB tmpfs."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root or CAP_SYS_ADMIN) to mount a small /dev/shm")
+    return subprocess.run(["unshare", "-m", "sh", "-c",
+                           f"mount -t tmpfs -o size={mib}m,mode=1777 tmpfs /dev/shm && {script}"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_run_with_a_dev_shm_too_small_for_its_rings_fails_at_startup_naming_both_sizes(tmp_path):
+    """A real 1 MiB /dev/shm, the whole `shmrt run`: one clear line, exit 2, the daemon stopped, nothing left."""
+    r = _in_small_dev_shm(f"{sys.executable} -m shmrt run --endpoint ipc://{tmp_path}/d.sock --quiet; "
+                          "echo rc=$?; ls /dev/shm | wc -l")
+    rc_line, leftovers = r.stdout.strip().splitlines()[-2:]
+    assert rc_line == "rc=2" and leftovers == "0", r.stdout + r.stderr  # 2: the CLI's "error" exit code
+    assert "Traceback" not in r.stderr
+    assert re.search(r"^shmrt run: error: /dev/shm has 10\d\d KiB free but the ring needs 10\d\d KiB: .*--ring-mib$",
+                     r.stderr, re.M), r.stderr
+
+
+def test_reservation_catches_enospc_even_when_free_space_looked_sufficient():
+    """The second line of defence: statvfs can race with other users of /dev/shm. Skip the statvfs check,
+    and posix_fallocate must still fail at creation with ENOSPC (never a SIGBUS on first touch later)."""
+    code = ("import shmrt.ring as r, os; r._shm_free_bytes = lambda: None\n"
+            "try:\n    r.Ring.create(4 << 20, 'req')\nexcept r.SetupError as e:\n    print('SetupError:', e)\n"
+            "print('left', len(os.listdir('/dev/shm')))")
+    r = _in_small_dev_shm(f"{sys.executable} -c \"{code}\"")
+    assert r.returncode == 0, r.stderr
+    assert "SetupError: could not reserve 4100 KiB in /dev/shm" in r.stdout and "left 0" in r.stdout, r.stdout
