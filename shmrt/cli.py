@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--endpoint", default=None, help="ipc://PATH or tcp://127.0.0.1:PORT")
     d.add_argument("--session-timeout", type=float, default=120.0, help="drop a silent client after this many s")
     d.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback tcp address")
+    d.add_argument("--max-kv-mib", type=float, default=None,
+                   help="K/V cache quota per session (default: a quarter of the device's memory)")
     d.add_argument("--ready-file", help="create this file once listening")
     d.add_argument("--quiet", action="store_true")
 
@@ -199,7 +201,7 @@ def cmd_daemon(args) -> int:
             pathlib.Path(args.ready_file).write_text(str(os.getpid()))
     return run_daemon(model=args.model, device=args.device, dtype=args.dtype, endpoint=endpoint,
                       layers=args.layers, seed=args.seed, session_timeout=args.session_timeout,
-                      allow_remote=args.allow_remote, ready=ready, quiet=args.quiet)
+                      allow_remote=args.allow_remote, max_kv_mib=args.max_kv_mib, ready=ready, quiet=args.quiet)
 
 
 class DaemonProcess:

@@ -32,12 +32,14 @@ def check_result_fits(shape, max_elements: int | None, what: str) -> None:
 class KVStore:
     """K and V rows per layer for one session, on the compute device: [B, Hkv, T, hd]."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, max_bytes: int | None = None):
         layers = cfg.num_hidden_layers
         self.k: list[torch.Tensor | None] = [None] * layers
         self.v: list[torch.Tensor | None] = [None] * layers
         self.max_positions = cfg.max_position_embeddings
         self.heads_and_dim = (cfg.num_key_value_heads, cfg.head_dim)
+        self.max_bytes = max_bytes  # the session's quota (a client chooses its batch and ring size)
+        self.bytes = 0
 
     def append(self, layer: int, which: str, rows: torch.Tensor, pos: int) -> torch.Tensor:
         store = self.k if which == "k" else self.v
@@ -53,7 +55,14 @@ class KVStore:
             raise ModelError(f"sequence would reach {pos + rows.shape[2]} positions, the model allows {self.max_positions}")
         if have and store[layer].shape[:2] + store[layer].shape[3:] != rows.shape[:2] + rows.shape[3:]:
             raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} do not match the cache {tuple(store[layer].shape)}")
+        old = 0 if store[layer] is None else store[layer].numel() * store[layer].element_size()
+        new = (have + rows.shape[2]) * (rows.numel() // max(rows.shape[2], 1)) * rows.element_size()
+        if self.max_bytes is not None and self.bytes - old + new > self.max_bytes:
+            raise ModelError(f"this session's K/V cache would reach {(self.bytes - old + new) / 2**20:.2f} MiB, more "
+                             f"than the daemon allows per session ({self.max_bytes / 2**20:.2f} MiB, --max-kv-mib): "
+                             "use a shorter sequence or batch, or raise --max-kv-mib on the daemon")
         store[layer] = rows if not have else torch.cat([store[layer], rows], dim=2)
+        self.bytes += new - old
         return store[layer]
 
 

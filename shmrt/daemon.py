@@ -7,6 +7,7 @@ written straight into the response ring (on CUDA a DMA into the registered mappi
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -43,12 +44,20 @@ class HostRegistration:
         self.pointers = []
 
 
+def default_kv_quota(device: torch.device) -> int:
+    """A quarter of the compute device's memory per session: one client cannot starve the others."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
 class ModelHandler(Handler):
-    def __init__(self, compute: LinearCompute, model_name: str, log=print):
+    def __init__(self, compute: LinearCompute, model_name: str, log=print, max_kv_bytes: int | None = None):
         self.c = compute
         self.model_name = model_name
         self.log = log
         self.cuda = compute.device.type == "cuda"
+        self.max_kv_bytes = max_kv_bytes if max_kv_bytes is not None else default_kv_quota(compute.device)
 
     def hello(self) -> dict:
         return {"config": self.c.cfg.to_dict(), "model": self.model_name, "device": str(self.c.device),
@@ -72,7 +81,7 @@ class ModelHandler(Handler):
             norms, inv_freq, scaling = self.c.init_tensors()
             builder.alloc(norms.shape, torch.float32).copy_(norms)
             builder.alloc(inv_freq.shape, torch.float32).copy_(inv_freq)
-            state["kv"] = KVStore(self.c.cfg)
+            state["kv"] = KVStore(self.c.cfg, self.max_kv_bytes)
             if self.cuda and hasattr(session, "host_buffers"):
                 state["registration"] = HostRegistration(session.host_buffers(), self.log)
             return json.dumps({"attention_scaling": scaling})
@@ -116,7 +125,7 @@ def check_device(device: str) -> str:
 
 def run_daemon(*, model: str, device: str, dtype: str, endpoint: str, layers: int | None = None,
                seed: int = 0, session_timeout: float = 120.0, allow_remote: bool = False,
-               ready=None, quiet: bool = False) -> int:
+               max_kv_mib: float | None = None, ready=None, quiet: bool = False) -> int:
     """Load the model, serve until SIGTERM/SIGINT. `ready()` is called once listening."""
     device = check_device(device)
     log = (lambda msg: None) if quiet else (lambda msg: print(f"shmrt daemon: {msg}", file=sys.stderr, flush=True))
@@ -126,7 +135,8 @@ def run_daemon(*, model: str, device: str, dtype: str, endpoint: str, layers: in
     cfg = weights.cfg
     log(f"model {model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}) "
         f"on {device} {dtype}, loaded in {time.perf_counter() - t0:.1f} s")
-    with Server(endpoint, ModelHandler(compute, model, log), session_timeout=session_timeout,
+    quota = int(max_kv_mib * 2**20) if max_kv_mib is not None else None
+    with Server(endpoint, ModelHandler(compute, model, log, quota), session_timeout=session_timeout,
                 allow_remote=allow_remote, log=log) as server:
         def stop(signum, frame):
             server.stopping = True

@@ -134,6 +134,22 @@ def test_wrong_session_token_is_refused(model_daemon):
             t.call("LMHead", [torch.zeros(1, 64)])
 
 
+def test_a_session_that_outgrows_its_kv_quota_is_refused_and_others_go_on(model_daemon):
+    """tiny keeps 512 B of K/V per position (2 layers x K,V x 2 heads x 16 x fp32): a 0.25 MiB quota
+    holds 512 positions. A longer prompt is refused with the sizes and the flag; a short one runs."""
+    from shmrt.client import EnclaveClient
+    from shmrt.generate import prefill
+    d = model_daemon("tiny", "--max-kv-mib", "0.25")
+    ids = torch.randint(0, 512, (1, 600), generator=torch.Generator().manual_seed(3))
+    with EnclaveClient(endpoint=d.endpoint, prompt_tokens=600, total_tokens=600, timeout=30) as c:
+        with pytest.raises(PeerError, match=r"K/V cache would reach 0\.2[5-9] MiB, more than the daemon allows per "
+                                            r"session \(0\.25 MiB, --max-kv-mib\)"):
+            prefill(c.model, ids)
+    with EnclaveClient(endpoint=d.endpoint, prompt_tokens=500, total_tokens=500, timeout=30) as c:
+        assert prefill(c.model, ids[:, :500]).shape == (1, 512)
+    assert d.proc.poll() is None
+
+
 def test_ipc_socket_private_and_tcp_loopback_only(model_daemon, tmp_path):
     d = model_daemon("tiny")
     assert stat.S_IMODE(os.stat(d.endpoint[len("ipc://"):]).st_mode) == 0o600
