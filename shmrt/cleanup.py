@@ -13,25 +13,28 @@ from .ring import HEADER_BYTES, NAME_RE, SHM_DIR, read_header, unlink_segment
 from .server import _alive
 
 
+def segment_owner(name: str) -> tuple[int, int] | None:
+    """(owner pid, bytes) from a shmrt segment's header; None if it is not a valid shmrt ring."""
+    if not NAME_RE.match(name):
+        return None
+    try:
+        with open(os.path.join(SHM_DIR, name.lstrip("/")), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER_BYTES:
+                return None
+            with mmap.mmap(f.fileno(), HEADER_BYTES, prot=mmap.PROT_READ) as mm:
+                return read_header(mm).owner_pid, size
+    except (OSError, ProtocolError, ValueError):
+        return None
+
+
 def stale_segments() -> list[tuple[str, int, int]]:
     """(name, owner pid, bytes) of every shmrt segment whose owner is gone."""
     out = []
     for entry in sorted(os.listdir(SHM_DIR)):
-        name = "/" + entry
-        if not NAME_RE.match(name):
-            continue
-        path = os.path.join(SHM_DIR, entry)
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < HEADER_BYTES:
-                    continue
-                with mmap.mmap(f.fileno(), HEADER_BYTES, prot=mmap.PROT_READ) as mm:
-                    header = read_header(mm)
-        except (OSError, ProtocolError, ValueError):
-            continue
-        if not _alive(header.owner_pid):
-            out.append((name, header.owner_pid, size))
+        owner = segment_owner("/" + entry)
+        if owner is not None and not _alive(owner[0]):
+            out.append(("/" + entry, *owner))
     return out
 
 

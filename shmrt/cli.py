@@ -243,10 +243,10 @@ class DaemonProcess:
         self.stop()
 
 
-def daemon_argv(args) -> list[str]:
-    out = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed)]
-    if args.layers:
-        out += ["--layers", str(args.layers)]
+def daemon_argv(model: str, device: str, dtype: str, layers: int | None, seed: int = 0) -> list[str]:
+    out = ["--model", model, "--device", device, "--dtype", dtype, "--seed", str(seed)]
+    if layers:
+        out += ["--layers", str(layers)]
     return out
 
 
@@ -262,15 +262,15 @@ def run_endpoint(enclave: bool) -> str:
 
 def cmd_run(args) -> int:
     from .weights import resolve_model
-    resolve_model(args.model, args.layers)  # fail fast, in this process, on a bad --model
-    if args.tokenizer is None and not args.model.startswith(("tiny", "small", "llama3.2")):
-        candidate = pathlib.Path(args.model) / "tokenizer.json"
-        args.tokenizer = str(candidate) if candidate.is_file() else None
+    _, checkpoint = resolve_model(args.model, args.layers)  # fail fast, in this process, on a bad --model
+    if args.tokenizer is None and checkpoint is not None and (checkpoint / "tokenizer.json").is_file():
+        args.tokenizer = str(checkpoint / "tokenizer.json")
     enclave = args.enclave or settings.enclave_forced()
     endpoint = args.endpoint or run_endpoint(enclave)
     from .transport import check_endpoint
     check_endpoint(endpoint, enclave=enclave)  # refuse ipc:// before starting anything
-    with DaemonProcess(daemon_argv(args), endpoint, quiet=args.quiet):
+    with DaemonProcess(daemon_argv(args.model, args.device, args.dtype, args.layers, args.seed), endpoint,
+                       quiet=args.quiet):
         return cmd_client(args, endpoint)
 
 

@@ -26,7 +26,7 @@ def check_result_fits(shape, max_elements: int | None, what: str) -> None:
     elements = math.prod(shape)
     if max_elements is not None and elements > max_elements:
         raise TensorTooLarge(f"{what} result {tuple(shape)} has {elements} elements, more than the reply can "
-                             f"carry ({max_elements}): the client should pass a larger --ring-mib")
+                             f"carry ({max_elements}): the client needs a larger --ring-mib (shm) or SHMRT_MAX_REPLY_MIB (msgpack)")
 
 
 class KVStore:
@@ -56,7 +56,7 @@ class KVStore:
         if have and store[layer].shape[:2] + store[layer].shape[3:] != rows.shape[:2] + rows.shape[3:]:
             raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} do not match the cache {tuple(store[layer].shape)}")
         old = 0 if store[layer] is None else store[layer].numel() * store[layer].element_size()
-        new = (have + rows.shape[2]) * (rows.numel() // max(rows.shape[2], 1)) * rows.element_size()
+        new = (old if have else 0) + rows.numel() * rows.element_size()  # pos 0 restarts the layer
         if self.max_bytes is not None and self.bytes - old + new > self.max_bytes:
             raise ModelError(f"this session's K/V cache would reach {(self.bytes - old + new) / 2**20:.2f} MiB, more "
                              f"than the daemon allows per session ({self.max_bytes / 2**20:.2f} MiB, --max-kv-mib): "

@@ -127,9 +127,9 @@ class MsgpackClient(ClientTransport):
 
 
 class MsgpackReplyBuilder(ReplyBuilder):
-    def __init__(self):
+    def __init__(self, capacity: int):
         self.tensors: list[torch.Tensor] = []
-        self.capacity = settings.max_reply_bytes()
+        self.capacity = capacity
 
     def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
         t = torch.empty(tuple(shape), dtype=dtype)
@@ -153,6 +153,10 @@ def parse_request(payload: bytes) -> dict:
 class MsgpackServerSession(ServerSession):
     transport = "msgpack"
 
+    def __init__(self, token: bytes):
+        super().__init__(token)
+        self.reply_capacity = settings.max_reply_bytes()
+
     def decode(self, payload: bytes) -> Request:
         obj = parse_request(payload)
         if obj["token"] != self.token:
@@ -170,7 +174,7 @@ class MsgpackServerSession(ServerSession):
         return Request(obj["method"], seq, layer, op, pos, _tensors_field(obj), text)
 
     def reply_builder(self) -> MsgpackReplyBuilder:
-        return MsgpackReplyBuilder()
+        return MsgpackReplyBuilder(self.reply_capacity)
 
     def encode_reply(self, request: Request, builder: MsgpackReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
         tensors = [tensor_to_wire(t) for t in builder.tensors] if builder else []

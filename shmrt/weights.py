@@ -81,8 +81,7 @@ def _fuse(get, cfg: LlamaConfig, layer: int, dtype, device) -> LayerWeights:
     fused = {}
     for group in GROUPS:
         parts = [get(f"model.layers.{layer}.{MODULE_OF[n]}.{n}.weight") for n in group]
-        fused[group] = torch.cat(parts, 0).to(device=device, dtype=dtype).contiguous() if len(parts) > 1 \
-            else parts[0].to(device=device, dtype=dtype).contiguous()
+        fused[group] = torch.cat(parts, 0).to(device=device, dtype=dtype).contiguous()
     return LayerWeights(fused,
                         get(f"model.layers.{layer}.input_layernorm.weight").to(device=device, dtype=torch.float32),
                         get(f"model.layers.{layer}.post_attention_layernorm.weight").to(device=device, dtype=torch.float32))
@@ -105,13 +104,11 @@ def load_checkpoint(path: pathlib.Path, cfg: LlamaConfig, *, dtype: torch.dtype,
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
             raise ModelError(f"{index} is not a safetensors index: {exc}") from None
-        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
-        weight_map = None
     if not files:
         raise ModelError(f"{path} has no *.safetensors weights (a .bin/.pth checkpoint must be converted first)")
     handles = {}
@@ -128,8 +125,6 @@ def load_checkpoint(path: pathlib.Path, cfg: LlamaConfig, *, dtype: torch.dtype,
         raise
     except Exception as exc:
         raise ModelError(f"cannot read safetensors in {path}: {exc}") from None
-    if weight_map:
-        where.update({k: v for k, v in weight_map.items() if v in handles})
 
     def get(key: str) -> torch.Tensor:
         if key not in where:

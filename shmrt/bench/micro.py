@@ -2,6 +2,7 @@
 measured in the same run (two memcpys of the size + a 64-byte ZeroMQ round trip)."""
 from __future__ import annotations
 
+import mmap
 import statistics
 
 import torch
@@ -78,7 +79,6 @@ def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None)
             n = _repeats_for(nbytes, repeats)
             x = torch.randn(nbytes // 4)
             # ... plus two memcpys of the size (the C helper's, as the shm path uses)
-            import mmap
             area = mmap.mmap(-1, nbytes + 4096)
             buf = MappedBuffer(area)
             copy = _time(lambda: buf.copy_in(0, x), n, 3)

@@ -6,7 +6,7 @@ import os
 import pathlib
 
 from .. import settings
-from ..cli import DaemonProcess
+from ..cli import DaemonProcess, daemon_argv
 from ..weights import load_weights, resolve_model
 from ..daemon import COMPUTE_DTYPES
 from .e2e import configurations, measure_floor, measure_transport
@@ -23,12 +23,9 @@ def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
     configs = configurations(prompts, args.transports.split(","), args.wire_dtypes.split(","),
                              args.kv_caches.split(","))
     endpoint = f"ipc://{settings.runtime_dir() / f'bench-e2e-{os.getpid()}.sock'}"
-    daemon_args = ["--model", model, "--device", args.device, "--dtype", args.dtype]
-    if args.layers:
-        daemon_args += ["--layers", str(args.layers)]
     records = []
     common = {"suite": "e2e", "machine": machine, "model": model, "device": args.device, "dtype": args.dtype}
-    with DaemonProcess(daemon_args, endpoint, quiet=True):
+    with DaemonProcess(daemon_argv(model, args.device, args.dtype, args.layers), endpoint, quiet=True):
         for i, (prompt, transport, wire, kv) in enumerate(configs):
             progress(i, len(configs), f"{transport} {wire} kv={kv} S={prompt}")
             log = str(out / f"{transport}-{wire}-kv{kv}-s{prompt}.log")
