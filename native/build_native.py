@@ -1,4 +1,4 @@
-"""cffi out-of-line API build of shmrt's C helper (`shmrt._native`).
+"""cffi out-of-line API build of shmrt's C helper (`shmrt.wire._native`).
 
 setup.py names this module's `ffibuilder` in `cffi_modules`; `python native/build_native.py`
 builds it in place for development.
@@ -26,7 +26,7 @@ def _cdef_from_header() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header())
 ffibuilder.set_source(
-    "shmrt._native",
+    "shmrt.wire._native",
     '#include "shmrt_native.h"',
     sources=[str(HERE.relative_to(pathlib.Path.cwd()) / "shmrt_native.c")
              if HERE.is_relative_to(pathlib.Path.cwd()) else str(HERE / "shmrt_native.c")],

@@ -7,10 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import subprocess
 import sys
-import tempfile
-import time
 
 from . import settings
 from .errors import ShmrtError
@@ -77,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(r)
 
     b = sub.add_parser("bench", help="benchmark suites (micro, e2e)")
-    from .bench import add_bench_args
+    from .tools.bench import add_bench_args
     add_bench_args(b)
 
     a = sub.add_parser("analyze", help="report on one log, compare several")
-    from .analyze import add_analyze_args
+    from .tools.analyze import add_analyze_args
     add_analyze_args(a)
 
     cl = sub.add_parser("cleanup", help="remove ring segments whose owner process is dead")
@@ -93,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _token_ids(args, client):
     import torch
-    from .tokenizer import load_tokenizer
+    from .enclave.tokenizer import load_tokenizer
     if args.token_ids is not None or args.token_ids_file is not None:
         text = args.token_ids if args.token_ids is not None else pathlib.Path(args.token_ids_file).read_text()
         try:
@@ -126,9 +123,9 @@ def _prompt_length(args) -> int:
 def cmd_client(args, endpoint: str) -> int:
     import numpy as np
     import torch
-    from .client import EnclaveClient
-    from .generate import Sampler, generate
-    from .tokenizer import load_tokenizer
+    from .enclave.client import EnclaveClient
+    from .enclave.generate import Sampler, generate
+    from .enclave.tokenizer import load_tokenizer
 
     if args.max_new_tokens < 0:
         raise ShmrtError("--max-new-tokens must be >= 0")
@@ -193,7 +190,7 @@ def _print_summary(args, client, result, calls, tok) -> None:
 # ---- daemon and run
 
 def cmd_daemon(args) -> int:
-    from .daemon import run_daemon
+    from .host.daemon import run_daemon
     endpoint = args.endpoint or settings.default_endpoint()
 
     def ready():
@@ -204,70 +201,15 @@ def cmd_daemon(args) -> int:
                       allow_remote=args.allow_remote, max_kv_mib=args.max_kv_mib, ready=ready, quiet=args.quiet)
 
 
-class DaemonProcess:
-    """`shmrt daemon` as a child process: waits until it listens; always stops it on exit."""
-
-    def __init__(self, daemon_args: list[str], endpoint: str, *, timeout: float = 600.0, quiet: bool = False):
-        self.endpoint = endpoint
-        self._tmp = tempfile.TemporaryDirectory(prefix="shmrt-run-")
-        ready = os.path.join(self._tmp.name, "ready")
-        cmd = [sys.executable, "-m", "shmrt", "daemon", "--endpoint", endpoint, "--ready-file", ready, *daemon_args]
-        if quiet:
-            cmd.append("--quiet")
-        self.proc = subprocess.Popen(cmd)
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(ready):
-            if self.proc.poll() is not None:
-                self._tmp.cleanup()
-                raise ShmrtError(f"the daemon exited with code {self.proc.returncode} before listening (see above)")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ShmrtError(f"the daemon did not start listening within {timeout:.0f} s")
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._tmp.cleanup()
-        return self.proc.returncode
-
-    def __enter__(self) -> "DaemonProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def daemon_argv(model: str, device: str, dtype: str, layers: int | None, seed: int = 0) -> list[str]:
-    out = ["--model", model, "--device", device, "--dtype", dtype, "--seed", str(seed)]
-    if layers:
-        out += ["--layers", str(layers)]
-    return out
-
-
-def run_endpoint(enclave: bool) -> str:
-    """A fresh endpoint for `shmrt run`: a private ipc socket, or loopback tcp in enclave mode."""
-    if enclave:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    return f"ipc://{settings.runtime_dir() / f'run-{os.getpid()}.sock'}"
-
-
 def cmd_run(args) -> int:
-    from .weights import resolve_model
+    from .tools.process import DaemonProcess, daemon_argv, run_endpoint
+    from .model.checkpoint import resolve_model
     _, checkpoint = resolve_model(args.model, args.layers)  # fail fast, in this process, on a bad --model
     if args.tokenizer is None and checkpoint is not None and (checkpoint / "tokenizer.json").is_file():
         args.tokenizer = str(checkpoint / "tokenizer.json")
     enclave = args.enclave or settings.enclave_forced()
     endpoint = args.endpoint or run_endpoint(enclave)
-    from .transport import check_endpoint
+    from .wire.transport import check_endpoint
     check_endpoint(endpoint, enclave=enclave)  # refuse ipc:// before starting anything
     with DaemonProcess(daemon_argv(args.model, args.device, args.dtype, args.layers, args.seed), endpoint,
                        quiet=args.quiet):
@@ -275,7 +217,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
-    from .cleanup import cleanup
+    from .tools.cleanup import cleanup
     return cleanup(dry_run=args.dry_run)
 
 
@@ -290,10 +232,10 @@ def main(argv=None) -> int:
         if args.command == "run":
             return cmd_run(args)
         if args.command == "bench":
-            from .bench import main as bench_main
+            from .tools.bench import main as bench_main
             return bench_main(args)
         if args.command == "analyze":
-            from .analyze import main as analyze_main
+            from .tools.analyze import main as analyze_main
             return analyze_main(args)
         if args.command == "cleanup":
             return cmd_cleanup(args)

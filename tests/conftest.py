@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from shmrt.cli import DaemonProcess
+from shmrt.tools.process import DaemonProcess
 
 SPAWN = mp.get_context("spawn")
 
@@ -23,10 +23,10 @@ def shm_segments() -> set[str]:
 def _ours_or_orphaned(name: str) -> bool:
     """Created by this test process or by one of its children that is gone: never a segment of another
     live process (a second test run, a user's session) that shares /dev/shm. Unreadable headers count."""
-    from shmrt.cleanup import segment_owner
-    from shmrt.server import _alive
+    from shmrt.tools.cleanup import segment_owner
+    from shmrt.wire.peer import process_alive
     owner = segment_owner("/" + name)
-    return owner is None or owner[0] == os.getpid() or not _alive(owner[0])
+    return owner is None or owner[0] == os.getpid() or not process_alive(owner[0])
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,7 +47,7 @@ def endpoint(tmp_path) -> str:
 
 
 def _serve_echo(endpoint: str, session_timeout: float) -> None:
-    from shmrt.server import EchoHandler, Server
+    from shmrt.host.server import EchoHandler, Server
     with Server(endpoint, EchoHandler(), session_timeout=session_timeout, log=lambda m: None) as server:
         server.serve()
 

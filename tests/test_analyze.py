@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from conftest import repo_root
-from shmrt import analyze
-from shmrt.perflog import LINE_WIDTH, RULE, SUMMARY_KEYS, PerfLog, format_row, row_fields
-from shmrt.transport import CallStats
+from shmrt.tools import analyze
+from shmrt.tools.perflog import LINE_WIDTH, RULE, SUMMARY_KEYS, PerfLog, format_row, row_fields
+from shmrt.wire.stats import CallStats
 
 SAMPLE = repo_root() / "tests" / "data" / "zmq_performance_v2.4_sample.log"
 

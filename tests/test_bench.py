@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from shmrt.config import LlamaConfig
+from shmrt.model.config import LlamaConfig
 
 E2E_KEYS = {"suite", "transport", "wire_dtype", "kv_cache", "phase", "tokens", "median_s", "transport_s",
             "floor_s", "calls", "sent_bytes", "recv_bytes", "machine"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import repo_root
-from shmrt.ring import Ring
+from shmrt.wire.ring import Ring
 
 spec = importlib.util.spec_from_file_location("check_manifest", repo_root() / "gramine" / "check_manifest.py")
 check_manifest = importlib.util.module_from_spec(spec)

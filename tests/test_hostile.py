@@ -12,15 +12,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from shmrt import protocol
-from shmrt.compute import KVStore, LinearCompute
-from shmrt.daemon import ModelHandler
+from shmrt.wire import protocol
+from shmrt.host.compute import KVStore, LinearCompute
+from shmrt.host.daemon import ModelHandler
 from shmrt.errors import ProtocolError, ShmrtError
-from shmrt.ring import OFF_TAIL, Consumer, Ring
-from shmrt.server import client_info
-from shmrt.shm_transport import ShmServerSession
-from shmrt.transport import make_client_transport
-from shmrt.weights import load_weights
+from shmrt.wire.ring import OFF_TAIL, Consumer, Ring
+from shmrt.wire.peer import client_info
+from shmrt.wire.shm_transport import ShmServerSession
+from shmrt.wire.transport import make_client_transport
+from shmrt.host.weights import load_weights
 
 SPAWN = mp.get_context("spawn")
 CAP = 1 << 16
@@ -181,8 +181,8 @@ def _scribble(names, capacity, seed, ready):
 
 @pytest.mark.slow
 def test_scribbler_on_the_rings_while_a_client_runs_never_crashes_or_hangs(model_daemon):
-    from shmrt.client import EnclaveClient
-    from shmrt.generate import Sampler, generate
+    from shmrt.enclave.client import EnclaveClient
+    from shmrt.enclave.generate import Sampler, generate
     seed = random.randrange(2**32)
     print(f"seed={seed}")
     d = model_daemon("tiny")

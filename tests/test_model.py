@@ -3,13 +3,14 @@ import pytest
 import torch
 
 from conftest import check_close, random_ids
-from shmrt.compute import LinearCompute
-from shmrt.config import LlamaConfig
+from shmrt.host.compute import LinearCompute
+from shmrt.model.config import LlamaConfig
 from shmrt.errors import ModelError
-from shmrt.generate import Sampler, generate
-from shmrt.model import EnclaveModel
-from shmrt.ops import LocalOps
-from shmrt.weights import load_weights, resolve_model
+from shmrt.enclave.generate import Sampler, generate
+from shmrt.enclave.llama import EnclaveModel
+from shmrt.host.local_ops import LocalOps
+from shmrt.host.weights import load_weights
+from shmrt.model.checkpoint import resolve_model
 
 
 def local_model(path, kv_cache="daemon"):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from shmrt import protocol
+from shmrt.wire import protocol
 from shmrt.errors import ProtocolError
-from shmrt.protocol import Doorbell, Method, TensorDesc
+from shmrt.wire.protocol import Doorbell, Method, TensorDesc
 
 TOKEN = b"t" * 16
 CAP = 1 << 20

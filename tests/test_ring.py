@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shmrt.errors import ProtocolError, RingFull, SetupError, TensorTooLarge
-from shmrt.ring import HEADER_BYTES, OFF_TAIL, Ring, read_header
+from shmrt.wire.ring import HEADER_BYTES, OFF_TAIL, Ring, read_header
 
 
 def test_create_sets_mode_0600_unguessable_name_and_owner_unlinks():

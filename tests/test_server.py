@@ -13,17 +13,17 @@ import pytest
 import torch
 
 from conftest import shm_segments
-from shmrt.cli import DaemonProcess
+from shmrt.tools.process import DaemonProcess
 from shmrt.errors import PeerError, SetupError
-from shmrt.server import client_info
-from shmrt.transport import check_endpoint, make_client_transport
+from shmrt.wire.peer import client_info
+from shmrt.wire.transport import check_endpoint, make_client_transport
 
 SPAWN = mp.get_context("spawn")
 
 
 def _client_run(endpoint, seed, transport, q):
-    from shmrt.client import EnclaveClient
-    from shmrt.generate import Sampler, generate
+    from shmrt.enclave.client import EnclaveClient
+    from shmrt.enclave.generate import Sampler, generate
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(seed))
     with EnclaveClient(endpoint=endpoint, transport=transport, timeout=60, prompt_tokens=24, total_tokens=30) as c:
         g = generate(c.model, ids, 5, Sampler())
@@ -137,8 +137,8 @@ def test_wrong_session_token_is_refused(model_daemon):
 def test_a_session_that_outgrows_its_kv_quota_is_refused_and_others_go_on(model_daemon):
     """tiny keeps 512 B of K/V per position (2 layers x K,V x 2 heads x 16 x fp32): a 0.25 MiB quota
     holds 512 positions. A longer prompt is refused with the sizes and the flag; a short one runs."""
-    from shmrt.client import EnclaveClient
-    from shmrt.generate import prefill
+    from shmrt.enclave.client import EnclaveClient
+    from shmrt.enclave.generate import prefill
     d = model_daemon("tiny", "--max-kv-mib", "0.25")
     ids = torch.randint(0, 512, (1, 600), generator=torch.Generator().manual_seed(3))
     with EnclaveClient(endpoint=d.endpoint, prompt_tokens=600, total_tokens=600, timeout=30) as c:
@@ -164,7 +164,7 @@ def test_ipc_socket_private_and_tcp_loopback_only(model_daemon, tmp_path):
 
 
 def _create_and_die(q):
-    from shmrt.ring import Ring
+    from shmrt.wire.ring import Ring
     ring = Ring.create(1 << 16, "req")
     q.put(ring.name)
     q.close()
@@ -173,7 +173,7 @@ def _create_and_die(q):
 
 
 def test_cleanup_removes_only_segments_of_dead_owners(tmp_path):
-    from shmrt.ring import Ring
+    from shmrt.wire.ring import Ring
     q = SPAWN.Queue()
     p = SPAWN.Process(target=_create_and_die, args=(q,))
     p.start()
@@ -224,7 +224,7 @@ def test_run_with_a_dev_shm_too_small_for_its_rings_fails_at_startup_naming_both
 def test_reservation_catches_enospc_even_when_free_space_looked_sufficient():
     """The second line of defence: statvfs can race with other users of /dev/shm. Skip the statvfs check,
     and posix_fallocate must still fail at creation with ENOSPC (never a SIGBUS on first touch later)."""
-    code = ("import shmrt.ring as r, os; r._shm_free_bytes = lambda: None\n"
+    code = ("import shmrt.wire.ring as r, os; r._shm_free_bytes = lambda: None\n"
             "try:\n    r.Ring.create(4 << 20, 'req')\nexcept r.SetupError as e:\n    print('SetupError:', e)\n"
             "print('left', len(os.listdir('/dev/shm')))")
     r = _in_small_dev_shm(f"{sys.executable} -c \"{code}\"")

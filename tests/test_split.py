@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import check_close, random_ids
-from shmrt.client import EnclaveClient
-from shmrt.generate import Sampler, generate
+from shmrt.enclave.client import EnclaveClient
+from shmrt.enclave.generate import Sampler, generate
 
 TRANSPORTS = ["shm", "msgpack"]
 # The daemon on CUDA (registered ring, DMA) must give the same parity; skipped where there is no GPU.

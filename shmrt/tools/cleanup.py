@@ -8,9 +8,9 @@ from __future__ import annotations
 import mmap
 import os
 
-from .errors import ProtocolError
-from .ring import HEADER_BYTES, NAME_RE, SHM_DIR, read_header, unlink_segment
-from .server import _alive
+from ..errors import ProtocolError
+from ..wire.ring import HEADER_BYTES, NAME_RE, SHM_DIR, read_header, unlink_segment
+from ..wire.peer import process_alive
 
 
 def segment_owner(name: str) -> tuple[int, int] | None:
@@ -33,7 +33,7 @@ def stale_segments() -> list[tuple[str, int, int]]:
     out = []
     for entry in sorted(os.listdir(SHM_DIR)):
         owner = segment_owner("/" + entry)
-        if owner is not None and not _alive(owner[0]):
+        if owner is not None and not process_alive(owner[0]):
             out.append(("/" + entry, *owner))
     return out
 

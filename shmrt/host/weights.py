@@ -11,26 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PRESETS, LlamaConfig, read_hf_config
-from .errors import ModelError
+from ..model.checkpoint import resolve_model
+from ..model.config import LlamaConfig, projection_cols, projection_rows
+from ..errors import ModelError
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 MODULE_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-def projection_rows(cfg: LlamaConfig) -> dict[str, int]:
-    hd = cfg.head_dim
-    return {"q_proj": cfg.num_attention_heads * hd, "k_proj": cfg.num_key_value_heads * hd,
-            "v_proj": cfg.num_key_value_heads * hd, "o_proj": cfg.hidden_size,
-            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
-
-
-def projection_cols(cfg: LlamaConfig) -> dict[str, int]:
-    cols = {name: cfg.hidden_size for name in MODULE_OF}
-    cols["o_proj"] = cfg.num_attention_heads * cfg.head_dim
-    cols["down_proj"] = cfg.intermediate_size
-    return cols
 
 
 @dataclass
@@ -162,18 +149,6 @@ def random_weights(cfg: LlamaConfig, *, seed: int, dtype: torch.dtype, device: s
     norm = norm_weight()
     lm_head = embed if cfg.tie_word_embeddings else normal(cfg.vocab_size, cfg.hidden_size)
     return LlamaWeights(cfg, embed, layers, norm, lm_head)
-
-
-def resolve_model(spec: str, layers: int | None = None) -> tuple[LlamaConfig, pathlib.Path | None]:
-    """A preset name or a checkpoint directory -> (config, path or None)."""
-    if spec in PRESETS:
-        return LlamaConfig.from_name(spec).with_layers(layers), None
-    path = pathlib.Path(spec).expanduser()
-    if not path.exists():
-        raise ModelError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
-    if not path.is_dir():
-        raise ModelError(f"--model {spec}: expected a checkpoint directory (config.json + *.safetensors)")
-    return read_hf_config(path).with_layers(layers), path
 
 
 def load_weights(spec: str, *, layers: int | None = None, dtype: torch.dtype = torch.float32,

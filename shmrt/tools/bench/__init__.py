@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from .. import settings
+from ... import settings
 
 
 def add_bench_args(p) -> None:
@@ -61,7 +61,7 @@ def _progress(label):
 
 
 def main(args) -> int:
-    from ..errors import ShmrtError
+    from ...errors import ShmrtError
     from .micro import format_micro, parse_size, run_micro
     from .report import run_e2e, write_results
 

@@ -19,30 +19,19 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from . import protocol
-from .errors import ProtocolError, ShmrtError
-from .msgpack_transport import MsgpackServerSession, parse_request
-from .native import now_ns
-from .protocol import Method
-from .ring import unlink_segment
-from .shm_transport import ShmServerSession
-from .transport import ReplyBuilder, Request, ServerSession, check_endpoint
+from ..wire import protocol
+from ..errors import ProtocolError, ShmrtError
+from ..wire.msgpack_transport import MsgpackServerSession, parse_request
+from ..wire.native import now_ns
+from ..wire.protocol import Method
+from ..wire.peer import pid_namespace, process_alive
+from ..wire.ring import unlink_segment
+from ..wire.shm_transport import ShmServerSession
+from ..wire.transport import ReplyBuilder, Request, ServerSession, check_endpoint
 
 
 NO_SESSION = ("no open session for this client (it ended after an error or was idle past the daemon's "
               "--session-timeout): start a new session")
-
-
-def _pid_namespace() -> int | None:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def client_info() -> dict:
-    """What a client says about itself in Hello (lets the daemon notice its death early)."""
-    return {"pid": os.getpid(), "pidns": _pid_namespace()}
 
 
 class Handler:
@@ -87,7 +76,7 @@ class Server:
         self.session_timeout = session_timeout
         self.sessions: dict[bytes, Session] = {}
         self.log = log or (lambda msg: print(f"shmrt daemon: {msg}", file=sys.stderr, flush=True))
-        self._pidns = _pid_namespace()
+        self._pidns = pid_namespace()
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -203,7 +192,7 @@ class Server:
             return
         self.log(f"session {identity.hex()[:8]} ({session.transport.transport}) closed: {why}")
         self.handler.session_closed(session.state)
-        owner_dead = session.pid is not None and not _alive(session.pid)
+        owner_dead = session.pid is not None and not process_alive(session.pid)
         names = [r.name for r in (getattr(session.transport, "req", None), getattr(session.transport, "rsp", None)) if r]
         session.transport.close()
         if owner_dead:
@@ -214,23 +203,7 @@ class Server:
     def reap(self) -> None:
         now = time.monotonic()
         for identity, session in list(self.sessions.items()):
-            if session.pid is not None and not _alive(session.pid):
+            if session.pid is not None and not process_alive(session.pid):
                 self._drop(identity, f"client process {session.pid} is gone")
             elif now - session.last_seen > self.session_timeout:
                 self._drop(identity, f"idle for more than {self.session_timeout:.0f} s")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still "exists"; treat it as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-

@@ -5,10 +5,11 @@ import json
 import os
 import pathlib
 
-from .. import settings
-from ..cli import DaemonProcess, daemon_argv
-from ..weights import load_weights, resolve_model
-from ..daemon import COMPUTE_DTYPES
+from ... import settings
+from ..process import DaemonProcess, daemon_argv
+from ...host.weights import load_weights
+from ...model.checkpoint import resolve_model
+from ...host.daemon import COMPUTE_DTYPES
 from .e2e import configurations, measure_floor, measure_transport
 from .micro import _size
 

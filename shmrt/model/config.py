@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 
 
 @dataclass
@@ -126,6 +126,25 @@ class LlamaConfig:
         if not 1 <= layers <= self.num_hidden_layers:
             raise ModelError(f"--layers {layers}: the model has {self.num_hidden_layers} layers")
         return dataclasses.replace(self, num_hidden_layers=layers)
+
+
+# ---- projection shapes (what each weight matrix of a layer maps)
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def projection_rows(cfg: LlamaConfig) -> dict[str, int]:
+    hd = cfg.head_dim
+    return {"q_proj": cfg.num_attention_heads * hd, "k_proj": cfg.num_key_value_heads * hd,
+            "v_proj": cfg.num_key_value_heads * hd, "o_proj": cfg.hidden_size,
+            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
+
+
+def projection_cols(cfg: LlamaConfig) -> dict[str, int]:
+    cols = {name: cfg.hidden_size for name in PROJECTIONS}
+    cols["o_proj"] = cfg.num_attention_heads * cfg.head_dim
+    cols["down_proj"] = cfg.intermediate_size
+    return cols
 
 
 PRESETS: dict[str, LlamaConfig] = {

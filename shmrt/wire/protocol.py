@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 MAGIC = b"SHMD"
 PROTOCOL_VERSION = 1

@@ -15,10 +15,11 @@ import math
 
 import torch
 
-from .config import LlamaConfig
-from .errors import ModelError, ProtocolError, TensorTooLarge
-from .protocol import KNOWN_MATMUL_BITS, MATMUL_CACHE_K, MATMUL_CACHE_V, MATMUL_TRANSPOSE_B
-from .weights import LlamaWeights, projection_cols, projection_rows
+from ..model.config import LlamaConfig
+from ..errors import ModelError, ProtocolError, TensorTooLarge
+from ..wire.protocol import KNOWN_MATMUL_BITS, MATMUL_CACHE_K, MATMUL_CACHE_V, MATMUL_TRANSPOSE_B
+from ..model.config import projection_cols, projection_rows
+from .weights import LlamaWeights
 
 
 def check_result_fits(shape, max_elements: int | None, what: str) -> None:
@@ -137,7 +138,7 @@ class LinearCompute:
         return (self._in(x.reshape(x.shape[0], D)) @ self.w.lm_head.t()).float()
 
     def init_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        from .config import rope_inv_freq
+        from ..model.config import rope_inv_freq
         inv_freq, scaling = rope_inv_freq(self.cfg)
         return self.w.norms(), inv_freq, scaling
 

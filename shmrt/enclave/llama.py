@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import LlamaConfig
-from .protocol import MATMUL_CACHE_K, MATMUL_CACHE_V
+from ..model.config import LlamaConfig
+from ..wire.protocol import MATMUL_CACHE_K, MATMUL_CACHE_V
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 O = ["o_proj"]

@@ -15,10 +15,10 @@ import time
 import torch
 
 from .compute import KVStore, LinearCompute
-from .errors import ProtocolError, SetupError
-from .protocol import dtype_from_name, projection_names
+from ..errors import ProtocolError, SetupError
+from ..wire.protocol import dtype_from_name, projection_names
 from .server import Handler, Server
-from .transport import ReplyBuilder, Request
+from ..wire.transport import ReplyBuilder, Request
 from .weights import load_weights
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pathlib
 
-from .errors import ModelError
+from ..errors import ModelError
 
 
 class ByteTokenizer:

@@ -13,14 +13,14 @@ import statistics
 
 import torch
 
-from ..client import EnclaveClient
-from ..compute import KVStore, LinearCompute
-from ..daemon import COMPUTE_DTYPES
-from ..generate import Sampler, decode_n, prefill
-from ..model import EnclaveModel
-from ..native import now_ns
-from ..ops import LocalOps
-from ..weights import load_weights
+from ...enclave.client import EnclaveClient
+from ...host.compute import KVStore, LinearCompute
+from ...host.daemon import COMPUTE_DTYPES
+from ...enclave.generate import Sampler, decode_n, prefill
+from ...enclave.llama import EnclaveModel
+from ...wire.native import now_ns
+from ...host.local_ops import LocalOps
+from ...host.weights import load_weights
 
 
 def sidecar_phases(path: str) -> list[dict]:

@@ -18,7 +18,7 @@ import json
 import torch
 
 from . import protocol
-from .errors import PeerError, ProtocolError
+from ..errors import PeerError, ProtocolError
 from .protocol import Doorbell, Method, TensorDesc
 from .ring import Ring, check_segment_name
 from .transport import CallStats, ClientTransport, ReplyBuilder, Reply, Request, ServerSession

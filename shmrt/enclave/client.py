@@ -10,16 +10,16 @@ import os
 
 import torch
 
-from . import settings
-from .config import LlamaConfig
-from .errors import ModelError, ProtocolError
-from .model import KV_PLACEMENTS, EnclaveModel
+from .. import settings
+from ..model.config import LlamaConfig
+from ..errors import ModelError, ProtocolError
+from .llama import KV_PLACEMENTS, EnclaveModel
 from .ops import RemoteOps
-from .perflog import PerfLog
-from .ring import LARGE_ALIGN
-from .server import client_info
-from .transport import make_client_transport, transport_label
-from .weights import projection_rows
+from ..tools.perflog import PerfLog
+from ..wire.ring import LARGE_ALIGN
+from ..wire.peer import client_info
+from ..wire.transport import make_client_transport, transport_label
+from ..model.config import projection_rows
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -15,8 +15,8 @@ import json
 import msgpack
 import torch
 
-from . import settings
-from .errors import PeerError, ProtocolError
+from .. import settings
+from ..errors import PeerError, ProtocolError
 from .native import now_ns
 from .protocol import MAX_TENSORS, NAME_BY_DTYPE, TOKEN_BYTES, check_shape, dtype_from_name
 from .transport import CallStats, ClientTransport, ReplyBuilder, Reply, Request, ServerSession

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ProtocolError, SetupError
+from ..errors import ProtocolError, SetupError
 
 try:
     from ._native import ffi, lib

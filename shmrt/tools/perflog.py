@@ -12,7 +12,7 @@ import json
 import platform
 import time
 
-from .transport import CallStats
+from ..wire.stats import CallStats
 
 RULE = "=" * 120
 WIDTHS = (5, 20, 15, 12, 12, 17, 12, 12, 12, 18)

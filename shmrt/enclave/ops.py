@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .compute import KVStore, LinearCompute
-from .config import LlamaConfig
-from .errors import ProtocolError
-from .protocol import MATMUL_TRANSPOSE_B, projection_bits
-from .transport import ClientTransport, Reply
-from .weights import projection_rows
+from ..model.config import LlamaConfig, projection_rows
+from ..errors import ProtocolError
+from ..wire.protocol import MATMUL_TRANSPOSE_B, projection_bits
+from ..wire.transport import ClientTransport, Reply
 
 
 def _matmul_op(transpose_b: bool, cache: int) -> int:
@@ -56,42 +54,3 @@ class RemoteOps:
 
     def lm_head(self, x: torch.Tensor) -> Reply:
         return self._call("LMHead", [x], [(x.shape[0], self.cfg.vocab_size)], torch.float32)
-
-
-class LocalOps:
-    """The daemon's compute in-process; results come back as CPU tensors in the wire dtype."""
-
-    def __init__(self, compute: LinearCompute, wire_dtype: torch.dtype = torch.float32):
-        self.c = compute
-        self.wire_dtype = wire_dtype
-        self.kv = KVStore(compute.cfg)
-        self.pinned = compute.device.type == "cuda"
-
-    def _out(self, tensors, dtype=None) -> Reply:
-        out = []
-        for t in tensors:
-            t = t.to(dtype or self.wire_dtype)
-            out.append(t if t.device.type == "cpu" else
-                       torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t))
-        return Reply(out, stats=None)
-
-    def _wire(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.wire_dtype) if t.is_floating_point() else t
-
-    def staging(self, shape) -> torch.Tensor:
-        # Pinned (and reused by torch's caching host allocator) on CUDA: the floor moves bytes to and
-        # from the GPU by DMA, as the daemon does from its registered ring.
-        return torch.empty(tuple(shape), dtype=self.wire_dtype, pin_memory=self.pinned)
-
-    def embedding(self, ids) -> Reply:
-        return self._out([self.c.embedding(ids)])
-
-    def linear(self, layer, names, x) -> Reply:
-        return self._out(self.c.linear(layer, names, self._wire(x)))
-
-    def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=0, pos=0) -> Reply:
-        return self._out([self.c.matmul(self._wire(a), self._wire(b), _matmul_op(transpose_b, cache),
-                                        layer, pos, self.kv)])
-
-    def lm_head(self, x) -> Reply:
-        return self._out([self.c.lm_head(self._wire(x))], torch.float32)

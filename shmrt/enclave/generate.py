@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import EnclaveModel
-from .native import now_ns
+from .llama import EnclaveModel
+from ..wire.native import now_ns
 
 
 @dataclass

@@ -40,7 +40,7 @@ import time
 
 import posix_ipc
 
-from .errors import ProtocolError, RingFull, SetupError, TensorTooLarge
+from ..errors import ProtocolError, RingFull, SetupError, TensorTooLarge
 from .native import MappedBuffer
 
 MAGIC = b"SHMRTRNG"

@@ -8,9 +8,10 @@ import statistics
 import torch
 import zmq
 
-from ..native import MappedBuffer, now_ns
-from ..server import EchoHandler, Server, client_info
-from ..transport import make_client_transport
+from ...wire.native import MappedBuffer, now_ns
+from ...host.server import EchoHandler, Server
+from ...wire.peer import client_info
+from ...wire.transport import make_client_transport
 
 
 def _serve_echo(endpoint: str) -> None:

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .errors import ShmrtError
+from ..errors import ShmrtError
 from .perflog import COLUMNS
 
 HEADER_RE = re.compile(r"^ZeroMQ Performance Log - Transport: (\S+)\s*$")
