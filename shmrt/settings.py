@@ -23,6 +23,15 @@ def runtime_dir() -> pathlib.Path:
     return path
 
 
+def cache_dir() -> pathlib.Path:
+    """Where shmrt keeps what it computed once, e.g. checkpoint digests (SHMRT_CACHE_DIR, else
+    XDG_CACHE_HOME/shmrt or ~/.cache/shmrt)."""
+    base = os.environ.get("SHMRT_CACHE_DIR")
+    path = pathlib.Path(base) if base else pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "shmrt"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
 def default_endpoint() -> str:
     return os.environ.get("SHMRT_ENDPOINT") or f"ipc://{runtime_dir() / 'daemon.sock'}"
 
@@ -31,6 +40,12 @@ def max_reply_bytes() -> int:
     """The largest reply a msgpack session may ask the daemon for (SHMRT_MAX_REPLY_MIB, default 2048).
     An shm reply is bounded by the client's response ring instead."""
     return int(float(os.environ.get("SHMRT_MAX_REPLY_MIB", "2048")) * 2**20)
+
+
+def poison() -> bool:
+    """SHMRT_POISON=1: released ring space is overwritten with 0xFF before it is handed back (tests:
+    a view kept past its scope then reads NaN instead of plausible stale numbers)."""
+    return os.environ.get("SHMRT_POISON", "") not in ("", "0")
 
 
 def enclave_forced() -> bool:

@@ -15,6 +15,10 @@ from shmrt.tools.process import DaemonProcess
 
 SPAWN = mp.get_context("spawn")
 
+# Every test runs with poisoned ring memory (released space overwritten with 0xFF, NaN as a float):
+# a view kept past its scope reads NaN and fails loudly. Daemons started by the tests inherit it.
+os.environ.setdefault("SHMRT_POISON", "1")
+
 
 def shm_segments() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("shmrt-")}
@@ -90,6 +94,15 @@ def model_daemon(tmp_path):
         d.stop()
 
 
+def shmrt_argv(*args) -> list[str]:
+    """`python -m shmrt ARGS`, on the tiny preset unless ARGS name a model (the real default, SmolLM2,
+    takes ~20 s to start on 2 cores: the tests that want it say so)."""
+    args = list(args)
+    if args and args[0] in ("run", "client", "daemon") and "--model" not in args:
+        args[1:1] = ["--model", "tiny"]
+    return [sys.executable, "-m", "shmrt", *args]
+
+
 def pytest_report_header(config):
     return f"python {sys.version.split()[0]}, /dev/shm free: {os.statvfs('/dev/shm').f_bavail * os.statvfs('/dev/shm').f_frsize >> 20} MiB"
 
@@ -105,7 +118,7 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
 
 
 def write_checkpoint(path: pathlib.Path, *, tie: bool, scaling: dict | None, kv_heads: int = 2,
-                     layers: int = 2, legacy_config: bool = False, shard: str | None = None, seed: int = 0):
+                     layers: int = 4, legacy_config: bool = False, shard: str | None = None, seed: int = 0):
     import json
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -1,11 +1,10 @@
 """The v2.4 log layout (writer) and `shmrt analyze` (reader, report, comparison, JSON, plot)."""
 import json
 import subprocess
-import sys
 
 import pytest
 
-from conftest import repo_root
+from conftest import repo_root, shmrt_argv
 from shmrt.tools import analyze
 from shmrt.tools.perflog import LINE_WIDTH, RULE, SUMMARY_KEYS, PerfLog, format_row, row_fields
 from shmrt.wire.stats import CallStats
@@ -52,7 +51,7 @@ def test_analyzer_splits_the_v24_sample_into_two_runs_and_matches_its_summary():
 
 
 def shmrt(*args):
-    return subprocess.run([sys.executable, "-m", "shmrt", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(shmrt_argv(*args), capture_output=True, text=True, timeout=120)
 
 
 def test_real_runs_over_both_transports_read_back_compare_and_plot(tmp_path):

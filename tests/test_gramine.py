@@ -2,13 +2,12 @@
 the client's forced enclave mode refuses ipc:// and matches a native run over tcp."""
 import importlib.util
 import subprocess
-import sys
 import tomllib
 
 import numpy as np
 import pytest
 
-from conftest import repo_root
+from conftest import repo_root, shmrt_argv
 from shmrt.wire.ring import Ring
 
 spec = importlib.util.spec_from_file_location("check_manifest", repo_root() / "gramine" / "check_manifest.py")
@@ -55,7 +54,7 @@ def test_validator_catches_deprecated_keys_and_missing_shm_mount():
 
 
 def shmrt(*args):
-    return subprocess.run([sys.executable, "-m", "shmrt", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(shmrt_argv(*args), capture_output=True, text=True, timeout=120)
 
 
 def test_forced_enclave_mode_refuses_ipc(tmp_path):

@@ -13,7 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from shmrt.wire import protocol
-from shmrt.host.compute import KVStore, LinearCompute
+from shmrt.host.compute import LinearCompute
+from shmrt.model.calls import matmul_bits
 from shmrt.host.daemon import ModelHandler
 from shmrt.errors import ProtocolError, ShmrtError
 from shmrt.wire.ring import OFF_TAIL, Consumer, Ring
@@ -80,7 +81,7 @@ def doorbells(draw):
 @pytest.fixture(scope="module")
 def attached_session():
     w = load_weights("tiny")
-    handler = ModelHandler(LinearCompute(w, "cpu", torch.float32), "tiny", log=lambda m: None)
+    handler = ModelHandler(LinearCompute(w, "cpu", torch.float32), "tiny", "0" * 64, log=lambda m: None)
     with Ring.create(CAP, "req") as req, Ring.create(CAP, "rsp") as rsp:
         session = ShmServerSession(TOKEN, reply_timeout=0.0)
         session.req, session.rsp = Ring.attach(req.name, CAP), Ring.attach(rsp.name, CAP)
@@ -100,7 +101,7 @@ def _start_from_empty_rings(session, rsp) -> None:
 def test_fuzzed_doorbells_through_the_daemons_request_path_raise_only_shmrt_errors(attached_session, raw, fill):
     handler, session, rsp = attached_session
     _start_from_empty_rings(session, rsp)
-    state = {"kv": KVStore(handler.c.cfg)}
+    state = {"kv": handler.c.new_kv_store()}
     try:
         session.req.data[: min(CAP, 4096)] = bytes([fill]) * min(CAP, 4096)
         request = session.decode(raw)
@@ -117,7 +118,7 @@ def test_fuzzed_doorbells_through_the_daemons_request_path_raise_only_shmrt_erro
 def _handle(handler, session, rsp, bell: protocol.Doorbell) -> None:
     _start_from_empty_rings(session, rsp)
     request = session.decode(protocol.encode(bell))
-    handler.handle(request, session.reply_builder(), {"kv": KVStore(handler.c.cfg)}, session)
+    handler.handle(request, session.reply_builder(), {"kv": handler.c.new_kv_store()}, session)
 
 
 def _desc(offset, dtype, shape):
@@ -160,7 +161,7 @@ def test_cached_rows_must_have_the_models_kv_heads_and_head_dim(attached_session
     q, k = _desc(0, torch.float32, (1, 2, 2, 8)), _desc(128, torch.float32, (1, 2, 1, 8))  # head dim 8, not 16
     with pytest.raises(ProtocolError, match="KV heads, head dim"):
         _handle(handler, session, rsp, protocol.Doorbell(protocol.Method.Matmul, 1, TOKEN, layer=0,
-                                                         op=protocol.MATMUL_TRANSPOSE_B | protocol.MATMUL_CACHE_K,
+                                                         op=matmul_bits(True, "k"),
                                                          ring_end=256, tensors=(q, k)))
 
 

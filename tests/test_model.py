@@ -10,13 +10,13 @@ from shmrt.enclave.generate import Sampler, generate
 from shmrt.enclave.llama import EnclaveModel
 from shmrt.host.local_ops import LocalOps
 from shmrt.host.weights import load_weights
-from shmrt.model.checkpoint import resolve_model
+from shmrt.model.checkpoint import load_enclave_part, resolve_model
 
 
 def local_model(path, kv_cache="daemon"):
     w = load_weights(str(path))
     compute = LinearCompute(w, "cpu", torch.float32)
-    return EnclaveModel(w.cfg, *compute.init_tensors(), LocalOps(compute), kv_cache)
+    return EnclaveModel(load_enclave_part(w.source), LocalOps(compute), kv_cache)
 
 
 @pytest.mark.parametrize("name", ["gqa-tied-llama3", "untied-mha-legacy", "sharded-gqa"])
@@ -45,8 +45,8 @@ def test_one_shot_prefill_equals_token_by_token(kv_cache):
     w = load_weights("tiny")
     compute = LinearCompute(w, "cpu", torch.float32)
     ids = random_ids(16, w.cfg.vocab_size, seed=5)
-    one_shot = EnclaveModel(w.cfg, *compute.init_tensors(), LocalOps(compute), kv_cache).forward(ids, 0)
-    stepwise = EnclaveModel(w.cfg, *compute.init_tensors(), LocalOps(compute), kv_cache)
+    one_shot = EnclaveModel(load_enclave_part(w.source), LocalOps(compute), kv_cache).forward(ids, 0)
+    stepwise = EnclaveModel(load_enclave_part(w.source), LocalOps(compute), kv_cache)
     logits = stepwise.forward(ids[:, :6], 0)
     for pos in range(6, 16):
         logits = stepwise.forward(ids[:, pos:pos + 1], pos)
@@ -56,7 +56,7 @@ def test_one_shot_prefill_equals_token_by_token(kv_cache):
 def test_config_parsing_errors_are_clear(tmp_path):
     with pytest.raises(ModelError, match="unknown preset"):
         LlamaConfig.from_name("huge")
-    with pytest.raises(ModelError, match="neither a preset"):
+    with pytest.raises(ModelError, match="neither a model name"):
         resolve_model(str(tmp_path / "missing"))
     with pytest.raises(ModelError, match="config.json"):
         resolve_model(str(tmp_path))

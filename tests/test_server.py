@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import shm_segments
+from conftest import shm_segments, shmrt_argv
 from shmrt.tools.process import DaemonProcess
 from shmrt.errors import PeerError, SetupError
 from shmrt.wire.peer import client_info
@@ -52,7 +52,7 @@ def test_8_concurrent_clients_get_the_same_logits_as_each_alone(model_daemon):
 
 
 def _shmrt(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "shmrt", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(shmrt_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **kw)
 
 
@@ -84,7 +84,9 @@ def test_kill_9_daemon_mid_run_client_fails_within_timeout_and_unlinks(tmp_path)
         client.kill()
         daemon.stop()
     print(f"client noticed the dead daemon after {detect:.2f} s")
-    assert client.returncode == 2 and "did not answer within 2 s" in err and "Traceback" not in err
+    # Killed between calls, the next send finds no peer; killed inside one, the reply never comes.
+    assert client.returncode == 2 and "Traceback" not in err
+    assert "did not answer within 2 s" in err or "no daemon is accepting connections" in err, err
     assert detect < 2 + 3
     assert not (ours & shm_segments()), "the client left its rings behind"
     with DaemonProcess(["--model", "tiny"], endpoint, quiet=True):  # a restarted daemon serves a new client

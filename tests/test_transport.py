@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from shmrt.errors import PeerError, PeerTimeout, SetupError, TensorTooLarge
+from shmrt.errors import PeerError, PeerTimeout, SetupError, StaleView, TensorTooLarge
 from shmrt.wire.peer import client_info
 from shmrt.wire.transport import check_endpoint, make_client_transport
 
@@ -43,12 +43,37 @@ def test_shm_staged_tensor_is_sent_without_a_copy(echo_daemon):
         t.hello(client_info())
         t.open_session(1 << 20)
         t.call("Init").release()
-        buf = t.staging((256,), torch.float32)
-        buf.copy_(torch.arange(256.0))
-        with t.call("Matmul", [buf]) as r:
-            assert torch.equal(r.tensors[0], torch.arange(256.0))
+        with t.request() as req:
+            buf = req.alloc((256,))
+            buf.copy_(torch.arange(256.0))
+            r = t.call("Matmul", [buf])
+        with r:
+            assert torch.equal(r.view(0), torch.arange(256.0))
             assert r.stats.copy_in_ns == 0
             assert r.stats.payload_sent == 1024
+
+
+def test_shm_stale_staged_buffer_or_reply_view_raises(echo_daemon):
+    """Lifetimes are enforced: a staged buffer feeds only the call its request sends; a reply's views
+    end with its with block."""
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        t.open_session(1 << 20)
+        t.call("Init").release()
+        with t.request() as req:
+            buf = req.alloc((64,))
+            buf.fill_(1.0)
+            t.call("Matmul", [buf]).release()
+        with pytest.raises(StaleView, match="no open request staged"):
+            t.call("Matmul", [buf])             # the request that staged it was sent already
+        with pytest.raises(StaleView, match="after its call was sent"):
+            req.alloc((4,))
+        with t.call("Matmul", [torch.ones(8)]) as r:
+            assert torch.equal(r.take(0), torch.ones(8))
+        with pytest.raises(StaleView, match="after its release"):
+            r.view(0)
+        with pytest.raises(StaleView):
+            r.take(0)
 
 
 def test_shm_many_random_calls_wrap_the_rings(echo_daemon):

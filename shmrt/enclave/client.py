@@ -1,18 +1,20 @@
 """The enclave side: a session with the daemon and the model's non-linear half.
 
-`EnclaveClient` owns the transport (and so the rings) and the perf log; as a context manager it
-opens the session (Hello, rings sized for the model, Init) and always tears it down.
+`EnclaveClient` loads its half of the model (config, norms, RoPE) from its own copy of the checkpoint,
+owns the transport (and so the rings) and the perf log; as a context manager it opens the session
+(Hello: the daemon must serve the same model, by digest; rings sized for the model; Init) and always
+tears it down. Nothing the enclave computes with comes from the host.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from .. import settings
+from ..model.checkpoint import ModelSource, load_enclave_part, resolve_model
 from ..model.config import LlamaConfig
-from ..errors import ModelError, ProtocolError
+from ..errors import ModelError
 from .llama import KV_PLACEMENTS, EnclaveModel
 from .ops import RemoteOps
 from ..tools.perflog import PerfLog
@@ -36,14 +38,13 @@ def ring_bytes_for(cfg: LlamaConfig, prompt_tokens: int, total_tokens: int, wire
         batch * S * (rows["gate_proj"] + rows["up_proj"]) * item,         # gate|up reply
         batch * S * (rows["q_proj"] + 2 * rows["k_proj"]) * item,
         batch * cfg.vocab_size * 4,                                       # logits
-        (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size * 4 + cfg.head_dim * 2,  # Init
     ]
     largest = max(candidates) + 8 * LARGE_ALIGN
     return max(2 * largest, 1 << 20)
 
 
 class EnclaveClient:
-    def __init__(self, *, endpoint: str, transport: str = "shm", wire_dtype: str = "float32",
+    def __init__(self, *, endpoint: str, model: str | ModelSource = "tiny", transport: str = "shm", wire_dtype: str = "float32",
                  kv_cache: str = "daemon", timeout: float | None = None, log_path: str | None = None,
                  prompt_tokens: int = 1, total_tokens: int = 1, ring_mib: float | None = None,
                  enclave: bool = False, run_info: dict | None = None):
@@ -63,6 +64,8 @@ class EnclaveClient:
         self.ring_mib = ring_mib
         self.enclave = enclave
         self.run_info = run_info or {}
+        self.source = model if isinstance(model, ModelSource) else resolve_model(model)
+        self.part = load_enclave_part(self.source)
         self.transport = None
         self.perflog: PerfLog | None = None
         self.server_info: dict = {}
@@ -84,10 +87,12 @@ class EnclaveClient:
         self.transport = make_client_transport(self.transport_name, self.endpoint, timeout=self.timeout,
                                                enclave=self.enclave)
         info = self.transport.hello({**client_info(), "wire_dtype": self.wire_name})
-        if not isinstance(info.get("config"), dict):
-            raise ProtocolError("Hello reply carries no model config: is that a shmrt model daemon?")
         self.server_info = info
-        self.cfg = LlamaConfig.from_dict(info["config"])
+        if info.get("digest") != self.part.digest:
+            raise ModelError(f"the daemon at {self.endpoint} serves another model than this client's "
+                             f"{self.source.spec!r} (digest {str(info.get('digest'))[:12]!r}, ours "
+                             f"{self.part.digest[:12]!r}): start both with the same --model, --layers and --seed")
+        self.cfg = self.part.cfg
         if self.total_tokens > self.cfg.max_position_embeddings:
             raise ModelError(f"prompt plus new tokens = {self.total_tokens} positions, but the model allows "
                              f"{self.cfg.max_position_embeddings}")
@@ -103,28 +108,9 @@ class EnclaveClient:
                 "versions": {"torch": torch.__version__, "shmrt": _version()}, "client_pid": os.getpid(),
                 **self.run_info})
             self.transport.observers.append(self.perflog)
-        with self.transport.call("Init") as reply:
-            if len(reply.tensors) != 2:
-                raise ProtocolError(f"Init reply has {len(reply.tensors)} tensors, expected norms and inv_freq")
-            norms, inv_freq = (t.float().clone() for t in reply.tensors)
-            try:
-                scaling = float(json.loads(reply.text or "{}").get("attention_scaling", 1.0))
-            except (ValueError, TypeError, AttributeError):
-                raise ProtocolError("Init reply text is not the expected JSON") from None
-        cfg = self.cfg
-        if tuple(norms.shape) != (2 * cfg.num_hidden_layers + 1, cfg.hidden_size) or \
-                tuple(inv_freq.shape) != (cfg.head_dim // 2,):
-            raise ProtocolError(f"Init tensors {tuple(norms.shape)} / {tuple(inv_freq.shape)} do not fit the config")
-        ops = RemoteOps(self.transport, cfg, self.wire)
-        self.model = EnclaveModel(cfg, norms, inv_freq, scaling, ops, self.kv_cache)
-
-    def check_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        vocab = self.cfg.vocab_size
-        if ids.numel() == 0:
-            raise ModelError("the prompt is empty")
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ModelError(f"token ids must lie in [0, {vocab}); got min {int(ids.min())}, max {int(ids.max())}")
-        return ids
+        self.transport.call("Init").release()
+        ops = RemoteOps(self.transport, self.cfg, self.wire)
+        self.model = EnclaveModel(self.part, ops, self.kv_cache)
 
     def close(self) -> None:
         if self.perflog is not None:

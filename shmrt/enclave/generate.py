@@ -45,12 +45,16 @@ def decode_one(model: EnclaveModel, token: torch.Tensor) -> torch.Tensor:
     return model.forward(token.view(-1, 1), model.length)
 
 
-def decode_n(model: EnclaveModel, logits: torch.Tensor, n: int, sampler: Sampler, progress=None) -> list[torch.Tensor]:
-    """Sample n tokens, each fed back through `decode_one` (the last one is not fed)."""
+def decode_n(model: EnclaveModel, logits: torch.Tensor, n: int, sampler: Sampler, progress=None,
+             stop_id: int | None = None) -> list[torch.Tensor]:
+    """Sample up to n tokens, each fed back through `decode_one` (the last one is not fed); stops after
+    `stop_id` (end of sequence) when every sequence sampled it."""
     tokens = []
     for i in range(n):
         token = sampler(logits)
         tokens.append(token)
+        if stop_id is not None and bool((token == stop_id).all()):
+            break
         if i + 1 < n:
             logits = decode_one(model, token)
         if progress:
@@ -69,7 +73,7 @@ class Generation:
 
 
 def generate(model: EnclaveModel, ids: torch.Tensor, max_new_tokens: int, sampler: Sampler,
-             perflog=None, progress=None) -> Generation:
+             perflog=None, progress=None, stop_id: int | None = None) -> Generation:
     if perflog:
         perflog.phase = "prefill"
     t0 = now_ns()
@@ -78,9 +82,9 @@ def generate(model: EnclaveModel, ids: torch.Tensor, max_new_tokens: int, sample
     if perflog:
         perflog.mark_phase("prefill", t0, t1, ids.shape[1])
         perflog.phase = "decode"
-    tokens = decode_n(model, logits, max_new_tokens, sampler, progress)
+    tokens = decode_n(model, logits, max_new_tokens, sampler, progress, stop_id)
     t2 = now_ns()
-    steps = max(max_new_tokens - 1, 0)  # forwards actually run while decoding
+    steps = max(len(tokens) - 1, 0) if len(tokens) < max_new_tokens else max(max_new_tokens - 1, 0)
     if perflog and max_new_tokens:
         perflog.mark_phase("decode", t1, t2, steps)
     return Generation(ids.shape[1], [int(t[0]) for t in tokens], logits, (t1 - t0) / 1e9, (t2 - t1) / 1e9, steps)

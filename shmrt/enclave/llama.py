@@ -4,35 +4,25 @@ Everything with a weight matrix (embedding, projections, Q*K^T, P*V, LM head) go
 `ops` object: `RemoteOps` sends it to the daemon over a transport, `LocalOps` computes it
 in-process (the reference and the compute floor). The math lives here once.
 
-Each ops call returns a `Reply` whose tensors may be views into the transport's memory: they
-are used inside a `with` block and released before the next call needs the space. The other way,
-every large input of the next call is written by its op straight into `ops.staging(...)` (for shm a
-view on the request ring): the enclave writes each byte it sends once, and never copies it again. A
-staged buffer feeds only the very next call (the ring reuses the space once the daemon releases it).
-GQA needs no repeat: query heads of one KV group are stacked along rows, so Q*K^T and P*V are
-plain batched matmuls over [B, Hkv, g*S, ...] (contiguous views, no copies).
+Zero copy, with lifetimes the types enforce (wire/scopes.py): every large input of a call is written
+once, straight into `req.alloc(...)` of the `ops.request()` that sends it (for shm a view on the
+request ring); each reply is read inside its `with` block through `view(i)`, and whatever must outlive
+the block is `take(i)`-en (an owned copy). GQA needs no repeat: query heads of one KV group are
+stacked along rows, so Q*K^T and P*V are plain batched matmuls over [B, Hkv, g*S, ...].
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..model.config import LlamaConfig
-from ..wire.protocol import MATMUL_CACHE_K, MATMUL_CACHE_V
+from ..errors import ProtocolError
+from ..model.checkpoint import EnclavePart
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 O = ["o_proj"]
 GATE_UP = ["gate_proj", "up_proj"]
 DOWN = ["down_proj"]
 KV_PLACEMENTS = ("client", "daemon")
-
-
-def owned(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """`t` as float32 memory of our own: copies if it still aliases `source` (a reply view)."""
-    t = t.float()
-    if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
-        t = t.clone()
-    return t
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,16 +59,26 @@ def causal_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float
         out.copy_(torch.softmax(x, dim=-1))
 
 
+def check_finite(t: torch.Tensor, method: str, layer: int) -> torch.Tensor:
+    """Refuse a non-finite state: NaN/Inf in a reply would flow on into the logits and the sampler and
+    come out as text. One pass over the residual stream per check (per layer: after attention, after
+    the MLP; and the logits)."""
+    if not bool(torch.isfinite(t).all()):
+        where = f"layer {layer}" if layer >= 0 else "the last step"
+        raise ProtocolError(f"the daemon's {method} reply made the {'logits' if layer < 0 else 'hidden state'} "
+                            f"non-finite at {where}: refusing to go on with NaN/Inf")
+    return t
+
+
 class EnclaveModel:
     """The enclave's half of a LLaMA: holds norms and RoPE, drives `ops` for the rest."""
 
-    def __init__(self, cfg: LlamaConfig, norms: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float,
-                 ops, kv_cache: str = "daemon"):
+    def __init__(self, part: EnclavePart, ops, kv_cache: str = "daemon"):
         assert kv_cache in KV_PLACEMENTS, kv_cache
-        self.cfg = cfg
-        self.norms = norms.float()            # [2L+1, D]
-        self.inv_freq = inv_freq.float()      # [hd/2]
-        self.attention_scaling = attention_scaling
+        self.cfg = cfg = part.cfg
+        self.norms = part.norms                 # [2L+1, D] float32, from the enclave's own checkpoint copy
+        self.inv_freq = part.inv_freq           # [hd/2]
+        self.attention_scaling = part.attention_scaling
         self.ops = ops
         self.kv_cache = kv_cache
         self.scale = cfg.head_dim ** -0.5
@@ -99,41 +99,55 @@ class EnclaveModel:
             raise ValueError(f"forward at position {start}, but the cache holds {self.length}")
         B, S = ids.shape
         with self.ops.embedding(ids) as r:
-            h = owned(r.tensors[0], r.tensors[0])             # h: [B, S, D]
+            h = r.take(0)                                      # h: [B, S, D]
         cos, sin = rope_cos_sin(self.inv_freq, start, S, self.attention_scaling)
         mask = causal_mask(start, S)
         for layer in range(cfg.num_hidden_layers):
             h = self._block(layer, h, start, cos, sin, mask)
         x = rms_norm(h[:, -1:, :], self.norms[-1], cfg.rms_norm_eps)  # x: [B, 1, D]
         with self.ops.lm_head(x) as r:
-            logits = owned(r.tensors[0], r.tensors[0])        # [B, V]
+            logits = check_finite(r.take(0), "LMHead", -1)     # [B, V]
         self.length = start + S
         return logits
 
     def _block(self, layer: int, h: torch.Tensor, start: int, cos, sin, mask) -> torch.Tensor:
         cfg = self.cfg
-        B, S, _ = h.shape
+        B, S, D = h.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        staging = self.ops.staging
-        x = rms_norm(h, self.norms[2 * layer], cfg.rms_norm_eps, out=staging((B, S, cfg.hidden_size)))
-        with self.ops.linear(layer, QKV, x) as r:
-            q, k, v = (t.float() for t in r.tensors)
-            # q (and k, when only new rows travel) feed the next call: rotate them straight into the ring
-            q = apply_rope(q.view(B, S, H, hd).transpose(1, 2), cos, sin, out=staging((B, H, S, hd)))
-            k_out = staging((B, Hkv, S, hd)) if self.kv_cache == "daemon" else None
-            k = apply_rope(k.view(B, S, Hkv, hd).transpose(1, 2), cos, sin, out=k_out)  # [B, Hkv, S, hd]
-            v = owned(v.view(B, S, Hkv, hd).transpose(1, 2).contiguous(), r.tensors[2])  # [B, Hkv, S, hd]
-        attn = self._attention(layer, q, k, v, start, mask)                          # [B, S, H*hd]
-        with self.ops.linear(layer, O, attn) as r:
-            h = h + r.tensors[0].float()
-        x = rms_norm(h, self.norms[2 * layer + 1], cfg.rms_norm_eps, out=staging((B, S, cfg.hidden_size)))
-        with self.ops.linear(layer, GATE_UP, x) as r:
-            gate, up = (t.float() for t in r.tensors)
-            act = torch.mul(F.silu(gate), up, out=staging((B, S, cfg.intermediate_size)))  # [B, S, I]
-        with self.ops.linear(layer, DOWN, act) as r:
-            return h + r.tensors[0].float()
+        eps = cfg.rms_norm_eps
+        with self.ops.request() as req:
+            x = rms_norm(h, self.norms[2 * layer], eps, out=req.alloc((B, S, D)))
+            qkv = self.ops.linear(layer, QKV, x)
+        with self.ops.request() as req:
+            with qkv:
+                q, k, v = qkv.views()
+                # q (and k, when only new rows travel) feed the next call: rotate them straight into it
+                q = apply_rope(q.float().view(B, S, H, hd).transpose(1, 2), cos, sin, out=req.alloc((B, H, S, hd)))
+                k_out = req.alloc((B, Hkv, S, hd)) if self.kv_cache == "daemon" else None
+                k = apply_rope(k.float().view(B, S, Hkv, hd).transpose(1, 2), cos, sin, out=k_out)  # [B, Hkv, S, hd]
+                v = qkv.take(2).view(B, S, Hkv, hd).transpose(1, 2).contiguous()                 # [B, Hkv, S, hd]
+            attn = self._attention(layer, q, k, v, start, mask)                                  # a reply
+        with self.ops.request() as req:
+            with attn:
+                ctx = req.alloc((B, S, H * hd))                # o_proj's input, written once
+                ctx.view(B, S, H, hd).copy_(attn.view(0).view(B, H, S, hd).transpose(1, 2))
+            o = self.ops.linear(layer, O, ctx)
+        with o:
+            h = check_finite(h + o.view(0).float(), "Matmul/BatchLinear o_proj", layer)
+        with self.ops.request() as req:
+            x = rms_norm(h, self.norms[2 * layer + 1], eps, out=req.alloc((B, S, D)))
+            gate_up = self.ops.linear(layer, GATE_UP, x)
+        with self.ops.request() as req:
+            with gate_up:
+                gate, up = (t.float() for t in gate_up.views())
+                act = torch.mul(F.silu(gate), up, out=req.alloc((B, S, cfg.intermediate_size)))  # [B, S, I]
+            down = self.ops.linear(layer, DOWN, act)
+        with down:
+            return check_finite(h + down.view(0).float(), "BatchLinear down_proj", layer)
 
-    def _attention(self, layer: int, q, k, v, start: int, mask) -> torch.Tensor:
+    def _attention(self, layer: int, q, k, v, start: int, mask):
+        """Q*K^T, causal softmax, P*V; q (and k) are staged in the open request. Returns P*V's reply
+        [B, Hkv, g*S, hd], to be read by the caller."""
         B, H, S, hd = q.shape
         Hkv = k.shape[1]
         T = start + S
@@ -146,14 +160,11 @@ class EnclaveModel:
             ctx_call = dict(transpose_b=False)
         else:
             keys, values = k, v                                 # only the new rows travel
-            score_call = dict(transpose_b=True, layer=layer, cache=MATMUL_CACHE_K, pos=start)
-            ctx_call = dict(transpose_b=False, layer=layer, cache=MATMUL_CACHE_V, pos=start)
-        probs = None
-        with self.ops.matmul(qg, keys, expect_cols=T, **score_call) as r:
-            scores = r.tensors[0]                               # [B, Hkv, g*S, T]
-            probs = self.ops.staging(scores.shape)              # written in place: no extra copy
-            causal_softmax(scores.view(B, H, S, T), mask, self.scale, probs.view(B, H, S, T))
-        with self.ops.matmul(probs, values, expect_cols=hd, **ctx_call) as r:
-            attn = self.ops.staging((B, S, H * hd))             # o_proj's input, written once
-            attn.view(B, S, H, hd).copy_(r.tensors[0].view(B, H, S, hd).transpose(1, 2))
-            return attn
+            score_call = dict(transpose_b=True, layer=layer, cache="k", pos=start)
+            ctx_call = dict(transpose_b=False, layer=layer, cache="v", pos=start)
+        scores = self.ops.matmul(qg, keys, expect_cols=T, **score_call)
+        with self.ops.request() as req:
+            with scores:
+                probs = req.alloc(scores.view(0).shape)        # written in place: no extra copy
+                causal_softmax(scores.view(0).view(B, H, S, T), mask, self.scale, probs.view(B, H, S, T))
+            return self.ops.matmul(probs, values, expect_cols=hd, **ctx_call)

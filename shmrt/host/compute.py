@@ -1,6 +1,9 @@
 """The daemon's linear algebra: embedding, projections, Q*K^T and P*V (with an optional K/V
-cache per session), LM head. Inputs are CPU tensors (possibly views on a ring); outputs are
-tensors on the compute device. Argument checks raise ModelError/ProtocolError, never a
+cache per session), LM head. Inputs are CPU tensors (possibly views on a ring, valid only until the
+request is released); outputs are tensors on the compute device. Anything kept past the request
+(the K/V cache) goes through `keep()`, the one place that makes an owned copy on the device: on a CPU
+daemon `.to(device)` is a no-op, and a cache that aliased the ring was overwritten as soon as the ring
+wrapped (every token after the first was wrong on real models). Argument checks raise ModelError/ProtocolError, never a
 device-side assert: ids are copied out of shared memory first, then range-checked.
 
 Every op checks the size of its result *before* computing it (`max_elements`: what the reply can
@@ -17,7 +20,6 @@ import torch
 
 from ..model.config import LlamaConfig
 from ..errors import ModelError, ProtocolError, TensorTooLarge
-from ..wire.protocol import KNOWN_MATMUL_BITS, MATMUL_CACHE_K, MATMUL_CACHE_V, MATMUL_TRANSPOSE_B
 from ..model.config import projection_cols, projection_rows
 from .weights import LlamaWeights
 
@@ -30,11 +32,20 @@ def check_result_fits(shape, max_elements: int | None, what: str) -> None:
                              f"carry ({max_elements}): the client needs a larger --ring-mib (shm) or SHMRT_MAX_REPLY_MIB (msgpack)")
 
 
+def keep(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """An owned copy of request memory on the compute device: the only way bytes outlive a request."""
+    return view.to(device=device, dtype=dtype, copy=True)
+
+
+CACHES = ("k", "v")
+
+
 class KVStore:
     """K and V rows per layer for one session, on the compute device: [B, Hkv, T, hd]."""
 
-    def __init__(self, cfg: LlamaConfig, max_bytes: int | None = None):
+    def __init__(self, cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, max_bytes: int | None = None):
         layers = cfg.num_hidden_layers
+        self.device, self.dtype = device, dtype
         self.k: list[torch.Tensor | None] = [None] * layers
         self.v: list[torch.Tensor | None] = [None] * layers
         self.max_positions = cfg.max_position_embeddings
@@ -43,6 +54,7 @@ class KVStore:
         self.bytes = 0
 
     def append(self, layer: int, which: str, rows: torch.Tensor, pos: int) -> torch.Tensor:
+        """Store `rows` (a request view) at `pos` of layer `layer`'s K or V; returns all rows so far."""
         store = self.k if which == "k" else self.v
         if not 0 <= layer < len(store):
             raise ProtocolError(f"layer {layer} out of range [0, {len(store)})")
@@ -62,6 +74,7 @@ class KVStore:
             raise ModelError(f"this session's K/V cache would reach {(self.bytes - old + new) / 2**20:.2f} MiB, more "
                              f"than the daemon allows per session ({self.max_bytes / 2**20:.2f} MiB, --max-kv-mib): "
                              "use a shorter sequence or batch, or raise --max-kv-mib on the daemon")
+        rows = keep(rows, self.device, self.dtype)
         store[layer] = rows if not have else torch.cat([store[layer], rows], dim=2)
         self.bytes += new - old
         return store[layer]
@@ -102,33 +115,35 @@ class LinearCompute:
             return list(torch.split(y, [self.rows[n] for n in names], dim=-1))
         return [xd @ self.w.projection(layer, [n]).t() for n in names]
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, op: int, layer: int, pos: int,
-               kv: KVStore | None, max_elements: int | None = None) -> torch.Tensor:
-        if op & ~KNOWN_MATMUL_BITS or (op & MATMUL_CACHE_K and op & MATMUL_CACHE_V):
-            raise ProtocolError(f"Matmul op bits {op:#x} not understood")
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, *, transpose_b: bool, cache: str | None = None,
+               layer: int = -1, pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:
+        """a @ b (or a @ b^T); with `cache` ("k" or "v"), b holds new rows appended to the session's cache
+        at `pos` and the product uses every cached row."""
+        assert cache in (None, *CACHES), cache
         if a.dim() != 4 or b.dim() != 4 or a.shape[:2] != b.shape[:2] or a.dtype != b.dtype:
             raise ProtocolError(f"Matmul expects two [B, Hkv, rows, cols] tensors of one dtype, got "
                                 f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
-        cached = bool(op & (MATMUL_CACHE_K | MATMUL_CACHE_V))
-        if op & MATMUL_TRANSPOSE_B:  # result columns: rows of b (all cached rows, with the cache)
+        cached = cache is not None
+        if transpose_b:  # result columns: rows of b (all cached rows, with the cache)
             cols = b.shape[2] + (max(pos, 0) if cached else 0)
         else:
             cols = b.shape[3]
         check_result_fits((*a.shape[:-1], cols), max_elements, "Matmul")
-        bd = self._in(b)
         if cached:
             if kv is None:
                 raise ProtocolError("Matmul asks for the daemon K/V cache, which this session has not got")
-            bd = kv.append(layer, "k" if op & MATMUL_CACHE_K else "v", bd, pos)
-        inner_b = bd.shape[-1] if op & MATMUL_TRANSPOSE_B else bd.shape[-2]
+            bd = kv.append(layer, cache, b, pos)
+        else:
+            bd = self._in(b)
+        inner_b = bd.shape[-1] if transpose_b else bd.shape[-2]
         if a.shape[-1] != inner_b:
             raise ProtocolError(f"Matmul inner dims differ: {tuple(a.shape)} x {tuple(bd.shape)}"
-                                f"{' transposed' if op & MATMUL_TRANSPOSE_B else ''}")
+                                f"{' transposed' if transpose_b else ''}")
         ad = self._in(a)
         # Scores and probabilities are accumulated in float32 whatever the weights' dtype.
         if self.dtype != torch.float32:
             ad, bd = ad.float(), bd.float()
-        return torch.matmul(ad, bd.transpose(-1, -2) if op & MATMUL_TRANSPOSE_B else bd)
+        return torch.matmul(ad, bd.transpose(-1, -2) if transpose_b else bd)
 
     def lm_head(self, x: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
         D = self.cfg.hidden_size
@@ -137,8 +152,5 @@ class LinearCompute:
         check_result_fits((x.shape[0], self.cfg.vocab_size), max_elements, "LMHead")
         return (self._in(x.reshape(x.shape[0], D)) @ self.w.lm_head.t()).float()
 
-    def init_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        from ..model.config import rope_inv_freq
-        inv_freq, scaling = rope_inv_freq(self.cfg)
-        return self.w.norms(), inv_freq, scaling
-
+    def new_kv_store(self, max_bytes: int | None = None) -> KVStore:
+        return KVStore(self.cfg, self.device, self.dtype, max_bytes)

@@ -6,7 +6,6 @@ written straight into the response ring (on CUDA a DMA into the registered mappi
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -14,11 +13,13 @@ import time
 
 import torch
 
-from .compute import KVStore, LinearCompute
+from .compute import LinearCompute
 from ..errors import ProtocolError, SetupError
-from ..wire.protocol import dtype_from_name, projection_names
+from ..model.calls import matmul_args, projection_names
+from ..wire.protocol import dtype_from_name
 from .server import Handler, Server
 from ..wire.transport import ReplyBuilder, Request
+from ..model.checkpoint import model_digest, resolve_model
 from .weights import load_weights
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,15 +53,19 @@ def default_kv_quota(device: torch.device) -> int:
 
 
 class ModelHandler(Handler):
-    def __init__(self, compute: LinearCompute, model_name: str, log=print, max_kv_bytes: int | None = None):
+    def __init__(self, compute: LinearCompute, model_name: str, digest: str, log=print,
+                 max_kv_bytes: int | None = None):
         self.c = compute
         self.model_name = model_name
+        self.digest = digest
         self.log = log
         self.cuda = compute.device.type == "cuda"
         self.max_kv_bytes = max_kv_bytes if max_kv_bytes is not None else default_kv_quota(compute.device)
 
     def hello(self) -> dict:
-        return {"config": self.c.cfg.to_dict(), "model": self.model_name, "device": str(self.c.device),
+        # The client computes with nothing of this: it checks `digest` against its own copy of the model
+        # and takes the rest as labels for its log.
+        return {"model": self.model_name, "digest": self.digest, "device": str(self.c.device),
                 "dtype": str(self.c.dtype).replace("torch.", "")}
 
     @staticmethod
@@ -77,14 +82,11 @@ class ModelHandler(Handler):
         if wire not in (torch.float32, torch.bfloat16, torch.float16):
             raise ProtocolError(f"wire_dtype {wire} is not a floating type")
         ts = request.tensors
-        if method == "Init":
-            norms, inv_freq, scaling = self.c.init_tensors()
-            builder.alloc(norms.shape, torch.float32).copy_(norms)
-            builder.alloc(inv_freq.shape, torch.float32).copy_(inv_freq)
-            state["kv"] = KVStore(self.c.cfg, self.max_kv_bytes)
+        if method == "Init":  # the session's state; the enclave has its own half of the model already
+            state["kv"] = self.c.new_kv_store(self.max_kv_bytes)
             if self.cuda and hasattr(session, "host_buffers"):
                 state["registration"] = HostRegistration(session.host_buffers(), self.log)
-            return json.dumps({"attention_scaling": scaling})
+            return ""
         if "kv" not in state:
             raise ProtocolError(f"{method} before Init")
         expected = {"Embedding": 1, "BatchLinear": 1, "Matmul": 2, "LMHead": 1}[method]
@@ -97,8 +99,9 @@ class ModelHandler(Handler):
             for y in self.c.linear(request.layer, projection_names(request.op), ts[0], room):
                 self._put(builder, y, wire)
         elif method == "Matmul":
-            self._put(builder, self.c.matmul(ts[0], ts[1], request.op, request.layer, request.pos, state["kv"], room),
-                      wire)
+            transpose_b, cache = matmul_args(request.op)
+            self._put(builder, self.c.matmul(ts[0], ts[1], transpose_b=transpose_b, cache=cache, layer=request.layer,
+                                             pos=request.pos, kv=state["kv"], max_elements=room), wire)
         else:
             self._put(builder, self.c.lm_head(ts[0], builder.capacity // 4), torch.float32)
         return ""
@@ -130,13 +133,15 @@ def run_daemon(*, model: str, device: str, dtype: str, endpoint: str, layers: in
     device = check_device(device)
     log = (lambda msg: None) if quiet else (lambda msg: print(f"shmrt daemon: {msg}", file=sys.stderr, flush=True))
     t0 = time.perf_counter()
-    weights = load_weights(model, layers=layers, dtype=COMPUTE_DTYPES[dtype], device=device, seed=seed)
+    source = resolve_model(model, layers, seed)
+    weights = load_weights(source, dtype=COMPUTE_DTYPES[dtype], device=device)
+    digest = model_digest(source)
     compute = LinearCompute(weights, device, COMPUTE_DTYPES[dtype])
     cfg = weights.cfg
     log(f"model {model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}) "
         f"on {device} {dtype}, loaded in {time.perf_counter() - t0:.1f} s")
     quota = int(max_kv_mib * 2**20) if max_kv_mib is not None else None
-    with Server(endpoint, ModelHandler(compute, model, log, quota), session_timeout=session_timeout,
+    with Server(endpoint, ModelHandler(compute, model, digest, log, quota), session_timeout=session_timeout,
                 allow_remote=allow_remote, log=log) as server:
         def stop(signum, frame):
             server.stopping = True

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..wire.transport import Reply
-from .compute import KVStore, LinearCompute
-
-
-def _matmul_op(transpose_b: bool, cache: int) -> int:
-    from ..wire.protocol import MATMUL_TRANSPOSE_B
-    return (MATMUL_TRANSPOSE_B if transpose_b else 0) | cache
+from ..wire.scopes import PendingRequest, Reply
+from .compute import LinearCompute
 
 
 class LocalOps:
@@ -20,10 +15,26 @@ class LocalOps:
     def __init__(self, compute: LinearCompute, wire_dtype: torch.dtype = torch.float32):
         self.c = compute
         self.wire_dtype = wire_dtype
-        self.kv = KVStore(compute.cfg)
+        self.kv = compute.new_kv_store()
         self.pinned = compute.device.type == "cuda"
+        self._pending: PendingRequest | None = None
+
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.wire_dtype) if t.is_floating_point() else t
+
+    def _alloc(self, shape, dtype):
+        # Pinned (and reused by torch's caching host allocator) on CUDA: the floor moves bytes to and
+        # from the GPU by DMA, as the daemon does from its registered ring.
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pinned), None
+
+    def request(self) -> PendingRequest:
+        self._pending = PendingRequest(self._alloc, lambda t: False, self.wire_dtype)
+        return self._pending
 
     def _out(self, tensors, dtype=None) -> Reply:
+        if self._pending is not None:  # the call is made: its request is sent, as over a transport
+            self._pending.seal()
+            self._pending = None
         out = []
         for t in tensors:
             t = t.to(dtype or self.wire_dtype)
@@ -31,23 +42,15 @@ class LocalOps:
                        torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t))
         return Reply(out, stats=None)
 
-    def _wire(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.wire_dtype) if t.is_floating_point() else t
-
-    def staging(self, shape) -> torch.Tensor:
-        # Pinned (and reused by torch's caching host allocator) on CUDA: the floor moves bytes to and
-        # from the GPU by DMA, as the daemon does from its registered ring.
-        return torch.empty(tuple(shape), dtype=self.wire_dtype, pin_memory=self.pinned)
-
     def embedding(self, ids) -> Reply:
         return self._out([self.c.embedding(ids)])
 
     def linear(self, layer, names, x) -> Reply:
         return self._out(self.c.linear(layer, names, self._wire(x)))
 
-    def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=0, pos=0) -> Reply:
-        return self._out([self.c.matmul(self._wire(a), self._wire(b), _matmul_op(transpose_b, cache),
-                                        layer, pos, self.kv)])
+    def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0) -> Reply:
+        return self._out([self.c.matmul(self._wire(a), self._wire(b), transpose_b=transpose_b, cache=cache,
+                                        layer=layer, pos=pos, kv=self.kv)])
 
     def lm_head(self, x) -> Reply:
         return self._out([self.c.lm_head(self._wire(x))], torch.float32)

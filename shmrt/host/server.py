@@ -172,8 +172,7 @@ class Server:
             t0 = now_ns()
             text = self.handler.handle(request, builder, session.state, transport)
             work_ns = now_ns() - t0
-            if request.release:
-                request.release()
+            request.release()
             return transport.encode_reply(request, builder, work_ns=work_ns, text=text or "")
         except ShmrtError as exc:
             message = str(exc)

@@ -19,7 +19,9 @@ from .. import settings
 from ..errors import PeerError, ProtocolError
 from .native import now_ns
 from .protocol import MAX_TENSORS, NAME_BY_DTYPE, TOKEN_BYTES, check_shape, dtype_from_name
-from .transport import CallStats, ClientTransport, ReplyBuilder, Reply, Request, ServerSession
+from .scopes import Reply
+from .stats import CallStats
+from .transport import ClientTransport, ReplyBuilder, Request, ServerSession
 from .protocol import RPC_METHODS
 
 CONTROL = ("Hello", "Close")
@@ -101,12 +103,10 @@ class MsgpackClient(ClientTransport):
             raise ProtocolError("Hello reply is not a JSON object")
         return config
 
-    def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(tuple(shape), dtype=dtype)
-
     def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
              wire_dtype=None) -> Reply:
         stats = CallStats(method, self.name, layer, t_start=now_ns())
+        self._claim_inputs(method, tensors)  # nothing is staged in place: every tensor is packed
         wire = [tensor_to_wire(t.to(wire_dtype) if wire_dtype is not None and t.is_floating_point() else t)
                 for t in tensors]
         message = {"method": method, "seq": self._next_seq(), "token": self.token, "layer": layer,

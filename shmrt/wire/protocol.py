@@ -14,7 +14,7 @@ Wire layout (little-endian, fixed size header, then descriptors, then UTF-8 text
       8   Q    seq        request number, echoed by the reply
      16   16s  token      random per session, chosen by the client at Hello
      32   i    layer      decoder layer index, -1 where not used
-     36   I    op         method-specific (BatchLinear: projection bits; Matmul: MATMUL_* bits)
+     36   I    op         method-specific argument bits (model/calls.py): opaque to the doorbell
      40   q    pos        first sequence position of the tensors (KV cache placement)
      48   Q    ring_end   sender's ring position after this message; the receiver releases to it
      56   Q    work_ns    daemon compute time for this reply (informational, never trusted)
@@ -57,11 +57,6 @@ TOKEN_BYTES = 16
 FLAG_ERROR = 0x01
 KNOWN_FLAGS = FLAG_ERROR
 
-MATMUL_TRANSPOSE_B = 0x01   # a @ b.transpose(-1, -2)
-MATMUL_CACHE_K = 0x02       # b holds new K rows: append to the daemon's cache, multiply with all of it
-MATMUL_CACHE_V = 0x04       # b holds new V rows: likewise
-KNOWN_MATMUL_BITS = MATMUL_TRANSPOSE_B | MATMUL_CACHE_K | MATMUL_CACHE_V
-
 _HEADER = struct.Struct("<4sHBBQ16siIqQQHH4x")
 _DESC = struct.Struct("<QQBB6x6q")
 assert _HEADER.size == 72 and _DESC.size == 72
@@ -79,24 +74,6 @@ class Method(enum.IntEnum):
 
 
 RPC_METHODS = ("Init", "Embedding", "BatchLinear", "Matmul", "LMHead")
-
-# Projection bits for BatchLinear's `op`, in checkpoint names.
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def projection_bits(names) -> int:
-    bits = 0
-    for name in names:
-        bits |= 1 << PROJECTIONS.index(name)
-    return bits
-
-
-def projection_names(bits: int) -> list[str]:
-    if bits <= 0 or bits >> len(PROJECTIONS):
-        raise ProtocolError(f"BatchLinear op bits {bits:#x} name no known projection "
-                            f"(expected a non-empty subset of {PROJECTIONS})")
-    return [name for i, name in enumerate(PROJECTIONS) if bits >> i & 1]
-
 
 # ---- dtypes (the whitelist; both transports use it)
 

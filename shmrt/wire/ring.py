@@ -21,6 +21,10 @@ Positions (head, tail) are byte counters that only grow; a position maps to the 
 offset `pos % capacity`. An allocation never straddles the end: if it does not fit before
 the end, the producer skips to the next lap (the skipped bytes count as used).
 
+Poison (tests, `SHMRT_POISON=1`): whoever releases space overwrites it with 0xFF bytes (NaN as a
+float, -1 as an id) before the tail store hands it back, so a view kept past its release reads
+poison instead of plausible stale numbers.
+
 Write-order rule: the producer (1) writes tensor bytes into [head, new_head), (2) release-stores
 head, (3) only then rings the doorbell that names the offsets. The consumer (1) reads the doorbell,
 (2) reads the data, (3) release-stores tail = end of the released message. Neither side ever trusts
@@ -31,6 +35,7 @@ per check, validated against the producer's private head, and never re-read for 
 from __future__ import annotations
 
 import collections
+import ctypes
 import mmap
 import os
 import re
@@ -95,7 +100,7 @@ def _size(n: int) -> str:
 class Ring:
     """One mapped ring segment. Use `Ring.create` (owner: unlinks on close) or `Ring.attach`."""
 
-    def __init__(self, name: str, mm: mmap.mmap, capacity: int, owner: bool):
+    def __init__(self, name: str, mm: mmap.mmap, capacity: int, owner: bool, poison: bool = False):
         self.name = name
         self.capacity = capacity
         self.owner = owner
@@ -104,13 +109,14 @@ class Ring:
         self.data = memoryview(mm)[HEADER_BYTES:HEADER_BYTES + capacity]
         self.data_offset = HEADER_BYTES  # where the data area starts inside the mapping
         self.producer = Producer(self)
-        self.consumer = Consumer(self)
+        self.consumer = Consumer(self, poison)
         self._closed = False
 
     # ---- lifetime
 
     @classmethod
-    def create(cls, capacity: int, role: str, *, prefault: bool = True, name: str | None = None) -> "Ring":
+    def create(cls, capacity: int, role: str, *, prefault: bool = True, name: str | None = None,
+               poison: bool = False) -> "Ring":
         """Create, size, reserve and map a new segment (mode 0600, O_EXCL)."""
         if capacity <= 0 or capacity % SMALL_ALIGN:
             raise ValueError(f"ring capacity must be a positive multiple of {SMALL_ALIGN}, got {capacity}")
@@ -145,13 +151,13 @@ class Ring:
             raise
         shm.close_fd()
         mm[:_FIXED.size] = _FIXED.pack(MAGIC, LAYOUT_VERSION, HEADER_BYTES, capacity, os.getpid(), time.time_ns())
-        ring = cls(name, mm, capacity, owner=True)
+        ring = cls(name, mm, capacity, owner=True, poison=poison)
         ring.native.store(OFF_HEAD, 0)
         ring.native.store(OFF_TAIL, 0)
         return ring
 
     @classmethod
-    def attach(cls, name: str, expected_capacity: int) -> "Ring":
+    def attach(cls, name: str, expected_capacity: int, *, poison: bool = False) -> "Ring":
         """Map an existing segment after validating its header against what the creator told us."""
         check_segment_name(name)
         try:
@@ -175,7 +181,7 @@ class Ring:
         except BaseException:
             mm.close()
             raise
-        return cls(name, mm, expected_capacity, owner=False)
+        return cls(name, mm, expected_capacity, owner=False, poison=poison)
 
     def close(self) -> None:
         """Unmap; the creator also unlinks. Idempotent."""
@@ -311,8 +317,9 @@ class Producer:
 class Consumer:
     """Tracks messages handed out by the producer and releases them in order."""
 
-    def __init__(self, ring: Ring):
+    def __init__(self, ring: Ring, poison: bool = False):
         self.ring = ring
+        self.poison = poison
         self.accepted_end = 0   # private: end position of the last accepted message
         self.tail = 0           # private: bytes released so far
         self._outstanding: collections.deque[list] = collections.deque()  # [end, done]
@@ -331,12 +338,23 @@ class Consumer:
     def release(self, entry: list) -> None:
         """Mark a message done; publish tail over the completed prefix (FIFO order)."""
         entry[1] = True
-        advanced = False
+        old_tail = self.tail
         while self._outstanding and self._outstanding[0][1]:
             self.tail = self._outstanding.popleft()[0]
-            advanced = True
-        if advanced:
+        if self.tail != old_tail:
+            if self.poison:
+                self._poison(old_tail, self.tail)
             self.ring.native.store(OFF_TAIL, self.tail)
+
+    def _poison(self, start: int, end: int) -> None:
+        """Overwrite positions [start, end) of the data area with 0xFF (split where the lap wraps)."""
+        cap = self.ring.capacity
+        base = self.ring.native.address + self.ring.data_offset
+        while start < end:
+            offset = start % cap
+            n = min(end - start, cap - offset)
+            ctypes.memset(base + offset, 0xFF, n)
+            start += n
 
     @property
     def outstanding(self) -> int:

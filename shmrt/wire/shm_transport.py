@@ -17,11 +17,14 @@ import json
 
 import torch
 
+from .. import settings
 from . import protocol
 from ..errors import PeerError, ProtocolError
 from .protocol import Doorbell, Method, TensorDesc
 from .ring import Ring, check_segment_name
-from .transport import CallStats, ClientTransport, ReplyBuilder, Reply, Request, ServerSession
+from .scopes import Reply
+from .stats import CallStats
+from .transport import ClientTransport, ReplyBuilder, Request, ServerSession
 from .native import now_ns
 
 MAX_RING_BYTES = 1 << 40
@@ -63,7 +66,6 @@ class ShmClient(ClientTransport):
         super().__init__(endpoint, timeout=timeout, enclave=enclave)
         self.req: Ring | None = None
         self.rsp: Ring | None = None
-        self._staged: dict[int, TensorDesc] = {}
 
     # ---- session
 
@@ -94,9 +96,9 @@ class ShmClient(ClientTransport):
     def open_session(self, ring_bytes: int) -> None:
         assert self.req is None, "session already open"
         capacity = -(-ring_bytes // 4096) * 4096
-        self.req = Ring.create(capacity, "req")
+        self.req = Ring.create(capacity, "req", poison=settings.poison())
         try:
-            self.rsp = Ring.create(capacity, "rsp")
+            self.rsp = Ring.create(capacity, "rsp", poison=settings.poison())
         except BaseException:
             close_rings(self.req)
             self.req = None
@@ -104,19 +106,20 @@ class ShmClient(ClientTransport):
 
     # ---- calls
 
-    def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        desc, view = reserve_view(self.req, shape, dtype, self.timeout, "staged tensor")
-        if desc.nbytes:
-            self._staged[view.data_ptr()] = desc
-        return view
+    def _alloc_input(self, shape: tuple, dtype: torch.dtype):
+        return reserve_view(self.req, shape, dtype, self.timeout, "staged tensor")[::-1]
 
-    def _describe(self, t: torch.Tensor, wire_dtype) -> tuple[TensorDesc, int]:
-        """Descriptor for `t` in the request ring: no copy if it was staged there; else one copy in
-        (the C helper's memcpy, timed) or one converting copy (torch, when the wire dtype differs)."""
-        desc = self._staged.pop(t.data_ptr(), None) if t.numel() else None
-        if desc is not None and desc.nbytes == t.numel() * t.element_size() and desc.dtype == t.dtype \
+    def _in_request_memory(self, t: torch.Tensor) -> bool:
+        base = self.req.native.address
+        return base <= t.data_ptr() < base + self.req.native.nbytes
+
+    def _describe(self, t: torch.Tensor, staged: TensorDesc | None, wire_dtype) -> tuple[TensorDesc, int]:
+        """Descriptor for `t` in the request ring: no copy if this call's request staged it there; else
+        one copy in (the C helper's memcpy, timed) or one converting copy (torch, when the wire dtype
+        differs)."""
+        if staged is not None and staged.nbytes == t.numel() * t.element_size() and staged.dtype == t.dtype \
                 and t.is_contiguous():
-            return TensorDesc(desc.offset, desc.nbytes, t.dtype, tuple(t.shape)), 0  # a view of it, any shape
+            return TensorDesc(staged.offset, staged.nbytes, t.dtype, tuple(t.shape)), 0  # a view of it, any shape
         dtype = wire_dtype if wire_dtype is not None and t.is_floating_point() else t.dtype
         t = t.detach().cpu()
         nbytes = t.numel() * dtype.itemsize
@@ -135,11 +138,10 @@ class ShmClient(ClientTransport):
         assert self.req is not None, "open_session() first"
         stats = CallStats(method, self.name, layer, t_start=now_ns())
         descs = []
-        for t in tensors:
-            desc, copy_ns = self._describe(t, wire_dtype)
+        for t, staged in zip(tensors, self._claim_inputs(method, tensors)):
+            desc, copy_ns = self._describe(t, staged, wire_dtype)
             descs.append(desc)
             stats.copy_in_ns += copy_ns
-        self._staged.clear()
         ring_end = self.req.producer.publish()
         text = ""
         if method == "Init":
@@ -211,9 +213,9 @@ class ShmServerSession(ServerSession):
             raise ProtocolError(f"Init capacity {capacity!r}, expected a multiple of 4096 up to {MAX_RING_BYTES}")
         req_name = check_segment_name(info.get("req"))
         rsp_name = check_segment_name(info.get("rsp"))
-        self.req = Ring.attach(req_name, capacity)
+        self.req = Ring.attach(req_name, capacity, poison=settings.poison())
         try:
-            self.rsp = Ring.attach(rsp_name, capacity)
+            self.rsp = Ring.attach(rsp_name, capacity, poison=settings.poison())
         except BaseException:
             close_rings(self.req)
             self.req = None

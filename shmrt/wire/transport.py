@@ -4,9 +4,9 @@ Two transports sit side by side behind it, chosen by name: `msgpack` (the v2.4 b
 bytes inside a msgpack message) and `shm` (tensors in shared-memory rings, a doorbell on ZeroMQ).
 A call carries a method name, a few integer arguments and a list of tensors each way.
 
-Client side: `ClientTransport.call()` returns a `Reply` whose tensors are valid until it is
-released (use it as a context manager). `staging()` hands out a buffer the caller may fill in
-place for the next call (a view on the request ring for shm: zero copy).
+Client side: `ClientTransport.request()` opens the inputs of the next call (buffers the caller fills
+in place: views on the request ring for shm, zero copy) and `call()` sends them and returns a
+`Reply` whose tensors are valid until it is released; scopes.py enforces both lifetimes.
 
 Server side: `ServerSession` decodes requests into `Request`s (tensors as views where possible)
 and encodes replies whose tensors were written into buffers from `ReplyBuilder.alloc()`.
@@ -21,31 +21,10 @@ import torch
 import zmq
 
 from ..errors import PeerTimeout, SetupError
+from .scopes import PendingRequest, Reply
 from .stats import CallStats
 
 TRANSPORTS = ("shm", "msgpack")
-
-
-class Reply:
-    """A call's result tensors; views into the transport's memory until `release()`."""
-
-    def __init__(self, tensors: list[torch.Tensor], stats: CallStats, text: str = "", release=None):
-        self.tensors = tensors
-        self.stats = stats
-        self.text = text
-        self._release = release
-
-    def release(self) -> None:
-        if self._release is not None:
-            self.tensors = []
-            release, self._release = self._release, None
-            release()
-
-    def __enter__(self) -> "Reply":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 # ---- endpoints
@@ -100,6 +79,7 @@ class ClientTransport:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.connect(endpoint)
         self._closed = False
+        self._pending: PendingRequest | None = None
 
     # Subclasses implement these four.
     def hello(self, client_info: dict) -> dict:
@@ -108,8 +88,28 @@ class ClientTransport:
     def open_session(self, ring_bytes: int) -> None:
         """Allocate per-session resources (rings) once the model config is known."""
 
-    def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        raise NotImplementedError
+    def request(self, dtype: torch.dtype = torch.float32) -> PendingRequest:
+        """Open the inputs of the next call; the next `call()` sends and seals them."""
+        assert self._pending is None or self._pending.sealed, "a request is already being built"
+        self._pending = PendingRequest(self._alloc_input, self._in_request_memory, dtype)
+        return self._pending
+
+    def _alloc_input(self, shape: tuple, dtype: torch.dtype):
+        """A buffer for one input of the next call -> (tensor, record `_describe` recognises)."""
+        return torch.empty(shape, dtype=dtype), None
+
+    def _in_request_memory(self, t: torch.Tensor) -> bool:
+        return False
+
+    def _claim_inputs(self, method: str, tensors) -> list:
+        """Each input's staged record (or None: memory of the caller's, copied in); seals the request."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            pending = PendingRequest(self._alloc_input, self._in_request_memory)
+        try:
+            return [pending.claim(t, method) for t in tensors]
+        finally:
+            pending.seal()
 
     def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
              wire_dtype: torch.dtype | None = None) -> Reply:
@@ -178,7 +178,8 @@ def make_client_transport(name: str, endpoint: str, *, timeout: float, enclave: 
 
 @dataclass
 class Request:
-    """A decoded request. `tensors` may be views on shared memory: copy before validating contents."""
+    """A decoded request. `tensors` may be views on shared memory, valid until `release()`: copy
+    before validating contents, and keep nothing past it (the handler's `keep()` makes owned copies)."""
 
     method: str
     seq: int
@@ -187,7 +188,14 @@ class Request:
     pos: int = 0
     tensors: list = field(default_factory=list)
     text: str = ""
-    release: object = None  # callable: the server is done with the request's memory
+    on_release: object = None  # callable: hands the request's ring space back to the client
+
+    def release(self) -> None:
+        """The server is done with the request's memory; its views are gone from here on."""
+        self.tensors = []
+        on_release, self.on_release = self.on_release, None
+        if on_release is not None:
+            on_release()
 
 
 class ReplyBuilder:

@@ -14,13 +14,14 @@ import statistics
 import torch
 
 from ...enclave.client import EnclaveClient
-from ...host.compute import KVStore, LinearCompute
+from ...host.compute import LinearCompute
 from ...host.daemon import COMPUTE_DTYPES
 from ...enclave.generate import Sampler, decode_n, prefill
 from ...enclave.llama import EnclaveModel
 from ...wire.native import now_ns
 from ...host.local_ops import LocalOps
 from ...host.weights import load_weights
+from ...model.checkpoint import load_enclave_part
 
 
 def sidecar_phases(path: str) -> list[dict]:
@@ -49,10 +50,10 @@ def _median_by(rows: list[dict], key: str) -> dict:
     return ordered[len(ordered) // 2]
 
 
-def measure_transport(endpoint: str, transport: str, wire: str, kv: str, prompt: int, new: int, repeats: int,
-                      log_path: str, vocab: int) -> list[dict]:
-    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(prompt))
-    with EnclaveClient(endpoint=endpoint, transport=transport, wire_dtype=wire, kv_cache=kv, timeout=600,
+def measure_transport(endpoint: str, source, transport: str, wire: str, kv: str, prompt: int, new: int, repeats: int,
+                      log_path: str) -> list[dict]:
+    ids = torch.randint(0, source.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+    with EnclaveClient(endpoint=endpoint, model=source, transport=transport, wire_dtype=wire, kv_cache=kv, timeout=600,
                        log_path=log_path, prompt_tokens=prompt, total_tokens=prompt + new + 1,
                        run_info={"bench": True}) as c, torch.inference_mode():
         log = c.perflog
@@ -78,12 +79,12 @@ def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: st
     w = weights or load_weights(model, layers=layers, dtype=COMPUTE_DTYPES[dtype], device=device)
     compute = LinearCompute(w, device, COMPUTE_DTYPES[dtype])
     wire_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[wire]
-    m = EnclaveModel(w.cfg, *compute.init_tensors(), LocalOps(compute, wire_dtype), kv)
+    m = EnclaveModel(load_enclave_part(w.source), LocalOps(compute, wire_dtype), kv)
     ids = torch.randint(0, w.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     pre, dec = [], []
     with torch.inference_mode():
         for i in range(repeats + 1):
-            m.ops.kv = KVStore(w.cfg)
+            m.ops.kv = m.ops.c.new_kv_store()
             t0 = now_ns()
             logits = prefill(m, ids)
             t1 = now_ns()

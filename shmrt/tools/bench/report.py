@@ -20,7 +20,7 @@ def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
     prompts = [32] if quick else [int(p) for p in args.prompts.split(",")]
     new = 4 if quick else args.new_tokens
     repeats = max(args.repeats or 3, 3)
-    cfg, _ = resolve_model(model, args.layers)
+    source = resolve_model(model, args.layers)
     configs = configurations(prompts, args.transports.split(","), args.wire_dtypes.split(","),
                              args.kv_caches.split(","))
     endpoint = f"ipc://{settings.runtime_dir() / f'bench-e2e-{os.getpid()}.sock'}"
@@ -30,7 +30,7 @@ def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
         for i, (prompt, transport, wire, kv) in enumerate(configs):
             progress(i, len(configs), f"{transport} {wire} kv={kv} S={prompt}")
             log = str(out / f"{transport}-{wire}-kv{kv}-s{prompt}.log")
-            for ph in measure_transport(endpoint, transport, wire, kv, prompt, new, repeats, log, cfg.vocab_size):
+            for ph in measure_transport(endpoint, source, transport, wire, kv, prompt, new, repeats, log):
                 records.append({**common, "transport": transport, "wire_dtype": wire, "kv_cache": kv,
                                 "prompt": prompt, "phase": ph["phase"], "tokens": ph["tokens"],
                                 "median_s": ph["wall_s"], "p10_s": ph["p10_s"], "p90_s": ph["p90_s"],

@@ -1,0 +1,116 @@
+"""The scopes that own views on a ring, on the client side: a request being built, a reply being read.
+
+Zero copy means the enclave computes straight into the request ring and straight from the response
+ring. A view on a ring is only as good as the space under it: the peer reuses that space as soon as
+it is released. So a view lives exactly as long as the scope that owns it, and the scope enforces it:
+
+    with ops.request() as req:                 # the inputs of the next call, built in place
+        x = rms_norm(h, w, eps, out=req.alloc((B, S, D)))
+        reply = ops.linear(layer, QKV, x)      # sending seals `req`: its buffers are stale now
+    with reply:                                # the results, views on the response ring
+        q = reply.view(0)                      # usable inside the block only
+        v = reply.take(2)                      # an owned copy: may outlive the block
+
+- A sealed request's buffer given to a later call raises `StaleView` (the transport checks every
+  tensor that points into its request ring against the request being sent).
+- After a reply is released, `view()`/`take()` raise `StaleView`; a view taken earlier and kept
+  anyway reads poison in tests (`SHMRT_POISON=1`: the releasing side overwrites released ring
+  space with 0xFF bytes, NaN as a float), so a retained alias fails loudly instead of silently.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import StaleView
+from .stats import CallStats
+
+
+class Reply:
+    """A call's result tensors: views on the transport's memory until released (`with` block)."""
+
+    def __init__(self, tensors: list[torch.Tensor], stats: CallStats | None, text: str = "", release=None):
+        self._tensors = tensors
+        self.stats = stats
+        self.text = text
+        self._release = release
+        self._released = False
+        self.aliases_transport = release is not None  # views on a ring: `take` must copy
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def view(self, i: int) -> torch.Tensor:
+        """Result `i` as it lies in the transport's memory; valid until the reply is released."""
+        if self._released:
+            raise StaleView(f"result {i} of a {self.stats.method if self.stats else ''} reply read after its "
+                            "release: keep results with reply.take(i) inside the with block")
+        return self._tensors[i]
+
+    def views(self) -> list[torch.Tensor]:
+        return [self.view(i) for i in range(len(self._tensors))]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return self.views()
+
+    def take(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Result `i` as memory of our own (converted to `dtype`): may outlive the reply."""
+        t = self.view(i)
+        return t.to(dtype, copy=True) if self.aliases_transport else t.to(dtype)
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._tensors = []
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+    def __enter__(self) -> "Reply":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class PendingRequest:
+    """Buffers for the inputs of the next call, in the transport's memory where it can (shm: the
+    request ring). The call that sends them seals the request; a sealed request hands out nothing."""
+
+    def __init__(self, alloc, owns, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype       # of `alloc` when none is named (the wire dtype)
+        self._alloc = alloc      # (shape, dtype) -> (tensor, token the transport recognises at send)
+        self._owns = owns        # tensor -> True if it points into the transport's request memory
+        self.staged: dict[int, object] = {}  # data_ptr -> the transport's record of that buffer
+        self.sealed = False
+
+    def alloc(self, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.sealed:
+            raise StaleView("request buffer asked for after its call was sent: open a new ops.request()")
+        t, record = self._alloc(tuple(int(d) for d in shape), dtype or self.dtype)
+        if t.numel():
+            self.staged[t.data_ptr()] = record
+        return t
+
+    def claim(self, t: torch.Tensor, method: str):
+        """The transport's record for `t` if this request staged it; None for memory of the caller's
+        own (copied in at send); StaleView for a view on request memory this request did not stage."""
+        record = self.staged.pop(t.data_ptr(), None) if t.numel() and not self.sealed else None
+        if record is None and t.numel() and self._owns(t):
+            raise StaleView(f"{method} was given a view on the request ring that no open request staged "
+                            "(a buffer of an earlier call): buffers from req.alloc feed only the call sent "
+                            "inside that request's with block")
+        return record
+
+    def seal(self) -> None:
+        self.sealed = True
+        self.staged.clear()
+
+    def __enter__(self) -> "PendingRequest":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        unsent = not self.sealed and self.staged
+        self.seal()
+        assert exc_type is not None or not unsent, "a request was built but its call never sent"

@@ -1,0 +1,72 @@
+"""Zero-copy lifetimes, tested the way they fail: a daemon whose K/V cache aliases the request ring (the
+round-1 bug, re-introduced on purpose in a real daemon process) is caught by poison mode with rings
+small enough to wrap, and the shipped daemon gives transformers' tokens under the same conditions."""
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import random_ids, repo_root
+from shmrt.enclave.client import EnclaveClient
+from shmrt.enclave.generate import Sampler, generate
+from shmrt.errors import PeerError, ProtocolError
+
+# The bug: KVStore kept the request view itself (on a CPU daemon `.to(device)` is a no-op).
+ALIASING_DAEMON = """
+import sys
+import shmrt.host.compute as compute
+compute.keep = lambda view, device, dtype: view.to(device=device, dtype=dtype)  # no copy: aliases the ring
+from shmrt.cli import main
+sys.exit(main(["daemon", *sys.argv[1:]]))
+"""
+
+
+def start_daemon(tmp_path, model_path, *, aliasing: bool, poison: bool):
+    endpoint = f"ipc://{tmp_path}/{'alias' if aliasing else 'ok'}-{int(poison)}.sock"
+    ready = tmp_path / f"ready-{aliasing}-{poison}"
+    argv = ["--model", str(model_path), "--endpoint", endpoint, "--ready-file", str(ready), "--quiet"]
+    cmd = [sys.executable, "-c", ALIASING_DAEMON, *argv] if aliasing else [sys.executable, "-m", "shmrt", "daemon", *argv]
+    env = {**__import__("os").environ, "SHMRT_POISON": "1" if poison else "0"}
+    proc = subprocess.Popen(cmd, env=env, cwd=repo_root())
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "daemon did not start"
+        time.sleep(0.05)
+    return proc, endpoint
+
+
+def greedy(endpoint, model, ids, new, ring_mib=1 / 16):
+    with EnclaveClient(endpoint=endpoint, model=str(model), transport="shm", kv_cache="daemon", timeout=30, ring_mib=ring_mib,
+                       prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + new) as c:
+        with torch.inference_mode():
+            return generate(c.model, ids, new, Sampler()).tokens
+
+
+@pytest.fixture
+def reference(checkpoints):
+    path, hf = checkpoints["sharded-gqa"]
+    ids = random_ids(24, 320, seed=21)
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, 24:].tolist()
+    return path, ids, ref
+
+
+@pytest.mark.parametrize("aliasing,poison", [(False, True), (True, True), (True, False)])
+def test_poison_catches_a_kv_cache_that_aliases_the_ring(tmp_path, reference, aliasing, poison):
+    path, ids, ref = reference
+    proc, endpoint = start_daemon(tmp_path, path, aliasing=aliasing, poison=poison)
+    try:
+        if not aliasing:
+            assert greedy(endpoint, path, ids, 8) == ref                   # the shipped daemon: right, poisoned
+        elif poison:
+            # The cache aliases released, poisoned ring space: the next step reads NaN and stops loudly.
+            with pytest.raises((ProtocolError, PeerError), match="non-finite|out of range"):
+                greedy(endpoint, path, ids, 8)
+        else:
+            # Without poison the same bug is silent: plausible but wrong tokens (what shipped in round 1).
+            assert greedy(endpoint, path, ids, 8) != ref
+    finally:
+        proc.terminate()
+        proc.wait(10)
