@@ -64,8 +64,10 @@ def validate(manifest: dict) -> list[str]:
     if not any(a.rstrip("/") == "dev:/dev/shm" for a in allowed):
         problems.append("ring segments in /dev/shm are not in sgx.allowed_files")
     trusted = manifest.get("sgx", {}).get("trusted_files", [])
-    if not any(t.endswith("/shmrt/") for t in trusted):
-        problems.append("the shmrt package (and its C helper) is not a trusted file")
+    if not any(t.endswith("/shmrt/enclave/") for t in trusted) or not any(t.endswith("/shmrt/wire/") for t in trusted):
+        problems.append("shmrt's enclave side (shmrt/enclave/, shmrt/wire/ with the C helper) is not trusted")
+    if any("/shmrt/host" in t or t.endswith("/shmrt/") for t in trusted):
+        problems.append("the host side (shmrt/host/) must not be a trusted file of the enclave")
     if manifest.get("sys", {}).get("enable_sigterm_injection") is not True:
         problems.append("sys.enable_sigterm_injection is not true (Ctrl-C would not reach the client)")
     if manifest.get("loader", {}).get("env", {}).get("SHMRT_ENCLAVE") != "1":

@@ -59,9 +59,17 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress or summary output")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI. With `command` given, only that subcommand's arguments are built: `shmrt client` (the
+    enclave's entry point under Gramine) then imports none of the bench's or analyzer's modules."""
     parser = argparse.ArgumentParser(prog="shmrt", description="shared-memory split LLaMA inference")
     sub = parser.add_subparsers(dest="command", required=True)
+    if command == "client":
+        c = sub.add_parser("client", help="run the enclave side against a running daemon")
+        c.add_argument("--endpoint", default=None)
+        _add_model_args(c)
+        _add_client_args(c)
+        return parser
 
     d = sub.add_parser("daemon", help="serve the model's linear algebra (the GPU side)")
     _add_daemon_args(d)
@@ -234,7 +242,8 @@ def cmd_cleanup(args) -> int:
 
 def main(argv=None) -> int:
     settings.apply_process_defaults()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         if args.command == "daemon":
             return cmd_daemon(args)

@@ -41,7 +41,7 @@ def test_every_ring_name_the_runtime_creates_is_allowed():
 def test_outputs_allowed_and_helper_trusted():
     m = rendered()
     assert any(a.startswith("file:") and a.endswith("/outputs/") for a in m["sgx"]["allowed_files"])
-    assert "file:/opt/shmrt/shmrt/" in m["sgx"]["trusted_files"]  # includes shmrt/_native*.so
+    assert "file:/opt/shmrt/shmrt/wire/" in m["sgx"]["trusted_files"]  # includes shmrt/wire/_native*.so
     assert isinstance(m["loader"]["entrypoint"], dict)  # not the removed string form
 
 

@@ -80,9 +80,10 @@ def daemon(tmp_path_factory):
         yield d
 
 
-# A ring smaller than one forward's traffic: the largest message (P plus V at 900 tokens, ~30 MiB in
-# float32) fits twice, and the ring wraps ~12 times per long prefill and ~10 times per short one.
-RING_MIB = {"short": 0.25, "long": 64}
+# Rings far smaller than one forward's traffic, holding its largest message twice: at 900 tokens P plus V
+# (~30 MiB in float32), at 5 tokens the logits (192 KiB, float32 on either wire). The test prints how
+# many times the request ring wrapped during the prefill and requires at least 3.
+RING_MIB = {"short": 0.4, "long": 64}
 
 
 @pytest.mark.slow
@@ -91,7 +92,7 @@ RING_MIB = {"short": 0.25, "long": 64}
                                                                      ("float32", "bfloat16"))))
 def test_smollm2_matches_transformers(reference, daemon, prompt, transport, kv, wire):
     ids, ref_logits, ref_tokens = reference[prompt]
-    ring_mib = RING_MIB[prompt] / (2 if wire == "bfloat16" else 1)
+    ring_mib = RING_MIB[prompt] / (2 if wire == "bfloat16" and prompt == "long" else 1)
     calls = []
     with EnclaveClient(endpoint=daemon.endpoint, model=SOURCE, transport=transport, wire_dtype=wire, kv_cache=kv,
                        timeout=120, prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + NEW_TOKENS,

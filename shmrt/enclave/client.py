@@ -17,30 +17,12 @@ from ..model.config import LlamaConfig
 from ..errors import ModelError
 from .llama import KV_PLACEMENTS, EnclaveModel
 from .ops import RemoteOps
+from .sizing import ring_bytes_for
 from ..tools.perflog import PerfLog
-from ..wire.ring import LARGE_ALIGN
 from ..wire.peer import client_info
 from ..wire.transport import make_client_transport, transport_label
-from ..model.config import projection_rows
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def ring_bytes_for(cfg: LlamaConfig, prompt_tokens: int, total_tokens: int, wire: torch.dtype, batch: int = 1) -> int:
-    """A ring size that holds the largest message of this run twice over (any lap position)."""
-    item = wire.itemsize
-    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    S, T = prompt_tokens, max(total_tokens, prompt_tokens)
-    rows = projection_rows(cfg)
-    candidates = [
-        batch * H * S * S * item + batch * Hkv * T * hd * item,           # P and V (P*V, prefill)
-        batch * H * 1 * T * item + 2 * batch * Hkv * T * hd * item,       # decode with client-side K/V
-        batch * S * (rows["gate_proj"] + rows["up_proj"]) * item,         # gate|up reply
-        batch * S * (rows["q_proj"] + 2 * rows["k_proj"]) * item,
-        batch * cfg.vocab_size * 4,                                       # logits
-    ]
-    largest = max(candidates) + 8 * LARGE_ALIGN
-    return max(2 * largest, 1 << 20)
 
 
 class EnclaveClient:
@@ -97,7 +79,7 @@ class EnclaveClient:
             raise ModelError(f"prompt plus new tokens = {self.total_tokens} positions, but the model allows "
                              f"{self.cfg.max_position_embeddings}")
         ring = int(self.ring_mib * 2**20) if self.ring_mib else ring_bytes_for(
-            self.cfg, self.prompt_tokens, self.total_tokens, self.wire)
+            self.part, self.prompt_tokens, self.total_tokens, self.wire, self.kv_cache)
         if self.transport_name == "shm":
             self.transport.open_session(ring)
         if self.log_path:

@@ -31,7 +31,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, scaling: float):
-    positions = torch.arange(start, start + length, dtype=torch.float32)
+    positions = torch.arange(start, start + length, dtype=torch.float32, device=inv_freq.device)
     freqs = positions[:, None] * inv_freq[None, :]            # [S, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)                   # [S, hd]
     return emb.cos() * scaling, emb.sin() * scaling
@@ -43,9 +43,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
     return torch.add(x * cos, rotated * sin, out=out)
 
 
-def causal_mask(start: int, S: int) -> torch.Tensor | None:
+def causal_mask(start: int, S: int, device=None) -> torch.Tensor | None:
     """[S, start+S] True where query i (at absolute position start+i) must not see key j > start+i."""
-    return torch.ones(S, start + S, dtype=torch.bool).triu_(start + 1) if S > 1 else None
+    return torch.ones(S, start + S, dtype=torch.bool, device=device).triu_(start + 1) if S > 1 else None
 
 
 def causal_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, out: torch.Tensor) -> None:
@@ -63,7 +63,7 @@ def check_finite(t: torch.Tensor, method: str, layer: int) -> torch.Tensor:
     """Refuse a non-finite state: NaN/Inf in a reply would flow on into the logits and the sampler and
     come out as text. One pass over the residual stream per check (per layer: after attention, after
     the MLP; and the logits)."""
-    if not bool(torch.isfinite(t).all()):
+    if not t.is_meta and not bool(torch.isfinite(t).all()):  # (meta: the ring-sizing dry run)
         where = f"layer {layer}" if layer >= 0 else "the last step"
         raise ProtocolError(f"the daemon's {method} reply made the {'logits' if layer < 0 else 'hidden state'} "
                             f"non-finite at {where}: refusing to go on with NaN/Inf")
@@ -101,7 +101,7 @@ class EnclaveModel:
         with self.ops.embedding(ids) as r:
             h = r.take(0)                                      # h: [B, S, D]
         cos, sin = rope_cos_sin(self.inv_freq, start, S, self.attention_scaling)
-        mask = causal_mask(start, S)
+        mask = causal_mask(start, S, self.norms.device)
         for layer in range(cfg.num_hidden_layers):
             h = self._block(layer, h, start, cos, sin, mask)
         x = rms_norm(h[:, -1:, :], self.norms[-1], cfg.rms_norm_eps)  # x: [B, 1, D]

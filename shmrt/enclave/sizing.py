@@ -1,0 +1,88 @@
+"""Rings sized by the model itself: the enclave model runs once on `RecordingOps`, whose tensors are
+meta tensors (shapes, no memory, no compute), and every call's bytes each way are noted. The rings
+then hold the largest message of the run twice over, whatever position in the lap it lands at.
+
+No formula to keep in step with the model: a new call, a fused call or a new cache placement is
+measured the way it will run. Sizes come from the enclave's own config and its own prompt, never
+from the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model.checkpoint import EnclavePart
+from ..wire.ring import align_up, alignment_for
+from ..wire.scopes import PendingRequest, Reply
+from .llama import EnclaveModel
+
+MIN_RING_BYTES = 1 << 20
+META = torch.device("meta")
+
+
+class RecordingOps:
+    """The ops interface on meta tensors; `largest` = the most bytes one message took, each way."""
+
+    def __init__(self, cfg, wire_dtype: torch.dtype):
+        self.cfg = cfg
+        self.wire_dtype = wire_dtype
+        self.largest = {"request": 0, "reply": 0}
+        self.calls = 0
+
+    @staticmethod
+    def _message_bytes(shapes_dtypes) -> int:
+        """Bytes the ring gives a message: each tensor at its alignment, as the producer places it."""
+        total = 0
+        for shape, dtype in shapes_dtypes:
+            n = dtype.itemsize
+            for d in shape:
+                n *= int(d)
+            total = align_up(total, alignment_for(n)) + n
+        return total
+
+    def _note(self, inputs, outputs: list[tuple]) -> Reply:
+        wire = lambda t: self.wire_dtype if t.is_floating_point() else t.dtype  # noqa: E731
+        self.calls += 1
+        sent = self._message_bytes([(t.shape, wire(t)) for t in inputs])
+        got = self._message_bytes(outputs)
+        self.largest["request"] = max(self.largest["request"], sent)
+        self.largest["reply"] = max(self.largest["reply"], got)
+        return Reply([torch.empty(shape, dtype=dtype, device=META) for shape, dtype in outputs], stats=None)
+
+    def request(self) -> PendingRequest:
+        return PendingRequest(lambda shape, dtype: (torch.empty(shape, dtype=dtype, device=META), None),
+                              lambda t: False, self.wire_dtype)
+
+    def embedding(self, ids):
+        return self._note([ids], [((*ids.shape, self.cfg.hidden_size), self.wire_dtype)])
+
+    def linear(self, layer, names, x):
+        from ..model.config import projection_rows
+        rows = projection_rows(self.cfg)
+        return self._note([x], [((*x.shape[:-1], rows[n]), self.wire_dtype) for n in names])
+
+    def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0):
+        return self._note([a, b], [((*a.shape[:-1], expect_cols), self.wire_dtype)])
+
+    def lm_head(self, x):
+        return self._note([x], [((x.shape[0], self.cfg.vocab_size), torch.float32)])
+
+
+def ring_bytes_for(part: EnclavePart, prompt_tokens: int, total_tokens: int, wire_dtype: torch.dtype,
+                   kv_cache: str, batch: int = 1) -> int:
+    """Ring size per direction for a prefill of `prompt_tokens` and decode steps up to `total_tokens`."""
+    cfg = part.cfg.with_layers(1)                           # every layer sends the same messages
+    meta_part = EnclavePart(cfg, part.norms[:3].to(META), part.inv_freq.to(META), part.attention_scaling,
+                            part.digest)
+    ops = RecordingOps(cfg, wire_dtype)
+    model = EnclaveModel(meta_part, ops, kv_cache)
+    ids = torch.empty((batch, prompt_tokens), dtype=torch.int64, device=META)
+    model.forward(ids, 0)                                   # the prefill
+    last = max(total_tokens - 1, prompt_tokens)
+    if last > prompt_tokens:                                # the last decode step: the widest one
+        model.length = last
+        if kv_cache == "client":                            # a client-side cache holds every row so far
+            model.k_cache = [torch.empty((batch, cfg.num_key_value_heads, last, cfg.head_dim), device=META)]
+            model.v_cache = list(model.k_cache)
+        model.forward(torch.empty((batch, 1), dtype=torch.int64, device=META), last)
+    largest = max(ops.largest.values())
+    return max(2 * (largest + 2 * alignment_for(largest)), MIN_RING_BYTES)
