@@ -35,7 +35,7 @@ def render(template: pathlib.Path, **defines) -> str:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.globals.update(gramine=_Gramine(), python=_Python(), env={})
     values = dict(entrypoint="/usr/bin/python3.11", arch_libdir="/lib/x86_64-linux-gnu", log_level="error",
-                  venv="/opt/shmrt/.venv", repo="/opt/shmrt", outputs="/opt/shmrt/outputs", threads="8",
+                  venv="/opt/shmrt/.venv", repo="/opt/shmrt", outputs="/opt/shmrt/outputs", models="/opt/shmrt/models", threads="8",
                   enclave_size="16G", max_threads=64)
     values.update(defines)
     return env.from_string(template.read_text()).render(**values)
