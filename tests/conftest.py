@@ -158,6 +158,21 @@ def checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' LlamaForCausalLM loading the installed SmolLM2 GGUF itself (~30 s on 2 cores: once)."""
+    pytest.importorskip("gguf", reason="reading GGUF needs the gguf package (scripts/setup.sh installs it)")
+    from shmrt.errors import ModelError
+    from shmrt.model.gguf_checkpoint import find_smollm2
+    try:
+        path = find_smollm2()
+    except ModelError as exc:
+        pytest.skip(str(exc))
+    from transformers import AutoModelForCausalLM
+    import torch
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
 def random_ids(n: int, vocab: int, seed: int):
     import torch
     ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))

