@@ -46,6 +46,7 @@ import time
 import posix_ipc
 
 from ..errors import ProtocolError, RingFull, SetupError, TensorTooLarge
+from ..units import format_bytes
 from .native import MappedBuffer
 
 MAGIC = b"SHMRTRNG"
@@ -92,11 +93,6 @@ def _shm_free_bytes() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def _size(n: int) -> str:
-    """Bytes for a message: KiB below 16 MiB (so 1 MiB and 1 MiB + a header page read differently)."""
-    return f"{n / 2**10:.0f} KiB" if n < 16 << 20 else f"{n / 2**20:.1f} MiB"
-
-
 class Ring:
     """One mapped ring segment. Use `Ring.create` (owner: unlinks on close) or `Ring.attach`."""
 
@@ -125,7 +121,7 @@ class Ring:
         free = _shm_free_bytes()
         if free is not None and free < total:
             raise SetupError(
-                f"{SHM_DIR} has {_size(free)} free but the ring needs {_size(total)}: "
+                f"{SHM_DIR} has {format_bytes(free)} free but the ring needs {format_bytes(total)}: "
                 f"free space in {SHM_DIR} (remove stale segments with `shmrt cleanup`), enlarge it "
                 f"(`mount -o remount,size=... {SHM_DIR}`), or pass a smaller --ring-mib")
         try:
@@ -140,8 +136,8 @@ class Ring:
                     os.posix_fallocate(shm.fd, 0, total)
                 except OSError as exc:
                     raise SetupError(
-                        f"could not reserve {_size(total)} in {SHM_DIR} for ring {name} "
-                        f"({exc.strerror}; {_size(_shm_free_bytes() or 0)} free): free space or pass a "
+                        f"could not reserve {format_bytes(total)} in {SHM_DIR} for ring {name} "
+                        f"({exc.strerror}; {format_bytes(_shm_free_bytes() or 0)} free): free space or pass a "
                         f"smaller --ring-mib") from exc
             flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
             mm = mmap.mmap(shm.fd, total, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -283,7 +279,7 @@ class Producer:
         alignment = alignment_for(nbytes)
         if nbytes > cap:
             raise TensorTooLarge(
-                f"{what} of {_size(nbytes)} does not fit ring {self.ring.name} of {_size(cap)}: pass a larger --ring-mib")
+                f"{what} of {format_bytes(nbytes)} does not fit ring {self.ring.name} of {format_bytes(cap)}: pass a larger --ring-mib")
         deadline = None
         delay = 1e-6
         while True:
@@ -296,15 +292,15 @@ class Producer:
             if tail == self.head:
                 # Ring is empty and the message still does not fit: it never will.
                 raise TensorTooLarge(
-                    f"{what} of {_size(nbytes)} plus the rest of its message does not fit ring "
-                    f"{self.ring.name} of {_size(cap)}: pass a larger --ring-mib")
+                    f"{what} of {format_bytes(nbytes)} plus the rest of its message does not fit ring "
+                    f"{self.ring.name} of {format_bytes(cap)}: pass a larger --ring-mib")
             now = time.monotonic()
             if deadline is None:
                 deadline = now + timeout
             elif now >= deadline:
                 raise RingFull(
-                    f"ring {self.ring.name} stayed full for {timeout:.1f} s ({_size(cap - (self.head - tail))} free, "
-                    f"{_size(nbytes)} needed): the consumer is not releasing")
+                    f"ring {self.ring.name} stayed full for {timeout:.1f} s ({format_bytes(cap - (self.head - tail))} free, "
+                    f"{format_bytes(nbytes)} needed): the consumer is not releasing")
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
 
