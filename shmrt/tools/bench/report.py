@@ -11,6 +11,7 @@ from ...host.weights import load_weights
 from ...model.checkpoint import resolve_model
 from ...units import format_bytes, mib
 from ...host.daemon import COMPUTE_DTYPES
+from ..breakdown import STAGES
 from .e2e import configurations, measure_floor, measure_transport
 
 
@@ -35,7 +36,8 @@ def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
                                 "prompt": prompt, "phase": ph["phase"], "tokens": ph["tokens"],
                                 "median_s": ph["wall_s"], "p10_s": ph["p10_s"], "p90_s": ph["p90_s"],
                                 "transport_s": ph["transport_s"], "enclave_s": ph["enclave_s"],
-                                "daemon_s": ph["daemon_s"], "calls": ph["calls"],
+                                "daemon_s": ph["daemon_s"], **{f"stage_{st}_s": ph[f"{st}_s"] for st in STAGES},
+                                "calls": ph["calls"],
                                 "sent_bytes": ph["sent_bytes"], "recv_bytes": ph["recv_bytes"], "log": log})
     # The floor: the same ops in this process, no transport (daemon stopped, so it has the cores).
     weights = load_weights(model, layers=args.layers, dtype=COMPUTE_DTYPES[args.dtype], device=args.device)
