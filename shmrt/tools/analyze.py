@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ShmrtError
 from ..units import format_bytes, mib
-from .breakdown import STAGES as BREAKDOWN_STAGES, by_method, by_phase
+from .breakdown import STAGES as BREAKDOWN_STAGES, by_method as breakdown_by_method, by_phase
 from .perflog import COLUMNS, Sidecar, read_sidecar
 
 HEADER_RE = re.compile(r"^ZeroMQ Performance Log - Transport: (\S+)\s*$")
@@ -129,7 +129,7 @@ def _sidecar_breakdown(side: Sidecar | None) -> dict:
     phases = by_phase(side.calls, side.phases)
     return {"phases": [b.as_dict() | ({"per_token": b.per_token().as_dict()} if b.phase == "decode" and b.tokens
                                       else {}) for b in phases],
-            "method_stages": {m: b.as_dict() for m, b in by_method(side.calls).items()}}
+            "method_stages": {m: b.as_dict() for m, b in breakdown_by_method(side.calls).items()}}
 
 
 def recommendations(s: dict) -> list[str]:
