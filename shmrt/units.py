@@ -9,19 +9,34 @@ GIB = 1 << 30
 UNITS = (("MiB", MIB), ("KiB", KIB))  # printed up to MiB: the flags (--ring-mib, --max-kv-mib) take MiB
 
 
-def format_bytes(n: int, places: int = 1) -> str:
+def format_bytes(n: int, places: int = 1, unit: str | None = None) -> str:
     """`n` bytes for a message or a table cell. Exact where that stays short: the largest unit in
-    which `n` is a whole number below 10000 ("1 MiB", and "1028 KiB" for 1 MiB plus a 4 KiB page,
-    so the two read differently); else the largest unit it fills, with `places` decimals
-    ("976.6 KiB", "24105.1 MiB")."""
+    which `n` is a whole number below 10000 ("1 MiB", and "1028 KiB" for 1 MiB plus a 4 KiB page);
+    else the largest unit it fills, with `places` decimals ("976.6 KiB", "24105.1 MiB").
+    `unit` ("B", "KiB", "MiB") forces the unit; the number is still exact when whole."""
     n = int(n)
+    if unit is None:
+        unit = _unit_of(n)
+    scale = dict(UNITS).get(unit, 1)
+    return f"{n // scale} {unit}" if n % scale == 0 else f"{n / scale:.{places}f} {unit}"
+
+
+def format_bytes_alike(*ns: int, places: int = 1) -> list[str]:
+    """Sizes that one message compares ("X free but the ring needs Y"), all in one unit: the finest
+    that any of them takes alone, so 1 MiB against 1 MiB + a page reads "1024 KiB" / "1028 KiB"."""
+    order = [u for u, _ in UNITS] + ["B"]
+    unit = max((_unit_of(int(n)) for n in ns), key=order.index)
+    return [format_bytes(n, places, unit) for n in ns]
+
+
+def _unit_of(n: int) -> str:
     for unit, scale in UNITS:
         if n >= scale and n % scale == 0 and n // scale < 10000:
-            return f"{n // scale} {unit}"
+            return unit
     for unit, scale in UNITS:
         if n >= scale:
-            return f"{n / scale:.{places}f} {unit}"
-    return f"{n} B"
+            return unit
+    return "B"
 
 
 def parse_bytes(text: str) -> int:

@@ -46,7 +46,7 @@ import time
 import posix_ipc
 
 from ..errors import ProtocolError, RingFull, SetupError, TensorTooLarge
-from ..units import format_bytes
+from ..units import format_bytes, format_bytes_alike
 from .native import MappedBuffer
 
 MAGIC = b"SHMRTRNG"
@@ -120,8 +120,9 @@ class Ring:
         total = HEADER_BYTES + capacity
         free = _shm_free_bytes()
         if free is not None and free < total:
+            have, need = format_bytes_alike(free, total)
             raise SetupError(
-                f"{SHM_DIR} has {format_bytes(free)} free but the ring needs {format_bytes(total)}: "
+                f"{SHM_DIR} has {have} free but the ring needs {need}: "
                 f"free space in {SHM_DIR} (remove stale segments with `shmrt cleanup`), enlarge it "
                 f"(`mount -o remount,size=... {SHM_DIR}`), or pass a smaller --ring-mib")
         try:
@@ -278,8 +279,9 @@ class Producer:
         cap = self.ring.capacity
         alignment = alignment_for(nbytes)
         if nbytes > cap:
+            need, have = format_bytes_alike(nbytes, cap)
             raise TensorTooLarge(
-                f"{what} of {format_bytes(nbytes)} does not fit ring {self.ring.name} of {format_bytes(cap)}: pass a larger --ring-mib")
+                f"{what} of {need} does not fit ring {self.ring.name} of {have}: pass a larger --ring-mib")
         deadline = None
         delay = 1e-6
         while True:
@@ -291,16 +293,18 @@ class Producer:
                 return offset
             if tail == self.head:
                 # Ring is empty and the message still does not fit: it never will.
+                need, have = format_bytes_alike(nbytes, cap)
                 raise TensorTooLarge(
-                    f"{what} of {format_bytes(nbytes)} plus the rest of its message does not fit ring "
-                    f"{self.ring.name} of {format_bytes(cap)}: pass a larger --ring-mib")
+                    f"{what} of {need} plus the rest of its message does not fit ring "
+                    f"{self.ring.name} of {have}: pass a larger --ring-mib")
             now = time.monotonic()
             if deadline is None:
                 deadline = now + timeout
             elif now >= deadline:
+                have, need = format_bytes_alike(cap - (self.head - tail), nbytes)
                 raise RingFull(
-                    f"ring {self.ring.name} stayed full for {timeout:.1f} s ({format_bytes(cap - (self.head - tail))} free, "
-                    f"{format_bytes(nbytes)} needed): the consumer is not releasing")
+                    f"ring {self.ring.name} stayed full for {timeout:.1f} s ({have} free, "
+                    f"{need} needed): the consumer is not releasing")
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
 
