@@ -171,7 +171,8 @@ def cmd_client(args, endpoint: str, prepared=None) -> int:
         sampler = Sampler(args.temperature, args.top_p, args.sample_seed)
         stop = tok.eos_token_id if tok is not None else None
         with torch.inference_mode():
-            result = generate(client.model, ids, args.max_new_tokens, sampler, client.perflog, progress, stop)
+            on_phase = client.perflog.on_phase if client.perflog else None
+            result = generate(client.model, ids, args.max_new_tokens, sampler, on_phase, progress, stop)
         if args.logits_out:
             np.save(args.logits_out, result.prefill_logits[0].numpy())
         if not args.quiet:
@@ -185,12 +186,9 @@ def _decode_progress(i: int, n: int) -> None:
 
 
 def _print_summary(args, client, result, calls, tok) -> None:
+    from .tools.breakdown import by_phase, combined, describe
     info = client.server_info
-    rpc = sum(c.total_ns for c in calls) / 1e9
-    daemon = sum(c.work_ns for c in calls) / 1e9
-    wall = result.prefill_s + result.decode_s
-    transport = max(rpc - daemon, 0.0)
-    enclave = max(wall - rpc, 0.0)
+    phases = by_phase(calls, result.phases)  # Init and other calls outside prefill/decode are left out
     out = sys.stdout
     print(f"shmrt: {info.get('model')} on {info.get('device')} ({info.get('dtype')}), transport {args.transport}, "
           f"wire {args.wire_dtype}, kv-cache {args.kv_cache}", file=out)
@@ -202,9 +200,11 @@ def _print_summary(args, client, result, calls, tok) -> None:
     if result.decode_steps:
         print(f"decode:  {result.decode_steps} steps in {result.decode_s * 1e3:.1f} ms "
               f"({result.decode_steps / max(result.decode_s, 1e-9):.1f} tokens/s)", file=out)
-    print(f"time: transport {transport * 1e3:.1f} ms ({100 * transport / max(wall, 1e-9):.1f}%), "
-          f"daemon compute {daemon * 1e3:.1f} ms, enclave compute {enclave * 1e3:.1f} ms, {len(calls)} calls",
-          file=out)
+    print(f"time: {describe(combined(phases))}", file=out)
+    for b in phases:
+        print(f"  {b.phase + ':':<9}{describe(b)}", file=out)
+        if b.phase == "decode" and b.tokens:
+            print(f"  {'a token:':<9}{describe(b.per_token(), with_calls=False)}", file=out)
     if client.perflog:
         print(f"log: {client.perflog.path} (sidecar {client.perflog.sidecar_path})", file=out)
 

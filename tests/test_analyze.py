@@ -1,6 +1,7 @@
 """The v2.4 log layout (writer) and `shmrt analyze` (reader, report, comparison, JSON, plot)."""
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -89,3 +90,82 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, content, message):
     r = shmrt("analyze", str(path))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- the sidecar's breakdown (hand-made calls of test_breakdown.py: every stage known)
+
+def breakdown_log(tmp_path):
+    from test_breakdown import write_sidecar
+    path = tmp_path / "hand.log"
+    write_sidecar(path)
+    return path
+
+
+def analyze_args(*logs, plot=None, json_out=False):
+    import argparse
+    return argparse.Namespace(logs=[str(p) for p in logs], json=json_out, plot=plot and str(plot))
+
+
+def test_report_shows_the_sidecar_breakdown_per_phase_and_stage(tmp_path, capsys):
+    assert analyze.main(analyze_args(breakdown_log(tmp_path))) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("Where the time went"):].splitlines()
+    #               tokens  wall   enclave transport daemon calls   (ms)
+    assert lines[2].split() == ["prefill", "4", "10.000", "3.500", "3.000", "3.500", "2"]
+    assert lines[3].split() == ["decode", "2", "10.000", "7.400", "1.400", "1.200", "2"]
+    assert lines[4].split() == ["a", "token", "5.000", "3.700", "0.700", "0.600"]
+    stages = out[out.index("Transport by stage"):].splitlines()
+    assert stages[1].split() == ["phase", "encode", "doorbell", "wait", "decode", "daemon"]
+    assert stages[2].split() == ["prefill", "0.700", "0.200", "1.500", "0.600", "3.500"]
+    assert stages[3].split() == ["decode", "0.200", "0.200", "0.800", "0.200", "1.200"]
+
+
+def test_json_carries_the_phases_when_there_is_a_sidecar(tmp_path, capsys):
+    analyze.main(analyze_args(breakdown_log(tmp_path), SAMPLE, json_out=True))
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [p["phase"] for p in runs[0]["phases"]] == ["prefill", "decode"]
+    assert runs[0]["phases"][1]["transport_s"] == pytest.approx(1.4e-3)
+    assert all("phases" not in r for r in runs[1:])  # v2.4's sample has no sidecar
+
+
+def test_v24_log_without_sidecar_reports_as_before(capsys):
+    assert analyze.main(analyze_args(SAMPLE)) == 0
+    out = capsys.readouterr().out
+    assert "Time breakdown" in out and "Where the time went" not in out
+
+
+def test_plot_splits_the_daemons_work_out_of_the_wait(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    drawn = []
+    real = analyze._stack
+    monkeypatch.setattr(analyze, "_stack", lambda ax, labels, parts: drawn.append((labels, parts)) or
+                        real(ax, labels, parts))
+    png = tmp_path / "b.png"
+    assert analyze.main(analyze_args(breakdown_log(tmp_path), SAMPLE, plot=png)) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (methods, by_stage), (v24_methods, v24_stages), (phases, by_part) = drawn
+    assert [n for n, _ in by_stage] == ["encode", "doorbell", "wait", "daemon", "decode"]
+    lm = methods.index("LMHead")
+    assert dict((n, v[lm]) for n, v in by_stage) == pytest.approx(
+        {"encode": 0.2, "doorbell": 0.2, "wait": 0.8, "daemon": 1.2, "decode": 0.2})
+    assert [n for n, _ in v24_stages] == ["serialize", "send", "recv", "deserialize"]  # no sidecar: as before
+    assert phases == ["1. prefill", "2. decode"]
+    assert dict((n, v[0]) for n, v in by_part) == pytest.approx(
+        {"enclave": 3.5, "encode": 0.7, "doorbell": 0.2, "wait": 1.5, "decode": 0.6, "daemon": 3.5})
+
+
+def test_plot_without_matplotlib_is_one_line_naming_the_extra(tmp_path):
+    png = tmp_path / "x.png"
+    code = ("import sys; sys.modules['matplotlib'] = None; from shmrt.cli import main; "
+            f"sys.exit(main(['analyze', {str(SAMPLE)!r}, '--plot', {str(png)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "shmrt analyze: error: --plot needs matplotlib: pip install 'shmrt[plot]' (or pip install matplotlib)"]
+    assert not png.exists()
+
+
+def test_analyze_loads_neither_torch_nor_zmq():
+    code = "import shmrt.tools.analyze, sys; assert 'torch' not in sys.modules and 'zmq' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

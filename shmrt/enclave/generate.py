@@ -1,10 +1,12 @@
 """Generation as a ladder of one-job functions: prefill -> decode one -> decode n -> generate.
 
-Each rung can be timed alone; `generate` records the two phases in the perf log's sidecar.
+Each rung can be timed alone; `generate` times the two phases (prefill, decode) and tells an observer
+where each begins and ends (the perf log's sidecar, the bench), knowing nothing of who listens.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -62,6 +64,20 @@ def decode_n(model: EnclaveModel, logits: torch.Tensor, n: int, sampler: Sampler
     return tokens
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One timed span of `generate`: prefill (tokens = prompt length) or decode (tokens = steps)."""
+    name: str
+    start_ns: int
+    end_ns: int
+    tokens: int
+
+
+# on_phase(name, start_ns, end_ns, tokens): called as a phase begins (end_ns None, tokens 0), so an
+# observer can label the calls made inside it, and as it ends. PerfLog.on_phase is one.
+PhaseObserver = Callable[[str, int, "int | None", int], None]
+
+
 @dataclass
 class Generation:
     prompt_tokens: int
@@ -70,21 +86,29 @@ class Generation:
     prefill_s: float
     decode_s: float
     decode_steps: int
+    phases: list[Phase] = field(default_factory=list)  # prefill, then decode if any token was asked for
 
 
 def generate(model: EnclaveModel, ids: torch.Tensor, max_new_tokens: int, sampler: Sampler,
-             perflog=None, progress=None, stop_id: int | None = None) -> Generation:
-    if perflog:
-        perflog.phase = "prefill"
+             on_phase: PhaseObserver | None = None, progress=None, stop_id: int | None = None) -> Generation:
+    """Prefill `ids` [B, S], then sample up to `max_new_tokens` (`decode_n`), timing both phases and
+    telling `on_phase` where each begins and ends (an object with an `on_phase` method, such as the
+    PerfLog that callers passed here before, stands for that method)."""
+    notify = getattr(on_phase, "on_phase", on_phase) or (lambda *_: None)
     t0 = now_ns()
+    notify("prefill", t0, None, 0)
     logits = prefill(model, ids)
     t1 = now_ns()
-    if perflog:
-        perflog.mark_phase("prefill", t0, t1, ids.shape[1])
-        perflog.phase = "decode"
-    tokens = decode_n(model, logits, max_new_tokens, sampler, progress, stop_id)
+    phases = [Phase("prefill", t0, t1, ids.shape[1])]
+    notify("prefill", t0, t1, ids.shape[1])
+    tokens = []
+    if max_new_tokens:
+        notify("decode", t1, None, 0)
+        tokens = decode_n(model, logits, max_new_tokens, sampler, progress, stop_id)
     t2 = now_ns()
     steps = max(len(tokens) - 1, 0) if len(tokens) < max_new_tokens else max(max_new_tokens - 1, 0)
-    if perflog and max_new_tokens:
-        perflog.mark_phase("decode", t1, t2, steps)
-    return Generation(ids.shape[1], [int(t[0]) for t in tokens], logits, (t1 - t0) / 1e9, (t2 - t1) / 1e9, steps)
+    if max_new_tokens:
+        phases.append(Phase("decode", t1, t2, steps))
+        notify("decode", t1, t2, steps)
+    return Generation(ids.shape[1], [int(t[0]) for t in tokens], logits, (t1 - t0) / 1e9, (t2 - t1) / 1e9, steps,
+                      phases)

@@ -2,6 +2,9 @@
 
 Pure functions: load -> summarize -> format; `main()` only parses arguments. A v2.4 log may hold
 several runs with restarting IDs and no marker: an ID that does not increase starts a new run.
+Where shmrt's JSONL sidecar sits next to the log, the report and the plot add the breakdown
+(tools/breakdown.py): per phase enclave / transport / daemon, and the transport by stage with the
+daemon's work taken out of the wait. Without one (v2.4's own logs) the log alone is reported.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import ShmrtError
-from .perflog import COLUMNS
+from ..units import format_bytes, mib
+from .breakdown import STAGES as BREAKDOWN_STAGES, by_method as breakdown_by_method, by_phase
+from .perflog import COLUMNS, Sidecar, read_sidecar
 
 HEADER_RE = re.compile(r"^ZeroMQ Performance Log - Transport: (\S+)\s*$")
 STAGES = ("serialize_ms", "send_ms", "recv_ms", "deserialize_ms")
@@ -41,6 +46,7 @@ class Run:
     transport: str
     rows: list[Row] = field(default_factory=list)
     sidecar: dict = field(default_factory=dict)  # the sidecar's run header, if any
+    side: Sidecar | None = None                   # its calls and phases (the file's last run only)
 
 
 # ---- load
@@ -68,7 +74,8 @@ def load(path: str) -> list[Run]:
     if not m:
         raise LogError(f"{path}: not a zmq_performance.log (line 1 should be 'ZeroMQ Performance Log - Transport: ...')")
     transport = m.group(1)
-    sidecar = _sidecar_header(path)
+    side = read_sidecar(path + ".jsonl")
+    sidecar = side.run if side else {}
     runs: list[Run] = []
     for lineno, line in enumerate(lines[1:], start=2):
         fields = line.split()
@@ -82,16 +89,8 @@ def load(path: str) -> list[Run]:
         runs[-1].rows.append(row)
     if not runs:
         raise LogError(f"{path}: header found but no call rows")
+    runs[-1].side = side  # shmrt writes one run per file; v2.4's several-run files have no sidecar
     return runs
-
-
-def _sidecar_header(path: str) -> dict:
-    try:
-        with open(path + ".jsonl", encoding="utf-8") as f:
-            first = json.loads(f.readline())
-        return first if isinstance(first, dict) and first.get("type") == "run" else {}
-    except (OSError, ValueError):
-        return {}
 
 
 # ---- summarize
@@ -114,12 +113,23 @@ def summarize(run: Run) -> dict:
         "log": run.log, "run": run.index, "transport": run.transport, "calls": len(rows),
         "total_ms": total_ms, **{s: sum(getattr(r, s) for r in rows) for s in STAGES},
         "sent_bytes": sent, "recv_bytes": recv,
-        "throughput_mib_s": (sent + recv) / 2**20 / (total_ms / 1000) if total_ms else 0.0,
+        "throughput_mib_s": mib(sent + recv) / (total_ms / 1000) if total_ms else 0.0,
         "by_method": by_method,
         "slowest": [vars(r) for r in sorted(rows, key=lambda r: -r.total_ms)[:5]],
         "largest": [vars(r) for r in sorted(rows, key=lambda r: -(r.sent_bytes + r.recv_bytes))[:5]],
         "wire_dtype": run.sidecar.get("wire_dtype"), "kv_cache": run.sidecar.get("kv_cache"),
+        **_sidecar_breakdown(run.side),
     }
+
+
+def _sidecar_breakdown(side: Sidecar | None) -> dict:
+    """The breakdown per phase span and per method (seconds, as tools/breakdown.py gives them)."""
+    if side is None or not side.calls:
+        return {"phases": [], "method_stages": {}}
+    phases = by_phase(side.calls, side.phases)
+    return {"phases": [b.as_dict() | ({"per_token": b.per_token().as_dict()} if b.phase == "decode" and b.tokens
+                                      else {}) for b in phases],
+            "method_stages": {m: b.as_dict() for m, b in breakdown_by_method(side.calls).items()}}
 
 
 def recommendations(s: dict) -> list[str]:
@@ -131,7 +141,7 @@ def recommendations(s: dict) -> list[str]:
     if not shm and ser_share > 0.05:
         out.append(f"(de)serialization is {100 * ser_share:.0f}% of call time: tensors are packed into msgpack; "
                    "`--transport shm` moves them through shared memory instead")
-    mib_per_call = (s["sent_bytes"] + s["recv_bytes"]) / 2**20 / max(s["calls"], 1)
+    mib_per_call = mib(s["sent_bytes"] + s["recv_bytes"]) / max(s["calls"], 1)
     if s.get("wire_dtype") in (None, "float32") and mib_per_call > 0.25:
         out.append(f"{mib_per_call:.2f} MiB move per call{' in float32' if s.get('wire_dtype') else ''}: "
                    "`--wire-dtype bfloat16` halves the bytes (logits stay float32)")
@@ -162,8 +172,8 @@ def format_report(s: dict, runs_in_file: int) -> str:
              "", "Overall",
              f"  calls              {s['calls']}",
              f"  total time         {s['total_ms']:.3f} ms ({total / max(s['calls'], 1):.3f} ms/call)",
-             f"  data sent          {s['sent_bytes'] / 2**20:.2f} MiB",
-             f"  data received      {s['recv_bytes'] / 2**20:.2f} MiB",
+             f"  data sent          {format_bytes(s['sent_bytes'], 2)}",
+             f"  data received      {format_bytes(s['recv_bytes'], 2)}",
              f"  throughput         {s['throughput_mib_s']:.2f} MiB/s",
              "", "Time breakdown"]
     for stage in STAGES:
@@ -173,15 +183,37 @@ def format_report(s: dict, runs_in_file: int) -> str:
               f"{'sent MiB':>9} {'recv MiB':>9} {'share':>6}"]
     for name, m in sorted(s["by_method"].items(), key=lambda kv: -kv[1]["total_ms"]):
         lines.append(f"  {name:<12} {m['calls']:>6} {m['total_ms']:>10.3f} {m['total_ms'] / m['calls']:>9.3f} "
-                     f"{m['serialize_ms']:>9.3f} {m['recv_ms']:>9.3f} {m['sent_bytes'] / 2**20:>9.2f} "
-                     f"{m['recv_bytes'] / 2**20:>9.2f} {100 * m['total_ms'] / total:>5.1f}%")
+                     f"{m['serialize_ms']:>9.3f} {m['recv_ms']:>9.3f} {mib(m['sent_bytes']):>9.2f} "
+                     f"{mib(m['recv_bytes']):>9.2f} {100 * m['total_ms'] / total:>5.1f}%")
     lines += ["", "Top 5 slowest calls"]
     lines += [f"  #{r['id']:<5} {r['method']:<12} {r['total_ms']:>10.3f} ms" for r in s["slowest"]]
     lines += ["", "Top 5 largest calls"]
-    lines += [f"  #{r['id']:<5} {r['method']:<12} {(r['sent_bytes'] + r['recv_bytes']) / 2**20:>10.2f} MiB"
+    lines += [f"  #{r['id']:<5} {r['method']:<12} {format_bytes(r['sent_bytes'] + r['recv_bytes'], 2):>12}"
               for r in s["largest"]]
+    lines += format_breakdown(s)
     lines += ["", "Recommendations"] + [f"  - {r}" for r in recommendations(s)]
     return "\n".join(lines)
+
+
+def format_breakdown(s: dict) -> list[str]:
+    """The sidecar's breakdown: each phase span three ways, then its calls by stage (ms)."""
+    if not s["phases"]:
+        return []
+    lines = ["", "Where the time went (sidecar; enclave + transport + daemon = wall)",
+             f"  {'phase':<12} {'tokens':>6} {'wall ms':>10} {'enclave ms':>11} {'transport ms':>13} "
+             f"{'daemon ms':>10} {'calls':>6}"]
+    for p in s["phases"]:
+        per = [p] + ([p["per_token"]] if "per_token" in p else [])
+        for q, label in zip(per, (p["phase"], "  a token")):
+            lines.append(f"  {label:<12} {p['tokens'] if q is p else '':>6} {1e3 * q['wall_s']:>10.3f} "
+                         f"{1e3 * q['enclave_s']:>11.3f} {1e3 * q['transport_s']:>13.3f} {1e3 * q['daemon_s']:>10.3f} "
+                         f"{p['calls'] if q is p else '':>6}".rstrip())
+    lines += ["", "Transport by stage (ms; wait = recv - daemon work)",
+              f"  {'phase':<12} " + " ".join(f"{st:>9}" for st in BREAKDOWN_STAGES) + f" {'daemon':>9}"]
+    for p in s["phases"]:
+        lines.append(f"  {p['phase']:<12} " + " ".join(f"{1e3 * p[st + '_s']:>9.3f}" for st in BREAKDOWN_STAGES)
+                     + f" {1e3 * p['daemon_s']:>9.3f}")
+    return lines
 
 
 def format_comparison(a: dict, b: dict) -> str:
@@ -195,8 +227,8 @@ def format_comparison(a: dict, b: dict) -> str:
     for m in methods:
         x, y = a["by_method"].get(m, {}), b["by_method"].get(m, {})
         xa, ya = x.get("total_ms", 0.0), y.get("total_ms", 0.0)
-        xb = (x.get("sent_bytes", 0) + x.get("recv_bytes", 0)) / 2**20
-        yb = (y.get("sent_bytes", 0) + y.get("recv_bytes", 0)) / 2**20
+        xb = mib(x.get("sent_bytes", 0) + x.get("recv_bytes", 0))
+        yb = mib(y.get("sent_bytes", 0) + y.get("recv_bytes", 0))
         lines.append(f"  {m:<14} {xa:>11.3f} {ya:>11.3f} {speedup(xa, ya):>10} {xb:>9.2f} {yb:>9.2f}")
     for stage in ("total_ms",) + STAGES:
         lines.append(f"  {('overall' if stage == 'total_ms' else stage[:-3]):<14} {a[stage]:>11.3f} "
@@ -208,27 +240,70 @@ def format_comparison(a: dict, b: dict) -> str:
 def json_record(s: dict) -> dict:
     keys = ("log", "run", "transport", "calls", "total_ms", *STAGES, "sent_bytes", "recv_bytes")
     return {**{k: s[k] for k in keys},
-            "by_method": {m: {"calls": v["calls"], "total_ms": v["total_ms"]} for m, v in s["by_method"].items()}}
+            "by_method": {m: {"calls": v["calls"], "total_ms": v["total_ms"]} for m, v in s["by_method"].items()},
+            **({"phases": s["phases"]} if s["phases"] else {})}
+
+
+PLOT_MISSING = "--plot needs matplotlib: pip install 'shmrt[plot]' (or pip install matplotlib)"
+STAGE_COLORS = {"serialize": "#4477aa", "send": "#ee6677", "recv": "#ccbb44", "deserialize": "#228833",
+                "encode": "#4477aa", "doorbell": "#ee6677", "wait": "#ccbb44", "decode": "#228833",
+                "daemon": "#aa3377", "enclave": "#bbbbbb"}
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ShmrtError(PLOT_MISSING) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _method_stages(s: dict) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Per method, ms by stage: with a sidecar the daemon's work comes out of the wait; without one,
+    the log's four columns (recv then holds the daemon's work)."""
+    if s["method_stages"]:
+        names = BREAKDOWN_STAGES[:3] + ("daemon",) + BREAKDOWN_STAGES[3:]
+        return list(names), {m: {n: 1e3 * b[n + "_s"] for n in names} for m, b in s["method_stages"].items()}
+    names = [st[:-3] for st in STAGES]
+    return names, {m: {st[:-3]: v[st] for st in STAGES} for m, v in s["by_method"].items()}
+
+
+def _stack(ax, labels: list[str], parts: list[tuple[str, list[float]]]) -> None:
+    bottom = [0.0] * len(labels)
+    for name, values in parts:
+        values = [max(v, 0.0) for v in values]
+        ax.bar(labels, values, bottom=bottom, color=STAGE_COLORS[name], label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
 
 
 def plot(summaries: list[dict], out: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(summaries), figsize=(5 * len(summaries), 4), squeeze=False, sharey=True)
-    colors = ("#4477aa", "#ee6677", "#228833", "#ccbb44")
+    """Row 1, per log: stage times summed per method. Row 2, for logs with a sidecar: each phase span
+    split into enclave, the transport's stages and the daemon's work."""
+    plt = _require_matplotlib()
+    with_phases = [s for s in summaries if s["phases"]]
+    rows = 2 if with_phases else 1
+    fig, axes = plt.subplots(rows, len(summaries), figsize=(5 * len(summaries), 4 * rows), squeeze=False)
     for ax, s in zip(axes[0], summaries):
-        methods = sorted(s["by_method"])
-        bottom = [0.0] * len(methods)
-        for stage, color in zip(STAGES, colors):
-            values = [s["by_method"][m][stage] for m in methods]
-            ax.bar(methods, values, bottom=bottom, color=color, label=stage[:-3])
-            bottom = [b + v for b, v in zip(bottom, values)]
+        names, per_method = _method_stages(s)
+        methods = sorted(per_method)
+        _stack(ax, methods, [(n, [per_method[m][n] for m in methods]) for n in names])
         ax.set_title(f"{os.path.basename(s['log'])} ({s['transport']})", fontsize=9)
         ax.tick_params(axis="x", rotation=30, labelsize=8)
-    axes[0][0].set_ylabel("time per stage, summed (ms)")
-    axes[0][-1].legend(fontsize=8)
+        ax.set_ylabel("time per stage, summed (ms)")
+        ax.legend(fontsize=7)
+    for ax, s in zip(axes[1] if rows == 2 else [], summaries):
+        if not s["phases"]:
+            ax.set_axis_off()
+            continue
+        labels = [f"{i + 1}. {p['phase']}" for i, p in enumerate(s["phases"])]
+        names = ("enclave",) + BREAKDOWN_STAGES + ("daemon",)
+        _stack(ax, labels, [(n, [1e3 * p[n + "_s"] for p in s["phases"]]) for n in names])
+        ax.set_title(f"{os.path.basename(s['log'])}: phases", fontsize=9)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.set_ylabel("wall time (ms)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -243,6 +318,8 @@ def add_analyze_args(p) -> None:
 
 
 def main(args) -> int:
+    if args.plot:
+        _require_matplotlib()  # before any output: a missing extra is one line, not a traceback at the end
     per_log = [load(path) for path in args.logs]
     summaries = [[summarize(r) for r in runs] for runs in per_log]
     measured = [s[-1] for s in summaries]  # the last run of a file is the measured one (v2.4 convention)

@@ -9,6 +9,7 @@ import mmap
 import os
 
 from ..errors import ProtocolError
+from ..units import format_bytes
 from ..wire.ring import HEADER_BYTES, NAME_RE, SHM_DIR, read_header, unlink_segment
 from ..wire.peer import process_alive
 
@@ -42,9 +43,9 @@ def cleanup(*, dry_run: bool = False) -> int:
     stale = stale_segments()
     for name, pid, size in stale:
         if dry_run:
-            print(f"would remove {name} ({size / 2**20:.1f} MiB, owner pid {pid} is gone)")
+            print(f"would remove {name} ({format_bytes(size)}, owner pid {pid} is gone)")
         elif unlink_segment(name):
-            print(f"removed {name} ({size / 2**20:.1f} MiB, owner pid {pid} was gone)")
+            print(f"removed {name} ({format_bytes(size)}, owner pid {pid} was gone)")
     if not stale:
         print("no stale shmrt segments")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import dataclass, field
 
 from ..wire.stats import CallStats
 
@@ -56,6 +57,37 @@ def summary_lines(calls: int, ser_ms: float, send_ms: float, recv_ms: float, des
             RULE]
 
 
+@dataclass
+class Sidecar:
+    run: dict                                          # the "run" header ({} if missing)
+    calls: list[dict] = field(default_factory=list)    # "call" records, in call order
+    phases: list[dict] = field(default_factory=list)   # "phase" records
+
+
+def read_sidecar(path: str) -> Sidecar | None:
+    """The sidecar `path` (a log's path + ".jsonl"), or None if there is none. A line cut short (a run
+    that died between flushes) is skipped: what was written before it still counts."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError:
+        return None
+    side = Sidecar({})
+    with f:
+        for line in f:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            kind = obj.get("type") if isinstance(obj, dict) else None
+            if kind == "run" and not side.run:
+                side.run = obj
+            elif kind == "call":
+                side.calls.append(obj)
+            elif kind == "phase":
+                side.phases.append(obj)
+    return side
+
+
 class PerfLog:
     """Observer of a client transport: writes the text log and the sidecar as calls end."""
 
@@ -96,6 +128,13 @@ class PerfLog:
                           "sent_bytes": s.sent_bytes, "recv_bytes": s.recv_bytes,
                           "payload_sent": s.payload_sent, "payload_recv": s.payload_recv,
                           "copy_in_ns": s.copy_in_ns, "daemon_work_ns": s.work_ns})
+
+    def on_phase(self, name: str, start_ns: int, end_ns: int | None, tokens: int) -> None:
+        """Phase observer of `generate`: a phase begins (end_ns None; its calls get its name) or ends."""
+        if end_ns is None:
+            self.phase = name
+        else:
+            self.mark_phase(name, start_ns, end_ns, tokens)
 
     def mark_phase(self, phase: str, start_ns: int, end_ns: int, tokens: int) -> None:
         self._write_side({"type": "phase", "phase": phase, "start_ns": start_ns, "end_ns": end_ns, "tokens": tokens})

@@ -46,6 +46,7 @@ import time
 import posix_ipc
 
 from ..errors import ProtocolError, RingFull, SetupError, TensorTooLarge
+from ..units import format_bytes, format_bytes_alike
 from .native import MappedBuffer
 
 MAGIC = b"SHMRTRNG"
@@ -92,11 +93,6 @@ def _shm_free_bytes() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def _size(n: int) -> str:
-    """Bytes for a message: KiB below 16 MiB (so 1 MiB and 1 MiB + a header page read differently)."""
-    return f"{n / 2**10:.0f} KiB" if n < 16 << 20 else f"{n / 2**20:.1f} MiB"
-
-
 class Ring:
     """One mapped ring segment. Use `Ring.create` (owner: unlinks on close) or `Ring.attach`."""
 
@@ -124,8 +120,9 @@ class Ring:
         total = HEADER_BYTES + capacity
         free = _shm_free_bytes()
         if free is not None and free < total:
+            have, need = format_bytes_alike(free, total)
             raise SetupError(
-                f"{SHM_DIR} has {_size(free)} free but the ring needs {_size(total)}: "
+                f"{SHM_DIR} has {have} free but the ring needs {need}: "
                 f"free space in {SHM_DIR} (remove stale segments with `shmrt cleanup`), enlarge it "
                 f"(`mount -o remount,size=... {SHM_DIR}`), or pass a smaller --ring-mib")
         try:
@@ -140,8 +137,8 @@ class Ring:
                     os.posix_fallocate(shm.fd, 0, total)
                 except OSError as exc:
                     raise SetupError(
-                        f"could not reserve {_size(total)} in {SHM_DIR} for ring {name} "
-                        f"({exc.strerror}; {_size(_shm_free_bytes() or 0)} free): free space or pass a "
+                        f"could not reserve {format_bytes(total)} in {SHM_DIR} for ring {name} "
+                        f"({exc.strerror}; {format_bytes(_shm_free_bytes() or 0)} free): free space or pass a "
                         f"smaller --ring-mib") from exc
             flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
             mm = mmap.mmap(shm.fd, total, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -282,8 +279,9 @@ class Producer:
         cap = self.ring.capacity
         alignment = alignment_for(nbytes)
         if nbytes > cap:
+            need, have = format_bytes_alike(nbytes, cap)
             raise TensorTooLarge(
-                f"{what} of {_size(nbytes)} does not fit ring {self.ring.name} of {_size(cap)}: pass a larger --ring-mib")
+                f"{what} of {need} does not fit ring {self.ring.name} of {have}: pass a larger --ring-mib")
         deadline = None
         delay = 1e-6
         while True:
@@ -295,16 +293,18 @@ class Producer:
                 return offset
             if tail == self.head:
                 # Ring is empty and the message still does not fit: it never will.
+                need, have = format_bytes_alike(nbytes, cap)
                 raise TensorTooLarge(
-                    f"{what} of {_size(nbytes)} plus the rest of its message does not fit ring "
-                    f"{self.ring.name} of {_size(cap)}: pass a larger --ring-mib")
+                    f"{what} of {need} plus the rest of its message does not fit ring "
+                    f"{self.ring.name} of {have}: pass a larger --ring-mib")
             now = time.monotonic()
             if deadline is None:
                 deadline = now + timeout
             elif now >= deadline:
+                have, need = format_bytes_alike(cap - (self.head - tail), nbytes)
                 raise RingFull(
-                    f"ring {self.ring.name} stayed full for {timeout:.1f} s ({_size(cap - (self.head - tail))} free, "
-                    f"{_size(nbytes)} needed): the consumer is not releasing")
+                    f"ring {self.ring.name} stayed full for {timeout:.1f} s ({have} free, "
+                    f"{need} needed): the consumer is not releasing")
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
 

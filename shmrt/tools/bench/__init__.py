@@ -62,7 +62,8 @@ def _progress(label):
 
 def main(args) -> int:
     from ...errors import ShmrtError
-    from .micro import format_micro, parse_size, run_micro
+    from ...units import parse_bytes
+    from .micro import format_micro, run_micro
     from .report import run_e2e, write_results
 
     machine = machine_name(args.device)
@@ -72,7 +73,7 @@ def main(args) -> int:
     if args.suite in ("micro", "all"):
         if args.sizes:
             try:
-                sizes = [parse_size(s) for s in args.sizes.split(",")]
+                sizes = [parse_bytes(s) for s in args.sizes.split(",")]
             except ValueError:
                 raise ShmrtError(f"--sizes {args.sizes!r}: expected sizes like 4KiB,10MiB") from None
         else:

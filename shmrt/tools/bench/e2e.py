@@ -2,13 +2,12 @@
 K/V placement, with the daemon in its own process; the compute floor (the same enclave and daemon
 ops in one process, no transport) measured in the same run.
 
-Where the time goes comes from each run's sidecar: per phase, transport = sum(call time - daemon
-work), daemon compute = sum(daemon work), enclave compute = phase wall time - sum(call time).
+Each round is one `generate` (the same loop `shmrt run` uses); where the time goes comes from each
+run's sidecar through shmrt.tools.breakdown (transport, enclave and daemon per phase).
 """
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 
 import torch
@@ -16,32 +15,20 @@ import torch
 from ...enclave.client import EnclaveClient
 from ...host.compute import LinearCompute
 from ...host.daemon import COMPUTE_DTYPES
-from ...enclave.generate import Sampler, decode_n, prefill
+from ...enclave.generate import Sampler, generate
 from ...enclave.llama import EnclaveModel
-from ...wire.native import now_ns
 from ...host.local_ops import LocalOps
 from ...host.weights import load_weights
 from ...model.checkpoint import load_enclave_part
+from ..breakdown import by_phase
+from ..perflog import read_sidecar
 
 
 def sidecar_phases(path: str) -> list[dict]:
-    """Per phase span in a sidecar: wall, transport, daemon and enclave seconds, calls and bytes."""
-    calls, phases = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            obj = json.loads(line)
-            (calls if obj.get("type") == "call" else phases if obj.get("type") == "phase" else []).append(obj)
-    out = []
-    for ph in phases:
-        inside = [c for c in calls if ph["start_ns"] <= c["t_start_ns"] and c["t_decoded_ns"] <= ph["end_ns"]]
-        rpc = sum(c["t_decoded_ns"] - c["t_start_ns"] for c in inside) / 1e9
-        daemon = sum(c["daemon_work_ns"] for c in inside) / 1e9
-        wall = (ph["end_ns"] - ph["start_ns"]) / 1e9
-        out.append({"phase": ph["phase"], "tokens": ph["tokens"], "wall_s": wall, "transport_s": rpc - daemon,
-                    "daemon_s": daemon, "enclave_s": wall - rpc, "calls": len(inside),
-                    "sent_bytes": sum(c["sent_bytes"] for c in inside),
-                    "recv_bytes": sum(c["recv_bytes"] for c in inside)})
-    return out
+    """Per phase span in a sidecar: the breakdown's seconds (wall, transport, daemon, enclave and the
+    stages), calls and bytes."""
+    side = read_sidecar(path)
+    return [b.as_dict() for b in by_phase(side.calls, side.phases)] if side else []
 
 
 def _median_by(rows: list[dict], key: str) -> dict:
@@ -50,24 +37,23 @@ def _median_by(rows: list[dict], key: str) -> dict:
     return ordered[len(ordered) // 2]
 
 
+def _rounds(model, ids, new: int, repeats: int, on_phase=None) -> list:
+    """A warm-up round, then `repeats` measured ones: `generate` with new+1 samples (= `new` decode
+    forwards). The warm-up's calls are labelled "warmup" and its phases are not recorded."""
+    def warmup(name, start_ns, end_ns, tokens):
+        if on_phase and end_ns is None:
+            on_phase("warmup", start_ns, None, 0)
+
+    return [generate(model, ids, new + 1, Sampler(), warmup if i == 0 else on_phase) for i in range(repeats + 1)][1:]
+
+
 def measure_transport(endpoint: str, source, transport: str, wire: str, kv: str, prompt: int, new: int, repeats: int,
                       log_path: str) -> list[dict]:
     ids = torch.randint(0, source.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     with EnclaveClient(endpoint=endpoint, model=source, transport=transport, wire_dtype=wire, kv_cache=kv, timeout=600,
                        log_path=log_path, prompt_tokens=prompt, total_tokens=prompt + new + 1,
                        run_info={"bench": True}) as c, torch.inference_mode():
-        log = c.perflog
-        for i in range(repeats + 1):  # the first round is the warm-up
-            log.phase = "warmup" if i == 0 else "prefill"
-            t0 = now_ns()
-            logits = prefill(c.model, ids)
-            t1 = now_ns()
-            log.phase = "warmup" if i == 0 else "decode"
-            decode_n(c.model, logits, new + 1, Sampler())   # new+1 samples = `new` forwards
-            t2 = now_ns()
-            if i:
-                log.mark_phase("prefill", t0, t1, prompt)
-                log.mark_phase("decode", t1, t2, new)
+        _rounds(c.model, ids, new, repeats, c.perflog.on_phase)
     phases = sidecar_phases(log_path + ".jsonl")
     return [_median_by([p for p in phases if p["phase"] == ph], "wall_s") | {
         "p10_s": min(p["wall_s"] for p in phases if p["phase"] == ph),
@@ -81,19 +67,10 @@ def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: st
     wire_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[wire]
     m = EnclaveModel(load_enclave_part(w.source), LocalOps(compute, wire_dtype), kv)
     ids = torch.randint(0, w.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
-    pre, dec = [], []
     with torch.inference_mode():
-        for i in range(repeats + 1):
-            m.ops.kv = m.ops.c.new_kv_store()
-            t0 = now_ns()
-            logits = prefill(m, ids)
-            t1 = now_ns()
-            decode_n(m, logits, new + 1, Sampler())
-            t2 = now_ns()
-            if i:
-                pre.append((t1 - t0) / 1e9)
-                dec.append((t2 - t1) / 1e9)
-    return {"prefill": statistics.median(pre), "decode": statistics.median(dec)}
+        runs = _rounds(m, ids, new, repeats)  # its K/V store restarts at pos 0, as the daemon's does
+    return {"prefill": statistics.median(g.prefill_s for g in runs),
+            "decode": statistics.median(g.decode_s for g in runs)}
 
 
 def configurations(prompts, transports, wires, kvs):

@@ -8,6 +8,7 @@ import statistics
 import torch
 import zmq
 
+from ...units import format_bytes
 from ...wire.native import MappedBuffer, now_ns
 from ...host.server import EchoHandler, Server
 from ...wire.peer import client_info
@@ -109,21 +110,5 @@ def format_micro(records: list[dict]) -> str:
     lines = [f"{'size':>10} {'floor ms':>10} {'shm ms':>10} {'msgpack ms':>11} {'msgpack/shm':>12} {'shm/floor':>10}"]
     for n in sizes:
         f, s, m = by[("floor", n)]["median_s"], by[("shm", n)]["median_s"], by[("msgpack", n)]["median_s"]
-        lines.append(f"{_size(n):>10} {f * 1e3:>10.3f} {s * 1e3:>10.3f} {m * 1e3:>11.3f} {m / s:>11.1f}x {s / f:>9.2f}x")
+        lines.append(f"{format_bytes(n):>10} {f * 1e3:>10.3f} {s * 1e3:>10.3f} {m * 1e3:>11.3f} {m / s:>11.1f}x {s / f:>9.2f}x")
     return "\n".join(lines)
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:g} {unit}"
-    return f"{n} B"
-
-
-def parse_size(text: str) -> int:
-    text = text.strip()
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * scale)
-    return int(text)
-

@@ -9,9 +9,10 @@ from ... import settings
 from ..process import DaemonProcess, daemon_argv
 from ...host.weights import load_weights
 from ...model.checkpoint import resolve_model
+from ...units import format_bytes, mib
 from ...host.daemon import COMPUTE_DTYPES
+from ..breakdown import STAGES
 from .e2e import configurations, measure_floor, measure_transport
-from .micro import _size
 
 
 def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
@@ -35,7 +36,8 @@ def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
                                 "prompt": prompt, "phase": ph["phase"], "tokens": ph["tokens"],
                                 "median_s": ph["wall_s"], "p10_s": ph["p10_s"], "p90_s": ph["p90_s"],
                                 "transport_s": ph["transport_s"], "enclave_s": ph["enclave_s"],
-                                "daemon_s": ph["daemon_s"], "calls": ph["calls"],
+                                "daemon_s": ph["daemon_s"], **{f"stage_{st}_s": ph[f"{st}_s"] for st in STAGES},
+                                "calls": ph["calls"],
                                 "sent_bytes": ph["sent_bytes"], "recv_bytes": ph["recv_bytes"], "log": log})
     # The floor: the same ops in this process, no transport (daemon stopped, so it has the cores).
     weights = load_weights(model, layers=args.layers, dtype=COMPUTE_DTYPES[args.dtype], device=args.device)
@@ -67,8 +69,8 @@ def _e2e_table(records: list[dict]) -> list[str]:
         lines.append(f"| {r['prompt']} | {r['phase']} ({r['tokens']}) | {r['transport']} | {r['wire_dtype']} | "
                      f"{r['kv_cache']} | {r['median_s']:.4f} | {r['transport_s']:.4f} ({share:.1f}%) | "
                      f"{r.get('enclave_s', 0):.4f} | {r.get('daemon_s', 0):.4f} | {r['floor_s']:.4f} | "
-                     f"{r['median_s'] / r['floor_s']:.2f} | {r['calls']} | {r['sent_bytes'] / 2**20:.1f} | "
-                     f"{r['recv_bytes'] / 2**20:.1f} |")
+                     f"{r['median_s'] / r['floor_s']:.2f} | {r['calls']} | {mib(r['sent_bytes']):.1f} | "
+                     f"{mib(r['recv_bytes']):.1f} |")
     lines += ["", "shm vs msgpack (same configuration, same run):", "",
               "| S | phase | wire | kv | msgpack s | shm s | shm speedup | shm x floor | ms/token (shm) |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -90,7 +92,7 @@ def _micro_table(records: list[dict]) -> list[str]:
     lines = ["| size | floor ms | shm ms | msgpack ms | msgpack / shm | shm / floor |", "|---|---|---|---|---|---|"]
     for n in sorted({k[1] for k in micro}):
         f, s, m = (micro[(t, n)]["median_s"] for t in ("floor", "shm", "msgpack"))
-        lines.append(f"| {_size(n)} | {f * 1e3:.3f} | {s * 1e3:.3f} | {m * 1e3:.3f} | {m / s:.1f}x | {s / f:.2f}x |")
+        lines.append(f"| {format_bytes(n)} | {f * 1e3:.3f} | {s * 1e3:.3f} | {m * 1e3:.3f} | {m / s:.1f}x | {s / f:.2f}x |")
     return lines
 
 
