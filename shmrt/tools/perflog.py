@@ -89,7 +89,14 @@ def read_sidecar(path: str) -> Sidecar | None:
 
 
 class PerfLog:
-    """Observer of a client transport: writes the text log and the sidecar as calls end."""
+    """Observer of a client transport: writes the text log and the sidecar as calls end.
+
+    Rows are kept in memory and written in batches (every FLUSH_ROWS rows, at the latest FLUSH_S after
+    the oldest unwritten one, and at each phase's end): one formatted row and one write per call cost
+    ~17 ms per decoded token on an H100 host (98 calls). `tail -f` still sees rows within a second."""
+
+    FLUSH_ROWS = 256
+    FLUSH_S = 0.5
 
     def __init__(self, path: str, label: str, run_info: dict):
         self.path = path
@@ -98,6 +105,8 @@ class PerfLog:
         self._side = open(self.sidecar_path, "w", encoding="utf-8")
         self.calls = 0
         self.phase = "init"
+        self._pending: list[tuple[int, str, CallStats]] = []   # (id, phase, stats) not yet written
+        self._oldest_pending = 0.0
         self._sums = [0.0] * 5
         self._bytes = [0, 0]
         self._text.write("\n".join(header_lines(label)) + "\n")
@@ -112,22 +121,44 @@ class PerfLog:
 
     def __call__(self, s: CallStats) -> None:
         self.calls += 1
+        if not self._pending:
+            self._oldest_pending = time.monotonic()
+        self._pending.append((self.calls, self.phase, s))
+        if len(self._pending) >= self.FLUSH_ROWS or time.monotonic() - self._oldest_pending >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every pending row to the text log and the sidecar."""
+        rows, side = [], []
+        for call_id, phase, s in self._pending:
+            rows.append(self._row(call_id, s))
+            side.append(self._call_record(call_id, phase, s))
+        self._pending = []
+        if rows:
+            self._text.write("\n".join(rows) + "\n")
+            self._side.write("".join(side))
+        self._text.flush()
+        self._side.flush()
+
+    def _row(self, call_id: int, s: CallStats) -> str:
         ms = [s.serialize_ns / 1e6, s.send_ns / 1e6, s.recv_ns / 1e6, s.deserialize_ns / 1e6, s.total_ns / 1e6]
         for i, v in enumerate(ms):
             self._sums[i] += v
         self._bytes[0] += s.sent_bytes
         self._bytes[1] += s.recv_bytes
-        line = format_row(row_fields(self.calls, s.method, *ms, s.sent_bytes, s.recv_bytes))
+        line = format_row(row_fields(call_id, s.method, *ms, s.sent_bytes, s.recv_bytes))
         assert len(line) == LINE_WIDTH, line
-        self._text.write(line + "\n")
-        self._text.flush()
-        self._write_side({"type": "call", "id": self.calls, "method": s.method, "layer": s.layer,
-                          "phase": self.phase, "transport": s.transport,
+        return line
+
+    @staticmethod
+    def _call_record(call_id: int, phase: str, s: CallStats) -> str:
+        return json.dumps({"type": "call", "id": call_id, "method": s.method, "layer": s.layer,
+                          "phase": phase, "transport": s.transport,
                           "t_start_ns": s.t_start, "t_encoded_ns": s.t_encoded, "t_sent_ns": s.t_sent,
                           "t_replied_ns": s.t_replied, "t_decoded_ns": s.t_decoded,
                           "sent_bytes": s.sent_bytes, "recv_bytes": s.recv_bytes,
                           "payload_sent": s.payload_sent, "payload_recv": s.payload_recv,
-                          "copy_in_ns": s.copy_in_ns, "daemon_work_ns": s.work_ns})
+                          "copy_in_ns": s.copy_in_ns, "daemon_work_ns": s.work_ns}, separators=(",", ":")) + "\n"
 
     def on_phase(self, name: str, start_ns: int, end_ns: int | None, tokens: int) -> None:
         """Phase observer of `generate`: a phase begins (end_ns None; its calls get its name) or ends."""
@@ -137,12 +168,14 @@ class PerfLog:
             self.mark_phase(name, start_ns, end_ns, tokens)
 
     def mark_phase(self, phase: str, start_ns: int, end_ns: int, tokens: int) -> None:
+        self.flush()
         self._write_side({"type": "phase", "phase": phase, "start_ns": start_ns, "end_ns": end_ns, "tokens": tokens})
         self._side.flush()
 
     def close(self) -> None:
         if self._text.closed:
             return
+        self.flush()
         self._text.write("\n".join(summary_lines(self.calls, *self._sums, *self._bytes)) + "\n")
         self._text.close()
         self._side.close()
