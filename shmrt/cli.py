@@ -37,6 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default="shm", choices=["shm", "msgpack"])
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--calls", default="fused", choices=["fused", "v2.4"],
+                   help="fused: P*V and o_proj as one call (5 per layer); v2.4: its six calls per layer")
     p.add_argument("--kv-cache", default="daemon", choices=["daemon", "client"],
                    help="where K/V live between steps (client: sent in full each step, as v2.4)")
     src = p.add_mutually_exclusive_group()
@@ -165,7 +167,7 @@ def cmd_client(args, endpoint: str, prepared=None) -> int:
     with EnclaveClient(endpoint=endpoint, model=source, transport=args.transport, wire_dtype=args.wire_dtype,
                        kv_cache=args.kv_cache, timeout=args.timeout, log_path=args.log or None,
                        prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + args.max_new_tokens,
-                       ring_mib=args.ring_mib, enclave=enclave) as client:
+                       ring_mib=args.ring_mib, enclave=enclave, calls=args.calls) as client:
         client.transport.observers.append(collected.append)
         progress = None if args.quiet or args.max_new_tokens < 16 else _decode_progress
         sampler = Sampler(args.temperature, args.top_p, args.sample_seed)

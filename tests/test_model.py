@@ -13,29 +13,31 @@ from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import load_enclave_part, resolve_model
 
 
-def local_model(path, kv_cache="daemon"):
+def local_model(path, kv_cache="daemon", calls="fused"):
     w = load_weights(str(path))
     compute = LinearCompute(w, "cpu", torch.float32)
-    return EnclaveModel(load_enclave_part(w.source), LocalOps(compute), kv_cache)
+    return EnclaveModel(load_enclave_part(w.source), LocalOps(compute), kv_cache, calls)
 
 
+@pytest.mark.parametrize("calls", ["fused", "v2.4"])
 @pytest.mark.parametrize("name", ["gqa-tied-llama3", "untied-mha-legacy", "sharded-gqa"])
-def test_prefill_logits_match_transformers(checkpoints, name):
+def test_prefill_logits_match_transformers(checkpoints, name, calls):
     path, hf = checkpoints[name]
     ids = random_ids(40, 320, seed=1)
     with torch.no_grad():
         ref = hf(ids).logits[:, -1]
-    got = local_model(path).forward(ids, 0)
-    check_close(name, got, ref, 1e-5)
+    got = local_model(path, calls=calls).forward(ids, 0)
+    check_close(f"{name}/{calls}", got, ref, 1e-5)
 
 
+@pytest.mark.parametrize("calls", ["fused", "v2.4"])
 @pytest.mark.parametrize("kv_cache", ["client", "daemon"])
-def test_greedy_generation_matches_transformers(checkpoints, kv_cache):
+def test_greedy_generation_matches_transformers(checkpoints, kv_cache, calls):
     path, hf = checkpoints["gqa-tied-llama3"]
     ids = random_ids(20, 320, seed=2)
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, 20:].tolist()
-    got = generate(local_model(path, kv_cache), ids, 8, Sampler()).tokens
+    got = generate(local_model(path, kv_cache, calls), ids, 8, Sampler()).tokens
     assert got == ref
 
 

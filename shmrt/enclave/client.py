@@ -15,7 +15,7 @@ from .. import settings
 from ..model.checkpoint import ModelSource, load_enclave_part, resolve_model
 from ..model.config import LlamaConfig
 from ..errors import ModelError
-from .llama import KV_PLACEMENTS, EnclaveModel
+from .llama import CALL_SETS, KV_PLACEMENTS, EnclaveModel
 from .ops import RemoteOps
 from .sizing import ring_bytes_for
 from ..tools.perflog import PerfLog
@@ -29,7 +29,7 @@ class EnclaveClient:
     def __init__(self, *, endpoint: str, model: str | ModelSource = "tiny", transport: str = "shm", wire_dtype: str = "float32",
                  kv_cache: str = "daemon", timeout: float | None = None, log_path: str | None = None,
                  prompt_tokens: int = 1, total_tokens: int = 1, ring_mib: float | None = None,
-                 enclave: bool = False, run_info: dict | None = None):
+                 enclave: bool = False, run_info: dict | None = None, calls: str = "fused"):
         if wire_dtype not in WIRE_DTYPES:
             raise ModelError(f"--wire-dtype {wire_dtype!r}: expected one of {list(WIRE_DTYPES)}")
         if kv_cache not in KV_PLACEMENTS:
@@ -39,6 +39,9 @@ class EnclaveClient:
         self.wire_name = wire_dtype
         self.wire = WIRE_DTYPES[wire_dtype]
         self.kv_cache = kv_cache
+        if calls not in CALL_SETS:
+            raise ModelError(f"--calls {calls!r}: expected one of {CALL_SETS}")
+        self.calls = calls
         self.timeout = timeout if timeout is not None else settings.default_timeout()
         self.log_path = log_path
         self.prompt_tokens = prompt_tokens
@@ -79,20 +82,20 @@ class EnclaveClient:
             raise ModelError(f"prompt plus new tokens = {self.total_tokens} positions, but the model allows "
                              f"{self.cfg.max_position_embeddings}")
         ring = int(self.ring_mib * 2**20) if self.ring_mib else ring_bytes_for(
-            self.part, self.prompt_tokens, self.total_tokens, self.wire, self.kv_cache)
+            self.part, self.prompt_tokens, self.total_tokens, self.wire, self.kv_cache, calls=self.calls)
         if self.transport_name == "shm":
             self.transport.open_session(ring)
         if self.log_path:
             self.perflog = PerfLog(self.log_path, transport_label(self.transport_name, self.endpoint), {
                 "transport": self.transport_name, "endpoint": self.endpoint, "wire_dtype": self.wire_name,
-                "kv_cache": self.kv_cache, "model": info.get("model"), "device": info.get("device"),
+                "kv_cache": self.kv_cache, "calls": self.calls, "model": info.get("model"), "device": info.get("device"),
                 "daemon_dtype": info.get("dtype"), "ring_bytes": ring if self.transport_name == "shm" else 0,
                 "versions": {"torch": torch.__version__, "shmrt": _version()}, "client_pid": os.getpid(),
                 **self.run_info})
             self.transport.observers.append(self.perflog)
         self.transport.call("Init").release()
         ops = RemoteOps(self.transport, self.cfg, self.wire)
-        self.model = EnclaveModel(self.part, ops, self.kv_cache)
+        self.model = EnclaveModel(self.part, ops, self.kv_cache, self.calls)
 
     def close(self) -> None:
         if self.perflog is not None:

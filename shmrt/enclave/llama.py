@@ -23,6 +23,7 @@ O = ["o_proj"]
 GATE_UP = ["gate_proj", "up_proj"]
 DOWN = ["down_proj"]
 KV_PLACEMENTS = ("client", "daemon")
+CALL_SETS = ("fused", "v2.4")   # fused: P*V and o_proj travel as one call (5 per layer); v2.4: six
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,8 +74,9 @@ def check_finite(t: torch.Tensor, method: str, layer: int) -> torch.Tensor:
 class EnclaveModel:
     """The enclave's half of a LLaMA: holds norms and RoPE, drives `ops` for the rest."""
 
-    def __init__(self, part: EnclavePart, ops, kv_cache: str = "daemon"):
-        assert kv_cache in KV_PLACEMENTS, kv_cache
+    def __init__(self, part: EnclavePart, ops, kv_cache: str = "daemon", calls: str = "fused"):
+        assert kv_cache in KV_PLACEMENTS and calls in CALL_SETS, (kv_cache, calls)
+        self.fused = calls == "fused"
         self.cfg = cfg = part.cfg
         self.norms = part.norms                 # [2L+1, D] float32, from the enclave's own checkpoint copy
         self.inv_freq = part.inv_freq           # [hd/2]
@@ -126,14 +128,15 @@ class EnclaveModel:
                 k_out = req.alloc((B, Hkv, S, hd)) if self.kv_cache == "daemon" else None
                 k = apply_rope(k.float().view(B, S, Hkv, hd).transpose(1, 2), cos, sin, out=k_out)  # [B, Hkv, S, hd]
                 v = qkv.take(2).view(B, S, Hkv, hd).transpose(1, 2).contiguous()                 # [B, Hkv, S, hd]
-            attn = self._attention(layer, q, k, v, start, mask)                                  # a reply
-        with self.ops.request() as req:
-            with attn:
-                ctx = req.alloc((B, S, H * hd))                # o_proj's input, written once
-                ctx.view(B, S, H, hd).copy_(attn.view(0).view(B, H, S, hd).transpose(1, 2))
-            o = self.ops.linear(layer, O, ctx)
+            o = self._attention(layer, q, k, v, start, mask)                                     # a reply
+        if not self.fused:                                      # v2.4's calls: P*V came back, o_proj is one more
+            with self.ops.request() as req:
+                with o:
+                    ctx = req.alloc((B, S, H * hd))            # o_proj's input, written once
+                    ctx.view(B, S, H, hd).copy_(o.view(0).view(B, H, S, hd).transpose(1, 2))
+                o = self.ops.linear(layer, O, ctx)
         with o:
-            h = check_finite(h + o.view(0).float(), "Matmul/BatchLinear o_proj", layer)
+            h = check_finite(h + o.view(0).float(), "AttentionOutput" if self.fused else "BatchLinear o_proj", layer)
         with self.ops.request() as req:
             x = rms_norm(h, self.norms[2 * layer + 1], eps, out=req.alloc((B, S, D)))
             gate_up = self.ops.linear(layer, GATE_UP, x)
@@ -146,8 +149,8 @@ class EnclaveModel:
             return check_finite(h + down.view(0).float(), "BatchLinear down_proj", layer)
 
     def _attention(self, layer: int, q, k, v, start: int, mask):
-        """Q*K^T, causal softmax, P*V; q (and k) are staged in the open request. Returns P*V's reply
-        [B, Hkv, g*S, hd], to be read by the caller."""
+        """Q*K^T, causal softmax, then P*V and o_proj in one call (fused: the reply is [B, S, D]) or P*V
+        alone (v2.4: the reply is [B, Hkv, g*S, hd]); q (and k) are staged in the open request."""
         B, H, S, hd = q.shape
         Hkv = k.shape[1]
         T = start + S
@@ -167,4 +170,7 @@ class EnclaveModel:
             with scores:
                 probs = req.alloc(scores.view(0).shape)        # written in place: no extra copy
                 causal_softmax(scores.view(0).view(B, H, S, T), mask, self.scale, probs.view(B, H, S, T))
+            if self.fused:
+                ctx_call.pop("transpose_b")
+                return self.ops.attention_output(probs, values, **{"layer": layer, **ctx_call})
             return self.ops.matmul(probs, values, expect_cols=hd, **ctx_call)

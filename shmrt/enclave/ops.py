@@ -50,5 +50,11 @@ class RemoteOps:
         return self._call("Matmul", [a, b], [tuple(a.shape[:-1]) + (expect_cols,)], self.wire_dtype,
                           layer=layer, op=matmul_bits(transpose_b, cache), pos=pos)
 
+    def attention_output(self, p, v, *, layer: int, cache: str | None = None, pos: int = 0) -> Reply:
+        """P*V then o_proj, one call: p [B, Hkv, g*S, T] -> [B, S, D]."""
+        B, S = p.shape[0], p.shape[1] * p.shape[2] // self.cfg.num_attention_heads
+        return self._call("AttentionOutput", [p, v], [(B, S, self.cfg.hidden_size)], self.wire_dtype,
+                          layer=layer, op=matmul_bits(False, cache), pos=pos)
+
     def lm_head(self, x: torch.Tensor) -> Reply:
         return self._call("LMHead", [x], [(x.shape[0], self.cfg.vocab_size)], torch.float32)

@@ -63,18 +63,22 @@ class RecordingOps:
     def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0):
         return self._note([a, b], [((*a.shape[:-1], expect_cols), self.wire_dtype)])
 
+    def attention_output(self, p, v, *, layer, cache=None, pos=0):
+        S = p.shape[1] * p.shape[2] // self.cfg.num_attention_heads
+        return self._note([p, v], [((p.shape[0], S, self.cfg.hidden_size), self.wire_dtype)])
+
     def lm_head(self, x):
         return self._note([x], [((x.shape[0], self.cfg.vocab_size), torch.float32)])
 
 
 def ring_bytes_for(part: EnclavePart, prompt_tokens: int, total_tokens: int, wire_dtype: torch.dtype,
-                   kv_cache: str, batch: int = 1) -> int:
+                   kv_cache: str, batch: int = 1, calls: str = "fused") -> int:
     """Ring size per direction for a prefill of `prompt_tokens` and decode steps up to `total_tokens`."""
     cfg = part.cfg.with_layers(1)                           # every layer sends the same messages
     meta_part = EnclavePart(cfg, part.norms[:3].to(META), part.inv_freq.to(META), part.attention_scaling,
                             part.digest)
     ops = RecordingOps(cfg, wire_dtype)
-    model = EnclaveModel(meta_part, ops, kv_cache)
+    model = EnclaveModel(meta_part, ops, kv_cache, calls)
     ids = torch.empty((batch, prompt_tokens), dtype=torch.int64, device=META)
     model.forward(ids, 0)                                   # the prefill
     last = max(total_tokens - 1, prompt_tokens)

@@ -145,6 +145,19 @@ class LinearCompute:
             ad, bd = ad.float(), bd.float()
         return torch.matmul(ad, bd.transpose(-1, -2) if transpose_b else bd)
 
+    def attention_output(self, p: torch.Tensor, v: torch.Tensor, *, layer: int, cache: str | None = None,
+                         pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:
+        """P*V and o_proj in one call (only a reshape lies between them): p [B, Hkv, g*S, T] (query heads
+        of a KV group stacked along rows), v [B, Hkv, T or new rows, hd] -> [B, S, D]."""
+        H, Hkv, hd = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
+        if p.dim() != 4 or p.shape[1] != Hkv or p.shape[2] % (H // Hkv):
+            raise ProtocolError(f"AttentionOutput expects P [B, {Hkv}, {H // Hkv}*S, T], got {tuple(p.shape)}")
+        B, S = p.shape[0], p.shape[2] // (H // Hkv)
+        check_result_fits((B, S, self.cfg.hidden_size), max_elements, "AttentionOutput")
+        ctx = self.matmul(p, v, transpose_b=False, cache=cache, layer=layer, pos=pos, kv=kv)   # [B, Hkv, g*S, hd]
+        ctx = ctx.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd).to(self.dtype)
+        return ctx @ self.w.projection(layer, ["o_proj"]).t()
+
     def lm_head(self, x: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
         D = self.cfg.hidden_size
         if x.dim() not in (2, 3) or x.shape[-1] != D or (x.dim() == 3 and x.shape[1] != 1):

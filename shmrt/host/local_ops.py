@@ -52,5 +52,9 @@ class LocalOps:
         return self._out([self.c.matmul(self._wire(a), self._wire(b), transpose_b=transpose_b, cache=cache,
                                         layer=layer, pos=pos, kv=self.kv)])
 
+    def attention_output(self, p, v, *, layer, cache=None, pos=0) -> Reply:
+        return self._out([self.c.attention_output(self._wire(p), self._wire(v), layer=layer, cache=cache, pos=pos,
+                                                  kv=self.kv)])
+
     def lm_head(self, x) -> Reply:
         return self._out([self.c.lm_head(self._wire(x))], torch.float32)
