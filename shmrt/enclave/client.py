@@ -5,20 +5,20 @@ opens the session (Hello, rings sized for the model, Init) and always tears it d
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from .. import settings
 from ..model.config import LlamaConfig
-from ..errors import ModelError, ProtocolError
+from ..errors import ModelError, ProtocolError, describe
 from .llama import KV_PLACEMENTS, EnclaveModel
 from .ops import RemoteOps
 from ..tools.perflog import PerfLog
 from ..wire.ring import LARGE_ALIGN
 from ..wire.peer import client_info
 from ..wire.transport import make_client_transport, transport_label
+from ..wire.untrusted import load_json
 from ..model.config import projection_rows
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -93,8 +93,7 @@ class EnclaveClient:
                              f"{self.cfg.max_position_embeddings}")
         ring = int(self.ring_mib * 2**20) if self.ring_mib else ring_bytes_for(
             self.cfg, self.prompt_tokens, self.total_tokens, self.wire)
-        if self.transport_name == "shm":
-            self.transport.open_session(ring)
+        self.transport.open_session(ring)  # shm: creates the rings; msgpack: bounds each reply's size
         if self.log_path:
             self.perflog = PerfLog(self.log_path, transport_label(self.transport_name, self.endpoint), {
                 "transport": self.transport_name, "endpoint": self.endpoint, "wire_dtype": self.wire_name,
@@ -107,10 +106,11 @@ class EnclaveClient:
             if len(reply.tensors) != 2:
                 raise ProtocolError(f"Init reply has {len(reply.tensors)} tensors, expected norms and inv_freq")
             norms, inv_freq = (t.float().clone() for t in reply.tensors)
-            try:
-                scaling = float(json.loads(reply.text or "{}").get("attention_scaling", 1.0))
-            except (ValueError, TypeError, AttributeError):
-                raise ProtocolError("Init reply text is not the expected JSON") from None
+            init_info = load_json(reply.text or "{}", "Init reply text")
+            scaling = init_info.get("attention_scaling", 1.0) if isinstance(init_info, dict) else None
+            if type(scaling) not in (int, float) or not 0 < scaling <= 16:  # load_json: never NaN/inf
+                raise ProtocolError(f"Init reply attention_scaling {describe(scaling)}, expected a number in (0, 16]")
+            scaling = float(scaling)
         cfg = self.cfg
         if tuple(norms.shape) != (2 * cfg.num_hidden_layers + 1, cfg.hidden_size) or \
                 tuple(inv_freq.shape) != (cfg.head_dim // 2,):
