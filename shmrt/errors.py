@@ -41,17 +41,23 @@ TEXT_LIMIT = 300  # characters of host text kept in one error message
 def printable(text, limit: int = TEXT_LIMIT) -> str:
     """`text` (from a peer or any other untrusted source) made safe to put in a one-line message.
 
-    Capped at `limit` characters *before* any other work (an 8 MB error costs no more than a short one),
-    then every control or format character (C0, DEL, C1, line/paragraph separators, bidi overrides,
-    lone surrogates...) is written as a Python-style escape, so the result is one line that cannot
-    move the cursor, recolour the terminal or hide text. Idempotent on its own output. A non-string
+    At most `limit` characters come out (escapes included) and at most `limit` are looked at, so an
+    8 MB error costs no more than a short one. Every control or format character (C0, DEL, C1,
+    line/paragraph separators, bidi overrides, lone surrogates...) is written as a Python-style
+    escape, so the result is one line that cannot move the cursor, recolour the terminal or hide text. Idempotent on its own output. A non-string
     is described by type only: its repr could recurse or be huge."""
     if not isinstance(text, str):
         return f"<{type(text).__name__}>"
-    cut = len(text) - limit
-    head = text[:limit] if cut > 0 else text
-    out = "".join(ch if ch.isprintable() or ch == " " else _escape(ch) for ch in head)
-    return f"{out}... ({cut} more characters)" if cut > 0 else out
+    out, size, used = [], 0, 0
+    for ch in text[:limit]:  # each character yields at least one: never more than `limit` are needed
+        piece = ch if ch.isprintable() or ch == " " else _escape(ch)
+        if size + len(piece) > limit:
+            break
+        out.append(piece)
+        size += len(piece)
+        used += 1
+    rest = len(text) - used
+    return "".join(out) + (f"... ({rest} more characters)" if rest else "")
 
 
 def _escape(ch: str) -> str:
