@@ -128,6 +128,9 @@ def cmd_client(args, endpoint: str) -> int:
     from .enclave.generate import Sampler, generate
     from .enclave.tokenizer import load_tokenizer
 
+    from .wire.native import set_fault_program
+    set_fault_program(f"shmrt {args.command}")  # a ring the host shrinks ends us with this program's error line
+
     if args.max_new_tokens < 0:
         raise ShmrtError("--max-new-tokens must be >= 0")
     prompt_len = _prompt_length(args)
