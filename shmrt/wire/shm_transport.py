@@ -60,15 +60,15 @@ def _raise_if_error(bell: Doorbell, endpoint: str) -> None:
 class ShmClient(ClientTransport):
     name = "shm"
 
-    def message_limit(self, max_reply_bytes: int | None) -> int:
-        # Tensors stay in the rings: every legal message is a doorbell, whatever the model's size.
-        return protocol.encoded_size(protocol.MAX_TENSORS, protocol.MAX_TEXT)
-
     def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False):
         super().__init__(endpoint, timeout=timeout, enclave=enclave)
         self.req: Ring | None = None
         self.rsp: Ring | None = None
         self._staged: dict[int, TensorDesc] = {}
+
+    def message_limit(self, max_reply_bytes: int | None) -> int:
+        # Tensors stay in the rings: every legal message is a doorbell, whatever the model's size.
+        return protocol.encoded_size(protocol.MAX_TENSORS, protocol.MAX_TEXT)
 
     # ---- session
 

@@ -196,7 +196,7 @@ def make_client_transport(name: str, endpoint: str, *, timeout: float, enclave: 
                           max_reply_bytes: int | None = None) -> ClientTransport:
     """`max_reply_bytes`: the most tensor bytes one reply may carry (msgpack only; shm replies carry
     descriptors, their bound is fixed by the protocol). None: control messages only until
-    `limit_replies()` is called."""
+    `open_session()` (or `limit_replies()`) sets it from the ring size."""
     if name == "shm":
         from .shm_transport import ShmClient
         return ShmClient(endpoint, timeout=timeout, enclave=enclave)
