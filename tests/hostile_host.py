@@ -251,6 +251,7 @@ class Hostile:
     def act(self, payload: bytes):
         """The reply to forward (None: forward nothing); 'close' to shut the front socket."""
         self.info["fired"] = True
+        self.info["fired_at"] = time.time()
         self.save()
         field = self.field
         if field in RESOURCE_RULES:

@@ -3,8 +3,8 @@ real `shmrt daemon --model tiny` and corrupts one reply field or one host-owned 
 
 Every case must end the way a user can act on: exit 2 with exactly one line on stderr starting with
 "shmrt client: error:" (or exit 0 where the corruption is harmless), no traceback, no control
-characters in the output, none of the client's segments left in /dev/shm, within the timeout plus
-the client's start-up. The clients of all cases run a few at a time (the module fixture), then each
+characters in the output, none of the client's segments left in /dev/shm, and an exit within the
+timeout plus a few seconds of the corruption. The clients of all cases run a few at a time (the module fixture), then each
 case's outcome is checked by its own parametrized test.
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ import pytest
 from conftest import repo_root
 
 TIMEOUT = 3.0
-STARTUP_SLACK = 15.0   # python + torch import of the client on a loaded 2-core machine
+AFTER_FIRE = TIMEOUT + 4.0  # from the corruption to the client's exit: --timeout at most, plus teardown
+HANG_GUARD = 120.0          # the whole client run, start-up (python + torch import) included
 PARALLEL = 4
 CLIENT_ARGS = ["--prefill", "4", "--max-new-tokens", "2", "--timeout", str(TIMEOUT), "--log", ""]
 PROXY = pathlib.Path(__file__).with_name("hostile_host.py")
@@ -146,9 +147,9 @@ def run_case(case, daemon_endpoint: str, workdir: pathlib.Path) -> dict:
         start = time.monotonic()
         client = subprocess.run([sys.executable, "-m", "shmrt", "client", "--endpoint", front,
                                  "--transport", transport, *CLIENT_ARGS], capture_output=True, text=True,
-                                timeout=TIMEOUT + STARTUP_SLACK + 30, env=_env(), cwd=workdir,
+                                timeout=HANG_GUARD, env=_env(), cwd=workdir,
                                 preexec_fn=_no_core, errors="backslashreplace")
-        elapsed = time.monotonic() - start
+        elapsed, ended_at = time.monotonic() - start, time.time()
         info = json.loads(info_path.read_text())
         left = [name for name in info["rings"] if os.path.exists(f"/dev/shm{name}")]
     finally:
@@ -162,7 +163,7 @@ def run_case(case, daemon_endpoint: str, workdir: pathlib.Path) -> dict:
         with contextlib.suppress(FileNotFoundError):  # the daemon may unlink a dead client's rings first
             os.unlink(f"/dev/shm{name}")
     return {"rc": client.returncode, "stdout": client.stdout, "stderr": client.stderr, "elapsed": elapsed,
-            "fired": info["fired"], "left": left}
+            "fired": info["fired"], "left": left, "after_fire": ended_at - info.get("fired_at", ended_at)}
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,7 @@ def test_hostile_host(outcomes, case):
     transport, rule, expected_rc, mentions = case
     out = outcomes[case_id(case)]
     assert "harness_error" not in out, out.get("harness_error")
-    where = f"{case_id(case)}: rc {out['rc']} in {out['elapsed']:.1f} s\nstdout: {out['stdout'][-1500:]!r}\nstderr: {out['stderr'][-3000:]!r}"
+    where = f"{case_id(case)}: rc {out['rc']} in {out['elapsed']:.1f} s ({out['after_fire']:.1f} s after the corruption)\nstdout: {out['stdout'][-1500:]!r}\nstderr: {out['stderr'][-3000:]!r}"
     assert out["fired"], f"the rule never fired (the call sequence changed?)\n{where}"
     assert out["rc"] == expected_rc, where
     assert "Traceback" not in out["stderr"] + out["stdout"], where
@@ -224,6 +225,6 @@ def test_hostile_host(outcomes, case):
     else:
         assert lines == [], where
     assert not out["left"], f"segments left in /dev/shm: {out['left']}\n{where}"
-    assert out["elapsed"] < TIMEOUT + STARTUP_SLACK, where
+    assert out["after_fire"] < AFTER_FIRE, where  # start-up time varies with load; this does not
     if mentions == TIMED_OUT:
-        assert out["elapsed"] >= TIMEOUT, where
+        assert out["after_fire"] >= TIMEOUT - 0.5, where
