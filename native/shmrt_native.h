@@ -8,6 +8,17 @@
  *   SHMRT_OK             0  done
  *   SHMRT_E_BOUNDS      -1  [offset, offset+n) does not lie inside the buffer
  *   SHMRT_E_ALIGN       -2  a header word is not 8-byte aligned
+ *   SHMRT_E_FULL        -3  the fault guard's table has no free slot
+ *   SHMRT_E_SYS         -4  a system call failed (errno says which)
+ *
+ * Fault guard: a process that maps a ring it created registers the mapping here. If the host
+ * shrinks that segment, the next access to a page past the new end raises SIGBUS; the handler
+ * (installed once, SA_SIGINFO) sees that si_addr lies in a registered mapping, writes the line
+ * registered with it to stderr, unlinks every registered segment and _exit(2)s. Only
+ * async-signal-safe calls are used: write(2), unlink(2) (a POSIX shm name is a file under
+ * /dev/shm on Linux, so unlink of that path is shm_unlink without the library call), _exit(2),
+ * sigaction(2), raise(3). A SIGBUS anywhere else goes to the previous disposition (a chained
+ * handler, such as faulthandler's, or the default action).
  */
 #ifndef SHMRT_NATIVE_H
 #define SHMRT_NATIVE_H
@@ -18,6 +29,11 @@
 #define SHMRT_OK 0
 #define SHMRT_E_BOUNDS -1
 #define SHMRT_E_ALIGN -2
+#define SHMRT_E_FULL -3
+#define SHMRT_E_SYS -4
+#define SHMRT_FAULT_SLOTS 16
+#define SHMRT_FAULT_PATH_MAX 128
+#define SHMRT_FAULT_LINE_MAX 1024
 
 typedef struct {
     uint64_t start_ns;  /* CLOCK_MONOTONIC before the first byte moved */
@@ -37,6 +53,15 @@ int shmrt_copy_out(uint8_t *dst, const uint8_t *src, uint64_t src_len, uint64_t 
 /* Acquire load / release store of a 64-bit word at base+off (base_len bytes mapped). */
 int shmrt_load_acquire(const uint8_t *base, uint64_t base_len, uint64_t off, uint64_t *value);
 int shmrt_store_release(uint8_t *base, uint64_t base_len, uint64_t off, uint64_t value);
+
+/* Install the SIGBUS handler (idempotent). SHMRT_OK or SHMRT_E_SYS. */
+int shmrt_fault_install(void);
+/* Guard [addr, addr+len): a fault there writes `line` (line_len bytes) to fd 2, unlinks every */
+/* guarded `path` ("" for none) and _exit(2)s. Returns the slot (>= 0), SHMRT_E_FULL, or */
+/* SHMRT_E_BOUNDS if path or line do not fit the table. */
+int shmrt_fault_register(const uint8_t *addr, uint64_t len, const char *path, const char *line, uint64_t line_len);
+/* Stop guarding a slot (before its mapping is unmapped). */
+void shmrt_fault_unregister(int slot);
 /* CDEF-END */
 
 #endif

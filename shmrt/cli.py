@@ -10,10 +10,11 @@ import pathlib
 import sys
 
 from . import settings
-from .errors import ShmrtError
+from .errors import ShmrtError, printable
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
+ERROR_LIMIT = 2000  # characters of an error message printed (host text inside it is capped shorter)
 
 
 # ---- arguments
@@ -160,7 +161,9 @@ def cmd_client(args, endpoint: str, prepared=None) -> int:
     import torch
     from .enclave.client import EnclaveClient
     from .enclave.generate import Sampler, generate
+    from .wire.native import set_fault_program
 
+    set_fault_program(f"shmrt {args.command}")  # a ring the host shrinks ends us with this program's error line
     source, tok, ids = prepared or _prepare_client(args)
     collected = []
     enclave = args.enclave or settings.enclave_forced() or os.path.exists("/dev/attestation")
@@ -192,7 +195,8 @@ def _print_summary(args, client, result, calls, tok) -> None:
     info = client.server_info
     phases = by_phase(calls, result.phases)  # Init and other calls outside prefill/decode are left out
     out = sys.stdout
-    print(f"shmrt: {info.get('model')} on {info.get('device')} ({info.get('dtype')}), transport {args.transport}, "
+    model, device, dtype = (printable(info.get(key), 80) for key in ("model", "device", "dtype"))  # the host's words
+    print(f"shmrt: {model} on {device} ({dtype}), transport {args.transport}, "
           f"wire {args.wire_dtype}, kv-cache {args.kv_cache}", file=out)
     print(f"prompt {result.prompt_tokens} tokens -> generated {len(result.tokens)}: {result.tokens}", file=out)
     if tok is not None and result.tokens:
@@ -262,13 +266,15 @@ def main(argv=None) -> int:
         if args.command == "cleanup":
             return cmd_cleanup(args)
     except ShmrtError as exc:
-        print(f"shmrt {args.command}: error: {exc}", file=sys.stderr)
+        # One line, whatever a message quoted: host text is escaped where it enters a message, and
+        # escaping again here is a no-op on that (printable is idempotent) but catches anything missed.
+        print(f"shmrt {args.command}: error: {printable(str(exc), ERROR_LIMIT)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"shmrt {args.command}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"shmrt {args.command}: error: {exc}", file=sys.stderr)
+        print(f"shmrt {args.command}: error: {printable(str(exc), ERROR_LIMIT)}", file=sys.stderr)
         return 2
     return 1
 

@@ -116,3 +116,90 @@ def test_wraparound_2000_random_messages_across_processes():
         finally:
             q_in.put(None)
             proc.join(10)
+
+
+# ---- the host changes a segment under its creator (real processes: the fault ends the process)
+
+FAULT_CHILD = r"""
+import mmap, os, sys, tempfile
+from shmrt.wire import native
+from shmrt.wire.ring import Ring
+native.set_fault_program("shmrt client")
+how, where = sys.argv[1], sys.argv[2]
+req, rsp = Ring.create(1 << 16, "req"), Ring.create(1 << 16, "rsp")
+ring = req if where == "req" else rsp
+print(req.name, rsp.name, flush=True)
+path = "/dev/shm" + ring.name
+if how == "shrink-to-0":          # the header page goes: the next head/tail store faults
+    os.truncate(path, 0)
+    ring.native.store(64, 1)
+elif how == "shrink-mid-data":    # the header survives; a copy into the data area faults (in C)
+    import torch
+    os.truncate(path, 4096 + 8192)
+    ring.native.copy_in(4096 + 4096, torch.ones(4096))
+elif how == "shrink-torch-view":  # torch reads a view of the ring (a tensor kernel faults)
+    import torch
+    os.truncate(path, 4096)
+    print(float(torch.frombuffer(ring.data, dtype=torch.float32).sum()))
+elif how == "grow":               # harmless: the mapping keeps its length
+    os.truncate(path, 4096 + (1 << 20))
+    ring.data[:] = b"\x07" * len(ring.data)
+    assert bytes(ring.data[-4:]) == b"\x07" * 4
+elif how == "replace":            # harmless: the mapping keeps the original pages
+    os.unlink(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, 0)
+    ring.data[:] = b"\x07" * len(ring.data)
+    ring.native.store(64, 5)
+    assert ring.native.load(64) == 5
+elif how == "unguarded":          # a SIGBUS outside any ring keeps its default action
+    with tempfile.TemporaryFile() as f:
+        f.truncate(1 << 16)
+        m = mmap.mmap(f.fileno(), 1 << 16)
+        f.truncate(0)
+        m[8192] = 1
+print("survived", flush=True)
+req.close()
+rsp.close()
+"""
+
+
+def _run_fault_child(how: str, where: str):
+    import resource
+    import subprocess
+    import sys
+
+    def no_core():
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return subprocess.run([sys.executable, "-c", FAULT_CHILD, how, where], capture_output=True, text=True,
+                          timeout=60, preexec_fn=no_core)
+
+
+@pytest.mark.parametrize("where", ["req", "rsp"])
+@pytest.mark.parametrize("how", ["shrink-to-0", "shrink-mid-data", "shrink-torch-view"])
+def test_a_ring_shrunk_by_the_host_ends_the_process_with_one_line_exit_2_and_no_segment(how, where):
+    proc = _run_fault_child(how, where)
+    names = proc.stdout.split()[:2]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])  # -7 would be SIGBUS (a core dump)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    ring_name = names[0] if where == "req" else names[1]
+    assert lines[0].startswith(f"shmrt client: error: ring {ring_name} shrank") and "restart the daemon" in lines[0]
+    for name in names:
+        assert not os.path.exists(f"/dev/shm{name}"), f"{name} left behind"
+
+
+@pytest.mark.parametrize("how", ["grow", "replace"])
+def test_a_ring_grown_or_replaced_by_the_host_keeps_working_and_nothing_is_left(how):
+    proc = _run_fault_child(how, "req")
+    assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr[-2000:]
+    for name in proc.stdout.split()[:2]:
+        assert not os.path.exists(f"/dev/shm{name}")
+
+
+def test_a_sigbus_outside_the_rings_keeps_its_default_action():
+    proc = _run_fault_child("unguarded", "req")
+    assert proc.returncode == -7, (proc.returncode, proc.stderr[-2000:])
+    for name in proc.stdout.split()[:2]:  # the process died without closing: remove what it left
+        if os.path.exists(f"/dev/shm{name}"):
+            os.unlink(f"/dev/shm{name}")

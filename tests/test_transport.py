@@ -139,3 +139,44 @@ def test_tcp_round_trip(tmp_path):
                     assert torch.equal(r.tensors[0], torch.arange(10.0))
     finally:
         d.stop()
+
+
+OVERSIZE_CLIENT = r"""
+import resource, sys
+from shmrt.errors import ShmrtError
+from shmrt.wire.peer import client_info
+from shmrt.wire.transport import make_client_transport
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with make_client_transport(sys.argv[1], sys.argv[2], timeout=2) as t:
+    try:
+        t.hello(client_info())
+        print("answered")
+    except ShmrtError as exc:
+        print(type(exc).__name__)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("transport", ["shm", "msgpack"])
+def test_a_reply_past_the_message_size_limit_is_dropped_not_buffered(endpoint, transport):
+    """A 100 MiB answer to Hello: ZeroMQ refuses it at MAXMSGSIZE (a doorbell, or a control message for
+    msgpack) and drops the connection; the client sees PeerTimeout and never holds the bytes."""
+    import subprocess
+    import sys
+    import zmq
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    client = subprocess.Popen([sys.executable, "-c", OVERSIZE_CLIENT, transport, endpoint], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert router.poll(30_000), "the client never sent Hello"
+        identity, _ = router.recv_multipart()
+        router.send_multipart([identity, b"SHMD" + bytes(100 << 20)])
+        out, _ = client.communicate(timeout=60)
+    finally:
+        client.kill()
+        router.close()
+    outcome, grown_mib = out.split()
+    assert outcome == "PeerTimeout"
+    assert int(grown_mib) < 40, f"client peak RSS grew by {grown_mib} MiB"

@@ -83,8 +83,7 @@ class EnclaveClient:
                              f"{self.cfg.max_position_embeddings}")
         ring = int(self.ring_mib * 2**20) if self.ring_mib else ring_bytes_for(
             self.part, self.prompt_tokens, self.total_tokens, self.wire, self.kv_cache, calls=self.calls)
-        if self.transport_name == "shm":
-            self.transport.open_session(ring)
+        self.transport.open_session(ring)  # shm: creates the rings; msgpack: bounds each reply's size
         if self.log_path:
             self.perflog = PerfLog(self.log_path, transport_label(self.transport_name, self.endpoint), {
                 "transport": self.transport_name, "endpoint": self.endpoint, "wire_dtype": self.wire_name,

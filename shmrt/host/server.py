@@ -28,6 +28,7 @@ from ..wire.peer import pid_namespace, process_alive
 from ..wire.ring import unlink_segment
 from ..wire.shm_transport import ShmServerSession
 from ..wire.transport import ReplyBuilder, Request, ServerSession, check_endpoint
+from ..wire.untrusted import load_json
 
 
 NO_SESSION = ("no open session for this client (it ended after an error or was idle past the daemon's "
@@ -146,7 +147,7 @@ class Server:
                 if obj["seq"] != 1:
                     raise ProtocolError(f"Hello seq {obj['seq']}, expected 1")
                 transport, text = MsgpackServerSession(obj["token"]), obj.get("text") or "{}"
-            info = json.loads(text) if isinstance(text, str) and text else {}
+            info = load_json(text, "Hello text") if isinstance(text, str) and text else {}
         except (ProtocolError, ValueError) as exc:
             self.log(f"refused a new client: {exc}")
             err_session = ShmServerSession(b"\0" * 16) if protocol.is_doorbell(payload) else MsgpackServerSession(b"")

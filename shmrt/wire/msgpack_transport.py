@@ -16,15 +16,20 @@ import msgpack
 import torch
 
 from .. import settings
-from ..errors import PeerError, ProtocolError
+from ..errors import PeerError, ProtocolError, describe, printable
 from .native import now_ns
-from .protocol import MAX_TENSORS, NAME_BY_DTYPE, TOKEN_BYTES, check_shape, dtype_from_name
+from .protocol import MAX_TENSORS, MAX_TEXT, NAME_BY_DTYPE, TOKEN_BYTES, check_shape, dtype_from_name
 from .scopes import Reply
 from .stats import CallStats
 from .transport import ClientTransport, ReplyBuilder, Request, ServerSession
+from .untrusted import load_json, load_msgpack
 from .protocol import RPC_METHODS
 
 CONTROL = ("Hello", "Close")
+
+# Bytes of a message besides its tensor data and text: keys, small ints, dtype names, shapes. A reply
+# with MAX_TENSORS six-dim tensors and every field present packs to well under 2 KiB.
+ENVELOPE_BYTES = 4096
 
 
 def tensor_to_wire(t: torch.Tensor) -> dict:
@@ -46,11 +51,8 @@ def tensor_from_wire(obj, name: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)  # bytearray(): the copy out
 
 
-def unpack(payload: bytes, what: str) -> dict:
-    try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as exc:
-        raise ProtocolError(f"{what} is not valid msgpack: {exc}") from None
+def unpack(payload: bytes, what: str, max_bytes: int) -> dict:
+    obj = load_msgpack(payload, what, max_bytes=max_bytes)
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} must be a msgpack map")
     return obj
@@ -59,7 +61,7 @@ def unpack(payload: bytes, what: str) -> dict:
 def _int_field(obj: dict, key: str, default: int = 0) -> int:
     value = obj.get(key, default)
     if type(value) is not int:
-        raise ProtocolError(f"field {key!r} must be an integer, got {type(value).__name__}")
+        raise ProtocolError(f"field {printable(key)!r} must be an integer, got {type(value).__name__}")
     return value
 
 
@@ -70,8 +72,24 @@ def _tensors_field(obj: dict) -> list:
     return [tensor_from_wire(item, f"tensor[{i}]") for i, item in enumerate(items)]
 
 
+def _text_field(obj: dict) -> str:
+    text = obj.get("text", "") or ""
+    if not isinstance(text, str):
+        raise ProtocolError(f"field 'text' must be a string, got {type(text).__name__}")
+    return text
+
+
 class MsgpackClient(ClientTransport):
     name = "msgpack"
+
+    def message_limit(self, max_reply_bytes: int | None) -> int:
+        # Tensor bytes travel inside the reply: the bound is the largest reply the client expects
+        # (set from the ring size it would use, open_session) or, before that, a control message.
+        return max(max_reply_bytes or 0, MAX_TEXT) + ENVELOPE_BYTES
+
+    def open_session(self, ring_bytes: int) -> None:
+        """No rings here; `ring_bytes` (sized for this run's largest message) bounds every reply."""
+        self.limit_replies(ring_bytes)
 
     def _roundtrip(self, message: dict, stats: CallStats | None = None) -> tuple[dict, bytes, bytes]:
         payload = msgpack.packb(message, use_bin_type=True)
@@ -83,22 +101,19 @@ class MsgpackClient(ClientTransport):
         raw = self._recv()
         if stats is not None:
             stats.t_replied = now_ns()
-        reply = unpack(raw, "reply")
+        reply = unpack(raw, "reply", self.max_message)
         if reply.get("error"):
-            raise PeerError(f"daemon at {self.endpoint}: {reply['error']}")
+            raise PeerError(f"daemon at {self.endpoint}: {printable(reply['error'])}")
         if _int_field(reply, "seq") != message["seq"]:
-            raise ProtocolError(f"reply seq {reply.get('seq')!r}, expected {message['seq']}")
+            raise ProtocolError(f"reply seq {describe(reply.get('seq'))}, expected {message['seq']}")
         if reply.get("method") != message["method"]:
-            raise ProtocolError(f"reply method {reply.get('method')!r}, expected {message['method']}")
+            raise ProtocolError(f"reply method {describe(reply.get('method'))}, expected {message['method']}")
         return reply, payload, raw
 
     def hello(self, client_info: dict) -> dict:
         reply, _, _ = self._roundtrip({"method": "Hello", "seq": self._next_seq(), "token": self.token,
                                        "text": json.dumps(client_info)})
-        try:
-            config = json.loads(reply.get("text", ""))
-        except (TypeError, ValueError):
-            raise ProtocolError("Hello reply text is not JSON") from None
+        config = load_json(_text_field(reply), "Hello reply text", max_chars=MAX_TEXT)
         if not isinstance(config, dict):
             raise ProtocolError("Hello reply is not a JSON object")
         return config
@@ -120,7 +135,7 @@ class MsgpackClient(ClientTransport):
         stats.recv_bytes = len(raw)
         stats.work_ns = _int_field(reply, "work_ns")
         self._notify(stats)
-        return Reply(out, stats, reply.get("text", "") or "")
+        return Reply(out, stats, _text_field(reply))
 
     def _close_message(self) -> bytes | None:
         return msgpack.packb({"method": "Close", "seq": self._next_seq(), "token": self.token}) if self.seq else None
@@ -139,10 +154,10 @@ class MsgpackReplyBuilder(ReplyBuilder):
 
 def parse_request(payload: bytes) -> dict:
     """Validate the envelope of a request (method, seq, token); tensors are decoded later."""
-    obj = unpack(payload, "request")
+    obj = unpack(payload, "request", settings.max_reply_bytes() + ENVELOPE_BYTES)
     method = obj.get("method")
     if method not in RPC_METHODS + CONTROL:
-        raise ProtocolError(f"method {method!r}, expected one of {RPC_METHODS + CONTROL}")
+        raise ProtocolError(f"method {describe(method)}, expected one of {RPC_METHODS + CONTROL}")
     _int_field(obj, "seq")
     token = obj.get("token")
     if not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
@@ -168,10 +183,7 @@ class MsgpackServerSession(ServerSession):
         layer, op, pos = _int_field(obj, "layer", -1), _int_field(obj, "op"), _int_field(obj, "pos")
         if layer < -1 or pos < 0:
             raise ProtocolError(f"layer {layer} / pos {pos} out of range")
-        text = obj.get("text", "") or ""
-        if not isinstance(text, str):
-            raise ProtocolError("field 'text' must be a string")
-        return Request(obj["method"], seq, layer, op, pos, _tensors_field(obj), text)
+        return Request(obj["method"], seq, layer, op, pos, _tensors_field(obj), _text_field(obj))
 
     def reply_builder(self) -> MsgpackReplyBuilder:
         return MsgpackReplyBuilder(self.reply_capacity)

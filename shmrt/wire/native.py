@@ -5,6 +5,7 @@ Every buffer is checked (contiguous, writable where written, large enough) befor
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,10 @@ def _check_rc(rc: int, what: str) -> None:
         raise ProtocolError(f"{what}: range lies outside the mapped buffer")
     if rc == lib.SHMRT_E_ALIGN:
         raise ProtocolError(f"{what}: header word is not 8-byte aligned")
+    if rc == lib.SHMRT_E_FULL:
+        raise SetupError(f"{what}: more than {lib.SHMRT_FAULT_SLOTS} rings mapped by one process")
+    if rc == lib.SHMRT_E_SYS:
+        raise SetupError(f"{what}: {os.strerror(ffi.errno)}")
     raise AssertionError(f"unknown return code {rc} from {what}")
 
 
@@ -99,3 +104,33 @@ class MappedBuffer:
         if self._buf is not None:
             ffi.release(self._buf)
             self._buf = None
+
+
+# ---- fault guard: a segment the host shrinks under us ends the process with one line (see ring.py)
+
+_fault_program = "shmrt"
+
+
+def set_fault_program(name: str) -> None:
+    """What the fault line starts with, e.g. "shmrt client" (so it reads like the CLI's other errors)."""
+    global _fault_program
+    _fault_program = name
+
+
+def fault_program() -> str:
+    return _fault_program
+
+
+def guard_mapping(buf: MappedBuffer, path: str, line: str) -> int:
+    """Have the C helper's SIGBUS handler own faults in `buf`'s mapping: `line` to stderr, every
+    guarded `path` unlinked, exit status 2. Returns a slot for `unguard_mapping`."""
+    _check_rc(lib.shmrt_fault_install(), "installing the SIGBUS handler")
+    data = line.encode("utf-8", "replace")[:lib.SHMRT_FAULT_LINE_MAX]
+    slot = lib.shmrt_fault_register(ffi.cast("uint8_t *", buf.address), buf.nbytes, path.encode(), data, len(data))
+    if slot < 0:
+        _check_rc(slot, "guarding a ring mapping")
+    return slot
+
+
+def unguard_mapping(slot: int) -> None:
+    lib.shmrt_fault_unregister(slot)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ProtocolError
+from ..errors import ProtocolError, describe
 
 MAGIC = b"SHMD"
 PROTOCOL_VERSION = 1
@@ -91,24 +91,24 @@ NAME_BY_DTYPE = {dt: name for name, dt in DTYPES.values()}
 
 def dtype_from_name(name, field_name: str = "dtype") -> torch.dtype:
     if not isinstance(name, str) or name not in DTYPE_BY_NAME:
-        raise ProtocolError(f"{field_name} {name!r} not allowed (expected one of {sorted(DTYPE_BY_NAME)})")
+        raise ProtocolError(f"{field_name} {describe(name)} not allowed (expected one of {sorted(DTYPE_BY_NAME)})")
     return DTYPE_BY_NAME[name]
 
 
 def check_shape(shape, dtype: torch.dtype, nbytes: int, field_name: str) -> tuple[int, ...]:
     """Validate a shape against a byte count: ints, 0 <= dim <= MAX_DIM, product * itemsize == nbytes."""
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
-        raise ProtocolError(f"{field_name}.shape must be a list of at most {MAX_NDIM} dims, got {shape!r}")
+        raise ProtocolError(f"{field_name}.shape must be a list of at most {MAX_NDIM} dims, got {describe(shape)}")
     for d in shape:
         if type(d) is not int or not 0 <= d <= MAX_DIM:
-            raise ProtocolError(f"{field_name}.shape has dim {d!r}; expected an int in [0, {MAX_DIM}]")
+            raise ProtocolError(f"{field_name}.shape has dim {describe(d)}; expected an int in [0, {MAX_DIM}]")
     span = math.prod(d for d in shape if d) * dtype.itemsize  # Python ints: no overflow
     if span > MAX_SPAN:
         # A zero dim makes nbytes 0, but the other dims still set strides: bound them too.
         raise ProtocolError(f"{field_name}.shape {tuple(shape)} spans {span} bytes, more than {MAX_SPAN}")
     expected = math.prod(shape) * dtype.itemsize
     if type(nbytes) is not int or nbytes != expected:
-        raise ProtocolError(f"{field_name}.nbytes is {nbytes!r}, expected prod{tuple(shape)} x "
+        raise ProtocolError(f"{field_name}.nbytes is {describe(nbytes)}, expected prod{tuple(shape)} x "
                             f"{dtype.itemsize} = {expected}")
     return tuple(shape)
 

@@ -31,6 +31,23 @@ head, (3) only then rings the doorbell that names the offsets. The consumer (1) 
 its own position from shared memory: each keeps it privately and the header words are published
 copies. The one word each side must read from the other (the producer reads tail) is loaded once
 per check, validated against the producer's private head, and never re-read for the same decision.
+
+The host owns /dev/shm and may change a segment under us at any moment:
+  - shrink it (ftruncate): the pages past the new end leave our mapping and the next access to them
+    raises SIGBUS, in whatever code touches them (the C helper's memcpy, torch, CPython). No check
+    before an access can prevent that (the host can truncate between the check and the access), so
+    the creator's mappings are guarded instead: the C helper's SIGBUS handler (native/shmrt_native.c)
+    knows each guarded mapping's address range; a fault inside one writes one line to stderr,
+    unlinks the creator's segments and exits with status 2, without unwinding into Python (state at
+    a fault is unknown, and only async-signal-safe calls are allowed there). A SIGBUS anywhere else
+    keeps its usual meaning (the previous handler or the default action, a core dump).
+  - grow it: harmless; our mapping has a fixed length (the one we created it with) and never looks
+    past it.
+  - replace it (unlink, then a new file under the same name): harmless to a live session; both
+    mappings keep the original file's pages. Only names are looked up again: the creator's unlink at
+    close removes the replacement (a file in our name space, so nothing is left in /dev/shm).
+Attachers (the daemon) are not guarded: a daemon's crash is the host's business, and the client sees
+it as PeerTimeout.
 """
 from __future__ import annotations
 
@@ -47,7 +64,7 @@ import posix_ipc
 
 from ..errors import ProtocolError, RingFull, SetupError, TensorTooLarge
 from ..units import format_bytes, format_bytes_alike
-from .native import MappedBuffer
+from .native import MappedBuffer, fault_program, guard_mapping, unguard_mapping
 
 MAGIC = b"SHMRTRNG"
 LAYOUT_VERSION = 1
@@ -107,6 +124,12 @@ class Ring:
         self.producer = Producer(self)
         self.consumer = Consumer(self, poison)
         self._closed = False
+        self._guard: int | None = None  # the creator's mapping is guarded against SIGBUS (create)
+
+    def _fault_line(self) -> str:
+        return (f"{fault_program()}: error: ring {self.name} shrank under this process (SIGBUS): another process "
+                f"truncated the client's shared memory; the session is over and the client's rings are removed. "
+                f"Find what on the host writes to {SHM_DIR}, then restart the daemon and the client\n")
 
     # ---- lifetime
 
@@ -147,8 +170,13 @@ class Ring:
             shm.unlink()
             raise
         shm.close_fd()
-        mm[:_FIXED.size] = _FIXED.pack(MAGIC, LAYOUT_VERSION, HEADER_BYTES, capacity, os.getpid(), time.time_ns())
         ring = cls(name, mm, capacity, owner=True, poison=poison)
+        try:
+            ring._guard = guard_mapping(ring.native, SHM_DIR + name, ring._fault_line())  # before the first write
+        except BaseException:
+            ring.close()
+            raise
+        mm[:_FIXED.size] = _FIXED.pack(MAGIC, LAYOUT_VERSION, HEADER_BYTES, capacity, os.getpid(), time.time_ns())
         ring.native.store(OFF_HEAD, 0)
         ring.native.store(OFF_TAIL, 0)
         return ring
@@ -185,6 +213,8 @@ class Ring:
         if self._closed:
             return
         self._closed = True
+        if self._guard is not None:
+            unguard_mapping(self._guard)
         self.native.release()
         try:
             self.data.release()

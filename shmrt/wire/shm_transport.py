@@ -19,13 +19,14 @@ import torch
 
 from .. import settings
 from . import protocol
-from ..errors import PeerError, ProtocolError
+from ..errors import PeerError, ProtocolError, printable
 from .protocol import Doorbell, Method, TensorDesc
 from .ring import Ring, check_segment_name
 from .scopes import Reply
 from .stats import CallStats
 from .transport import ClientTransport, ReplyBuilder, Request, ServerSession
 from .native import now_ns
+from .untrusted import load_json
 
 MAX_RING_BYTES = 1 << 40
 
@@ -56,7 +57,7 @@ def close_rings(*rings: Ring | None) -> None:
 
 def _raise_if_error(bell: Doorbell, endpoint: str) -> None:
     if bell.is_error or bell.method == Method.Error:
-        raise PeerError(f"daemon at {endpoint}: {bell.text}")
+        raise PeerError(f"daemon at {endpoint}: {printable(bell.text)}")
 
 
 class ShmClient(ClientTransport):
@@ -66,6 +67,10 @@ class ShmClient(ClientTransport):
         super().__init__(endpoint, timeout=timeout, enclave=enclave)
         self.req: Ring | None = None
         self.rsp: Ring | None = None
+
+    def message_limit(self, max_reply_bytes: int | None) -> int:
+        # Tensors stay in the rings: every legal message is a doorbell, whatever the model's size.
+        return protocol.encoded_size(protocol.MAX_TENSORS, protocol.MAX_TEXT)
 
     # ---- session
 
@@ -85,10 +90,7 @@ class ShmClient(ClientTransport):
 
     def hello(self, client_info: dict) -> dict:
         bell = self._control(Method.Hello, json.dumps(client_info))
-        try:
-            config = json.loads(bell.text)
-        except ValueError:
-            raise ProtocolError("Hello reply text is not JSON") from None
+        config = load_json(bell.text, "Hello reply text")
         if not isinstance(config, dict):
             raise ProtocolError("Hello reply is not a JSON object")
         return config
@@ -202,10 +204,7 @@ class ShmServerSession(ServerSession):
     def _attach(self, text: str) -> None:
         if self.req is not None:
             raise ProtocolError("Init sent twice in one session")
-        try:
-            info = json.loads(text)
-        except ValueError:
-            raise ProtocolError("Init text is not JSON naming the rings") from None
+        info = load_json(text, "Init text (the rings' names)")
         if not isinstance(info, dict):
             raise ProtocolError("Init text must be a JSON object {req, rsp, capacity}")
         capacity = info.get("capacity")

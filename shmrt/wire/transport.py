@@ -66,7 +66,7 @@ class ClientTransport:
 
     name = "?"
 
-    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False):
+    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False, max_reply_bytes: int | None = None):
         self.endpoint = check_endpoint(endpoint, enclave=enclave)
         self.timeout = timeout
         self.enclave = enclave
@@ -74,12 +74,40 @@ class ClientTransport:
         self.seq = 0
         self.observers: list = []  # called with each RPC's CallStats
         self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        self._sock.connect(endpoint)
+        # Our own routing id (a leading zero byte is reserved by ZeroMQ): a socket re-opened with a new
+        # message-size limit (limit_replies) keeps its session on the daemon's ROUTER (ROUTER_HANDOVER).
+        self._routing_id = b"\x01" + secrets.token_bytes(15)
+        self.max_message = self.message_limit(max_reply_bytes)
+        self._sock = self._open_socket()
         self._closed = False
         self._pending: PendingRequest | None = None
+
+    # ---- the bound on what the host can make us receive
+
+    def message_limit(self, max_reply_bytes: int | None) -> int:
+        """The largest message this transport can legitimately receive (ZMQ_MAXMSGSIZE)."""
+        raise NotImplementedError
+
+    def _open_socket(self):
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
+        # Enforced by ZeroMQ while receiving: a larger message is never buffered, the connection is
+        # dropped instead, and the call ends in PeerTimeout after --timeout (not a 100 MiB allocation).
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        sock.connect(self.endpoint)
+        return sock
+
+    def limit_replies(self, max_reply_bytes: int) -> None:
+        """Tighten or widen the message-size bound once the largest reply is known (the model's size).
+        ZeroMQ applies MAXMSGSIZE per connection, so the socket is re-opened (same routing id); call
+        only between calls, with no reply outstanding."""
+        limit = self.message_limit(max_reply_bytes)
+        if limit != self.max_message and not self._closed:
+            self.max_message = limit
+            self._sock.close(linger=0)
+            self._sock = self._open_socket()
 
     # Subclasses implement these four.
     def hello(self, client_info: dict) -> dict:
@@ -164,13 +192,17 @@ class ClientTransport:
         self.close()
 
 
-def make_client_transport(name: str, endpoint: str, *, timeout: float, enclave: bool = False) -> ClientTransport:
+def make_client_transport(name: str, endpoint: str, *, timeout: float, enclave: bool = False,
+                          max_reply_bytes: int | None = None) -> ClientTransport:
+    """`max_reply_bytes`: the most tensor bytes one reply may carry (msgpack only; shm replies carry
+    descriptors, their bound is fixed by the protocol). None: control messages only until
+    `open_session()` (or `limit_replies()`) sets it from the ring size."""
     if name == "shm":
         from .shm_transport import ShmClient
         return ShmClient(endpoint, timeout=timeout, enclave=enclave)
     if name == "msgpack":
         from .msgpack_transport import MsgpackClient
-        return MsgpackClient(endpoint, timeout=timeout, enclave=enclave)
+        return MsgpackClient(endpoint, timeout=timeout, enclave=enclave, max_reply_bytes=max_reply_bytes)
     raise SetupError(f"unknown transport {name!r}; expected one of {TRANSPORTS}")
 
 

@@ -1,0 +1,324 @@
+"""A hostile host for tests: a man-in-the-middle between a real `shmrt client` and a real daemon.
+
+    python tests/hostile_host.py --front ENDPOINT --back ENDPOINT --rule FIELD@WHEN --info FILE
+
+It forwards every message unchanged except one reply (or one resource) that `--rule` names, so it keeps
+working when payloads change: it never builds a reply of its own, it edits the daemon's. FIELD is a key
+of SHM_RULES / MSGPACK_RULES / RESOURCE_RULES; WHEN picks the reply: `hello` (the first), `init`
+(the reply to Init), `rpc` (the third RPC reply, mid-prefill), `decode` (the third reply after the
+first LMHead, mid-decode). It writes what it learned (ring names, whether the rule fired) to FILE as
+JSON on every change. It imports neither shmrt nor torch: it is the attacker, not a peer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import struct
+import sys
+import time
+
+import msgpack
+import zmq
+
+HEADER = struct.Struct("<4sHBBQ16siIqQQHH4x")
+HEADER_BYTES, DESC_BYTES = 72, 72
+FIELDS = {"magic": (0, "4s"), "version": (4, "H"), "method": (6, "B"), "flags": (7, "B"), "seq": (8, "Q"),
+          "token": (16, "16s"), "layer": (32, "i"), "op": (36, "I"), "pos": (40, "q"), "ring_end": (48, "Q"),
+          "work_ns": (56, "Q"), "ntensors": (64, "H"), "text_len": (66, "H")}
+DESC = {"offset": (0, "Q"), "nbytes": (8, "Q"), "dtype": (16, "B"), "ndim": (17, "B"), "shape0": (24, "q")}
+INIT, LMHEAD, ERROR = 1, 5, 18
+FLAG_ERROR = 0x01
+MAX_TEXT = 65535
+
+CONTROL_TEXT = "\x1b[2J\x1b]0;owned\x07\x00red\x1b[31m\r\u202eevil\u2028"
+DEEP_JSON = "[" * 60000  # fits one doorbell's text
+
+
+# ---- shm doorbells
+
+def get(data: bytes, name: str, base: int = 0, table=FIELDS):
+    off, fmt = table[name]
+    return struct.unpack_from("<" + fmt, data, base + off)[0]
+
+
+def put(data: bytes, name: str, value, base: int = 0, table=FIELDS) -> bytes:
+    out = bytearray(data)
+    off, fmt = table[name]
+    struct.pack_into("<" + fmt, out, base + off, value)
+    return bytes(out)
+
+
+def text_of(data: bytes) -> str:
+    n = get(data, "ntensors")
+    return data[HEADER_BYTES + n * DESC_BYTES:].decode("utf-8", "replace")
+
+
+def with_text(data: bytes, text: str | bytes, *, error: bool = False) -> bytes:
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    n = get(data, "ntensors")
+    out = put(data[:HEADER_BYTES + n * DESC_BYTES], "text_len", min(len(raw), MAX_TEXT)) + raw
+    if error:
+        out = put(put(put(out, "flags", FLAG_ERROR), "method", ERROR), "ntensors", 0)
+        out = out[:HEADER_BYTES] + raw
+    return out
+
+
+def edit_config(text: str, key: str, value_json: str) -> str:
+    """The Hello JSON with config[key] replaced by raw JSON text (which may be invalid for Python)."""
+    obj = json.loads(text)
+    obj.setdefault("config", {})[key] = "@@VALUE@@"
+    return json.dumps(obj).replace('"@@VALUE@@"', value_json)
+
+
+def desc_rule(name, value):
+    return lambda d: put(d, name, value(get(d, name, HEADER_BYTES, DESC)) if callable(value) else value,
+                         HEADER_BYTES, DESC) if get(d, "ntensors") else d
+
+
+SHM_RULES = {
+    "magic": lambda d: put(d, "magic", b"XXXX"),
+    "version": lambda d: put(d, "version", 2),
+    "method-unknown": lambda d: put(d, "method", 99),
+    "method-other": lambda d: put(d, "method", 3 if get(d, "method") != 3 else 4),
+    "flags-unknown": lambda d: put(d, "flags", 0x80),
+    "flags-error": lambda d: put(d, "flags", FLAG_ERROR),
+    "seq": lambda d: put(d, "seq", get(d, "seq") + 1),
+    "token": lambda d: put(d, "token", bytes(16)),
+    "ring_end": lambda d: put(d, "ring_end", 2**63),
+    "work_ns": lambda d: put(d, "work_ns", 2**64 - 1),
+    "ntensors-max": lambda d: put(d, "ntensors", 9),
+    "ntensors-plus1": lambda d: put(d, "ntensors", get(d, "ntensors") + 1),
+    "text_len": lambda d: put(d, "text_len", MAX_TEXT),
+    "truncated": lambda d: d[:40],
+    "desc-offset-unaligned": desc_rule("offset", lambda v: v + 3),
+    "desc-offset-outside": desc_rule("offset", 2**60),
+    "desc-nbytes": desc_rule("nbytes", lambda v: v + 4),
+    "desc-dtype": desc_rule("dtype", 99),
+    "desc-ndim": desc_rule("ndim", 7),
+    "desc-shape": desc_rule("shape0", 2**40 + 1),
+    "text-deep-json": lambda d: with_text(d, DEEP_JSON),
+    "text-control": lambda d: with_text(d, CONTROL_TEXT * 100),
+    "model-name-control": lambda d: with_text(d, json.dumps({**json.loads(text_of(d)), "model": CONTROL_TEXT})),
+    "config-huge-int": lambda d: with_text(d, edit_config(text_of(d), "hidden_size", "1" + "0" * 400)),
+    "config-nan": lambda d: with_text(d, edit_config(text_of(d), "rms_norm_eps", "NaN")),
+    "config-inf": lambda d: with_text(d, edit_config(text_of(d), "rope_theta", "1e999")),
+    "config-wrong-type": lambda d: with_text(d, edit_config(text_of(d), "vocab_size", '"512"')),
+    "config-deep": lambda d: with_text(d, edit_config(text_of(d), "rope_scaling", "[" * 5000 + "]" * 5000)),
+    "error-control": lambda d: with_text(d, ("line\n" + CONTROL_TEXT) * 2000, error=True),
+    "error-newlines": lambda d: with_text(d, "\n" * MAX_TEXT, error=True),
+    "error-8mb": lambda d: with_text(d, b"\n" * (8 << 20), error=True),      # past MAXMSGSIZE
+    "oversize": lambda d: d + b"\0" * (100 << 10),                           # past MAXMSGSIZE
+}
+
+
+# ---- msgpack replies
+
+def mp_set(key, value):
+    def rule(d):
+        obj = msgpack.unpackb(d, raw=False)
+        obj[key] = value
+        return msgpack.packb(obj, use_bin_type=True)
+    return rule
+
+
+def mp_drop(key):
+    def rule(d):
+        obj = msgpack.unpackb(d, raw=False)
+        obj.pop(key, None)
+        return msgpack.packb(obj, use_bin_type=True)
+    return rule
+
+
+def mp_raw(key, raw: bytes):
+    """Set obj[key] to an already-packed value (for nesting msgpack's packer refuses to build)."""
+    def rule(d):
+        obj = msgpack.unpackb(d, raw=False)
+        obj.pop(key, None)
+        body = msgpack.packb(obj, use_bin_type=True)
+        assert body[0] & 0xF0 == 0x80, "expected a fixmap"
+        return bytes([body[0] + 1]) + body[1:] + msgpack.packb(key) + raw
+    return rule
+
+
+def mp_tensor(key, value):
+    def rule(d):
+        obj = msgpack.unpackb(d, raw=False)
+        if obj.get("tensors"):
+            obj["tensors"][0][key] = value
+        return msgpack.packb(obj, use_bin_type=True)
+    return rule
+
+
+def mp_text(edit):
+    def rule(d):
+        obj = msgpack.unpackb(d, raw=False)
+        obj["text"] = edit(obj.get("text") or "{}")
+        return msgpack.packb(obj, use_bin_type=True)
+    return rule
+
+
+DEEP_MSGPACK = b"\x91" * 1000 + b"\xc0"
+
+MSGPACK_RULES = {
+    "method": lambda d: mp_set("method", "Matmul" if msgpack.unpackb(d).get("method") == "LMHead" else "LMHead")(d),
+    "method-type": mp_set("method", [1, 2]),
+    "method-missing": mp_drop("method"),
+    "seq": mp_set("seq", 2**64 - 1),
+    "seq-type": mp_set("seq", "3"),
+    "error-type": mp_set("error", {"a": [1]}),
+    "error-deep": mp_raw("error", DEEP_MSGPACK),
+    "error-control": mp_set("error", ("line\n" + CONTROL_TEXT) * 200_001 + "\n"),  # 200,001 lines, < limit
+    "error-8mb": mp_set("error", "\n" * (8 << 20)),                                # past MAXMSGSIZE
+    "work_ns": mp_set("work_ns", 2**64 - 1),
+    "work_ns-nan": mp_set("work_ns", math.nan),
+    "text-type": mp_set("text", 12),
+    "text-deep": mp_raw("text", DEEP_MSGPACK),
+    "tensors-type": mp_set("tensors", "none"),
+    "tensors-many": mp_set("tensors", [{}] * 9),
+    "tensor-dtype": mp_tensor("dtype", "complex64"),
+    "tensor-shape": mp_tensor("shape", [2**63 - 1, 2]),
+    "tensor-data": mp_tensor("data", b"\0" * 3),
+    "tensor-extra-key": mp_tensor("extra", 1),
+    "extra-key": mp_set("extra", [1, 2, 3]),
+    "not-a-map": lambda d: msgpack.packb([1, 2, 3]),
+    "garbage": lambda d: b"\xc1\xc1\xc1",
+    "hello-deep-json": mp_text(lambda t: DEEP_JSON),
+    "model-name-control": mp_text(lambda t: json.dumps({**json.loads(t), "model": CONTROL_TEXT})),
+    "config-huge-int": mp_text(lambda t: edit_config(t, "hidden_size", "1" + "0" * 400)),
+    "config-nan": mp_text(lambda t: edit_config(t, "rms_norm_eps", "NaN")),
+    "oversize": lambda d: d + b"\0" * (2 << 20),                                   # past MAXMSGSIZE
+}
+
+# Resource rules act on the host's own resources instead of editing the reply.
+RESOURCE_RULES = ("truncate-req", "truncate-rsp", "grow-req", "grow-rsp", "replace-req", "replace-rsp",
+                  "close", "stall")
+
+
+# ---- the proxy
+
+class Hostile:
+    def __init__(self, rule: str, info_path: str):
+        self.field, self.when = rule.split("@")
+        self.info_path = info_path
+        self.info = {"rings": [], "fired": False}
+        self.replies = 0
+        self.rpc_replies = None      # counting from the Init reply
+        self.decode_replies = None   # counting from the first LMHead reply
+
+    def save(self) -> None:
+        tmp = self.info_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.info, f)
+        os.replace(tmp, self.info_path)
+
+    def on_request(self, payload: bytes) -> None:
+        if payload[:4] == b"SHMD" and len(payload) >= HEADER_BYTES and get(payload, "method") == INIT:
+            try:
+                names = json.loads(text_of(payload))
+                self.info["rings"] = [names["req"], names["rsp"]]
+                self.save()
+            except (ValueError, KeyError):
+                pass
+
+    def _method(self, payload: bytes):
+        if payload[:4] == b"SHMD":
+            return get(payload, "method") if len(payload) >= HEADER_BYTES else None
+        try:
+            return {"Init": INIT, "LMHead": LMHEAD}.get(msgpack.unpackb(payload, raw=False).get("method"))
+        except Exception:
+            return None
+
+    def due(self, payload: bytes) -> bool:
+        """Count this reply; True if it is the one the rule targets (once)."""
+        self.replies += 1
+        method = self._method(payload)
+        if self.rpc_replies is not None:
+            self.rpc_replies += 1
+        if self.decode_replies is not None:
+            self.decode_replies += 1
+        if method == INIT and self.rpc_replies is None:
+            self.rpc_replies = 0
+        if method == LMHEAD and self.decode_replies is None:
+            self.decode_replies = 0
+        if self.info["fired"]:
+            return False
+        return {"hello": self.replies == 1, "init": method == INIT and self.rpc_replies == 0,
+                "rpc": self.rpc_replies == 3, "decode": self.decode_replies == 3}[self.when]
+
+    def act(self, payload: bytes):
+        """The reply to forward (None: forward nothing); 'close' to shut the front socket."""
+        self.info["fired"] = True
+        self.info["fired_at"] = time.time()
+        self.save()
+        field = self.field
+        if field in RESOURCE_RULES:
+            if field in ("close", "stall"):
+                return field if field == "close" else None
+            action, which = field.split("-")
+            path = "/dev/shm" + self.info["rings"]["req rsp".split().index(which)]
+            if action == "truncate":
+                os.truncate(path, 0)
+            elif action == "grow":
+                os.truncate(path, os.stat(path).st_size + (1 << 20))
+            else:  # replace: a new, empty file under the same name
+                os.unlink(path)
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            return payload
+        rules = SHM_RULES if payload[:4] == b"SHMD" else MSGPACK_RULES
+        return rules[field](payload)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--front", required=True)
+    p.add_argument("--back", required=True)
+    p.add_argument("--rule", required=True)
+    p.add_argument("--info", required=True)
+    args = p.parse_args(argv)
+    hostile = Hostile(args.rule, args.info)
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.ROUTER)
+    front.setsockopt(zmq.LINGER, 0)
+    front.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    front.bind(args.front)
+    backs: dict[bytes, zmq.Socket] = {}
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    hostile.save()  # ready
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    while not stop:
+        for sock, _ in poller.poll(100):
+            if sock is front:
+                identity, payload = front.recv_multipart()
+                if identity not in backs:
+                    back = ctx.socket(zmq.DEALER)
+                    back.setsockopt(zmq.LINGER, 0)
+                    back.setsockopt(zmq.ROUTING_ID, identity)
+                    back.connect(args.back)
+                    backs[identity] = back
+                    poller.register(back, zmq.POLLIN)
+                hostile.on_request(payload)
+                backs[identity].send(payload)
+            else:
+                identity = next(i for i, b in backs.items() if b is sock)
+                payload = sock.recv()
+                if hostile.due(payload):
+                    payload = hostile.act(payload)
+                    if payload == "close":
+                        front.close(linger=0)  # the host's end of the socket goes away mid-call
+                        while not stop:
+                            time.sleep(0.05)
+                        return 0
+                if payload is not None:
+                    front.send_multipart([identity, payload])
+    for sock in [front, *backs.values()]:
+        sock.close(linger=0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

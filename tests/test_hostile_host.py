@@ -1,0 +1,230 @@
+"""The real `shmrt client` against a hostile host: tests/hostile_host.py sits between the client and a
+real `shmrt daemon --model tiny` and corrupts one reply field or one host-owned resource per case.
+
+Every case must end the way a user can act on: exit 2 with exactly one line on stderr starting with
+"shmrt client: error:" (or exit 0 where the corruption is harmless), no traceback, no control
+characters in the output, none of the client's segments left in /dev/shm, and an exit within the
+timeout plus a few seconds of the corruption. The clients of all cases run a few at a time (the module fixture), then each
+case's outcome is checked by its own parametrized test.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import pathlib
+import secrets
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import repo_root
+
+TIMEOUT = 3.0
+AFTER_FIRE = TIMEOUT + 4.0  # from the corruption to the client's exit: --timeout at most, plus teardown
+HANG_GUARD = 120.0          # the whole client run, start-up (python + torch import) included
+PARALLEL = 4
+CLIENT_ARGS = ["--prefill", "4", "--max-new-tokens", "2", "--timeout", str(TIMEOUT), "--log", ""]
+PROXY = pathlib.Path(__file__).with_name("hostile_host.py")
+
+# (transport, rule, expected exit code, what stderr must mention)
+RING = "ring /shmrt-"
+TIMED_OUT = "did not answer"
+CASES = [
+    # ---- shm: each doorbell field of a reply
+    ("shm", "magic@rpc", 2, "magic"),
+    ("shm", "version@rpc", 2, "version"),
+    ("shm", "method-unknown@rpc", 2, "method"),
+    ("shm", "method-other@rpc", 2, "method"),
+    ("shm", "flags-unknown@rpc", 2, "flags"),
+    ("shm", "flags-error@rpc", 2, "daemon at"),
+    ("shm", "seq@rpc", 2, "seq"),
+    ("shm", "token@rpc", 2, "token"),
+    ("shm", "ring_end@rpc", 2, "message end"),
+    ("shm", "work_ns@rpc", 0, None),
+    ("shm", "ntensors-max@rpc", 2, "ntensors"),
+    ("shm", "ntensors-plus1@rpc", 2, "bytes, expected"),
+    ("shm", "text_len@rpc", 2, "bytes, expected"),
+    ("shm", "truncated@rpc", 2, "at least"),
+    ("shm", "desc-offset-unaligned@rpc", 2, "offset"),
+    ("shm", "desc-offset-outside@rpc", 2, "outside"),
+    ("shm", "desc-nbytes@rpc", 2, "nbytes"),
+    ("shm", "desc-dtype@rpc", 2, "dtype"),
+    ("shm", "desc-ndim@rpc", 2, "ndim"),
+    ("shm", "desc-shape@rpc", 2, "shape"),
+    ("shm", "text-control@rpc", 0, None),
+    ("shm", "seq@hello", 2, "seq"),
+    ("shm", "text-deep-json@hello", 2, "levels deep"),
+    ("shm", "model-name-control@hello", 0, None),
+    ("shm", "config-huge-int@hello", 2, "hidden_size"),
+    ("shm", "config-nan@hello", 2, "not valid JSON"),
+    ("shm", "config-inf@hello", 2, "not valid JSON"),
+    ("shm", "config-wrong-type@hello", 2, "vocab_size"),
+    ("shm", "config-deep@hello", 2, "levels deep"),
+    ("shm", "error-control@rpc", 2, "daemon at"),
+    ("shm", "error-newlines@hello", 2, "daemon at"),
+    ("shm", "error-8mb@rpc", 2, TIMED_OUT),
+    ("shm", "oversize@rpc", 2, TIMED_OUT),
+    # ---- shm: host-owned resources
+    ("shm", "truncate-req@init", 2, RING),
+    ("shm", "truncate-rsp@init", 2, RING),
+    ("shm", "truncate-req@rpc", 2, RING),
+    ("shm", "truncate-rsp@rpc", 2, RING),
+    ("shm", "truncate-req@decode", 2, RING),
+    ("shm", "truncate-rsp@decode", 2, RING),
+    ("shm", "grow-req@rpc", 0, None),
+    ("shm", "grow-rsp@decode", 0, None),
+    ("shm", "replace-req@rpc", 0, None),
+    ("shm", "replace-rsp@decode", 0, None),
+    ("shm", "close@rpc", 2, TIMED_OUT),
+    ("shm", "stall@hello", 2, TIMED_OUT),
+    ("shm", "stall@decode", 2, TIMED_OUT),
+    # ---- msgpack: each key of a reply, its types, nesting, huge ints, NaN
+    ("msgpack", "method@rpc", 2, "method"),
+    ("msgpack", "method-type@rpc", 2, "method"),
+    ("msgpack", "method-missing@rpc", 2, "method"),
+    ("msgpack", "seq@rpc", 2, "seq"),
+    ("msgpack", "seq-type@rpc", 2, "seq"),
+    ("msgpack", "error-type@rpc", 2, "daemon at"),
+    ("msgpack", "error-deep@rpc", 2, "levels deep"),
+    ("msgpack", "error-control@rpc", 2, "daemon at"),
+    ("msgpack", "error-8mb@rpc", 2, TIMED_OUT),
+    ("msgpack", "work_ns@rpc", 0, None),
+    ("msgpack", "work_ns-nan@rpc", 2, "work_ns"),
+    ("msgpack", "text-type@rpc", 2, "text"),
+    ("msgpack", "text-deep@rpc", 2, "levels deep"),
+    ("msgpack", "tensors-type@rpc", 2, "tensors"),
+    ("msgpack", "tensors-many@rpc", 2, "tensors"),
+    ("msgpack", "tensor-dtype@rpc", 2, "dtype"),
+    ("msgpack", "tensor-shape@rpc", 2, "shape"),
+    ("msgpack", "tensor-data@rpc", 2, "nbytes"),
+    ("msgpack", "tensor-extra-key@rpc", 2, "keys"),
+    ("msgpack", "extra-key@rpc", 0, None),
+    ("msgpack", "not-a-map@rpc", 2, "map"),
+    ("msgpack", "garbage@decode", 2, "msgpack"),
+    ("msgpack", "hello-deep-json@hello", 2, "levels deep"),
+    ("msgpack", "model-name-control@hello", 0, None),
+    ("msgpack", "config-huge-int@hello", 2, "hidden_size"),
+    ("msgpack", "config-nan@hello", 2, "not valid JSON"),
+    ("msgpack", "oversize@hello", 2, TIMED_OUT),
+    ("msgpack", "oversize@rpc", 2, TIMED_OUT),
+    ("msgpack", "close@rpc", 2, TIMED_OUT),
+    ("msgpack", "stall@decode", 2, TIMED_OUT),
+]
+
+
+def case_id(case) -> str:
+    return f"{case[0]}-{case[1].replace('@', '-at-')}"  # -k cannot take "@"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(repo_root()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("PYTHONFAULTHANDLER", None)
+    return env
+
+
+def _no_core():
+    import resource
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def run_case(case, daemon_endpoint: str, workdir: pathlib.Path) -> dict:
+    transport, rule, _, _ = case
+    tag = secrets.token_hex(4)
+    front = f"ipc://{workdir}/h-{tag}.sock"
+    info_path = workdir / f"info-{tag}.json"
+    proxy = subprocess.Popen([sys.executable, str(PROXY), "--front", front, "--back", daemon_endpoint,
+                              "--rule", rule, "--info", str(info_path)], env=_env())
+    try:
+        deadline = time.monotonic() + 30
+        while not info_path.exists():
+            assert proxy.poll() is None and time.monotonic() < deadline, "the hostile host did not start"
+            time.sleep(0.02)
+        start = time.monotonic()
+        client = subprocess.run([sys.executable, "-m", "shmrt", "client", "--endpoint", front,
+                                 "--transport", transport, *CLIENT_ARGS], capture_output=True, text=True,
+                                timeout=HANG_GUARD, env=_env(), cwd=workdir,
+                                preexec_fn=_no_core, errors="backslashreplace")
+        elapsed, ended_at = time.monotonic() - start, time.time()
+        info = json.loads(info_path.read_text())
+        left = [name for name in info["rings"] if os.path.exists(f"/dev/shm{name}")]
+    finally:
+        proxy.terminate()
+        try:
+            proxy.wait(10)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
+    for name in left:  # remove them so one failure does not poison the run; the test then fails
+        with contextlib.suppress(FileNotFoundError):  # the daemon may unlink a dead client's rings first
+            os.unlink(f"/dev/shm{name}")
+    return {"rc": client.returncode, "stdout": client.stdout, "stderr": client.stderr, "elapsed": elapsed,
+            "fired": info["fired"], "left": left, "after_fire": ended_at - info.get("fired_at", ended_at)}
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, model_daemon, tmp_path_factory):
+    """Runs the selected cases (all, or those -k picked), PARALLEL at a time, against one daemon."""
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_hostile_host"]
+    daemon = model_daemon("tiny")
+    workdir = tmp_path_factory.mktemp("hostile")
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        futures = {case_id(c): pool.submit(run_case, c, daemon.endpoint, workdir) for c in selected}
+        results = {}
+        for name, future in futures.items():  # one case's harness failure fails that case only
+            try:
+                results[name] = future.result()
+            except Exception as exc:
+                results[name] = {"harness_error": f"{type(exc).__name__}: {exc}"}
+    print(f"\n{len(selected)} hostile-host cases in {time.monotonic() - start:.0f} s ({PARALLEL} at a time)")
+    assert daemon.proc.poll() is None, "the daemon died during the hostile cases"
+    return results
+
+
+@pytest.fixture(scope="module")
+def model_daemon(tmp_path_factory):
+    """Module-scoped: one daemon serves every case (conftest's is per test)."""
+    from shmrt.tools.process import DaemonProcess
+    started = []
+
+    def start(model="tiny"):
+        ep = f"ipc://{tmp_path_factory.mktemp('daemon')}/d.sock"
+        d = DaemonProcess(["--model", model, "--session-timeout", "30"], ep, timeout=120, quiet=True)
+        started.append(d)
+        return d
+    yield start
+    for d in started:
+        d.stop()
+
+
+def _control_free(text: str) -> bool:
+    return all(ch.isprintable() or ch in "\n" for ch in text)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_hostile_host(outcomes, case):
+    transport, rule, expected_rc, mentions = case
+    out = outcomes[case_id(case)]
+    assert "harness_error" not in out, out.get("harness_error")
+    where = f"{case_id(case)}: rc {out['rc']} in {out['elapsed']:.1f} s ({out['after_fire']:.1f} s after the corruption)\nstdout: {out['stdout'][-1500:]!r}\nstderr: {out['stderr'][-3000:]!r}"
+    assert out["fired"], f"the rule never fired (the call sequence changed?)\n{where}"
+    assert out["rc"] == expected_rc, where
+    assert "Traceback" not in out["stderr"] + out["stdout"], where
+    assert _control_free(out["stdout"]) and _control_free(out["stderr"]), where
+    lines = out["stderr"].splitlines()
+    if expected_rc == 2:
+        assert len(lines) == 1 and lines[0].startswith("shmrt client: error:"), where
+        assert mentions in lines[0], where
+        assert len(lines[0]) <= 2100, where
+    else:
+        assert lines == [], where
+    assert not out["left"], f"segments left in /dev/shm: {out['left']}\n{where}"
+    assert out["after_fire"] < AFTER_FIRE, where  # start-up time varies with load; this does not
+    if mentions == TIMED_OUT:
+        assert out["after_fire"] >= TIMEOUT - 0.5, where
