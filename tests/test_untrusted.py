@@ -352,7 +352,7 @@ def _reset_rings(t) -> None:
     for ring in (t.req, t.rsp):
         ring.native.store(OFF_HEAD, 0)
         ring.native.store(OFF_TAIL, 0)
-    t._staged.clear()
+    t._pending = None
 
 
 @pytest.fixture(scope="module")
