@@ -69,7 +69,7 @@ def doorbells(draw):
         descs += DESC.pack(off % 2**64, nbytes % 2**64, dtype % 256, len(shape), *(shape + [0] * (6 - len(shape))))
     op = {3: 0b111 if shapes and shapes[0][-1:] == (64,) else 0b1000000, 4: 1 if shapes and shapes[-1][-1:] == (16,)
           and shapes[0][-1:] == (16,) else 0}.get(method, 0)
-    head = HEADER.pack(b"SHMD", 1, method, pick("flags", st.just(0), st.integers(0, 255)), 1,
+    head = HEADER.pack(b"SHMD", protocol.PROTOCOL_VERSION, method, pick("flags", st.just(0), st.integers(0, 255)), 1,
                        pick("token", st.just(TOKEN), st.binary(min_size=16, max_size=16)),
                        pick("layer", st.integers(0, 1), st.integers(-2**31, 2**31 - 1)),
                        pick("op", st.just(op), st.integers(0, 2**32 - 1)),

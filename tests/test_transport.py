@@ -139,3 +139,54 @@ def test_tcp_round_trip(tmp_path):
                     assert torch.equal(r.tensors[0], torch.arange(10.0))
     finally:
         d.stop()
+
+
+# ---- Attach: ring attachment is its own control message (shm only)
+
+def _attach_text(req: str, rsp: str, capacity: int = 1 << 16) -> str:
+    import json
+    return json.dumps({"req": req, "rsp": rsp, "capacity": capacity})
+
+
+def test_shm_request_before_attach_is_refused_naming_attach(echo_daemon):
+    from shmrt.wire.protocol import Method
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        with pytest.raises(PeerError, match=r"Init before Attach: no rings attached"):
+            t._control(Method.Init)
+
+
+def test_shm_attach_twice_is_refused(echo_daemon):
+    from shmrt.wire.protocol import Method
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        t.open_session(1 << 16)  # sends Attach
+        with pytest.raises(PeerError, match="Attach sent twice"):
+            t._control(Method.Attach, _attach_text(t.req.name, t.rsp.name, t.req.capacity))
+
+
+@pytest.mark.parametrize("req,rsp", [("/etc/passwd", "/shmrt-" + "0" * 32 + "-rsp"),
+                                     ("/shmrt-" + "0" * 32 + "-req", "../../dev/mem"),
+                                     (None, 7)])
+def test_shm_attach_naming_bad_segments_is_refused(echo_daemon, req, rsp):
+    from shmrt.wire.protocol import Method
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        with pytest.raises(PeerError, match="is not a shmrt ring name"):
+            t._control(Method.Attach, _attach_text(req, rsp))
+
+
+def test_shm_attach_naming_missing_segments_is_refused(echo_daemon):
+    from shmrt.wire.protocol import Method
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        with pytest.raises(PeerError):
+            t._control(Method.Attach, _attach_text("/shmrt-" + "0" * 32 + "-req", "/shmrt-" + "0" * 32 + "-rsp"))
+
+
+def test_msgpack_has_no_attach(echo_daemon):
+    import msgpack
+    with make_client_transport("msgpack", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        with pytest.raises(PeerError, match="method 'Attach'"):
+            t._roundtrip({"method": "Attach", "seq": t._next_seq(), "token": t.token, "text": "{}"})

@@ -54,6 +54,10 @@ class EchoHandler(Handler):
         return {"echo": True}
 
     def handle(self, request, builder, state, session) -> str:
+        if request.method == "Init":
+            state["init"] = True
+        elif "init" not in state:
+            raise ProtocolError(f"{request.method} before Init")
         for t in request.tensors:
             builder.alloc(t.shape, t.dtype).copy_(t)
         return ""
@@ -168,6 +172,8 @@ class Server:
             if request.method == "Close":
                 self._drop(session.identity, "client closed the session")
                 return None
+            if request.control:  # the transport acted on it already; the handler never sees it
+                return transport.encode_reply(request, None)
             builder = transport.reply_builder()
             t0 = now_ns()
             text = self.handler.handle(request, builder, session.state, transport)

@@ -3,8 +3,10 @@
 Session life:
   1. Hello   (doorbell, no tensors)       -> reply text: the model config as JSON
   2. the client creates a request ring and a response ring sized for that model (it owns them)
-  3. Init    (text names both rings)       -> the daemon attaches, then answers with tensors
-  4. RPCs    request tensors in the request ring, reply tensors in the response ring
+  3. Attach  (control; text: {"req", "rsp", "capacity"}) -> the daemon maps both rings, answers empty.
+             Once per session; any other request before it is refused (no rings to read it from).
+  4. RPCs    Init first (a plain model call), then request tensors in the request ring, reply
+             tensors in the response ring
   5. Close   (or the client vanishes)      -> the daemon detaches; the client unlinks
 
 Who writes what: the client is the only producer of the request ring and the only consumer of
@@ -94,6 +96,7 @@ class ShmClient(ClientTransport):
         return config
 
     def open_session(self, ring_bytes: int) -> None:
+        """Create both rings (this side owns them), then Attach: the daemon maps them by name."""
         assert self.req is None, "session already open"
         capacity = -(-ring_bytes // 4096) * 4096
         self.req = Ring.create(capacity, "req", poison=settings.poison())
@@ -103,6 +106,7 @@ class ShmClient(ClientTransport):
             close_rings(self.req)
             self.req = None
             raise
+        self._control(Method.Attach, json.dumps({"req": self.req.name, "rsp": self.rsp.name, "capacity": capacity}))
 
     # ---- calls
 
@@ -143,12 +147,9 @@ class ShmClient(ClientTransport):
             descs.append(desc)
             stats.copy_in_ns += copy_ns
         ring_end = self.req.producer.publish()
-        text = ""
-        if method == "Init":
-            text = json.dumps({"req": self.req.name, "rsp": self.rsp.name, "capacity": self.req.capacity})
         seq = self._next_seq()
         payload = protocol.encode(Doorbell(Method[method], seq, self.token, layer, op, pos, ring_end,
-                                           tensors=tuple(descs), text=text))
+                                           tensors=tuple(descs)))
         stats.t_encoded = now_ns()
         self._send(payload)
         stats.t_sent = now_ns()
@@ -201,16 +202,16 @@ class ShmServerSession(ServerSession):
 
     def _attach(self, text: str) -> None:
         if self.req is not None:
-            raise ProtocolError("Init sent twice in one session")
+            raise ProtocolError("Attach sent twice in one session: its rings are attached already")
         try:
             info = json.loads(text)
         except ValueError:
-            raise ProtocolError("Init text is not JSON naming the rings") from None
+            raise ProtocolError("Attach text is not JSON naming the rings") from None
         if not isinstance(info, dict):
-            raise ProtocolError("Init text must be a JSON object {req, rsp, capacity}")
+            raise ProtocolError("Attach text must be a JSON object {req, rsp, capacity}")
         capacity = info.get("capacity")
         if type(capacity) is not int or not 0 < capacity <= MAX_RING_BYTES or capacity % 4096:
-            raise ProtocolError(f"Init capacity {capacity!r}, expected a multiple of 4096 up to {MAX_RING_BYTES}")
+            raise ProtocolError(f"Attach capacity {capacity!r}, expected a multiple of 4096 up to {MAX_RING_BYTES}")
         req_name = check_segment_name(info.get("req"))
         rsp_name = check_segment_name(info.get("rsp"))
         self.req = Ring.attach(req_name, capacity, poison=settings.poison())
@@ -226,16 +227,20 @@ class ShmServerSession(ServerSession):
         try:
             bell = protocol.decode(payload, capacity=capacity, token=self.token, expect_seq=self.expect_seq)
         except ProtocolError as exc:
-            if self.req is None and payload[6:7] not in (bytes([Method.Init]), bytes([Method.Close])):
-                raise ProtocolError(f"request before Init: no rings attached ({exc})") from None
+            if self.req is None and protocol.peek_method(payload) not in (Method.Attach, Method.Close):
+                raise ProtocolError(f"request before Attach: no rings attached ({exc})") from None
             raise
         self.expect_seq += 1
         if bell.flags or bell.method in (Method.Error, Method.Hello):
             raise ProtocolError(f"method {bell.method.name} is not a request in an open session")
-        if bell.method == Method.Init:
+        if bell.method == Method.Attach:
+            if bell.tensors:
+                raise ProtocolError(f"Attach carries {len(bell.tensors)} tensor(s), expected none")
             self._attach(bell.text)
-        elif bell.method != Method.Close and self.req is None:
-            raise ProtocolError(f"{bell.method.name} before Init: no rings attached")
+            return Request("Attach", bell.seq, control=True)
+        if bell.method != Method.Close and self.req is None:
+            raise ProtocolError(f"{bell.method.name} before Attach: no rings attached "
+                                "(the client sends Attach with its ring names right after Hello)")
         release = None
         views = []
         if self.req is not None and bell.method != Method.Close:
@@ -248,7 +253,7 @@ class ShmServerSession(ServerSession):
         return ShmReplyBuilder(self.rsp, self.reply_timeout)
 
     def encode_reply(self, request: Request, builder: ShmReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
-        ring_end = self.rsp.producer.publish() if self.rsp is not None else 0
+        ring_end = self.rsp.producer.publish() if self.rsp is not None and not request.control else 0
         return protocol.encode(Doorbell(Method[request.method], request.seq, self.token, ring_end=ring_end,
                                         work_ns=work_ns, tensors=tuple(builder.descs) if builder else (),
                                         text=text))

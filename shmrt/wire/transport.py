@@ -189,6 +189,7 @@ class Request:
     tensors: list = field(default_factory=list)
     text: str = ""
     on_release: object = None  # callable: hands the request's ring space back to the client
+    control: bool = False  # session control the transport acted on itself (shm's Attach): no handler
 
     def release(self) -> None:
         """The server is done with the request's memory; its views are gone from here on."""
