@@ -11,6 +11,7 @@ import sys
 
 from . import settings
 from .errors import ShmrtError
+from .wire.registry import TRANSPORTS
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -35,7 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transport", default="shm", choices=["shm", "msgpack"])
+    p.add_argument("--transport", default="shm", choices=TRANSPORTS)
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--kv-cache", default="daemon", choices=["daemon", "client"],
                    help="where K/V live between steps (client: sent in full each step, as v2.4)")

@@ -20,7 +20,7 @@ from shmrt.errors import ProtocolError, ShmrtError
 from shmrt.wire.ring import OFF_TAIL, Consumer, Ring
 from shmrt.wire.peer import client_info
 from shmrt.wire.shm_transport import ShmServerSession
-from shmrt.wire.transport import make_client_transport
+from shmrt.wire.registry import client_transport as make_client_transport
 from shmrt.host.weights import load_weights
 
 SPAWN = mp.get_context("spawn")

@@ -7,7 +7,8 @@ import torch
 
 from shmrt.errors import PeerError, PeerTimeout, SetupError, StaleView, TensorTooLarge
 from shmrt.wire.peer import client_info
-from shmrt.wire.transport import check_endpoint, make_client_transport
+from shmrt.wire.registry import client_transport as make_client_transport
+from shmrt.wire.transport import check_endpoint
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 SHAPES = [(), (0,), (1,), (3, 5), (2, 0, 4), (2, 3, 4, 5), (1, 1, 1, 1, 1, 7)]

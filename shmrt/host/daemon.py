@@ -84,8 +84,8 @@ class ModelHandler(Handler):
         ts = request.tensors
         if method == "Init":  # the session's state; the enclave has its own half of the model already
             state["kv"] = self.c.new_kv_store(self.max_kv_bytes)
-            if self.cuda and hasattr(session, "host_buffers"):
-                state["registration"] = HostRegistration(session.host_buffers(), self.log)
+            if self.cuda:
+                state["registration"] = HostRegistration(session.pinned_buffers(), self.log)
             return ""
         if "kv" not in state:
             raise ProtocolError(f"{method} before Init")

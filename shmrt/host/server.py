@@ -1,7 +1,8 @@
 """The daemon's serving loop: one ROUTER socket, one session per client, either transport.
 
-A client's first message must be Hello; its bytes tell the transport (a doorbell starts with
-b"SHMD", anything else is taken as msgpack). The session then lives until Close, a protocol
+A client's first message must be Hello; the transport registry says which transport its bytes are
+in, and that transport decodes it (or encodes the refusal). The loop never parses bytes itself.
+The session then lives until Close, a protocol
 violation (the client gets an Error reply and the session is dropped), idleness past
 `session_timeout`, or - where the client's pid is visible to us - the client process dying.
 
@@ -19,14 +20,10 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from ..wire import protocol
+from ..wire import registry
 from ..errors import ProtocolError, ShmrtError
-from ..wire.msgpack_transport import MsgpackServerSession, parse_request
 from ..wire.native import now_ns
-from ..wire.protocol import Method
 from ..wire.peer import pid_namespace, process_alive
-from ..wire.ring import unlink_segment
-from ..wire.shm_transport import ShmServerSession
 from ..wire.transport import ReplyBuilder, Request, ServerSession, check_endpoint
 
 
@@ -137,28 +134,19 @@ class Server:
             self._sock.send_multipart([identity, reply])
 
     def _open(self, identity: bytes, payload: bytes) -> bytes | None:
+        codec = registry.sniff(payload)
         try:
-            if protocol.is_doorbell(payload):
-                if payload[6:7] != bytes([Method.Hello]):
-                    raise ProtocolError(NO_SESSION)
-                bell = protocol.decode(payload, capacity=0, expect_seq=1)
-                transport, text = ShmServerSession(bell.token), bell.text
-            else:
-                obj = parse_request(payload)
-                if obj["method"] != "Hello":
-                    raise ProtocolError(NO_SESSION)
-                if obj["seq"] != 1:
-                    raise ProtocolError(f"Hello seq {obj['seq']}, expected 1")
-                transport, text = MsgpackServerSession(obj["token"]), obj.get("text") or "{}"
-            info = json.loads(text) if isinstance(text, str) and text else {}
-        except (ProtocolError, ValueError) as exc:
+            hello = codec.decode_hello(payload)
+            if hello is None:
+                raise ProtocolError(NO_SESSION)
+            transport = codec.Session(hello.token)
+        except ShmrtError as exc:
             self.log(f"refused a new client: {exc}")
-            err_session = ShmServerSession(b"\0" * 16) if protocol.is_doorbell(payload) else MsgpackServerSession(b"")
-            return err_session.encode_error(1, f"session refused: {exc}")
-        transport.expect_seq = 2
-        pid = info.get("pid") if isinstance(info, dict) and info.get("pidns") == self._pidns else None
+            return codec.encode_refusal(f"session refused: {exc}")
+        info = hello.client_info
+        pid = info.get("pid") if info.get("pidns") == self._pidns else None
         session = Session(identity, transport, pid if type(pid) is int else None, time.monotonic())
-        session.state["client"] = info if isinstance(info, dict) else {}
+        session.state["client"] = info
         self.sessions[identity] = session
         hello = Request("Hello", 1)
         return transport.encode_reply(hello, None, text=json.dumps(self.handler.hello()))
@@ -197,13 +185,9 @@ class Server:
             return
         self.log(f"session {identity.hex()[:8]} ({session.transport.transport}) closed: {why}")
         self.handler.session_closed(session.state)
-        owner_dead = session.pid is not None and not process_alive(session.pid)
-        names = [r.name for r in (getattr(session.transport, "req", None), getattr(session.transport, "rsp", None)) if r]
+        if session.pid is not None and not process_alive(session.pid):
+            session.transport.peer_died()
         session.transport.close()
-        if owner_dead:
-            # The creator cannot unlink any more; nobody else will use these names.
-            for name in names:
-                unlink_segment(name)
 
     def reap(self) -> None:
         now = time.monotonic()

@@ -26,10 +26,36 @@ from .protocol import Doorbell, Method, TensorDesc
 from .ring import Ring, check_segment_name
 from .scopes import Reply
 from .stats import CallStats
-from .transport import ClientTransport, ReplyBuilder, Request, ServerSession
+from .transport import ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind, parse_client_info
 from .native import now_ns
+from .ring import unlink_segment
 
+NAME = "shm"
 MAX_RING_BYTES = 1 << 40
+
+
+# ---- codec: the first message of a new client (registry.py's interface)
+
+def sniff(payload: bytes) -> bool:
+    return protocol.is_doorbell(payload)
+
+
+def decode_hello(payload: bytes) -> Hello | None:
+    """A doorbell that opens a session, validated; None for a doorbell of another method."""
+    if protocol.peek_method(payload) != Method.Hello:
+        return None
+    bell = protocol.decode(payload, capacity=0, expect_seq=1)
+    return Hello(bell.token, parse_client_info(bell.text))
+
+
+def encode_error(token: bytes, seq: int, message: str) -> bytes:
+    text = message.encode("utf-8")[:protocol.MAX_TEXT].decode("utf-8", "ignore")
+    return protocol.encode(Doorbell(Method.Error, seq, token, flags=protocol.FLAG_ERROR, text=text))
+
+
+def encode_refusal(message: str) -> bytes:
+    """An Error reply to seq 1 for a client that has no session (so no token of ours to echo)."""
+    return encode_error(b"\0" * protocol.TOKEN_BYTES, 1, message)
 
 
 def ring_view(ring: Ring, desc: TensorDesc) -> torch.Tensor:
@@ -62,12 +88,16 @@ def _raise_if_error(bell: Doorbell, endpoint: str) -> None:
 
 
 class ShmClient(ClientTransport):
-    name = "shm"
+    name = NAME
 
     def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False):
         super().__init__(endpoint, timeout=timeout, enclave=enclave)
         self.req: Ring | None = None
         self.rsp: Ring | None = None
+
+    @property
+    def label(self) -> str:
+        return f"SHM+{endpoint_kind(self.endpoint)}"
 
     # ---- session
 
@@ -106,6 +136,7 @@ class ShmClient(ClientTransport):
             close_rings(self.req)
             self.req = None
             raise
+        self.ring_bytes = capacity
         self._control(Method.Attach, json.dumps({"req": self.req.name, "rsp": self.rsp.name, "capacity": capacity}))
 
     # ---- calls
@@ -192,7 +223,7 @@ class ShmReplyBuilder(ReplyBuilder):
 
 
 class ShmServerSession(ServerSession):
-    transport = "shm"
+    transport = NAME
 
     def __init__(self, token: bytes, *, reply_timeout: float = 1.0):
         super().__init__(token)
@@ -259,13 +290,22 @@ class ShmServerSession(ServerSession):
                                         text=text))
 
     def encode_error(self, seq: int, message: str) -> bytes:
-        text = message.encode("utf-8")[:protocol.MAX_TEXT].decode("utf-8", "ignore")
-        return protocol.encode(Doorbell(Method.Error, seq, self.token, flags=protocol.FLAG_ERROR, text=text))
+        return encode_error(self.token, seq, message)
 
-    def host_buffers(self) -> list:
-        """The mappings a CUDA daemon registers (cudaHostRegister) for DMA."""
+    def pinned_buffers(self) -> list:
+        """Both ring mappings: a CUDA daemon registers them (cudaHostRegister) so copies are DMA."""
         return [r.native for r in (self.req, self.rsp) if r is not None]
+
+    def peer_died(self) -> None:
+        # The creator cannot unlink any more; nobody else will use these names.
+        for ring in (self.req, self.rsp):
+            if ring is not None:
+                unlink_segment(ring.name)
 
     def close(self) -> None:
         close_rings(self.req, self.rsp)
         self.req = self.rsp = None
+
+
+Client = ShmClient
+Session = ShmServerSession
