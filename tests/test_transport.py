@@ -186,7 +186,6 @@ def test_shm_attach_naming_missing_segments_is_refused(echo_daemon):
 
 
 def test_msgpack_has_no_attach(echo_daemon):
-    import msgpack
     with make_client_transport("msgpack", echo_daemon.endpoint, timeout=10) as t:
         t.hello(client_info())
         with pytest.raises(PeerError, match="method 'Attach'"):

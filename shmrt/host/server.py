@@ -6,7 +6,7 @@ The session then lives until Close, a protocol
 violation (the client gets an Error reply and the session is dropped), idleness past
 `session_timeout`, or - where the client's pid is visible to us - the client process dying.
 
-What the loop serves is up to a handler: `EchoHandler` (tests, micro bench) or the model
+What the loop serves is up to a handler (handler.py): `EchoHandler` (tests, micro bench) or the model
 (daemon.py). Handlers see `Request`s and fill `ReplyBuilder`s; they never touch sockets.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
@@ -24,40 +24,12 @@ from ..wire import registry
 from ..errors import ProtocolError, ShmrtError
 from ..wire.native import now_ns
 from ..wire.peer import pid_namespace, process_alive
-from ..wire.transport import ReplyBuilder, Request, ServerSession, check_endpoint
+from ..wire.transport import Request, ServerSession, check_endpoint
+from .handler import EchoHandler, Handler, HandlerSession  # noqa: F401 (EchoHandler: tests and bench import it here)
 
 
 NO_SESSION = ("no open session for this client (it ended after an error or was idle past the daemon's "
               "--session-timeout): start a new session")
-
-
-class Handler:
-    """What the daemon computes. `state` is a per-session dict the handler may use."""
-
-    def hello(self) -> dict:
-        return {}
-
-    def handle(self, request: Request, builder: ReplyBuilder, state: dict, session: ServerSession) -> str:
-        raise NotImplementedError
-
-    def session_closed(self, state: dict) -> None:
-        pass
-
-
-class EchoHandler(Handler):
-    """Returns every request tensor unchanged (a copy into the reply buffers)."""
-
-    def hello(self) -> dict:
-        return {"echo": True}
-
-    def handle(self, request, builder, state, session) -> str:
-        if request.method == "Init":
-            state["init"] = True
-        elif "init" not in state:
-            raise ProtocolError(f"{request.method} before Init")
-        for t in request.tensors:
-            builder.alloc(t.shape, t.dtype).copy_(t)
-        return ""
 
 
 @dataclass
@@ -66,7 +38,7 @@ class Session:
     transport: ServerSession
     pid: int | None
     last_seen: float
-    state: dict = field(default_factory=dict)
+    model: HandlerSession  # the handler's state for this client
 
 
 class Server:
@@ -140,13 +112,13 @@ class Server:
             if hello is None:
                 raise ProtocolError(NO_SESSION)
             transport = codec.Session(hello.token)
+            model = self.handler.open(hello.client_info, transport.pinned_buffers)
         except ShmrtError as exc:
             self.log(f"refused a new client: {exc}")
             return codec.encode_refusal(f"session refused: {exc}")
         info = hello.client_info
         pid = info.get("pid") if info.get("pidns") == self._pidns else None
-        session = Session(identity, transport, pid if type(pid) is int else None, time.monotonic())
-        session.state["client"] = info
+        session = Session(identity, transport, pid if type(pid) is int else None, time.monotonic(), model)
         self.sessions[identity] = session
         hello = Request("Hello", 1)
         return transport.encode_reply(hello, None, text=json.dumps(self.handler.hello()))
@@ -164,7 +136,7 @@ class Server:
                 return transport.encode_reply(request, None)
             builder = transport.reply_builder()
             t0 = now_ns()
-            text = self.handler.handle(request, builder, session.state, transport)
+            text = self.handler.handle(request, builder, session.model)
             work_ns = now_ns() - t0
             request.release()
             return transport.encode_reply(request, builder, work_ns=work_ns, text=text or "")
@@ -184,7 +156,7 @@ class Server:
         if session is None:
             return
         self.log(f"session {identity.hex()[:8]} ({session.transport.transport}) closed: {why}")
-        self.handler.session_closed(session.state)
+        session.model.close()
         if session.pid is not None and not process_alive(session.pid):
             session.transport.peer_died()
         session.transport.close()
