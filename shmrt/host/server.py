@@ -120,8 +120,7 @@ class Server:
         pid = info.get("pid") if info.get("pidns") == self._pidns else None
         session = Session(identity, transport, pid if type(pid) is int else None, time.monotonic(), model)
         self.sessions[identity] = session
-        hello = Request("Hello", 1)
-        return transport.encode_reply(hello, None, text=json.dumps(self.handler.hello()))
+        return transport.encode_reply(Request("Hello", 1), None, text=json.dumps(self.handler.hello()))
 
     def _serve(self, session: Session, payload: bytes) -> bytes | None:
         transport = session.transport
