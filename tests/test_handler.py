@@ -116,3 +116,39 @@ def test_model_session_is_typed_and_closes(model_handler):
     assert session.kv is None
     with pytest.raises(ProtocolError, match="wire_dtype torch.int64 is not a floating type"):
         model_handler.open({"wire_dtype": "int64"}, lambda: [])
+
+
+def test_init_registers_what_the_transport_pins_and_close_releases_it(model_handler, monkeypatch):
+    """The CUDA path without a GPU: Init hands the transport's pinned buffers (both ring mappings on shm,
+    none on msgpack) to the host registration; closing the session releases it."""
+    import shmrt.host.daemon as daemon
+    from shmrt.wire.msgpack_transport import MsgpackServerSession
+    from shmrt.wire.ring import Ring
+    from shmrt.wire.shm_transport import ShmServerSession
+    registered, released = [], []
+
+    class FakeRegistration:
+        def __init__(self, buffers, log):
+            registered.append(list(buffers))
+
+        def release(self):
+            released.append(True)
+
+    monkeypatch.setattr(daemon, "HostRegistration", FakeRegistration)
+    monkeypatch.setattr(model_handler, "cuda", True)
+    with Ring.create(1 << 16, "req") as req, Ring.create(1 << 16, "rsp") as rsp:
+        shm = ShmServerSession(b"k" * 16)
+        shm.req, shm.rsp = Ring.attach(req.name, 1 << 16), Ring.attach(rsp.name, 1 << 16)
+        try:
+            session = model_handler.open({}, shm.pinned_buffers)
+            model_handler.handle(Request("Init", 2), Builder(), session)
+            assert [(b.address, b.nbytes) for b in registered[0]] == \
+                [(shm.req.native.address, shm.req.native.nbytes), (shm.rsp.native.address, shm.rsp.native.nbytes)]
+            session.close()
+            assert released == [True] and session.registration is None
+        finally:
+            shm.close()
+    session = model_handler.open({}, MsgpackServerSession(b"k" * 16).pinned_buffers)
+    model_handler.handle(Request("Init", 2), Builder(), session)
+    assert registered[1] == []
+    session.close()
