@@ -11,6 +11,7 @@ import sys
 
 from . import settings
 from .errors import ShmrtError, printable
+from .wire.registry import TRANSPORTS
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -36,7 +37,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transport", default="shm", choices=["shm", "msgpack"])
+    p.add_argument("--transport", default="shm", choices=TRANSPORTS)
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--calls", default="fused", choices=["fused", "v2.4"],
                    help="fused: P*V and o_proj as one call (5 per layer); v2.4: its six calls per layer")

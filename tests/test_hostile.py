@@ -20,7 +20,8 @@ from shmrt.errors import ProtocolError, ShmrtError
 from shmrt.wire.ring import OFF_TAIL, Consumer, Ring
 from shmrt.wire.peer import client_info
 from shmrt.wire.shm_transport import ShmServerSession
-from shmrt.wire.transport import make_client_transport
+from shmrt.wire.transport import Request
+from shmrt.wire.registry import client_transport as make_client_transport
 from shmrt.host.weights import load_weights
 
 SPAWN = mp.get_context("spawn")
@@ -69,7 +70,7 @@ def doorbells(draw):
         descs += DESC.pack(off % 2**64, nbytes % 2**64, dtype % 256, len(shape), *(shape + [0] * (6 - len(shape))))
     op = {3: 0b111 if shapes and shapes[0][-1:] == (64,) else 0b1000000, 4: 1 if shapes and shapes[-1][-1:] == (16,)
           and shapes[0][-1:] == (16,) else 0}.get(method, 0)
-    head = HEADER.pack(b"SHMD", 1, method, pick("flags", st.just(0), st.integers(0, 255)), 1,
+    head = HEADER.pack(b"SHMD", protocol.PROTOCOL_VERSION, method, pick("flags", st.just(0), st.integers(0, 255)), 1,
                        pick("token", st.just(TOKEN), st.binary(min_size=16, max_size=16)),
                        pick("layer", st.integers(0, 1), st.integers(-2**31, 2**31 - 1)),
                        pick("op", st.just(op), st.integers(0, 2**32 - 1)),
@@ -89,6 +90,13 @@ def attached_session():
         session.close()
 
 
+def _model_session(handler, session):
+    """The handler's state for a client whose Init ran."""
+    model = handler.open({}, session.pinned_buffers)
+    handler.handle(Request("Init", 0), None, model)
+    return model
+
+
 def _start_from_empty_rings(session, rsp) -> None:
     session.expect_seq = 1
     session.req.consumer = Consumer(session.req)
@@ -101,7 +109,7 @@ def _start_from_empty_rings(session, rsp) -> None:
 def test_fuzzed_doorbells_through_the_daemons_request_path_raise_only_shmrt_errors(attached_session, raw, fill):
     handler, session, rsp = attached_session
     _start_from_empty_rings(session, rsp)
-    state = {"kv": handler.c.new_kv_store()}
+    model = _model_session(handler, session)
     try:
         session.req.data[: min(CAP, 4096)] = bytes([fill]) * min(CAP, 4096)
         request = session.decode(raw)
@@ -110,7 +118,7 @@ def test_fuzzed_doorbells_through_the_daemons_request_path_raise_only_shmrt_erro
                 base = session.req.native.address
                 assert base <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= base + session.req.native.nbytes
         if request.method != "Close":
-            handler.handle(request, session.reply_builder(), state, session)
+            handler.handle(request, session.reply_builder(), model)
     except ShmrtError:
         pass
 
@@ -118,7 +126,7 @@ def test_fuzzed_doorbells_through_the_daemons_request_path_raise_only_shmrt_erro
 def _handle(handler, session, rsp, bell: protocol.Doorbell) -> None:
     _start_from_empty_rings(session, rsp)
     request = session.decode(protocol.encode(bell))
-    handler.handle(request, session.reply_builder(), {"kv": handler.c.new_kv_store()}, session)
+    handler.handle(request, session.reply_builder(), _model_session(handler, session))
 
 
 def _desc(offset, dtype, shape):

@@ -40,7 +40,7 @@ DESC0 = 72  # first descriptor follows the 72-byte header
 
 CORRUPTIONS = [
     ("magic", lambda r: patch(r, 0, "4s", b"XXXX"), "magic"),
-    ("version", lambda r: patch(r, 4, "<H", 99), "version 99, expected 1"),
+    ("version", lambda r: patch(r, 4, "<H", 99), f"version 99, expected {protocol.PROTOCOL_VERSION}"),
     ("method", lambda r: patch(r, 6, "B", 200), "method 200"),
     ("flags", lambda r: patch(r, 7, "B", 0x80), "flags"),
     ("seq", lambda r: patch(r, 8, "<Q", 8), "seq 8, expected 7"),

@@ -16,7 +16,8 @@ from conftest import shm_segments, shmrt_argv
 from shmrt.tools.process import DaemonProcess
 from shmrt.errors import PeerError, SetupError
 from shmrt.wire.peer import client_info
-from shmrt.wire.transport import check_endpoint, make_client_transport
+from shmrt.wire.registry import client_transport as make_client_transport
+from shmrt.wire.transport import check_endpoint
 
 SPAWN = mp.get_context("spawn")
 

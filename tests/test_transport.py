@@ -7,7 +7,8 @@ import torch
 
 from shmrt.errors import PeerError, PeerTimeout, SetupError, StaleView, TensorTooLarge
 from shmrt.wire.peer import client_info
-from shmrt.wire.transport import check_endpoint, make_client_transport
+from shmrt.wire.registry import client_transport as make_client_transport
+from shmrt.wire.transport import check_endpoint
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 SHAPES = [(), (0,), (1,), (3, 5), (2, 0, 4), (2, 3, 4, 5), (1, 1, 1, 1, 1, 7)]
@@ -145,7 +146,7 @@ OVERSIZE_CLIENT = r"""
 import resource, sys
 from shmrt.errors import ShmrtError
 from shmrt.wire.peer import client_info
-from shmrt.wire.transport import make_client_transport
+from shmrt.wire.registry import client_transport as make_client_transport
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with make_client_transport(sys.argv[1], sys.argv[2], timeout=2) as t:
     try:
@@ -180,3 +181,53 @@ def test_a_reply_past_the_message_size_limit_is_dropped_not_buffered(endpoint, t
     outcome, grown_mib = out.split()
     assert outcome == "PeerTimeout"
     assert int(grown_mib) < 40, f"client peak RSS grew by {grown_mib} MiB"
+
+
+# ---- Attach: ring attachment is its own control message (shm only)
+
+def _attach_text(req: str, rsp: str, capacity: int = 1 << 16) -> str:
+    import json
+    return json.dumps({"req": req, "rsp": rsp, "capacity": capacity})
+
+
+def test_shm_request_before_attach_is_refused_naming_attach(echo_daemon):
+    from shmrt.wire.protocol import Method
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        with pytest.raises(PeerError, match=r"Init before Attach: no rings attached"):
+            t._control(Method.Init)
+
+
+def test_shm_attach_twice_is_refused(echo_daemon):
+    from shmrt.wire.protocol import Method
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        t.open_session(1 << 16)  # sends Attach
+        with pytest.raises(PeerError, match="Attach sent twice"):
+            t._control(Method.Attach, _attach_text(t.req.name, t.rsp.name, t.req.capacity))
+
+
+@pytest.mark.parametrize("req,rsp", [("/etc/passwd", "/shmrt-" + "0" * 32 + "-rsp"),
+                                     ("/shmrt-" + "0" * 32 + "-req", "../../dev/mem"),
+                                     (None, 7)])
+def test_shm_attach_naming_bad_segments_is_refused(echo_daemon, req, rsp):
+    from shmrt.wire.protocol import Method
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        with pytest.raises(PeerError, match="is not a shmrt ring name"):
+            t._control(Method.Attach, _attach_text(req, rsp))
+
+
+def test_shm_attach_naming_missing_segments_is_refused(echo_daemon):
+    from shmrt.wire.protocol import Method
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        with pytest.raises(PeerError):
+            t._control(Method.Attach, _attach_text("/shmrt-" + "0" * 32 + "-req", "/shmrt-" + "0" * 32 + "-rsp"))
+
+
+def test_msgpack_has_no_attach(echo_daemon):
+    with make_client_transport("msgpack", echo_daemon.endpoint, timeout=10) as t:
+        t.hello(client_info())
+        with pytest.raises(PeerError, match="method 'Attach'"):
+            t._roundtrip({"method": "Attach", "seq": t._next_seq(), "token": t.token, "text": "{}"})

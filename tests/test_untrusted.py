@@ -20,7 +20,7 @@ from shmrt.model.config import LlamaConfig
 from shmrt.wire import protocol
 from shmrt.wire.peer import client_info
 from shmrt.wire.ring import OFF_HEAD, OFF_TAIL, Consumer, Producer
-from shmrt.wire.transport import make_client_transport
+from shmrt.wire.registry import client_transport as make_client_transport
 from shmrt.wire.untrusted import MAX_DEPTH, json_depth, load_json, load_msgpack
 
 EXAMPLES = int(os.environ.get("SHMRT_FUZZ_EXAMPLES", "300"))

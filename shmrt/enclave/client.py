@@ -20,7 +20,7 @@ from .ops import RemoteOps
 from .sizing import ring_bytes_for
 from ..tools.perflog import PerfLog
 from ..wire.peer import client_info
-from ..wire.transport import make_client_transport, transport_label
+from ..wire.registry import client_transport
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -69,8 +69,8 @@ class EnclaveClient:
         self.close()
 
     def _open(self) -> None:
-        self.transport = make_client_transport(self.transport_name, self.endpoint, timeout=self.timeout,
-                                               enclave=self.enclave)
+        self.transport = client_transport(self.transport_name, self.endpoint, timeout=self.timeout,
+                                          enclave=self.enclave)
         info = self.transport.hello({**client_info(), "wire_dtype": self.wire_name})
         self.server_info = info
         if info.get("digest") != self.part.digest:
@@ -85,10 +85,10 @@ class EnclaveClient:
             self.part, self.prompt_tokens, self.total_tokens, self.wire, self.kv_cache, calls=self.calls)
         self.transport.open_session(ring)  # shm: creates the rings; msgpack: bounds each reply's size
         if self.log_path:
-            self.perflog = PerfLog(self.log_path, transport_label(self.transport_name, self.endpoint), {
+            self.perflog = PerfLog(self.log_path, self.transport.label, {
                 "transport": self.transport_name, "endpoint": self.endpoint, "wire_dtype": self.wire_name,
                 "kv_cache": self.kv_cache, "calls": self.calls, "model": info.get("model"), "device": info.get("device"),
-                "daemon_dtype": info.get("dtype"), "ring_bytes": ring if self.transport_name == "shm" else 0,
+                "daemon_dtype": info.get("dtype"), "ring_bytes": ring if self.transport.ring_bytes else 0,
                 "versions": {"torch": torch.__version__, "shmrt": _version()}, "client_pid": os.getpid(),
                 **self.run_info})
             self.transport.observers.append(self.perflog)

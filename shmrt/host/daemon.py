@@ -1,4 +1,5 @@
-"""The GPU side: serves Init / Embedding / BatchLinear / Matmul / LMHead from one model.
+"""The GPU side: serves Init / Embedding / BatchLinear / Matmul / LMHead from one model, through one
+method table (`ModelHandler.calls`: name, arity, compute function) and one typed session per client.
 
 Request tensors arrive as views on the client's ring (zero copy: on CUDA the ring is registered
 with cudaHostRegister once per session, so `.to(device)` is DMA straight from it); results are
@@ -10,14 +11,17 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .compute import LinearCompute
+from .compute import KVStore, LinearCompute
 from ..errors import ProtocolError, SetupError
 from ..model.calls import matmul_args, projection_names
 from ..wire.protocol import dtype_from_name
-from .server import Handler, Server
+from .handler import Call, Handler, HandlerSession, table
+from .server import Server
 from ..wire.transport import ReplyBuilder, Request
 from ..model.checkpoint import model_digest, resolve_model
 from .weights import load_weights
@@ -52,6 +56,23 @@ def default_kv_quota(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
+@dataclass
+class ModelSession(HandlerSession):
+    """One client's state on the daemon: the dtype its tensors travel in, its K/V store (from Init on),
+    and, on CUDA, the registration of its transport's buffers for DMA (from Init on)."""
+
+    wire: torch.dtype
+    pinned_buffers: Callable[[], list]
+    kv: KVStore | None = None
+    registration: HostRegistration | None = None
+
+    def close(self) -> None:
+        if self.registration is not None:
+            self.registration.release()  # before the transport unmaps what it registered
+            self.registration = None
+        self.kv = None
+
+
 class ModelHandler(Handler):
     def __init__(self, compute: LinearCompute, model_name: str, digest: str, log=print,
                  max_kv_bytes: int | None = None):
@@ -68,6 +89,12 @@ class ModelHandler(Handler):
         return {"model": self.model_name, "digest": self.digest, "device": str(self.c.device),
                 "dtype": str(self.c.dtype).replace("torch.", "")}
 
+    def open(self, client_info: dict, pinned_buffers) -> ModelSession:
+        wire = dtype_from_name(client_info.get("wire_dtype", "float32"), "wire_dtype")
+        if wire not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ProtocolError(f"wire_dtype {wire} is not a floating type")
+        return ModelSession(wire, pinned_buffers)
+
     @staticmethod
     def _put(builder: ReplyBuilder, result: torch.Tensor, dtype: torch.dtype) -> None:
         """Write a result into the reply. The copy is blocking: once every result is in, the device work
@@ -75,42 +102,50 @@ class ModelHandler(Handler):
         result = result.to(dtype)  # on the device, so the copy below is a plain DMA
         builder.alloc(result.shape, dtype).copy_(result)
 
-    def handle(self, request: Request, builder: ReplyBuilder, state: dict, session) -> str:
-        method = request.method
-        wire = state.setdefault("wire", dtype_from_name(state.get("client", {}).get("wire_dtype", "float32"),
-                                                         "wire_dtype"))
-        if wire not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ProtocolError(f"wire_dtype {wire} is not a floating type")
-        ts = request.tensors
-        if method == "Init":  # the session's state; the enclave has its own half of the model already
-            state["kv"] = self.c.new_kv_store(self.max_kv_bytes)
-            if self.cuda and hasattr(session, "host_buffers"):
-                state["registration"] = HostRegistration(session.host_buffers(), self.log)
-            return ""
-        if "kv" not in state:
-            raise ProtocolError(f"{method} before Init")
-        expected = {"Embedding": 1, "BatchLinear": 1, "Matmul": 2, "LMHead": 1}[method]
-        if len(ts) != expected:
-            raise ProtocolError(f"{method} takes {expected} tensor(s), got {len(ts)}")
-        room = builder.capacity // wire.itemsize  # elements a reply can carry; checked before computing
-        if method == "Embedding":
-            self._put(builder, self.c.embedding(ts[0], room), wire)
-        elif method == "BatchLinear":
-            for y in self.c.linear(request.layer, projection_names(request.op), ts[0], room):
-                self._put(builder, y, wire)
-        elif method == "Matmul":
-            transpose_b, cache = matmul_args(request.op)
-            self._put(builder, self.c.matmul(ts[0], ts[1], transpose_b=transpose_b, cache=cache, layer=request.layer,
-                                             pos=request.pos, kv=state["kv"], max_elements=room), wire)
-        else:
-            self._put(builder, self.c.lm_head(ts[0], builder.capacity // 4), torch.float32)
-        return ""
+    @staticmethod
+    def _room(builder: ReplyBuilder, dtype: torch.dtype) -> int:
+        """Elements of `dtype` a reply can carry: every op checks its result against it before computing."""
+        return builder.capacity // dtype.itemsize
 
-    def session_closed(self, state: dict) -> None:
-        registration = state.pop("registration", None)
-        if registration is not None:
-            registration.release()
-        state.pop("kv", None)
+    # ---- compute functions, one per row of the table below: (session, request, reply builder)
+
+    def _init(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
+        # The session's state; the enclave has its own half of the model already.
+        s.kv = self.c.new_kv_store(self.max_kv_bytes)
+        if self.cuda:
+            s.registration = HostRegistration(s.pinned_buffers(), self.log)
+
+    def _embedding(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
+        self._put(builder, self.c.embedding(request.tensors[0], self._room(builder, s.wire)), s.wire)
+
+    def _batch_linear(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
+        names = projection_names(request.op)
+        for y in self.c.linear(request.layer, names, request.tensors[0], self._room(builder, s.wire)):
+            self._put(builder, y, s.wire)
+
+    def _matmul(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
+        transpose_b, cache = matmul_args(request.op)
+        a, b = request.tensors
+        self._put(builder, self.c.matmul(a, b, transpose_b=transpose_b, cache=cache, layer=request.layer,
+                                         pos=request.pos, kv=s.kv, max_elements=self._room(builder, s.wire)), s.wire)
+
+    def _attention_output(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
+        _, cache = matmul_args(request.op)
+        p, v = request.tensors
+        self._put(builder, self.c.attention_output(p, v, layer=request.layer, cache=cache, pos=request.pos, kv=s.kv,
+                                                   max_elements=self._room(builder, s.wire)), s.wire)
+
+    def _lm_head(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
+        self._put(builder, self.c.lm_head(request.tensors[0], self._room(builder, torch.float32)), torch.float32)
+
+    calls = table(
+        Call("Init", arity=0, compute=_init),
+        Call("Embedding", arity=1, compute=_embedding),
+        Call("BatchLinear", arity=1, compute=_batch_linear),
+        Call("Matmul", arity=2, compute=_matmul),
+        Call("LMHead", arity=1, compute=_lm_head),
+        Call("AttentionOutput", arity=2, compute=_attention_output),
+    )
 
 
 def check_device(device: str) -> str:

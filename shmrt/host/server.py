@@ -1,11 +1,12 @@
 """The daemon's serving loop: one ROUTER socket, one session per client, either transport.
 
-A client's first message must be Hello; its bytes tell the transport (a doorbell starts with
-b"SHMD", anything else is taken as msgpack). The session then lives until Close, a protocol
+A client's first message must be Hello; the transport registry says which transport its bytes are
+in, and that transport decodes it (or encodes the refusal). The loop never parses bytes itself.
+The session then lives until Close, a protocol
 violation (the client gets an Error reply and the session is dropped), idleness past
 `session_timeout`, or - where the client's pid is visible to us - the client process dying.
 
-What the loop serves is up to a handler: `EchoHandler` (tests, micro bench) or the model
+What the loop serves is up to a handler (handler.py): `EchoHandler` (tests, micro bench) or the model
 (daemon.py). Handlers see `Request`s and fill `ReplyBuilder`s; they never touch sockets.
 """
 from __future__ import annotations
@@ -15,49 +16,20 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
-from ..wire import protocol
+from ..wire import registry
 from ..errors import ProtocolError, ShmrtError
-from ..wire.msgpack_transport import MsgpackServerSession, parse_request
 from ..wire.native import now_ns
-from ..wire.protocol import Method
 from ..wire.peer import pid_namespace, process_alive
-from ..wire.ring import unlink_segment
-from ..wire.shm_transport import ShmServerSession
-from ..wire.transport import ReplyBuilder, Request, ServerSession, check_endpoint
-from ..wire.untrusted import load_json
+from ..wire.transport import Request, ServerSession, check_endpoint
+from .handler import EchoHandler, Handler, HandlerSession  # noqa: F401 (EchoHandler: tests and bench import it here)
 
 
 NO_SESSION = ("no open session for this client (it ended after an error or was idle past the daemon's "
               "--session-timeout): start a new session")
-
-
-class Handler:
-    """What the daemon computes. `state` is a per-session dict the handler may use."""
-
-    def hello(self) -> dict:
-        return {}
-
-    def handle(self, request: Request, builder: ReplyBuilder, state: dict, session: ServerSession) -> str:
-        raise NotImplementedError
-
-    def session_closed(self, state: dict) -> None:
-        pass
-
-
-class EchoHandler(Handler):
-    """Returns every request tensor unchanged (a copy into the reply buffers)."""
-
-    def hello(self) -> dict:
-        return {"echo": True}
-
-    def handle(self, request, builder, state, session) -> str:
-        for t in request.tensors:
-            builder.alloc(t.shape, t.dtype).copy_(t)
-        return ""
 
 
 @dataclass
@@ -66,7 +38,7 @@ class Session:
     transport: ServerSession
     pid: int | None
     last_seen: float
-    state: dict = field(default_factory=dict)
+    model: HandlerSession  # the handler's state for this client
 
 
 class Server:
@@ -134,31 +106,21 @@ class Server:
             self._sock.send_multipart([identity, reply])
 
     def _open(self, identity: bytes, payload: bytes) -> bytes | None:
+        codec = registry.sniff(payload)
         try:
-            if protocol.is_doorbell(payload):
-                if payload[6:7] != bytes([Method.Hello]):
-                    raise ProtocolError(NO_SESSION)
-                bell = protocol.decode(payload, capacity=0, expect_seq=1)
-                transport, text = ShmServerSession(bell.token), bell.text
-            else:
-                obj = parse_request(payload)
-                if obj["method"] != "Hello":
-                    raise ProtocolError(NO_SESSION)
-                if obj["seq"] != 1:
-                    raise ProtocolError(f"Hello seq {obj['seq']}, expected 1")
-                transport, text = MsgpackServerSession(obj["token"]), obj.get("text") or "{}"
-            info = load_json(text, "Hello text") if isinstance(text, str) and text else {}
-        except (ProtocolError, ValueError) as exc:
+            hello = codec.decode_hello(payload)
+            if hello is None:
+                raise ProtocolError(NO_SESSION)
+            transport = codec.Session(hello.token)
+            model = self.handler.open(hello.client_info, transport.pinned_buffers)
+        except ShmrtError as exc:
             self.log(f"refused a new client: {exc}")
-            err_session = ShmServerSession(b"\0" * 16) if protocol.is_doorbell(payload) else MsgpackServerSession(b"")
-            return err_session.encode_error(1, f"session refused: {exc}")
-        transport.expect_seq = 2
-        pid = info.get("pid") if isinstance(info, dict) and info.get("pidns") == self._pidns else None
-        session = Session(identity, transport, pid if type(pid) is int else None, time.monotonic())
-        session.state["client"] = info if isinstance(info, dict) else {}
+            return codec.encode_refusal(f"session refused: {exc}")
+        info = hello.client_info
+        pid = info.get("pid") if info.get("pidns") == self._pidns else None
+        session = Session(identity, transport, pid if type(pid) is int else None, time.monotonic(), model)
         self.sessions[identity] = session
-        hello = Request("Hello", 1)
-        return transport.encode_reply(hello, None, text=json.dumps(self.handler.hello()))
+        return transport.encode_reply(Request("Hello", 1), None, text=json.dumps(self.handler.hello()))
 
     def _serve(self, session: Session, payload: bytes) -> bytes | None:
         transport = session.transport
@@ -169,9 +131,11 @@ class Server:
             if request.method == "Close":
                 self._drop(session.identity, "client closed the session")
                 return None
+            if request.control:  # the transport acted on it already; the handler never sees it
+                return transport.encode_reply(request, None)
             builder = transport.reply_builder()
             t0 = now_ns()
-            text = self.handler.handle(request, builder, session.state, transport)
+            text = self.handler.handle(request, builder, session.model)
             work_ns = now_ns() - t0
             request.release()
             return transport.encode_reply(request, builder, work_ns=work_ns, text=text or "")
@@ -191,14 +155,10 @@ class Server:
         if session is None:
             return
         self.log(f"session {identity.hex()[:8]} ({session.transport.transport}) closed: {why}")
-        self.handler.session_closed(session.state)
-        owner_dead = session.pid is not None and not process_alive(session.pid)
-        names = [r.name for r in (getattr(session.transport, "req", None), getattr(session.transport, "rsp", None)) if r]
+        session.model.close()
+        if session.pid is not None and not process_alive(session.pid):
+            session.transport.peer_died()
         session.transport.close()
-        if owner_dead:
-            # The creator cannot unlink any more; nobody else will use these names.
-            for name in names:
-                unlink_segment(name)
 
     def reap(self) -> None:
         now = time.monotonic()

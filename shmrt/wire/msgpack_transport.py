@@ -21,11 +21,13 @@ from .native import now_ns
 from .protocol import MAX_TENSORS, MAX_TEXT, NAME_BY_DTYPE, TOKEN_BYTES, check_shape, dtype_from_name
 from .scopes import Reply
 from .stats import CallStats
-from .transport import ClientTransport, ReplyBuilder, Request, ServerSession
+from .transport import ClientTransport, Hello, ReplyBuilder, Request, ServerSession, parse_client_info
 from .untrusted import load_json, load_msgpack
 from .protocol import RPC_METHODS
 
+NAME = "msgpack"
 CONTROL = ("Hello", "Close")
+_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}  # fixmap, map 16, map 32: every message is a map
 
 # Bytes of a message besides its tensor data and text: keys, small ints, dtype names, shapes. A reply
 # with MAX_TENSORS six-dim tensors and every field present packs to well under 2 KiB.
@@ -80,7 +82,7 @@ def _text_field(obj: dict) -> str:
 
 
 class MsgpackClient(ClientTransport):
-    name = "msgpack"
+    name = NAME
 
     def message_limit(self, max_reply_bytes: int | None) -> int:
         # Tensor bytes travel inside the reply: the bound is the largest reply the client expects
@@ -165,8 +167,33 @@ def parse_request(payload: bytes) -> dict:
     return obj
 
 
+# ---- codec: the first message of a new client (registry.py's interface)
+
+def sniff(payload: bytes) -> bool:
+    return len(payload) > 0 and payload[0] in _MAP_MARKERS
+
+
+def decode_hello(payload: bytes) -> Hello | None:
+    """A request that opens a session, validated; None for a request of another method."""
+    obj = parse_request(payload)
+    if obj["method"] != "Hello":
+        return None
+    if obj["seq"] != 1:
+        raise ProtocolError(f"Hello seq {obj['seq']}, expected 1")
+    return Hello(obj["token"], parse_client_info(obj.get("text")))
+
+
+def encode_error(seq: int, message: str) -> bytes:
+    return msgpack.packb({"method": "Error", "seq": seq, "error": message, "tensors": []}, use_bin_type=True)
+
+
+def encode_refusal(message: str) -> bytes:
+    """An Error reply to seq 1 for a client that has no session."""
+    return encode_error(1, message)
+
+
 class MsgpackServerSession(ServerSession):
-    transport = "msgpack"
+    transport = NAME
 
     def __init__(self, token: bytes):
         super().__init__(token)
@@ -194,4 +221,8 @@ class MsgpackServerSession(ServerSession):
                               "text": text, "tensors": tensors}, use_bin_type=True)
 
     def encode_error(self, seq: int, message: str) -> bytes:
-        return msgpack.packb({"method": "Error", "seq": seq, "error": message, "tensors": []}, use_bin_type=True)
+        return encode_error(seq, message)
+
+
+Client = MsgpackClient
+Session = MsgpackServerSession

@@ -45,7 +45,7 @@ import torch
 from ..errors import ProtocolError, describe
 
 MAGIC = b"SHMD"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: ring attachment is its own control message (Attach); Init is a plain RPC
 MAX_TENSORS = 8
 MAX_NDIM = 6
 MAX_DIM = 1 << 40
@@ -68,12 +68,15 @@ class Method(enum.IntEnum):
     BatchLinear = 3
     Matmul = 4
     LMHead = 5
+    AttentionOutput = 6   # P*V and o_proj fused (the v2.4 call set uses Matmul + BatchLinear instead)
     Hello = 16   # control: opens a session, returns the model config (not a logged RPC)
     Close = 17   # control: ends a session, the daemon detaches its rings
     Error = 18   # reply only: text says what went wrong
+    Attach = 19  # control (shm only): text names the client's rings; the daemon maps them
 
 
-RPC_METHODS = ("Init", "Embedding", "BatchLinear", "Matmul", "LMHead")
+CONTROL_FIRST = Method.Hello  # codes below are model RPCs, codes from here on session control
+RPC_METHODS = tuple(m.name for m in Method if m < CONTROL_FIRST)
 
 # ---- dtypes (the whitelist; both transports use it)
 
@@ -162,6 +165,17 @@ def encoded_size(ntensors: int, text_len: int = 0) -> int:
 
 def is_doorbell(payload: bytes) -> bool:
     return payload[:4] == MAGIC
+
+
+def peek_method(payload: bytes) -> Method | None:
+    """The method byte of a doorbell not yet validated (None if there is none): the one place that reads a
+    method from raw bytes. For routing and error messages only; `decode` validates everything."""
+    if not is_doorbell(payload) or len(payload) < 7:
+        return None
+    try:
+        return Method(payload[6])
+    except ValueError:
+        return None
 
 
 def decode(payload: bytes, *, capacity: int, token: bytes | None = None,

@@ -3,8 +3,10 @@
 Session life:
   1. Hello   (doorbell, no tensors)       -> reply text: the model config as JSON
   2. the client creates a request ring and a response ring sized for that model (it owns them)
-  3. Init    (text names both rings)       -> the daemon attaches, then answers with tensors
-  4. RPCs    request tensors in the request ring, reply tensors in the response ring
+  3. Attach  (control; text: {"req", "rsp", "capacity"}) -> the daemon maps both rings, answers empty.
+             Once per session; any other request before it is refused (no rings to read it from).
+  4. RPCs    Init first (a plain model call), then request tensors in the request ring, reply
+             tensors in the response ring
   5. Close   (or the client vanishes)      -> the daemon detaches; the client unlinks
 
 Who writes what: the client is the only producer of the request ring and the only consumer of
@@ -24,11 +26,37 @@ from .protocol import Doorbell, Method, TensorDesc
 from .ring import Ring, check_segment_name
 from .scopes import Reply
 from .stats import CallStats
-from .transport import ClientTransport, ReplyBuilder, Request, ServerSession
+from .transport import ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind, parse_client_info
 from .native import now_ns
+from .ring import unlink_segment
 from .untrusted import load_json
 
+NAME = "shm"
 MAX_RING_BYTES = 1 << 40
+
+
+# ---- codec: the first message of a new client (registry.py's interface)
+
+def sniff(payload: bytes) -> bool:
+    return protocol.is_doorbell(payload)
+
+
+def decode_hello(payload: bytes) -> Hello | None:
+    """A doorbell that opens a session, validated; None for a doorbell of another method."""
+    if protocol.peek_method(payload) != Method.Hello:
+        return None
+    bell = protocol.decode(payload, capacity=0, expect_seq=1)
+    return Hello(bell.token, parse_client_info(bell.text))
+
+
+def encode_error(token: bytes, seq: int, message: str) -> bytes:
+    text = message.encode("utf-8")[:protocol.MAX_TEXT].decode("utf-8", "ignore")
+    return protocol.encode(Doorbell(Method.Error, seq, token, flags=protocol.FLAG_ERROR, text=text))
+
+
+def encode_refusal(message: str) -> bytes:
+    """An Error reply to seq 1 for a client that has no session (so no token of ours to echo)."""
+    return encode_error(b"\0" * protocol.TOKEN_BYTES, 1, message)
 
 
 def ring_view(ring: Ring, desc: TensorDesc) -> torch.Tensor:
@@ -61,16 +89,20 @@ def _raise_if_error(bell: Doorbell, endpoint: str) -> None:
 
 
 class ShmClient(ClientTransport):
-    name = "shm"
+    name = NAME
 
-    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False):
-        super().__init__(endpoint, timeout=timeout, enclave=enclave)
+    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False, max_reply_bytes: int | None = None):
+        super().__init__(endpoint, timeout=timeout, enclave=enclave)   # replies are doorbells: no tensor bytes
         self.req: Ring | None = None
         self.rsp: Ring | None = None
 
     def message_limit(self, max_reply_bytes: int | None) -> int:
         # Tensors stay in the rings: every legal message is a doorbell, whatever the model's size.
         return protocol.encoded_size(protocol.MAX_TENSORS, protocol.MAX_TEXT)
+
+    @property
+    def label(self) -> str:
+        return f"SHM+{endpoint_kind(self.endpoint)}"
 
     # ---- session
 
@@ -96,6 +128,7 @@ class ShmClient(ClientTransport):
         return config
 
     def open_session(self, ring_bytes: int) -> None:
+        """Create both rings (this side owns them), then Attach: the daemon maps them by name."""
         assert self.req is None, "session already open"
         capacity = -(-ring_bytes // 4096) * 4096
         self.req = Ring.create(capacity, "req", poison=settings.poison())
@@ -105,6 +138,8 @@ class ShmClient(ClientTransport):
             close_rings(self.req)
             self.req = None
             raise
+        self.ring_bytes = capacity
+        self._control(Method.Attach, json.dumps({"req": self.req.name, "rsp": self.rsp.name, "capacity": capacity}))
 
     # ---- calls
 
@@ -145,12 +180,9 @@ class ShmClient(ClientTransport):
             descs.append(desc)
             stats.copy_in_ns += copy_ns
         ring_end = self.req.producer.publish()
-        text = ""
-        if method == "Init":
-            text = json.dumps({"req": self.req.name, "rsp": self.rsp.name, "capacity": self.req.capacity})
         seq = self._next_seq()
         payload = protocol.encode(Doorbell(Method[method], seq, self.token, layer, op, pos, ring_end,
-                                           tensors=tuple(descs), text=text))
+                                           tensors=tuple(descs)))
         stats.t_encoded = now_ns()
         self._send(payload)
         stats.t_sent = now_ns()
@@ -193,7 +225,7 @@ class ShmReplyBuilder(ReplyBuilder):
 
 
 class ShmServerSession(ServerSession):
-    transport = "shm"
+    transport = NAME
 
     def __init__(self, token: bytes, *, reply_timeout: float = 1.0):
         super().__init__(token)
@@ -203,13 +235,13 @@ class ShmServerSession(ServerSession):
 
     def _attach(self, text: str) -> None:
         if self.req is not None:
-            raise ProtocolError("Init sent twice in one session")
-        info = load_json(text, "Init text (the rings' names)")
+            raise ProtocolError("Attach sent twice in one session: its rings are attached already")
+        info = load_json(text, "Attach text (the rings' names)")
         if not isinstance(info, dict):
-            raise ProtocolError("Init text must be a JSON object {req, rsp, capacity}")
+            raise ProtocolError("Attach text must be a JSON object {req, rsp, capacity}")
         capacity = info.get("capacity")
         if type(capacity) is not int or not 0 < capacity <= MAX_RING_BYTES or capacity % 4096:
-            raise ProtocolError(f"Init capacity {capacity!r}, expected a multiple of 4096 up to {MAX_RING_BYTES}")
+            raise ProtocolError(f"Attach capacity {capacity!r}, expected a multiple of 4096 up to {MAX_RING_BYTES}")
         req_name = check_segment_name(info.get("req"))
         rsp_name = check_segment_name(info.get("rsp"))
         self.req = Ring.attach(req_name, capacity, poison=settings.poison())
@@ -225,16 +257,20 @@ class ShmServerSession(ServerSession):
         try:
             bell = protocol.decode(payload, capacity=capacity, token=self.token, expect_seq=self.expect_seq)
         except ProtocolError as exc:
-            if self.req is None and payload[6:7] not in (bytes([Method.Init]), bytes([Method.Close])):
-                raise ProtocolError(f"request before Init: no rings attached ({exc})") from None
+            if self.req is None and protocol.peek_method(payload) not in (Method.Attach, Method.Close):
+                raise ProtocolError(f"request before Attach: no rings attached ({exc})") from None
             raise
         self.expect_seq += 1
         if bell.flags or bell.method in (Method.Error, Method.Hello):
             raise ProtocolError(f"method {bell.method.name} is not a request in an open session")
-        if bell.method == Method.Init:
+        if bell.method == Method.Attach:
+            if bell.tensors:
+                raise ProtocolError(f"Attach carries {len(bell.tensors)} tensor(s), expected none")
             self._attach(bell.text)
-        elif bell.method != Method.Close and self.req is None:
-            raise ProtocolError(f"{bell.method.name} before Init: no rings attached")
+            return Request("Attach", bell.seq, control=True)
+        if bell.method != Method.Close and self.req is None:
+            raise ProtocolError(f"{bell.method.name} before Attach: no rings attached "
+                                "(the client sends Attach with its ring names right after Hello)")
         release = None
         views = []
         if self.req is not None and bell.method != Method.Close:
@@ -247,19 +283,28 @@ class ShmServerSession(ServerSession):
         return ShmReplyBuilder(self.rsp, self.reply_timeout)
 
     def encode_reply(self, request: Request, builder: ShmReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
-        ring_end = self.rsp.producer.publish() if self.rsp is not None else 0
+        ring_end = self.rsp.producer.publish() if self.rsp is not None and not request.control else 0
         return protocol.encode(Doorbell(Method[request.method], request.seq, self.token, ring_end=ring_end,
                                         work_ns=work_ns, tensors=tuple(builder.descs) if builder else (),
                                         text=text))
 
     def encode_error(self, seq: int, message: str) -> bytes:
-        text = message.encode("utf-8")[:protocol.MAX_TEXT].decode("utf-8", "ignore")
-        return protocol.encode(Doorbell(Method.Error, seq, self.token, flags=protocol.FLAG_ERROR, text=text))
+        return encode_error(self.token, seq, message)
 
-    def host_buffers(self) -> list:
-        """The mappings a CUDA daemon registers (cudaHostRegister) for DMA."""
+    def pinned_buffers(self) -> list:
+        """Both ring mappings: a CUDA daemon registers them (cudaHostRegister) so copies are DMA."""
         return [r.native for r in (self.req, self.rsp) if r is not None]
+
+    def peer_died(self) -> None:
+        # The creator cannot unlink any more; nobody else will use these names.
+        for ring in (self.req, self.rsp):
+            if ring is not None:
+                unlink_segment(ring.name)
 
     def close(self) -> None:
         close_rings(self.req, self.rsp)
         self.req = self.rsp = None
+
+
+Client = ShmClient
+Session = ShmServerSession

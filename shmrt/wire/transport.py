@@ -1,7 +1,7 @@
 """The transport interface both sides share, the per-call timings, and the ZeroMQ plumbing.
 
-Two transports sit side by side behind it, chosen by name: `msgpack` (the v2.4 baseline: tensor
-bytes inside a msgpack message) and `shm` (tensors in shared-memory rings, a doorbell on ZeroMQ).
+Transports sit side by side behind it, chosen by name in registry.py: `msgpack` (the v2.4 baseline:
+tensor bytes inside a msgpack message) and `shm` (tensors in shared-memory rings, a doorbell on ZeroMQ).
 A call carries a method name, a few integer arguments and a list of tensors each way.
 
 Client side: `ClientTransport.request()` opens the inputs of the next call (buffers the caller fills
@@ -23,8 +23,7 @@ import zmq
 from ..errors import PeerTimeout, SetupError
 from .scopes import PendingRequest, Reply
 from .stats import CallStats
-
-TRANSPORTS = ("shm", "msgpack")
+from .untrusted import load_json
 
 
 # ---- endpoints
@@ -53,10 +52,8 @@ def check_endpoint(endpoint: str, *, enclave: bool = False, bind: bool = False,
     return endpoint
 
 
-def transport_label(transport: str, endpoint: str) -> str:
-    """Line 1 of the v2.4 log: IPC/TCP for msgpack (as v2.4), SHM+IPC/SHM+TCP for shm."""
-    kind = "IPC" if endpoint.startswith("ipc://") else "TCP"
-    return f"SHM+{kind}" if transport == "shm" else kind
+def endpoint_kind(endpoint: str) -> str:
+    return "IPC" if endpoint.startswith("ipc://") else "TCP"
 
 
 # ---- client side
@@ -81,6 +78,12 @@ class ClientTransport:
         self._sock = self._open_socket()
         self._closed = False
         self._pending: PendingRequest | None = None
+        self.ring_bytes = 0  # shared memory this session holds (for the log), set by open_session()
+
+    @property
+    def label(self) -> str:
+        """Line 1 of the v2.4 log: IPC/TCP (as v2.4) unless a transport says more."""
+        return endpoint_kind(self.endpoint)
 
     # ---- the bound on what the host can make us receive
 
@@ -114,7 +117,7 @@ class ClientTransport:
         raise NotImplementedError
 
     def open_session(self, ring_bytes: int) -> None:
-        """Allocate per-session resources (rings) once the model config is known."""
+        """Allocate per-session resources (rings) once the model config is known; nothing by default."""
 
     def request(self, dtype: torch.dtype = torch.float32) -> PendingRequest:
         """Open the inputs of the next call; the next `call()` sends and seals them."""
@@ -192,21 +195,23 @@ class ClientTransport:
         self.close()
 
 
-def make_client_transport(name: str, endpoint: str, *, timeout: float, enclave: bool = False,
-                          max_reply_bytes: int | None = None) -> ClientTransport:
-    """`max_reply_bytes`: the most tensor bytes one reply may carry (msgpack only; shm replies carry
-    descriptors, their bound is fixed by the protocol). None: control messages only until
-    `open_session()` (or `limit_replies()`) sets it from the ring size."""
-    if name == "shm":
-        from .shm_transport import ShmClient
-        return ShmClient(endpoint, timeout=timeout, enclave=enclave)
-    if name == "msgpack":
-        from .msgpack_transport import MsgpackClient
-        return MsgpackClient(endpoint, timeout=timeout, enclave=enclave, max_reply_bytes=max_reply_bytes)
-    raise SetupError(f"unknown transport {name!r}; expected one of {TRANSPORTS}")
-
-
 # ---- server side
+
+@dataclass(frozen=True)
+class Hello:
+    """A new client's first message, decoded by its transport: the session token and what it says of itself."""
+
+    token: bytes
+    client_info: dict
+
+
+def parse_client_info(text) -> dict:
+    """Hello's text: a JSON object (client_info()); empty or not an object means nothing is known."""
+    if not isinstance(text, str) or not text:
+        return {}
+    info = load_json(text, "Hello text")   # depth- and size-limited: a peer's bytes
+    return info if isinstance(info, dict) else {}
+
 
 @dataclass
 class Request:
@@ -221,6 +226,7 @@ class Request:
     tensors: list = field(default_factory=list)
     text: str = ""
     on_release: object = None  # callable: hands the request's ring space back to the client
+    control: bool = False  # session control the transport acted on itself (shm's Attach): no handler
 
     def release(self) -> None:
         """The server is done with the request's memory; its views are gone from here on."""
@@ -242,13 +248,13 @@ class ReplyBuilder:
 
 
 class ServerSession:
-    """One client's session as the daemon sees it (one per transport kind)."""
+    """One client's session as the daemon sees it (one per transport kind), opened by a Hello."""
 
     transport = "?"
 
     def __init__(self, token: bytes):
         self.token = token
-        self.expect_seq = 1
+        self.expect_seq = 2  # Hello was seq 1
 
     def decode(self, payload: bytes) -> Request:
         raise NotImplementedError
@@ -261,6 +267,13 @@ class ServerSession:
 
     def encode_error(self, seq: int, message: str) -> bytes:
         raise NotImplementedError
+
+    def pinned_buffers(self) -> list:
+        """Mappings the compute device may register for DMA (cudaHostRegister): [] where there are none."""
+        return []
+
+    def peer_died(self) -> None:
+        """The client process is gone: remove what only it would have removed. close() follows."""
 
     def close(self) -> None:
         pass

@@ -12,7 +12,7 @@ from ...units import format_bytes
 from ...wire.native import MappedBuffer, now_ns
 from ...host.server import EchoHandler, Server
 from ...wire.peer import client_info
-from ...wire.transport import make_client_transport
+from ...wire.registry import client_transport
 
 
 def _serve_echo(endpoint: str) -> None:
@@ -72,7 +72,7 @@ def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None)
         ring_cap = max(sizes) * 2 + (1 << 20)
         transports = {}
         for name in ("shm", "msgpack"):
-            t = make_client_transport(name, echo_ep, timeout=60)
+            t = client_transport(name, echo_ep, timeout=60)
             t.hello(client_info())
             t.open_session(ring_cap)
             t.call("Init").release()

@@ -1,0 +1,95 @@
+"""What the daemon computes, as a table: one row per model RPC (its name, how many tensors it takes, the
+function that computes it), and one typed session object per client.
+
+The serving loop (server.py) knows nothing of methods: it opens a session at Hello (`Handler.open`),
+hands every request to `Handler.handle`, and closes the session with the client's. `handle` is the one
+dispatcher: it looks the method up in the table, enforces Init-first and the arity, then calls the row's
+compute function. A new call is one row here (in the handler's table), one compute function, one method
+in the enclave's ops, and its code in protocol.Method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import ProtocolError
+from ..wire.protocol import RPC_METHODS
+from ..wire.transport import ReplyBuilder, Request
+
+INIT = "Init"  # opens the session's state; every other call needs it first
+
+
+@dataclass(frozen=True)
+class Call:
+    """One row of a method table. `compute(handler, session, request, builder)` writes the results into
+    `builder` and may return reply text; `arity` is how many tensors a request carries (None: any)."""
+
+    name: str
+    arity: int | None
+    compute: Callable
+
+
+def table(*calls: Call) -> dict[str, Call]:
+    """A method table by name; each name is an RPC the wire knows, and appears once."""
+    rows = {c.name: c for c in calls}
+    assert len(rows) == len(calls), [c.name for c in calls]
+    assert set(rows) <= set(RPC_METHODS), set(rows) - set(RPC_METHODS)
+    return rows
+
+
+class HandlerSession:
+    """A client's state on the handler's side; closed when the daemon drops the session."""
+
+    initialised: bool = False  # Init ran
+
+    def close(self) -> None:
+        pass
+
+
+class Handler:
+    """What the daemon serves: `calls` (the method table), what Hello answers, the per-session state."""
+
+    calls: dict[str, Call] = {}
+
+    def hello(self) -> dict:
+        return {}
+
+    def open(self, client_info: dict, pinned_buffers: Callable[[], list]) -> HandlerSession:
+        """A new client's state, from what its Hello said. `pinned_buffers()`: its transport's mappings a
+        device may register for DMA ([] where there are none; ask at Init, once they exist)."""
+        return HandlerSession()
+
+    def handle(self, request: Request, builder: ReplyBuilder, session: HandlerSession) -> str:
+        """The one dispatcher: table row, Init first and once, arity, then the row's compute."""
+        call = self.calls.get(request.method)
+        if call is None:
+            raise ProtocolError(f"method {request.method} is not served here (expected one of {list(self.calls)})")
+        if call.name == INIT:
+            if session.initialised:
+                raise ProtocolError("Init sent twice in one session")
+        elif not session.initialised:
+            raise ProtocolError(f"{call.name} before Init")
+        if call.arity is not None and len(request.tensors) != call.arity:
+            raise ProtocolError(f"{call.name} takes {call.arity} tensor(s), got {len(request.tensors)}")
+        text = call.compute(self, session, request, builder)
+        if call.name == INIT:
+            session.initialised = True
+        return text or ""
+
+
+def _no_state(handler, session, request, builder) -> None:
+    pass
+
+
+def _echo(handler, session, request, builder) -> None:
+    for t in request.tensors:
+        builder.alloc(t.shape, t.dtype).copy_(t)
+
+
+class EchoHandler(Handler):
+    """Returns every request tensor unchanged (a copy into the reply buffers): tests, micro bench."""
+
+    calls = table(Call(INIT, 0, _no_state), *(Call(name, None, _echo) for name in RPC_METHODS if name != INIT))
+
+    def hello(self) -> dict:
+        return {"echo": True}

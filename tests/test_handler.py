@@ -1,0 +1,154 @@
+"""The daemon's method table: one dispatcher enforces each row's arity and Init-first; the model's table
+covers every RPC the wire knows; a session is typed state the daemon closes."""
+import pytest
+import torch
+
+from shmrt.errors import ProtocolError
+from shmrt.host.compute import LinearCompute
+from shmrt.host.daemon import ModelHandler, ModelSession
+from shmrt.host.handler import Call, EchoHandler, Handler, table
+from shmrt.host.weights import load_weights
+from shmrt.wire.protocol import RPC_METHODS
+from shmrt.wire.transport import Request
+
+
+class Builder:
+    capacity = 1 << 20
+
+    def __init__(self):
+        self.tensors = []
+
+    def alloc(self, shape, dtype):
+        self.tensors.append(torch.empty(shape, dtype=dtype))
+        return self.tensors[-1]
+
+
+class Recording(Handler):
+    """A handler whose table has a two-tensor call, recording what its compute function saw."""
+
+    def __init__(self):
+        self.seen = []
+
+    def _init(self, session, request, builder):
+        pass
+
+    def _fused(self, session, request, builder):
+        self.seen.append(request.method)
+        a, b = request.tensors
+        builder.alloc(a.shape, a.dtype).copy_(a + b)
+
+    calls = table(Call("Init", 0, _init), Call("Matmul", 2, _fused))
+
+
+def _opened(handler):
+    session = handler.open({}, lambda: [])
+    handler.handle(Request("Init", 1), Builder(), session)
+    return session
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_a_rows_arity_is_enforced_before_its_compute_runs(n):
+    h = Recording()
+    session = _opened(h)
+    with pytest.raises(ProtocolError, match=f"Matmul takes 2 tensor\\(s\\), got {n}"):
+        h.handle(Request("Matmul", 2, tensors=[torch.ones(2)] * n), Builder(), session)
+    assert h.seen == []
+    builder = Builder()
+    h.handle(Request("Matmul", 3, tensors=[torch.ones(2), torch.ones(2)]), builder, session)
+    assert h.seen == ["Matmul"] and torch.equal(builder.tensors[0], torch.full((2,), 2.0))
+
+
+def test_calls_before_init_and_a_second_init_are_refused():
+    h = Recording()
+    session = h.open({}, lambda: [])
+    with pytest.raises(ProtocolError, match="Matmul before Init"):
+        h.handle(Request("Matmul", 1, tensors=[torch.ones(1)] * 2), Builder(), session)
+    with pytest.raises(ProtocolError, match=r"Init takes 0 tensor\(s\), got 1"):
+        h.handle(Request("Init", 1, tensors=[torch.ones(1)]), Builder(), session)
+    h.handle(Request("Init", 2), Builder(), session)
+    with pytest.raises(ProtocolError, match="Init sent twice"):
+        h.handle(Request("Init", 3), Builder(), session)
+
+
+def test_a_method_without_a_row_is_refused_naming_the_served_ones():
+    h = Recording()
+    with pytest.raises(ProtocolError, match=r"method LMHead is not served here \(expected one of \['Init', 'Matmul'\]\)"):
+        h.handle(Request("LMHead", 2, tensors=[torch.ones(1)]), Builder(), _opened(h))
+
+
+def test_a_table_names_only_rpcs_the_wire_knows_and_each_once():
+    with pytest.raises(AssertionError):
+        table(Call("Attach", 0, None))
+    with pytest.raises(AssertionError):
+        table(Call("Init", 0, None), Call("Init", 0, None))
+
+
+@pytest.fixture(scope="module")
+def model_handler():
+    return ModelHandler(LinearCompute(load_weights("tiny"), "cpu", torch.float32), "tiny", "0" * 64,
+                        log=lambda m: None)
+
+
+def test_the_model_table_has_one_row_per_rpc_with_its_arity(model_handler):
+    assert set(model_handler.calls) == set(RPC_METHODS)
+    assert {n: c.arity for n, c in model_handler.calls.items()} == \
+        {"Init": 0, "Embedding": 1, "BatchLinear": 1, "Matmul": 2, "LMHead": 1, "AttentionOutput": 2}
+    assert set(EchoHandler.calls) == set(RPC_METHODS) and EchoHandler.calls["Matmul"].arity is None
+
+
+def test_model_arity_is_enforced(model_handler):
+    session = _opened(model_handler)
+    with pytest.raises(ProtocolError, match=r"Matmul takes 2 tensor\(s\), got 1"):
+        model_handler.handle(Request("Matmul", 2, layer=0, tensors=[torch.ones(1, 2, 3, 16)]), Builder(), session)
+    with pytest.raises(ProtocolError, match=r"LMHead takes 1 tensor\(s\), got 2"):
+        model_handler.handle(Request("LMHead", 3, tensors=[torch.ones(1, 64)] * 2), Builder(), session)
+    builder = Builder()
+    model_handler.handle(Request("LMHead", 4, tensors=[torch.ones(1, 64)]), builder, session)
+    assert builder.tensors[0].shape == (1, 512)
+
+
+def test_model_session_is_typed_and_closes(model_handler):
+    session = model_handler.open({"wire_dtype": "bfloat16"}, lambda: [])
+    assert isinstance(session, ModelSession) and session.wire == torch.bfloat16 and session.kv is None
+    model_handler.handle(Request("Init", 1), Builder(), session)
+    assert session.kv is not None and session.registration is None  # CPU: nothing to register
+    session.close()
+    assert session.kv is None
+    with pytest.raises(ProtocolError, match="wire_dtype torch.int64 is not a floating type"):
+        model_handler.open({"wire_dtype": "int64"}, lambda: [])
+
+
+def test_init_registers_what_the_transport_pins_and_close_releases_it(model_handler, monkeypatch):
+    """The CUDA path without a GPU: Init hands the transport's pinned buffers (both ring mappings on shm,
+    none on msgpack) to the host registration; closing the session releases it."""
+    import shmrt.host.daemon as daemon
+    from shmrt.wire.msgpack_transport import MsgpackServerSession
+    from shmrt.wire.ring import Ring
+    from shmrt.wire.shm_transport import ShmServerSession
+    registered, released = [], []
+
+    class FakeRegistration:
+        def __init__(self, buffers, log):
+            registered.append(list(buffers))
+
+        def release(self):
+            released.append(True)
+
+    monkeypatch.setattr(daemon, "HostRegistration", FakeRegistration)
+    monkeypatch.setattr(model_handler, "cuda", True)
+    with Ring.create(1 << 16, "req") as req, Ring.create(1 << 16, "rsp") as rsp:
+        shm = ShmServerSession(b"k" * 16)
+        shm.req, shm.rsp = Ring.attach(req.name, 1 << 16), Ring.attach(rsp.name, 1 << 16)
+        try:
+            session = model_handler.open({}, shm.pinned_buffers)
+            model_handler.handle(Request("Init", 2), Builder(), session)
+            assert [(b.address, b.nbytes) for b in registered[0]] == \
+                [(shm.req.native.address, shm.req.native.nbytes), (shm.rsp.native.address, shm.rsp.native.nbytes)]
+            session.close()
+            assert released == [True] and session.registration is None
+        finally:
+            shm.close()
+    session = model_handler.open({}, MsgpackServerSession(b"k" * 16).pinned_buffers)
+    model_handler.handle(Request("Init", 2), Builder(), session)
+    assert registered[1] == []
+    session.close()
