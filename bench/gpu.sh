@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install carried wheels, build the C helper, run the parity tests with
 # the daemon on CUDA (SKIP_TESTS=1 skips them), then the e2e bench for the llama3.2-1b shape (prefill
-# 1024, decode 32, float32 wire, K/V on the daemon; TRANSPORTS picks msgpack and/or shm; the floor
-# always runs). Everything lands in $OUT (the device returns at most 8 files).
+# 1024, decode 32, float32 wire, K/V on the daemon; the floor
+# always runs; RUNS picks the call sets). Everything lands in $OUT (the device returns at most 8 files).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -15,6 +15,11 @@ avail=$(df --output=avail -k /dev/shm | tail -1)
 nproc | tee -a $OUT/gpu.txt
 [ -n "${SKIP_TESTS:-}" ] || timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_split.py tests/test_lifetimes.py -k "cuda or poison" 2>&1 | tail -15 | tee $OUT/tests.txt
 mkdir -p /tmp/res
-timeout ${BENCH_TIMEOUT:-300} python3 -m shmrt bench --suite e2e --model llama3.2-1b --device cuda --prompts 1024 --new-tokens 32 \
-  --transports "${TRANSPORTS:-shm}" --wire-dtypes float32 --kv-caches daemon --out /tmp/res/gpu 2>&1 | tr '\r' '\n' | tail -12 | tee "$OUT/bench.txt"
+# RUNS: space-separated CALLS:TRANSPORTS pairs, e.g. "v2.4:shm fused:msgpack,shm" (the floor always runs)
+for run in ${RUNS:-fused:shm}; do
+  calls=${run%%:*}; transports=${run#*:}
+  timeout ${BENCH_TIMEOUT:-300} python3 -m shmrt bench --suite e2e --model llama3.2-1b --device cuda --prompts 1024 \
+    --new-tokens 32 --transports "$transports" --wire-dtypes float32 --kv-caches daemon --calls "$calls" \
+    --out "/tmp/res/gpu-$calls" 2>&1 | tr '\r' '\n' | tail -4 | tee "$OUT/bench-$calls.txt"
+done
 tar czf $OUT/results.tgz -C /tmp/res . 2>/dev/null

@@ -67,10 +67,16 @@ def with_text(data: bytes, text: str | bytes, *, error: bool = False) -> bytes:
 
 
 def edit_config(text: str, key: str, value_json: str) -> str:
-    """The Hello JSON with config[key] replaced by raw JSON text (which may be invalid for Python)."""
+    """The Hello JSON with config[key] replaced by raw JSON text (which may be invalid for Python). The
+    client takes no config from the host (it reads its own copy of the model): a parseable one is ignored."""
     obj = json.loads(text)
     obj.setdefault("config", {})[key] = "@@VALUE@@"
     return json.dumps(obj).replace('"@@VALUE@@"', value_json)
+
+
+def other_digest(text: str) -> str:
+    """The Hello JSON claiming another model: the client must refuse it."""
+    return json.dumps({**json.loads(text), "digest": "0" * 64})
 
 
 def desc_rule(name, value):
@@ -103,6 +109,7 @@ SHM_RULES = {
     "text-control": lambda d: with_text(d, CONTROL_TEXT * 100),
     "model-name-control": lambda d: with_text(d, json.dumps({**json.loads(text_of(d)), "model": CONTROL_TEXT})),
     "config-huge-int": lambda d: with_text(d, edit_config(text_of(d), "hidden_size", "1" + "0" * 400)),
+    "digest-other": lambda d: with_text(d, other_digest(text_of(d))),
     "config-nan": lambda d: with_text(d, edit_config(text_of(d), "rms_norm_eps", "NaN")),
     "config-inf": lambda d: with_text(d, edit_config(text_of(d), "rope_theta", "1e999")),
     "config-wrong-type": lambda d: with_text(d, edit_config(text_of(d), "vocab_size", '"512"')),
@@ -189,6 +196,7 @@ MSGPACK_RULES = {
     "model-name-control": mp_text(lambda t: json.dumps({**json.loads(t), "model": CONTROL_TEXT})),
     "config-huge-int": mp_text(lambda t: edit_config(t, "hidden_size", "1" + "0" * 400)),
     "config-nan": mp_text(lambda t: edit_config(t, "rms_norm_eps", "NaN")),
+    "digest-other": mp_text(other_digest),
     "oversize": lambda d: d + b"\0" * (2 << 20),                                   # past MAXMSGSIZE
 }
 

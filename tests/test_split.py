@@ -117,6 +117,15 @@ def test_cli_bad_input_is_one_clear_line(args, message, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("daemon_args", [("tiny", "--seed", "1"), ("tiny", "--layers", "1")])
+def test_a_daemon_serving_another_model_is_refused_at_hello(model_daemon, daemon_args):
+    """The enclave computes with its own copy of the model; a daemon with different weights is refused."""
+    d = model_daemon(*daemon_args)
+    r = shmrt("client", "--model", "tiny", "--endpoint", d.endpoint, "--prefill", "4", "--log", "", "--timeout", "10")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "serves another model" in r.stderr and "same --model, --layers and --seed" in r.stderr, r.stderr
+
+
 def test_client_without_daemon_fails_within_timeout_naming_endpoint(tmp_path):
     ep = f"ipc://{tmp_path}/nobody.sock"
     r = shmrt("client", "--endpoint", ep, "--timeout", "1", "--log", "")
@@ -133,6 +142,9 @@ def test_shm_activations_are_written_into_the_ring_once(model_daemon):
         with torch.inference_mode():
             generate(c.model, ids, 0, Sampler())
     linear = [s for s in calls if s.method == "BatchLinear"]
-    matmul = [s for s in calls if s.method == "Matmul"]
-    assert len(linear) == 2 * 4 and all(s.copy_in_ns == 0 and s.payload_sent > 0 for s in linear)
-    assert all(s.copy_in_ns == 0 for s in matmul[0::2])      # Q and new K rows; P*V copies only V's rows
+    scores = [s for s in calls if s.method == "Matmul"]
+    assert len(linear) == 2 * 3 and all(s.copy_in_ns == 0 and s.payload_sent > 0 for s in linear)
+    assert len(scores) == 2 and all(s.copy_in_ns == 0 for s in scores)   # Q and new K rows, in place
+    # P*V + o_proj: P is written in place; only V's rows are copied in
+    fused = [s for s in calls if s.method == "AttentionOutput"]
+    assert len(fused) == 2 and all(0 < s.copy_in_ns for s in fused)

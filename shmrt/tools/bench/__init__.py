@@ -27,6 +27,8 @@ def add_bench_args(p) -> None:
     p.add_argument("--transports", default="msgpack,shm")
     p.add_argument("--wire-dtypes", default="float32,bfloat16")
     p.add_argument("--kv-caches", default="daemon,client")
+    p.add_argument("--calls", default="fused", choices=["fused", "v2.4"],
+                   help="e2e: P*V and o_proj fused (5 calls per layer) or v2.4's six")
 
 
 def machine_name(device: str) -> str:

@@ -48,11 +48,11 @@ def _rounds(model, ids, new: int, repeats: int, on_phase=None) -> list:
 
 
 def measure_transport(endpoint: str, source, transport: str, wire: str, kv: str, prompt: int, new: int, repeats: int,
-                      log_path: str) -> list[dict]:
+                      log_path: str, calls: str = "fused") -> list[dict]:
     ids = torch.randint(0, source.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     with EnclaveClient(endpoint=endpoint, model=source, transport=transport, wire_dtype=wire, kv_cache=kv, timeout=600,
                        log_path=log_path, prompt_tokens=prompt, total_tokens=prompt + new + 1,
-                       run_info={"bench": True}) as c, torch.inference_mode():
+                       run_info={"bench": True}, calls=calls) as c, torch.inference_mode():
         _rounds(c.model, ids, new, repeats, c.perflog.on_phase)
     phases = sidecar_phases(log_path + ".jsonl")
     return [_median_by([p for p in phases if p["phase"] == ph], "wall_s") | {
@@ -61,11 +61,11 @@ def measure_transport(endpoint: str, source, transport: str, wire: str, kv: str,
 
 
 def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: str, prompt: int, new: int,
-                  repeats: int, weights=None) -> dict:
+                  repeats: int, weights=None, calls: str = "fused") -> dict:
     w = weights or load_weights(model, layers=layers, dtype=COMPUTE_DTYPES[dtype], device=device)
     compute = LinearCompute(w, device, COMPUTE_DTYPES[dtype])
     wire_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[wire]
-    m = EnclaveModel(load_enclave_part(w.source), LocalOps(compute, wire_dtype), kv)
+    m = EnclaveModel(load_enclave_part(w.source), LocalOps(compute, wire_dtype), kv, calls)
     ids = torch.randint(0, w.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     with torch.inference_mode():
         runs = _rounds(m, ids, new, repeats)  # its K/V store restarts at pos 0, as the daemon's does
