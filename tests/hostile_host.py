@@ -303,9 +303,11 @@ def main(argv=None) -> int:
             if sock is front:
                 identity, payload = front.recv_multipart()
                 if identity not in backs:
+                    # One DEALER per client, named by the daemon: copying the client's routing id
+                    # would let two proxies' clients collide on the daemon's ROUTER (ids a ROUTER
+                    # generates are short and, across processes, not unique).
                     back = ctx.socket(zmq.DEALER)
                     back.setsockopt(zmq.LINGER, 0)
-                    back.setsockopt(zmq.ROUTING_ID, identity)
                     back.connect(args.back)
                     backs[identity] = back
                     poller.register(back, zmq.POLLIN)

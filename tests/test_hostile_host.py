@@ -24,7 +24,7 @@ import pytest
 from conftest import repo_root
 
 TIMEOUT = 3.0
-AFTER_FIRE = TIMEOUT + 4.0  # from the corruption to the client's exit: --timeout at most, plus teardown
+AFTER_FIRE = TIMEOUT + 7.0  # corruption to exit: --timeout at most, plus teardown (slow on a loaded 2-core box)
 HANG_GUARD = 120.0          # the whole client run, start-up (python + torch import) included
 PARALLEL = 4
 CLIENT_ARGS = ["--model", "tiny", "--prefill", "4", "--max-new-tokens", "2", "--timeout", str(TIMEOUT), "--log", ""]
