@@ -29,7 +29,7 @@ FIELDS = {"magic": (0, "4s"), "version": (4, "H"), "method": (6, "B"), "flags": 
           "token": (16, "16s"), "layer": (32, "i"), "op": (36, "I"), "pos": (40, "q"), "ring_end": (48, "Q"),
           "work_ns": (56, "Q"), "ntensors": (64, "H"), "text_len": (66, "H")}
 DESC = {"offset": (0, "Q"), "nbytes": (8, "Q"), "dtype": (16, "B"), "ndim": (17, "B"), "shape0": (24, "q")}
-INIT, LMHEAD, ERROR = 1, 5, 18
+INIT, LMHEAD, ERROR, ATTACH = 1, 5, 18, 19
 FLAG_ERROR = 0x01
 MAX_TEXT = 65535
 
@@ -86,7 +86,7 @@ def desc_rule(name, value):
 
 SHM_RULES = {
     "magic": lambda d: put(d, "magic", b"XXXX"),
-    "version": lambda d: put(d, "version", 2),
+    "version": lambda d: put(d, "version", get(d, "version") + 1),
     "method-unknown": lambda d: put(d, "method", 99),
     "method-other": lambda d: put(d, "method", 3 if get(d, "method") != 3 else 4),
     "flags-unknown": lambda d: put(d, "flags", 0x80),
@@ -223,7 +223,7 @@ class Hostile:
         os.replace(tmp, self.info_path)
 
     def on_request(self, payload: bytes) -> None:
-        if payload[:4] == b"SHMD" and len(payload) >= HEADER_BYTES and get(payload, "method") == INIT:
+        if payload[:4] == b"SHMD" and len(payload) >= HEADER_BYTES and get(payload, "method") == ATTACH:
             try:
                 names = json.loads(text_of(payload))
                 self.info["rings"] = [names["req"], names["rsp"]]

@@ -71,7 +71,9 @@ CASES = [
     ("shm", "oversize@rpc", 2, TIMED_OUT),
     # ---- shm: host-owned resources
     ("shm", "truncate-req@init", 2, RING),
-    ("shm", "truncate-rsp@init", 2, RING),
+    # the daemon writes the next reply first: the truncation kills the host's own daemon (SIGBUS) and the
+    # client, whose ring was never touched after it, times out cleanly instead
+    ("shm", "truncate-rsp@init", 2, (RING, TIMED_OUT)),
     ("shm", "truncate-req@rpc", 2, RING),
     ("shm", "truncate-rsp@rpc", 2, RING),
     ("shm", "truncate-req@decode", 2, RING),
@@ -176,8 +178,13 @@ def outcomes(request, model_daemon, tmp_path_factory):
     daemon = model_daemon("tiny")
     workdir = tmp_path_factory.mktemp("hostile")
     start = time.monotonic()
+    # A host that truncates a ring the daemon has mapped may also kill its own daemon with SIGBUS (the
+    # host owns that process: its problem, not the enclave's); those cases get a daemon each, and the
+    # shared one must survive everything else.
+    endpoints = {case_id(c): model_daemon("tiny").endpoint if c[1].startswith("truncate-") else daemon.endpoint
+                 for c in selected}
     with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-        futures = {case_id(c): pool.submit(run_case, c, daemon.endpoint, workdir) for c in selected}
+        futures = {case_id(c): pool.submit(run_case, c, endpoints[case_id(c)], workdir) for c in selected}
         results = {}
         for name, future in futures.items():  # one case's harness failure fails that case only
             try:
@@ -222,7 +229,7 @@ def test_hostile_host(outcomes, case):
     lines = out["stderr"].splitlines()
     if expected_rc == 2:
         assert len(lines) == 1 and lines[0].startswith("shmrt client: error:"), where
-        assert mentions in lines[0], where
+        assert any(m in lines[0] for m in (mentions if isinstance(mentions, tuple) else (mentions,))), where
         assert len(lines[0]) <= 2100, where
     else:
         assert lines == [], where

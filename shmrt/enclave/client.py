@@ -69,20 +69,21 @@ class EnclaveClient:
         self.close()
 
     def _open(self) -> None:
-        self.transport = client_transport(self.transport_name, self.endpoint, timeout=self.timeout,
-                                          enclave=self.enclave)
-        info = self.transport.hello({**client_info(), "wire_dtype": self.wire_name})
-        self.server_info = info
-        if info.get("digest") != self.part.digest:
-            raise ModelError(f"the daemon at {self.endpoint} serves another model than this client's "
-                             f"{self.source.spec!r} (digest {str(info.get('digest'))[:12]!r}, ours "
-                             f"{self.part.digest[:12]!r}): start both with the same --model, --layers and --seed")
+        # Everything the enclave decides alone comes first: its model, the run's length, the rings' size.
         self.cfg = self.part.cfg
         if self.total_tokens > self.cfg.max_position_embeddings:
             raise ModelError(f"prompt plus new tokens = {self.total_tokens} positions, but the model allows "
                              f"{self.cfg.max_position_embeddings}")
         ring = int(self.ring_mib * 2**20) if self.ring_mib else ring_bytes_for(
             self.part, self.prompt_tokens, self.total_tokens, self.wire, self.kv_cache, calls=self.calls)
+        self.transport = client_transport(self.transport_name, self.endpoint, timeout=self.timeout,
+                                          enclave=self.enclave, max_reply_bytes=ring)
+        info = self.transport.hello({**client_info(), "wire_dtype": self.wire_name})
+        self.server_info = info
+        if info.get("digest") != self.part.digest:
+            raise ModelError(f"the daemon at {self.endpoint} serves another model than this client's "
+                             f"{self.source.spec!r} (digest {str(info.get('digest'))[:12]!r}, ours "
+                             f"{self.part.digest[:12]!r}): start both with the same --model, --layers and --seed")
         self.transport.open_session(ring)  # shm: creates the rings; msgpack: bounds each reply's size
         if self.log_path:
             self.perflog = PerfLog(self.log_path, self.transport.label, {

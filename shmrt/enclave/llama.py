@@ -32,6 +32,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, scaling: float):
+    if inv_freq.is_meta:  # the ring-sizing dry run: shapes only (a meta arange imports seconds of torch)
+        return (torch.empty(length, 2 * inv_freq.shape[0], device="meta"),) * 2
     positions = torch.arange(start, start + length, dtype=torch.float32, device=inv_freq.device)
     freqs = positions[:, None] * inv_freq[None, :]            # [S, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)                   # [S, hd]
@@ -46,7 +48,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
 
 def causal_mask(start: int, S: int, device=None) -> torch.Tensor | None:
     """[S, start+S] True where query i (at absolute position start+i) must not see key j > start+i."""
-    return torch.ones(S, start + S, dtype=torch.bool, device=device).triu_(start + 1) if S > 1 else None
+    if S <= 1:
+        return None
+    if device is not None and torch.device(device).type == "meta":  # the ring-sizing dry run: shapes only
+        return torch.empty(S, start + S, dtype=torch.bool, device=device)
+    return torch.ones(S, start + S, dtype=torch.bool, device=device).triu_(start + 1)
 
 
 def causal_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, out: torch.Tensor) -> None:
