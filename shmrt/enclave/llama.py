@@ -28,12 +28,10 @@ CALL_SETS = ("fused", "v2.4")   # fused: P*V and o_proj travel as one call (5 pe
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     x32 = x.float()
-    return torch.mul(weight, x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps), out=out)
+    return torch.mul(weight, x32 * torch.rsqrt((x32 * x32).mean(-1, keepdim=True) + eps), out=out)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, scaling: float):
-    if inv_freq.is_meta:  # the ring-sizing dry run: shapes only (a meta arange imports seconds of torch)
-        return (torch.empty(length, 2 * inv_freq.shape[0], device="meta"),) * 2
     positions = torch.arange(start, start + length, dtype=torch.float32, device=inv_freq.device)
     freqs = positions[:, None] * inv_freq[None, :]            # [S, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)                   # [S, hd]
@@ -48,11 +46,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
 
 def causal_mask(start: int, S: int, device=None) -> torch.Tensor | None:
     """[S, start+S] True where query i (at absolute position start+i) must not see key j > start+i."""
-    if S <= 1:
-        return None
-    if device is not None and torch.device(device).type == "meta":  # the ring-sizing dry run: shapes only
-        return torch.empty(S, start + S, dtype=torch.bool, device=device)
-    return torch.ones(S, start + S, dtype=torch.bool, device=device).triu_(start + 1)
+    return torch.ones(S, start + S, dtype=torch.bool, device=device).triu_(start + 1) if S > 1 else None
 
 
 def causal_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, out: torch.Tensor) -> None:
@@ -70,7 +64,7 @@ def check_finite(t: torch.Tensor, method: str, layer: int) -> torch.Tensor:
     """Refuse a non-finite state: NaN/Inf in a reply would flow on into the logits and the sampler and
     come out as text. One pass over the residual stream per check (per layer: after attention, after
     the MLP; and the logits)."""
-    if not t.is_meta and not bool(torch.isfinite(t).all()):  # (meta: the ring-sizing dry run)
+    if not bool(torch.isfinite(t).all()):
         where = f"layer {layer}" if layer >= 0 else "the last step"
         raise ProtocolError(f"the daemon's {method} reply made the {'logits' if layer < 0 else 'hidden state'} "
                             f"non-finite at {where}: refusing to go on with NaN/Inf")

@@ -1,6 +1,9 @@
-"""Rings sized by the model itself: the enclave model runs once on `RecordingOps`, whose tensors are
-meta tensors (shapes, no memory, no compute), and every call's bytes each way are noted. The rings
-then hold the largest message of the run twice over, whatever position in the lap it lands at.
+"""Rings sized by the model itself: the enclave model runs once on `RecordingOps`, one layer deep (every
+layer sends the same messages), whose replies are zeros of the shapes the daemon would send, and every
+call's bytes each way are noted. The rings then hold the largest message of the run twice over, whatever
+position in the lap it lands at. (Plain CPU tensors, not meta ones: torch's first meta op imports its
+Python reference kernels, ~2 s per process; one layer's zeros cost milliseconds, or a few hundred for
+the 1B shape at 1024 tokens, whose attention probabilities take 128 MiB for that moment.)
 
 No formula to keep in step with the model: a new call, a fused call or a new cache placement is
 measured the way it will run. Sizes come from the enclave's own config and its own prompt, never
@@ -16,11 +19,10 @@ from ..wire.scopes import PendingRequest, Reply
 from .llama import EnclaveModel
 
 MIN_RING_BYTES = 1 << 20
-META = torch.device("meta")
 
 
 class RecordingOps:
-    """The ops interface on meta tensors; `largest` = the most bytes one message took, each way."""
+    """The ops interface answering zeros of the right shapes; `largest` = the most bytes one message took, each way."""
 
     def __init__(self, cfg, wire_dtype: torch.dtype):
         self.cfg = cfg
@@ -46,10 +48,10 @@ class RecordingOps:
         got = self._message_bytes(outputs)
         self.largest["request"] = max(self.largest["request"], sent)
         self.largest["reply"] = max(self.largest["reply"], got)
-        return Reply([torch.empty(shape, dtype=dtype, device=META) for shape, dtype in outputs], stats=None)
+        return Reply([torch.zeros(shape, dtype=dtype) for shape, dtype in outputs], stats=None)
 
     def request(self) -> PendingRequest:
-        return PendingRequest(lambda shape, dtype: (torch.empty(shape, dtype=dtype, device=META), None),
+        return PendingRequest(lambda shape, dtype: (torch.zeros(shape, dtype=dtype), None),
                               lambda t: False, self.wire_dtype)
 
     def embedding(self, ids):
@@ -75,18 +77,17 @@ def ring_bytes_for(part: EnclavePart, prompt_tokens: int, total_tokens: int, wir
                    kv_cache: str, batch: int = 1, calls: str = "fused") -> int:
     """Ring size per direction for a prefill of `prompt_tokens` and decode steps up to `total_tokens`."""
     cfg = part.cfg.with_layers(1)                           # every layer sends the same messages
-    meta_part = EnclavePart(cfg, part.norms[:3].to(META), part.inv_freq.to(META), part.attention_scaling,
-                            part.digest)
+    one_layer = EnclavePart(cfg, part.norms[:3], part.inv_freq, part.attention_scaling, part.digest)
     ops = RecordingOps(cfg, wire_dtype)
-    model = EnclaveModel(meta_part, ops, kv_cache, calls)
-    ids = torch.empty((batch, prompt_tokens), dtype=torch.int64, device=META)
+    model = EnclaveModel(one_layer, ops, kv_cache, calls)
+    ids = torch.zeros((batch, prompt_tokens), dtype=torch.int64)
     model.forward(ids, 0)                                   # the prefill
     last = max(total_tokens - 1, prompt_tokens)
     if last > prompt_tokens:                                # the last decode step: the widest one
         model.length = last
         if kv_cache == "client":                            # a client-side cache holds every row so far
-            model.k_cache = [torch.empty((batch, cfg.num_key_value_heads, last, cfg.head_dim), device=META)]
+            model.k_cache = [torch.zeros((batch, cfg.num_key_value_heads, last, cfg.head_dim))]
             model.v_cache = list(model.k_cache)
-        model.forward(torch.empty((batch, 1), dtype=torch.int64, device=META), last)
+        model.forward(torch.zeros((batch, 1), dtype=torch.int64), last)
     largest = max(ops.largest.values())
     return max(2 * (largest + 2 * alignment_for(largest)), MIN_RING_BYTES)
