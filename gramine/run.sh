@@ -2,12 +2,20 @@
 # Start the daemon on the host, then the client natively, under gramine-direct or gramine-sgx
 # (GRAMINE=none|direct|sgx), over the tcp doorbell (an enclave cannot reach a host Unix socket).
 #   GRAMINE=sgx PORT=5555 bash gramine/run.sh --model llama3.2-1b --device cuda -- --prefill 128
+# Both sides get the same --model/--layers/--seed: the client reads its own copy of the model (for SGX a
+# trusted file under the manifest's `models` directory) and checks the daemon's digest against it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${PORT:-5555}
 ENDPOINT="tcp://127.0.0.1:$PORT"
 daemon_args=(); client_args=()
-while [ $# -gt 0 ]; do [ "$1" = "--" ] && { shift; client_args=("$@"); break; }; daemon_args+=("$1"); shift; done
+model_args=()
+while [ $# -gt 0 ]; do
+  [ "$1" = "--" ] && { shift; client_args=("$@"); break; }
+  case "$1" in --model|--layers|--seed) model_args+=("$1" "$2"); daemon_args+=("$1" "$2"); shift 2 ;;
+               *) daemon_args+=("$1"); shift ;; esac
+done
+client_args=("${model_args[@]}" "${client_args[@]}")
 .venv/bin/shmrt daemon --endpoint "$ENDPOINT" --ready-file /tmp/shmrt-daemon-ready.$$ "${daemon_args[@]}" &
 daemon=$!
 trap 'kill $daemon 2>/dev/null; wait $daemon 2>/dev/null; rm -f /tmp/shmrt-daemon-ready.$$' EXIT
