@@ -68,13 +68,14 @@ from .native import MappedBuffer, fault_program, guard_mapping, unguard_mapping
 
 MAGIC = b"SHMRTRNG"
 LAYOUT_VERSION = 1
-HEADER_BYTES = 4096
+PAGE_BYTES = 4096   # ring capacities are whole pages; the header is one
+HEADER_BYTES = PAGE_BYTES
 OFF_HEAD = 64
 OFF_TAIL = 128
 _FIXED = struct.Struct("<8sIIQQQ")  # magic, version, header bytes, capacity, owner pid, created ns
 
 SMALL_ALIGN = 64
-LARGE_ALIGN = 4096
+LARGE_ALIGN = PAGE_BYTES
 LARGE_TENSOR = 1 << 20  # tensors from 1 MiB up start on a page boundary (DMA-friendly)
 
 NAME_PREFIX = "/shmrt-"

@@ -23,12 +23,11 @@ from .. import settings
 from . import protocol
 from ..errors import PeerError, ProtocolError, printable
 from .protocol import Doorbell, Method, TensorDesc
-from .ring import Ring, check_segment_name
+from .ring import PAGE_BYTES, Ring, align_up, check_segment_name, unlink_segment
 from .scopes import Reply
 from .stats import CallStats
 from .transport import ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind, parse_client_info
 from .native import now_ns
-from .ring import unlink_segment
 from .untrusted import load_json
 
 NAME = "shm"
@@ -130,7 +129,7 @@ class ShmClient(ClientTransport):
     def open_session(self, ring_bytes: int) -> None:
         """Create both rings (this side owns them), then Attach: the daemon maps them by name."""
         assert self.req is None, "session already open"
-        capacity = -(-ring_bytes // 4096) * 4096
+        capacity = align_up(ring_bytes, PAGE_BYTES)
         self.req = Ring.create(capacity, "req", poison=settings.poison())
         try:
             self.rsp = Ring.create(capacity, "rsp", poison=settings.poison())
@@ -240,8 +239,8 @@ class ShmServerSession(ServerSession):
         if not isinstance(info, dict):
             raise ProtocolError("Attach text must be a JSON object {req, rsp, capacity}")
         capacity = info.get("capacity")
-        if type(capacity) is not int or not 0 < capacity <= MAX_RING_BYTES or capacity % 4096:
-            raise ProtocolError(f"Attach capacity {capacity!r}, expected a multiple of 4096 up to {MAX_RING_BYTES}")
+        if type(capacity) is not int or not 0 < capacity <= MAX_RING_BYTES or capacity % PAGE_BYTES:
+            raise ProtocolError(f"Attach capacity {capacity!r}, expected a multiple of {PAGE_BYTES} up to {MAX_RING_BYTES}")
         req_name = check_segment_name(info.get("req"))
         rsp_name = check_segment_name(info.get("rsp"))
         self.req = Ring.attach(req_name, capacity, poison=settings.poison())
