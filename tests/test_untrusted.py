@@ -357,7 +357,7 @@ def _reset_rings(t) -> None:
 
 @pytest.fixture(scope="module")
 def shm_client():
-    state = {}
+    state = {"respond": lambda raw: _legit_shm_reply(raw, [])}   # a plain answer to Attach
     t = client_with("shm", lambda raw: state["respond"](raw))
     t.open_session(1 << 16)
     yield t, state
