@@ -1,4 +1,4 @@
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE  /* ppoll */
 #include "shmrt_native.h"
 
 #include <stdatomic.h>
@@ -49,6 +49,96 @@ int shmrt_store_release(uint8_t *base, uint64_t base_len, uint64_t off, uint64_t
     if (((uintptr_t)(base + off)) % 8 != 0) return SHMRT_E_ALIGN;
     atomic_store_explicit((_Atomic uint64_t *)(base + off), value, memory_order_release);
     return SHMRT_OK;
+}
+
+/* ---- the shared-memory doorbell */
+
+#include <poll.h>
+#include <sched.h>
+#include <sys/prctl.h>
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int any_changed(const uint64_t *words, const uint64_t *seen, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++) {
+        const _Atomic uint64_t *w = (const _Atomic uint64_t *)(uintptr_t)words[i];
+        if (atomic_load_explicit(w, memory_order_acquire) != seen[i]) return (int)i;
+    }
+    return -1;
+}
+
+/* Sleep up to ns, or until fd (if >= 0) is readable: 1 if it is. */
+static int sleep_on(int fd, uint64_t ns) {
+    struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
+    if (fd < 0) {
+        nanosleep(&ts, NULL);
+        return 0;
+    }
+    struct pollfd p = {fd, POLLIN, 0};
+    return ppoll(&p, 1, &ts, NULL) > 0 && (p.revents & POLLIN);
+}
+
+int shmrt_wait_any(const uint64_t *words, const uint64_t *seen, uint32_t n, int fd, const shmrt_backoff *b,
+                   uint64_t waited_ns, uint64_t budget_ns) {
+    for (uint32_t i = 0; i < n; i++)
+        if (words[i] % 8 != 0) return SHMRT_E_ALIGN;
+    uint64_t start = shmrt_now_ns();
+    for (uint32_t spins = 1;; spins++) {
+        int which = any_changed(words, seen, n);
+        if (which >= 0) return which;
+        uint64_t now = shmrt_now_ns();
+        uint64_t here = now - start;
+        if (here >= budget_ns) return SHMRT_E_TIMEOUT;
+        uint64_t waited = waited_ns + here;
+        if (waited < b->spin_ns) {
+            cpu_relax();
+            if (spins % 256 == 0 && sleep_on(fd, 0)) return (int)n;
+        } else if (waited < b->yield_ns) {
+            sched_yield();
+            if (sleep_on(fd, 0)) return (int)n;
+        } else {
+            uint64_t sleep = waited / 4;
+            if (sleep < b->sleep_min_ns) sleep = b->sleep_min_ns;
+            if (sleep > b->sleep_max_ns) sleep = b->sleep_max_ns;
+            if (sleep > budget_ns - here) sleep = budget_ns - here;
+            if (sleep_on(fd, sleep)) return (int)n;
+        }
+    }
+}
+
+int shmrt_bell_post(uint8_t *base, uint64_t base_len, uint64_t slot_off, uint64_t slot_cap,
+                    const char *msg, uint64_t n, uint64_t seq_off, uint64_t seq,
+                    uint64_t flag_off, uint64_t *flag) {
+    if (!in_bounds(base_len, slot_off, slot_cap) || slot_cap < 8 || n > slot_cap - 8
+        || !in_bounds(base_len, seq_off, 8) || !in_bounds(base_len, flag_off, 8)) return SHMRT_E_BOUNDS;
+    if (((uintptr_t)(base + slot_off)) % 8 || ((uintptr_t)(base + seq_off)) % 8
+        || ((uintptr_t)(base + flag_off)) % 8) return SHMRT_E_ALIGN;
+    memcpy(base + slot_off, &n, 8);
+    memcpy(base + slot_off + 8, msg, (size_t)n);
+    atomic_store_explicit((_Atomic uint64_t *)(base + seq_off), seq, memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst);
+    *flag = atomic_load_explicit((const _Atomic uint64_t *)(base + flag_off), memory_order_acquire);
+    return SHMRT_OK;
+}
+
+int shmrt_store_fence_load(uint8_t *base, uint64_t base_len, uint64_t store_off, uint64_t value,
+                           uint64_t load_off, uint64_t *out) {
+    if (!in_bounds(base_len, store_off, 8) || !in_bounds(base_len, load_off, 8)) return SHMRT_E_BOUNDS;
+    if (((uintptr_t)(base + store_off)) % 8 || ((uintptr_t)(base + load_off)) % 8) return SHMRT_E_ALIGN;
+    atomic_store_explicit((_Atomic uint64_t *)(base + store_off), value, memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst);
+    *out = atomic_load_explicit((const _Atomic uint64_t *)(base + load_off), memory_order_acquire);
+    return SHMRT_OK;
+}
+
+int shmrt_set_timer_slack(uint64_t ns) {
+    return prctl(PR_SET_TIMERSLACK, (unsigned long)ns, 0, 0, 0) == 0 ? SHMRT_OK : SHMRT_E_SYS;
 }
 
 /* ---- fault guard (see the header): a truncated ring ends the process with one line, not a core */

@@ -10,6 +10,7 @@
  *   SHMRT_E_ALIGN       -2  a header word is not 8-byte aligned
  *   SHMRT_E_FULL        -3  the fault guard's table has no free slot
  *   SHMRT_E_SYS         -4  a system call failed (errno says which)
+ *   SHMRT_E_TIMEOUT     -5  a wait's budget ran out with no word changed
  *
  * Fault guard: a process that maps a ring it created registers the mapping here. If the host
  * shrinks that segment, the next access to a page past the new end raises SIGBUS; the handler
@@ -31,6 +32,7 @@
 #define SHMRT_E_ALIGN -2
 #define SHMRT_E_FULL -3
 #define SHMRT_E_SYS -4
+#define SHMRT_E_TIMEOUT -5
 #define SHMRT_FAULT_SLOTS 16
 #define SHMRT_FAULT_PATH_MAX 128
 #define SHMRT_FAULT_LINE_MAX 1024
@@ -53,6 +55,44 @@ int shmrt_copy_out(uint8_t *dst, const uint8_t *src, uint64_t src_len, uint64_t 
 /* Acquire load / release store of a 64-bit word at base+off (base_len bytes mapped). */
 int shmrt_load_acquire(const uint8_t *base, uint64_t base_len, uint64_t off, uint64_t *value);
 int shmrt_store_release(uint8_t *base, uint64_t base_len, uint64_t off, uint64_t value);
+
+/* ---- the shared-memory doorbell (shmrt/wire/bell.py) */
+
+/* How a waiter backs off, by the time it has waited so far: spin (a pause instruction between */
+/* loads) until spin_ns, then sched_yield until yield_ns, then sleep, each sleep a quarter of the */
+/* time waited so far (so a late wake-up costs at most ~25% of the wait), within */
+/* [sleep_min_ns, sleep_max_ns]. */
+typedef struct {
+    uint64_t spin_ns;
+    uint64_t yield_ns;
+    uint64_t sleep_min_ns;
+    uint64_t sleep_max_ns;
+} shmrt_backoff;
+
+/* Wait until one of n 64-bit words differs from its seen[i], or fd (if >= 0) is readable, or */
+/* budget_ns passes. words[i] is the address of an 8-byte-aligned word of a live mapping (the */
+/* caller checked it); fd is a ZeroMQ socket's ZMQ_FD (looked at between spins, after each */
+/* yield, and slept on in the sleep phase). waited_ns: how long the caller has waited already */
+/* (picks the backoff phase to resume in). Returns the index of a changed word (acquire load: */
+/* what its writer stored before it is visible), n when fd is readable, or SHMRT_E_TIMEOUT. */
+int shmrt_wait_any(const uint64_t *words, const uint64_t *seen, uint32_t n, int fd, const shmrt_backoff *b,
+                   uint64_t waited_ns, uint64_t budget_ns);
+
+/* Publish a doorbell record: its length (8 bytes) and n bytes of msg at base+slot_off (slot_cap */
+/* bytes there), then release-store seq at base+seq_off, then a full fence, then load the word */
+/* at base+flag_off into *flag (the reader's "asleep" flag: a store-fence-load on each side, so */
+/* a reader that went to sleep after its last look at seq is always seen here). */
+int shmrt_bell_post(uint8_t *base, uint64_t base_len, uint64_t slot_off, uint64_t slot_cap,
+                    const char *msg, uint64_t n, uint64_t seq_off, uint64_t seq,
+                    uint64_t flag_off, uint64_t *flag);
+
+/* The reader's side of that handshake: store value at base+store_off, full fence, load the word */
+/* at base+load_off into *out. */
+int shmrt_store_fence_load(uint8_t *base, uint64_t base_len, uint64_t store_off, uint64_t value,
+                           uint64_t load_off, uint64_t *out);
+
+/* Timer slack of the calling thread in ns (prctl PR_SET_TIMERSLACK): short sleeps end on time. */
+int shmrt_set_timer_slack(uint64_t ns);
 
 /* Install the SIGBUS handler (idempotent). SHMRT_OK or SHMRT_E_SYS. */
 int shmrt_fault_install(void);

@@ -38,6 +38,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default="shm", choices=TRANSPORTS)
+    p.add_argument("--doorbell", choices=["shm", "zmq"], default=None,
+                   help="how each call is signalled: shm (through the rings' headers; the shm transport's "
+                        "default) or zmq (a ZeroMQ message per call, as v2.4; msgpack's only way)")
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--calls", default="fused", choices=["fused", "v2.4"],
                    help="fused: P*V and o_proj as one call (5 per layer); v2.4: its six calls per layer")
@@ -171,7 +174,7 @@ def cmd_client(args, endpoint: str, prepared=None) -> int:
     with EnclaveClient(endpoint=endpoint, model=source, transport=args.transport, wire_dtype=args.wire_dtype,
                        kv_cache=args.kv_cache, timeout=args.timeout, log_path=args.log or None,
                        prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + args.max_new_tokens,
-                       ring_mib=args.ring_mib, enclave=enclave, calls=args.calls) as client:
+                       ring_mib=args.ring_mib, enclave=enclave, calls=args.calls, doorbell=args.doorbell) as client:
         client.transport.observers.append(collected.append)
         progress = None if args.quiet or args.max_new_tokens < 16 else _decode_progress
         sampler = Sampler(args.temperature, args.top_p, args.sample_seed)
@@ -197,7 +200,7 @@ def _print_summary(args, client, result, calls, tok) -> None:
     phases = by_phase(calls, result.phases)  # Init and other calls outside prefill/decode are left out
     out = sys.stdout
     model, device, dtype = (printable(info.get(key), 80) for key in ("model", "device", "dtype"))  # the host's words
-    print(f"shmrt: {model} on {device} ({dtype}), transport {args.transport}, "
+    print(f"shmrt: {model} on {device} ({dtype}), transport {args.transport} (doorbell {client.transport.doorbell}), "
           f"wire {args.wire_dtype}, kv-cache {args.kv_cache}", file=out)
     print(f"prompt {result.prompt_tokens} tokens -> generated {len(result.tokens)}: {result.tokens}", file=out)
     if tok is not None and result.tokens:

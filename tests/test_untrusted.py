@@ -246,7 +246,8 @@ class FakePeer:
 
 
 def client_with(transport: str, respond, ring_bytes: int = 1 << 16):
-    t = make_client_transport(transport, "ipc:///nonexistent/shmrt-fuzz.sock", timeout=0.1)
+    """A client whose socket is `respond`: every doorbell goes over it (the ZeroMQ doorbell)."""
+    t = make_client_transport(transport, "ipc:///nonexistent/shmrt-fuzz.sock", timeout=0.1, doorbell="zmq")
     t._sock.close(linger=0)
     peer = FakePeer(respond)
     t._sock = peer

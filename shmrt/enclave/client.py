@@ -29,13 +29,15 @@ class EnclaveClient:
     def __init__(self, *, endpoint: str, model: str | ModelSource = "tiny", transport: str = "shm", wire_dtype: str = "float32",
                  kv_cache: str = "daemon", timeout: float | None = None, log_path: str | None = None,
                  prompt_tokens: int = 1, total_tokens: int = 1, ring_mib: float | None = None,
-                 enclave: bool = False, run_info: dict | None = None, calls: str = "fused"):
+                 enclave: bool = False, run_info: dict | None = None, calls: str = "fused",
+                 doorbell: str | None = None):
         if wire_dtype not in WIRE_DTYPES:
             raise ModelError(f"--wire-dtype {wire_dtype!r}: expected one of {list(WIRE_DTYPES)}")
         if kv_cache not in KV_PLACEMENTS:
             raise ModelError(f"--kv-cache {kv_cache!r}: expected one of {KV_PLACEMENTS}")
         self.endpoint = endpoint
         self.transport_name = transport
+        self.doorbell = doorbell  # None: the transport's own default
         self.wire_name = wire_dtype
         self.wire = WIRE_DTYPES[wire_dtype]
         self.kv_cache = kv_cache
@@ -77,7 +79,7 @@ class EnclaveClient:
         ring = int(self.ring_mib * 2**20) if self.ring_mib else ring_bytes_for(
             self.part, self.prompt_tokens, self.total_tokens, self.wire, self.kv_cache, calls=self.calls)
         self.transport = client_transport(self.transport_name, self.endpoint, timeout=self.timeout,
-                                          enclave=self.enclave, max_reply_bytes=ring)
+                                          enclave=self.enclave, max_reply_bytes=ring, doorbell=self.doorbell)
         info = self.transport.hello({**client_info(), "wire_dtype": self.wire_name})
         self.server_info = info
         if info.get("digest") != self.part.digest:
@@ -87,7 +89,8 @@ class EnclaveClient:
         self.transport.open_session(ring)  # shm: creates the rings; msgpack: bounds each reply's size
         if self.log_path:
             self.perflog = PerfLog(self.log_path, self.transport.label, {
-                "transport": self.transport_name, "endpoint": self.endpoint, "wire_dtype": self.wire_name,
+                "transport": self.transport_name, "doorbell": self.transport.doorbell, "endpoint": self.endpoint,
+                "wire_dtype": self.wire_name,
                 "kv_cache": self.kv_cache, "calls": self.calls, "model": info.get("model"), "device": info.get("device"),
                 "daemon_dtype": info.get("dtype"), "ring_bytes": ring if self.transport.ring_bytes else 0,
                 "versions": {"torch": torch.__version__, "shmrt": _version()}, "client_pid": os.getpid(),

@@ -6,6 +6,12 @@ The session then lives until Close, a protocol
 violation (the client gets an Error reply and the session is dropped), idleness past
 `session_timeout`, or - where the client's pid is visible to us - the client process dying.
 
+Requests come over ZeroMQ, or - sessions with the shared-memory doorbell (shm_transport, bell.py) -
+through their request ring's header. While any such session is open the loop waits on all their bell
+words at once (native.WordWaiter: spin, yield, then sleeps of growing length) and looks at the socket
+between slices; after `DEEP_SLEEP_S` without a request it tells those clients it sleeps (their next
+call sends a Wake over ZeroMQ) and blocks on the socket, so an idle daemon uses no CPU.
+
 What the loop serves is up to a handler (handler.py): `EchoHandler` (tests, micro bench) or the model
 (daemon.py). Handlers see `Request`s and fill `ReplyBuilder`s; they never touch sockets.
 """
@@ -22,11 +28,14 @@ import zmq
 
 from ..wire import registry
 from ..errors import ProtocolError, ShmrtError
-from ..wire.native import now_ns
+from ..wire.native import Backoff, WordWaiter, now_ns, precise_sleeps
 from ..wire.peer import pid_namespace, process_alive
 from ..wire.transport import Request, ServerSession, check_endpoint
 from .handler import EchoHandler, Handler, HandlerSession  # noqa: F401 (EchoHandler: tests and bench import it here)
 
+
+DEEP_SLEEP_S = 0.05        # no request for this long: block on the socket (clients send a Wake)
+BELL_SLICE_NS = 1_000_000  # while waiting on bell words, look at the socket this often
 
 NO_SESSION = ("no open session for this client (it ended after an error or was idle past the daemon's "
               "--session-timeout): start a new session")
@@ -43,7 +52,7 @@ class Session:
 
 class Server:
     def __init__(self, endpoint: str, handler: Handler, *, session_timeout: float = 120.0,
-                 allow_remote: bool = False, log=None):
+                 allow_remote: bool = False, log=None, backoff: Backoff | None = None):
         self.endpoint = check_endpoint(endpoint, bind=True, allow_remote=allow_remote)
         self.handler = handler
         self.session_timeout = session_timeout
@@ -62,6 +71,8 @@ class Server:
         if endpoint.startswith("ipc://"):
             os.chmod(endpoint[len("ipc://"):], 0o600)
         self.stopping = False
+        self.backoff = backoff or Backoff()
+        self._bells: tuple[list[Session], WordWaiter] | None = None  # the sessions whose bell words we wait on
 
     # ---- lifetime
 
@@ -84,16 +95,40 @@ class Server:
     def serve(self, *, until=None, poll_ms: int = 200) -> None:
         """Serve until `stopping` is set (signal handler) or `until()` returns True."""
         next_reap = time.monotonic() + 1.0
+        last_request = now_ns()
+        deep_sleep_ns = int(DEEP_SLEEP_S * 1e9)
         while not self.stopping and not (until and until()):
-            if self._sock.poll(poll_ms, zmq.POLLIN):
-                frames = self._sock.recv_multipart(copy=True)
-                if len(frames) == 2:
-                    self._on_message(frames[0], frames[1])
+            bells = self._bell_sessions()
+            served = self._poll_socket(0 if bells else poll_ms)
+            if served:
+                bells = self._bell_sessions()   # the socket's messages may have opened or closed sessions
+            if bells:
+                idle = now_ns() - last_request
+                served += self._serve_bells(*bells, idle)
+                if not served and idle > deep_sleep_ns:
+                    self._sleep_on_socket(bells[0], poll_ms)
+                    served = 1   # awake again: spin first
+            if served:
+                last_request = now_ns()
             if time.monotonic() >= next_reap:
                 self.reap()
                 next_reap = time.monotonic() + 1.0
 
-    # ---- messages
+    # ---- messages over ZeroMQ
+
+    def _poll_socket(self, timeout_ms: int) -> int:
+        """Serve every message waiting on the socket (waiting up to `timeout_ms` for the first)."""
+        served = 0
+        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            return 0
+        while True:
+            try:
+                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return served
+            if len(frames) == 2:
+                self._on_message(frames[0], frames[1])
+                served += 1
 
     def _on_message(self, identity: bytes, payload: bytes) -> None:
         session = self.sessions.get(identity)
@@ -101,9 +136,64 @@ class Server:
             reply = self._open(identity, payload)
         else:
             session.last_seen = time.monotonic()
-            reply = self._serve(session, payload)
+            reply, dropped = self._serve(session, payload)
+            if dropped:
+                self._drop(session.identity, dropped)
         if reply is not None:
             self._sock.send_multipart([identity, reply])
+
+    # ---- requests rung in shared memory
+
+    def _bell_sessions(self) -> tuple[list[Session], WordWaiter] | None:
+        """The sessions that ring through their rings and one waiter on all their bell words (kept while
+        the set of sessions stays the same); None when there is none."""
+        sessions = [s for s in self.sessions.values() if s.transport.bell_address() is not None]
+        if not sessions:
+            self._bells = None
+            return None
+        if self._bells is None or self._bells[0] != sessions:
+            precise_sleeps()
+            self._bells = (sessions, WordWaiter([s.transport.bell_address() for s in sessions], self.backoff,
+                                                self._sock.getsockopt(zmq.FD)))
+        return self._bells
+
+    def _serve_bells(self, sessions: list[Session], waiter: WordWaiter, idle_ns: int) -> int:
+        """Wait up to one slice for a request bell, then serve every session that has one."""
+        for i, s in enumerate(sessions):
+            waiter.seen[i] = s.transport.bell_in.seen
+        if waiter.wait(idle_ns, BELL_SLICE_NS) < 0:
+            return 0   # nothing rung (or the socket has a message: the loop serves it next)
+        served = 0
+        for session in sessions:
+            if self.sessions.get(session.identity) is not session:
+                continue  # dropped while serving an earlier one
+            try:
+                payload = session.transport.take_bell()
+            except ShmrtError as exc:  # a scribbled bell word or slot: like any bad request
+                payload, reply, dropped = None, session.transport.encode_error(session.transport.expect_seq, str(exc)), str(exc)
+            else:
+                if payload is None:
+                    continue
+                reply, dropped = self._serve(session, payload)
+            session.last_seen = time.monotonic()
+            if reply is not None:
+                session.transport.post_reply(reply)
+            if dropped:
+                self._drop(session.identity, dropped)
+            served += 1
+        return served
+
+    def _sleep_on_socket(self, sessions: list[Session], poll_ms: int) -> None:
+        """Idle: tell each bell session we sleep, block on the socket, then wake up (unless a bell came in
+        between: the store-fence-load handshake of bell.py)."""
+        pending = False
+        for s in sessions:
+            pending |= s.transport.sleep(True)
+        if not pending:
+            self._poll_socket(poll_ms)
+        for s in sessions:
+            if self.sessions.get(s.identity) is s:
+                s.transport.sleep(False)
 
     def _open(self, identity: bytes, payload: bytes) -> bytes | None:
         codec = registry.sniff(payload)
@@ -122,31 +212,30 @@ class Server:
         self.sessions[identity] = session
         return transport.encode_reply(Request("Hello", 1), None, text=json.dumps(self.handler.hello()))
 
-    def _serve(self, session: Session, payload: bytes) -> bytes | None:
+    def _serve(self, session: Session, payload: bytes) -> tuple[bytes | None, str | None]:
+        """One request of an open session -> (the reply or None, why to drop the session or None). The
+        caller sends the reply the way the request came, then drops."""
         transport = session.transport
         seq = transport.expect_seq
         request = None
         try:
             request = transport.decode(payload)
             if request.method == "Close":
-                self._drop(session.identity, "client closed the session")
-                return None
+                return None, "client closed the session"
             if request.control:  # the transport acted on it already; the handler never sees it
-                return transport.encode_reply(request, None)
+                return (transport.encode_reply(request, None) if request.answer else None), None
             builder = transport.reply_builder()
             t0 = now_ns()
             text = self.handler.handle(request, builder, session.model)
             work_ns = now_ns() - t0
             request.release()
-            return transport.encode_reply(request, builder, work_ns=work_ns, text=text or "")
+            return transport.encode_reply(request, builder, work_ns=work_ns, text=text or ""), None
         except ShmrtError as exc:
             message = str(exc)
         except Exception as exc:  # a bug or a hostile input we did not foresee: never crash the daemon
             traceback.print_exc(file=sys.stderr)
             message = f"internal error in {getattr(request, 'method', '?')}: {type(exc).__name__}: {exc}"
-        reply = transport.encode_error(request.seq if request else seq, message)
-        self._drop(session.identity, message)
-        return reply
+        return transport.encode_error(request.seq if request else seq, message), message
 
     # ---- sessions
 
@@ -156,6 +245,9 @@ class Server:
             return
         self.log(f"session {identity.hex()[:8]} ({session.transport.transport}) closed: {why}")
         session.model.close()
+        # From here on nobody reads this session's request bells: a client still ringing finds us "asleep",
+        # sends a Wake over ZeroMQ and gets the no-session refusal there instead of waiting out its timeout.
+        session.transport.sleep(True)
         if session.pid is not None and not process_alive(session.pid):
             session.transport.peer_died()
         session.transport.close()

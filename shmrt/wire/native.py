@@ -48,6 +48,8 @@ def _check_rc(rc: int, what: str) -> None:
         raise SetupError(f"{what}: more than {lib.SHMRT_FAULT_SLOTS} rings mapped by one process")
     if rc == lib.SHMRT_E_SYS:
         raise SetupError(f"{what}: {os.strerror(ffi.errno)}")
+    if rc == lib.SHMRT_E_TIMEOUT:
+        raise AssertionError(f"{what}: a wait's timeout is not an error; the caller handles it")
     raise AssertionError(f"unknown return code {rc} from {what}")
 
 
@@ -68,6 +70,7 @@ class MappedBuffer:
     def __init__(self, buf):
         self._buf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         self.nbytes = len(self._buf)
+        self._word_out = ffi.new("uint64_t *")
 
     def copy_in(self, offset: int, src: torch.Tensor) -> Span:
         """Copy `src`'s bytes to [offset, offset + src.nbytes) of the mapping."""
@@ -92,7 +95,7 @@ class MappedBuffer:
 
     def load(self, offset: int) -> int:
         """Acquire-load the 64-bit word at `offset`."""
-        out = ffi.new("uint64_t *")
+        out = self._word_out
         _check_rc(lib.shmrt_load_acquire(self._buf, self.nbytes, offset, out), "load_acquire")
         return int(out[0])
 
@@ -100,10 +103,88 @@ class MappedBuffer:
         """Release-store the 64-bit word at `offset`."""
         _check_rc(lib.shmrt_store_release(self._buf, self.nbytes, offset, value), "store_release")
 
+    def word_address(self, offset: int) -> int:
+        """The address of the 8-byte-aligned word at `offset` (for `WordWaiter`)."""
+        if not 0 <= offset <= self.nbytes - 8:
+            raise ProtocolError(f"word at {offset}: outside the mapped buffer")
+        address = self.address + offset
+        if address % 8:
+            raise ProtocolError(f"word at {offset}: not 8-byte aligned")
+        return address
+
+    def post_bell(self, slot_off: int, slot_cap: int, record: bytes, seq_off: int, seq: int, flag_off: int) -> int:
+        """Write a doorbell record into its slot, release-store `seq`, fence, and return the reader's
+        asleep flag (see shmrt_bell_post)."""
+        flag = self._word_out
+        _check_rc(lib.shmrt_bell_post(self._buf, self.nbytes, slot_off, slot_cap, record, len(record),
+                                      seq_off, seq, flag_off, flag), "posting a doorbell")
+        return int(flag[0])
+
+    def store_fence_load(self, store_off: int, value: int, load_off: int) -> int:
+        out = self._word_out
+        _check_rc(lib.shmrt_store_fence_load(self._buf, self.nbytes, store_off, value, load_off, out),
+                  "store_fence_load")
+        return int(out[0])
+
     def release(self) -> None:
         if self._buf is not None:
             ffi.release(self._buf)
             self._buf = None
+
+
+# ---- waiting for words another process writes (the shared-memory doorbell, bell.py)
+
+@dataclass(frozen=True)
+class Backoff:
+    """How a waiter spends its time, by how long it has waited: spin until `spin_us`, sched_yield until
+    `yield_us`, then sleep a quarter of the time waited so far, within [sleep_min_us, sleep_max_us]."""
+
+    spin_us: float = 50.0
+    yield_us: float = 200.0
+    sleep_min_us: float = 20.0
+    sleep_max_us: float = 1000.0
+
+    def to_c(self):
+        b = ffi.new("shmrt_backoff *")
+        b.spin_ns, b.yield_ns = int(self.spin_us * 1e3), int(self.yield_us * 1e3)
+        b.sleep_min_ns, b.sleep_max_ns = int(self.sleep_min_us * 1e3), int(self.sleep_max_us * 1e3)
+        return b
+
+
+class WordWaiter:
+    """Waits for any of a fixed set of words (addresses from `MappedBuffer.word_address`, whose mappings
+    outlive this waiter) to differ from the value last seen there, or for a file descriptor (a ZeroMQ
+    socket's ZMQ_FD; -1: none) to become readable."""
+
+    SOCKET = -2  # what `wait` returns when the descriptor became readable
+
+    def __init__(self, addresses: list[int], backoff: Backoff, fd: int = -1):
+        self.n = len(addresses)
+        self.fd = fd
+        self._words = ffi.new("uint64_t[]", [int(a) for a in addresses] or [0])
+        self.seen = ffi.new("uint64_t[]", max(self.n, 1))
+        self._backoff = backoff.to_c()
+
+    def wait(self, waited_ns: int, budget_ns: int) -> int:
+        """The index of a word that changed (acquire), SOCKET when the descriptor is readable, or -1 when
+        `budget_ns` passed first. `waited_ns`: how long the caller has waited already (the backoff phase)."""
+        rc = lib.shmrt_wait_any(self._words, self.seen, self.n, self.fd, self._backoff, waited_ns, budget_ns)
+        if rc >= 0:
+            return rc if rc < self.n else self.SOCKET
+        if rc == lib.SHMRT_E_TIMEOUT:
+            return -1
+        _check_rc(rc, "waiting for a doorbell")
+        return -1
+
+
+_slack_set = False
+
+
+def precise_sleeps() -> None:
+    """1 us timer slack for this thread (default 50 us): a waiter's short sleeps end when asked."""
+    global _slack_set
+    if not _slack_set:
+        _slack_set = lib.shmrt_set_timer_slack(1000) == lib.SHMRT_OK
 
 
 # ---- fault guard: a segment the host shrinks under us ends the process with one line (see ring.py)

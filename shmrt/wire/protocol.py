@@ -73,6 +73,7 @@ class Method(enum.IntEnum):
     Close = 17   # control: ends a session, the daemon detaches its rings
     Error = 18   # reply only: text says what went wrong
     Attach = 19  # control (shm only): text names the client's rings; the daemon maps them
+    Wake = 20    # control (shm doorbell only, seq 0, never answered): a request bell waits in the ring
 
 
 CONTROL_FIRST = Method.Hello  # codes below are model RPCs, codes from here on session control

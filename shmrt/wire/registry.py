@@ -10,7 +10,8 @@ What a transport module provides:
   decode_hello(payload) -> Hello | None: the session opener (None: my format, but not a Hello);
                   a malformed message raises ProtocolError naming the field
   encode_refusal(message) -> bytes: an Error reply a client of mine can read, for a client with no session
-  Client          ClientTransport subclass: hello, open_session, request/call, close
+  Client          ClientTransport subclass: hello, open_session, request/call, close; DOORBELLS names how
+                  it can signal calls (zmq; shm also rings through its rings' headers)
   Session         ServerSession subclass, `Session(token)` after a Hello: decode requests, encode
                   replies/errors, pinned_buffers(), peer_died(), close()
 """
@@ -45,11 +46,13 @@ def select(name: str) -> ModuleType:
 
 
 def client_transport(name: str, endpoint: str, *, timeout: float, enclave: bool = False,
-                     max_reply_bytes: int | None = None):
+                     max_reply_bytes: int | None = None, doorbell: str | None = None):
     """A client of transport `name` connected to `endpoint` (no session yet: call hello()).
     `max_reply_bytes`: the most tensor bytes one reply may carry where replies carry tensors (msgpack);
-    None: control messages only until `open_session()` sets it from the ring size."""
-    return select(name).Client(endpoint, timeout=timeout, enclave=enclave, max_reply_bytes=max_reply_bytes)
+    None: control messages only until `open_session()` sets it from the ring size. `doorbell`: how calls
+    are signalled (one of the Client's DOORBELLS; None: its default)."""
+    return select(name).Client(endpoint, timeout=timeout, enclave=enclave, max_reply_bytes=max_reply_bytes,
+                               doorbell=doorbell)
 
 
 def sniff(payload: bytes) -> ModuleType:

@@ -15,7 +15,13 @@ Layout (little-endian; every header word on its own 64-byte line):
         32     8  created ns     creator               once (CLOCK_REALTIME)
         64     8  head           producer              release-store after writing data
        128     8  tail           consumer              release-store after it is done reading
+       192     8  bell seq       producer              release-store after writing the bell slot
+       256     8  asleep         consumer              1 before it sleeps on ZeroMQ, 0 when awake
+      1024  3072  bell slot      producer              length (8 bytes) + one doorbell record
       4096   cap  data area      producer writes [tail, head); consumer reads it
+
+The bell words and slot are the shared-memory doorbell (bell.py): with `--doorbell shm` the producer
+of a ring also sends its doorbells through that ring's header, not over ZeroMQ.
 
 Positions (head, tail) are byte counters that only grow; a position maps to the data
 offset `pos % capacity`. An allocation never straddles the end: if it does not fit before
@@ -67,11 +73,15 @@ from ..units import format_bytes, format_bytes_alike
 from .native import MappedBuffer, fault_program, guard_mapping, unguard_mapping
 
 MAGIC = b"SHMRTRNG"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: the doorbell words and slot in the header
 PAGE_BYTES = 4096   # ring capacities are whole pages; the header is one
 HEADER_BYTES = PAGE_BYTES
 OFF_HEAD = 64
 OFF_TAIL = 128
+OFF_BELL_SEQ = 192
+OFF_ASLEEP = 256
+OFF_BELL_SLOT = 1024
+BELL_SLOT_BYTES = HEADER_BYTES - OFF_BELL_SLOT
 _FIXED = struct.Struct("<8sIIQQQ")  # magic, version, header bytes, capacity, owner pid, created ns
 
 SMALL_ALIGN = 64
@@ -178,8 +188,8 @@ class Ring:
             ring.close()
             raise
         mm[:_FIXED.size] = _FIXED.pack(MAGIC, LAYOUT_VERSION, HEADER_BYTES, capacity, os.getpid(), time.time_ns())
-        ring.native.store(OFF_HEAD, 0)
-        ring.native.store(OFF_TAIL, 0)
+        for word in (OFF_HEAD, OFF_TAIL, OFF_BELL_SEQ, OFF_ASLEEP):
+            ring.native.store(word, 0)
         return ring
 
     @classmethod

@@ -1,12 +1,15 @@
-"""The product transport: tensors in two shared-memory rings, doorbells on ZeroMQ.
+"""The product transport: tensors in two shared-memory rings; doorbells through the rings' headers
+(`--doorbell shm`, the default, bell.py) or over ZeroMQ (`--doorbell zmq`).
 
-Session life:
-  1. Hello   (doorbell, no tensors)       -> reply text: the model config as JSON
+Session life (steps 1, 3 and 5 always over ZeroMQ):
+  1. Hello   (doorbell, no tensors)       -> reply text: the daemon's labels and model digest as JSON
   2. the client creates a request ring and a response ring sized for that model (it owns them)
-  3. Attach  (control; text: {"req", "rsp", "capacity"}) -> the daemon maps both rings, answers empty.
-             Once per session; any other request before it is refused (no rings to read it from).
+  3. Attach  (control; text: {"req", "rsp", "capacity", "doorbell"}) -> the daemon maps both rings,
+             answers empty. Once per session; any other request before it is refused.
   4. RPCs    Init first (a plain model call), then request tensors in the request ring, reply
-             tensors in the response ring
+             tensors in the response ring; each doorbell in the sender's ring header (shm) or on
+             ZeroMQ (zmq). With shm, a daemon idle for a while sleeps on ZeroMQ and the client
+             sends a Wake (seq 0, never answered) with the call that finds it asleep.
   5. Close   (or the client vanishes)      -> the daemon detaches; the client unlinks
 
 Who writes what: the client is the only producer of the request ring and the only consumer of
@@ -18,20 +21,24 @@ from __future__ import annotations
 import json
 
 import torch
+import zmq
 
 from .. import settings
 from . import protocol
 from ..errors import PeerError, ProtocolError, printable
+from .bell import MAX_RECORD, BellIn, BellOut
 from .protocol import Doorbell, Method, TensorDesc
 from .ring import PAGE_BYTES, Ring, align_up, check_segment_name, unlink_segment
 from .scopes import Reply
 from .stats import CallStats
 from .transport import ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind, parse_client_info
-from .native import now_ns
+from .native import Backoff, WordWaiter, now_ns, precise_sleeps
 from .untrusted import load_json
 
 NAME = "shm"
 MAX_RING_BYTES = 1 << 40
+DOORBELLS = ("shm", "zmq")
+WAIT_SLICE_NS = 2_000_000  # a client waiting for a reply bell looks at its ZeroMQ socket this often
 
 
 # ---- codec: the first message of a new client (registry.py's interface)
@@ -48,8 +55,15 @@ def decode_hello(payload: bytes) -> Hello | None:
     return Hello(bell.token, parse_client_info(bell.text))
 
 
-def encode_error(token: bytes, seq: int, message: str) -> bytes:
-    text = message.encode("utf-8")[:protocol.MAX_TEXT].decode("utf-8", "ignore")
+def fit_text(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8 (on a character boundary)."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+
+
+def encode_error(token: bytes, seq: int, message: str, max_record: int | None = None) -> bytes:
+    """An Error doorbell; `max_record`: the most bytes it may take (a bell slot), else the text's limit."""
+    limit = protocol.MAX_TEXT if max_record is None else max_record - protocol.encoded_size(0)
+    text = fit_text(message, limit)
     return protocol.encode(Doorbell(Method.Error, seq, token, flags=protocol.FLAG_ERROR, text=text))
 
 
@@ -89,11 +103,19 @@ def _raise_if_error(bell: Doorbell, endpoint: str) -> None:
 
 class ShmClient(ClientTransport):
     name = NAME
+    DOORBELLS = DOORBELLS
 
-    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False, max_reply_bytes: int | None = None):
-        super().__init__(endpoint, timeout=timeout, enclave=enclave)   # replies are doorbells: no tensor bytes
+    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False, max_reply_bytes: int | None = None,
+                 doorbell: str | None = None, backoff: Backoff | None = None):
+        # replies are doorbells: no tensor bytes (max_reply_bytes does not matter here)
+        super().__init__(endpoint, timeout=timeout, enclave=enclave, doorbell=doorbell)
         self.req: Ring | None = None
         self.rsp: Ring | None = None
+        self.backoff = backoff or Backoff()
+        self._bell_out: BellOut | None = None   # --doorbell shm, from Attach on
+        self._bell_in: BellIn | None = None
+        self._waiter: WordWaiter | None = None
+        self._wake = protocol.encode(Doorbell(Method.Wake, 0, self.token))
 
     def message_limit(self, max_reply_bytes: int | None) -> int:
         # Tensors stay in the rings: every legal message is a doorbell, whatever the model's size.
@@ -101,7 +123,9 @@ class ShmClient(ClientTransport):
 
     @property
     def label(self) -> str:
-        return f"SHM+{endpoint_kind(self.endpoint)}"
+        """Line 1 of the log: SHM+IPC / SHM+TCP (the session's control channel); `+ZMQBELL` where every
+        call's doorbell travels over ZeroMQ too."""
+        return f"SHM+{endpoint_kind(self.endpoint)}" + ("" if self.doorbell == "shm" else "+ZMQBELL")
 
     # ---- session
 
@@ -138,7 +162,12 @@ class ShmClient(ClientTransport):
             self.req = None
             raise
         self.ring_bytes = capacity
-        self._control(Method.Attach, json.dumps({"req": self.req.name, "rsp": self.rsp.name, "capacity": capacity}))
+        self._control(Method.Attach, json.dumps({"req": self.req.name, "rsp": self.rsp.name, "capacity": capacity,
+                                                 "doorbell": self.doorbell}))
+        if self.doorbell == "shm":
+            self._bell_out, self._bell_in = BellOut(self.req), BellIn(self.rsp)
+            self._waiter = WordWaiter([self._bell_in.address], self.backoff)
+            precise_sleeps()
 
     # ---- calls
 
@@ -183,9 +212,15 @@ class ShmClient(ClientTransport):
         payload = protocol.encode(Doorbell(Method[method], seq, self.token, layer, op, pos, ring_end,
                                            tensors=tuple(descs)))
         stats.t_encoded = now_ns()
-        self._send(payload)
-        stats.t_sent = now_ns()
-        raw = self._recv()
+        if self._bell_out is not None:
+            if self._bell_out.post(payload, seq):   # the daemon sleeps on ZeroMQ: wake it
+                self._send(self._wake)
+            stats.t_sent = now_ns()
+            raw = self._await_bell(seq)
+        else:
+            self._send(payload)
+            stats.t_sent = now_ns()
+            raw = self._recv()
         stats.t_replied = now_ns()
         bell = self._decode_reply(raw, seq, self.rsp.capacity)
         if bell.method != Method[method]:
@@ -201,11 +236,39 @@ class ShmClient(ClientTransport):
         self._notify(stats)
         return Reply(out, stats, bell.text, release=lambda: self.rsp.consumer.release(entry))
 
+    def _await_bell(self, seq: int) -> bytes:
+        """The reply record of call `seq` from the response ring's doorbell. Waits spinning, then yielding,
+        then sleeping (native.Backoff); between slices it looks at the ZeroMQ socket, where only an Error can
+        come (the daemon dropped the session, or a restarted daemon never had it); --timeout bounds it all."""
+        start = now_ns()
+        limit = int(self.timeout * 1e9)
+        waited = 0
+        while True:
+            self._waiter.seen[0] = self._bell_in.seen
+            if self._waiter.wait(waited, WAIT_SLICE_NS) >= 0:
+                record = self._bell_in.take(seq)
+                if record is not None:
+                    return record
+            waited = now_ns() - start
+            if self._sock.poll(0, zmq.POLLIN):
+                self._refuse_socket_message(self._sock.recv(copy=True))
+            if waited > limit:
+                raise self._no_answer()
+
+    def _refuse_socket_message(self, raw: bytes) -> None:
+        """A message on the socket during a call rung through the ring: an Error (raised as PeerError), or
+        a protocol violation."""
+        bell = protocol.decode(raw, capacity=0)
+        _raise_if_error(bell, self.endpoint)
+        raise ProtocolError(f"the daemon sent a {bell.method.name} over ZeroMQ during a call whose doorbell "
+                            "is in shared memory")
+
     def _close_message(self) -> bytes | None:
         return protocol.encode(Doorbell(Method.Close, self._next_seq(), self.token)) if self.req else None
 
     def close(self) -> None:
         super().close()
+        self._bell_out = self._bell_in = self._waiter = None
         close_rings(self.req, self.rsp)
         self.req = self.rsp = None
 
@@ -231,6 +294,8 @@ class ShmServerSession(ServerSession):
         self.req: Ring | None = None
         self.rsp: Ring | None = None
         self.reply_timeout = reply_timeout
+        self.bell_in: BellIn | None = None    # --doorbell shm: requests rung in the request ring's header
+        self.bell_out: BellOut | None = None  # ... and replies in the response ring's
 
     def _attach(self, text: str) -> None:
         if self.req is not None:
@@ -243,6 +308,9 @@ class ShmServerSession(ServerSession):
             raise ProtocolError(f"Attach capacity {capacity!r}, expected a multiple of {PAGE_BYTES} up to {MAX_RING_BYTES}")
         req_name = check_segment_name(info.get("req"))
         rsp_name = check_segment_name(info.get("rsp"))
+        doorbell = info.get("doorbell", "zmq")
+        if doorbell not in DOORBELLS:
+            raise ProtocolError(f"Attach doorbell {printable(repr(doorbell), 40)}, expected one of {DOORBELLS}")
         self.req = Ring.attach(req_name, capacity, poison=settings.poison())
         try:
             self.rsp = Ring.attach(rsp_name, capacity, poison=settings.poison())
@@ -250,8 +318,12 @@ class ShmServerSession(ServerSession):
             close_rings(self.req)
             self.req = None
             raise
+        if doorbell == "shm":
+            self.bell_in, self.bell_out = BellIn(self.req), BellOut(self.rsp)
 
     def decode(self, payload: bytes) -> Request:
+        if protocol.peek_method(payload) == Method.Wake:
+            return self._wake(payload)
         capacity = self.req.capacity if self.req is not None else 0
         try:
             bell = protocol.decode(payload, capacity=capacity, token=self.token, expect_seq=self.expect_seq)
@@ -278,17 +350,46 @@ class ShmServerSession(ServerSession):
             release = lambda: self.req.consumer.release(entry)  # noqa: E731
         return Request(bell.method.name, bell.seq, bell.layer, bell.op, bell.pos, views, bell.text, release)
 
+    def _wake(self, payload: bytes) -> Request:
+        """A client that found us asleep on ZeroMQ: nothing to do but look at the ring (the server does)."""
+        bell = protocol.decode(payload, capacity=0, token=self.token, expect_seq=0)
+        if self.bell_in is None or bell.flags or bell.tensors or bell.text:
+            raise ProtocolError("Wake is a bare doorbell (seq 0, no tensors, no text) of a session whose "
+                                "doorbell is in shared memory")
+        return Request("Wake", 0, control=True, answer=False)
+
+    # ---- the shared-memory doorbell (server.py drives these)
+
+    def bell_address(self) -> int | None:
+        """The word a new request bell changes (None: this session rings over ZeroMQ)."""
+        return self.bell_in.address if self.bell_in is not None else None
+
+    def take_bell(self) -> bytes | None:
+        """The next request record if one was rung (a private copy), else None."""
+        return self.bell_in.take(self.expect_seq)
+
+    def post_reply(self, payload: bytes) -> None:
+        """Ring `payload` (a reply or an Error we encoded) in the response ring under its own seq, the one
+        the client waits for. The client never sleeps on ZeroMQ: no Wake to send."""
+        self.bell_out.post(payload, int.from_bytes(payload[8:16], "little"))
+
+    def sleep(self, asleep: bool) -> bool:
+        """Tell the client we sleep on ZeroMQ (or no longer); True if a request bell is waiting."""
+        return self.bell_in.sleep(asleep) if self.bell_in is not None else False
+
     def reply_builder(self) -> ShmReplyBuilder:
         return ShmReplyBuilder(self.rsp, self.reply_timeout)
 
     def encode_reply(self, request: Request, builder: ShmReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
         ring_end = self.rsp.producer.publish() if self.rsp is not None and not request.control else 0
+        descs = tuple(builder.descs) if builder else ()
+        if self.bell_out is not None:
+            text = fit_text(text, MAX_RECORD - protocol.encoded_size(len(descs)))
         return protocol.encode(Doorbell(Method[request.method], request.seq, self.token, ring_end=ring_end,
-                                        work_ns=work_ns, tensors=tuple(builder.descs) if builder else (),
-                                        text=text))
+                                        work_ns=work_ns, tensors=descs, text=text))
 
     def encode_error(self, seq: int, message: str) -> bytes:
-        return encode_error(self.token, seq, message)
+        return encode_error(self.token, seq, message, MAX_RECORD if self.bell_out is not None else None)
 
     def pinned_buffers(self) -> list:
         """Both ring mappings: a CUDA daemon registers them (cudaHostRegister) so copies are DMA."""
@@ -301,6 +402,7 @@ class ShmServerSession(ServerSession):
                 unlink_segment(ring.name)
 
     def close(self) -> None:
+        self.bell_in = self.bell_out = None
         close_rings(self.req, self.rsp)
         self.req = self.rsp = None
 

@@ -62,8 +62,14 @@ class ClientTransport:
     """A DEALER socket to the daemon plus the request/response encoding of one transport."""
 
     name = "?"
+    DOORBELLS = ("zmq",)  # how this transport can signal a call; the first is its default
 
-    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False, max_reply_bytes: int | None = None):
+    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False, max_reply_bytes: int | None = None,
+                 doorbell: str | None = None):
+        if doorbell is not None and doorbell not in self.DOORBELLS:
+            raise SetupError(f"--doorbell {doorbell}: the {self.name} transport rings over "
+                             f"{' or '.join(self.DOORBELLS)} (the shm doorbell needs --transport shm)")
+        self.doorbell = doorbell or self.DOORBELLS[0]
         self.endpoint = check_endpoint(endpoint, enclave=enclave)
         self.timeout = timeout
         self.enclave = enclave
@@ -163,9 +169,12 @@ class ClientTransport:
 
     def _recv(self) -> bytes:
         if not self._sock.poll(int(self.timeout * 1000), zmq.POLLIN):
-            raise PeerTimeout(f"the daemon at {self.endpoint} did not answer within {self.timeout:.0f} s "
-                              "(is it running? pass --timeout to wait longer)")
+            raise self._no_answer()
         return self._sock.recv(copy=True)
+
+    def _no_answer(self) -> PeerTimeout:
+        return PeerTimeout(f"the daemon at {self.endpoint} did not answer within {self.timeout:.0f} s "
+                           "(is it running? pass --timeout to wait longer)")
 
     def _notify(self, stats: CallStats) -> None:
         for observer in self.observers:
@@ -227,6 +236,7 @@ class Request:
     text: str = ""
     on_release: object = None  # callable: hands the request's ring space back to the client
     control: bool = False  # session control the transport acted on itself (shm's Attach): no handler
+    answer: bool = True    # False: nothing goes back (shm's Wake)
 
     def release(self) -> None:
         """The server is done with the request's memory; its views are gone from here on."""
@@ -271,6 +281,23 @@ class ServerSession:
     def pinned_buffers(self) -> list:
         """Mappings the compute device may register for DMA (cudaHostRegister): [] where there are none."""
         return []
+
+    # A transport whose doorbells can travel outside ZeroMQ (shm's ring headers) overrides these four.
+    def bell_address(self) -> int | None:
+        """The address of the word a new request's doorbell changes; None: requests come over ZeroMQ."""
+        return None
+
+    def take_bell(self) -> bytes | None:
+        """The next request rung outside ZeroMQ (a private copy), or None."""
+        return None
+
+    def post_reply(self, payload: bytes) -> None:
+        """Send the reply to a request that came through `take_bell` the same way."""
+        raise NotImplementedError
+
+    def sleep(self, asleep: bool) -> bool:
+        """The server blocks on ZeroMQ (or stops): tell the client; True if a request bell is waiting."""
+        return False
 
     def peer_died(self) -> None:
         """The client process is gone: remove what only it would have removed. close() follows."""

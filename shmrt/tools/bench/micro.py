@@ -1,5 +1,7 @@
-"""Micro suite: echo round trips of float32 tensors over each transport, next to the floor
-measured in the same run (two memcpys of the size + a 64-byte ZeroMQ round trip)."""
+"""Micro suite: echo round trips of float32 tensors over each transport and doorbell, next to the floors
+measured in the same run: two memcpys of the size plus a bare round trip of the same signalling (a
+64-byte ZeroMQ message for the ZeroMQ doorbell, a word ping-ponged through shared memory with the
+same waiting policy for the shared-memory doorbell)."""
 from __future__ import annotations
 
 import mmap
@@ -9,10 +11,15 @@ import torch
 import zmq
 
 from ...units import format_bytes
-from ...wire.native import MappedBuffer, now_ns
+from ...wire.native import Backoff, MappedBuffer, WordWaiter, now_ns, precise_sleeps
 from ...host.server import EchoHandler, Server
 from ...wire.peer import client_info
 from ...wire.registry import client_transport
+from ...wire.ring import OFF_HEAD, OFF_TAIL, Ring
+
+STOP = 1 << 62
+# record name -> (transport, doorbell); floors are "floor-zmq" and "floor-shm"
+ROUND_TRIPS = {"shm": ("shm", "shm"), "shm-zmqbell": ("shm", "zmq"), "msgpack": ("msgpack", "zmq")}
 
 
 def _serve_echo(endpoint: str) -> None:
@@ -25,6 +32,53 @@ def _serve_raw(endpoint: str) -> None:
     sock.bind(endpoint)
     while True:
         sock.send_multipart(sock.recv_multipart())
+
+
+def _serve_signal(name: str) -> None:
+    """The bare shared-memory signal: echo the head word into the tail word, waiting as bell.py does."""
+    precise_sleeps()
+    ring = Ring.attach(name, PAGE)
+    waiter = WordWaiter([ring.native.word_address(OFF_HEAD)], Backoff())
+    start = now_ns()
+    while True:
+        if waiter.wait(now_ns() - start, 1_000_000) >= 0:
+            value = ring.native.load(OFF_HEAD)
+            waiter.seen[0] = value
+            if value == STOP:
+                break
+            ring.native.store(OFF_TAIL, value)
+            start = now_ns()
+    ring.close()
+
+
+PAGE = 4096
+
+
+def _signal_rtt(ctx, repeats: int) -> list[float]:
+    ring = Ring.create(PAGE, "req")
+    proc = ctx.Process(target=_serve_signal, args=(ring.name,), daemon=True)
+    proc.start()
+    try:
+        precise_sleeps()
+        waiter = WordWaiter([ring.native.word_address(OFF_TAIL)], Backoff())
+        count = 0
+
+        def ping():
+            nonlocal count
+            count += 1
+            ring.native.store(OFF_HEAD, count)
+            start = now_ns()
+            while waiter.wait(now_ns() - start, 100_000_000) < 0:
+                if not proc.is_alive():
+                    raise RuntimeError("the signal echo process died")
+            waiter.seen[0] = count
+        return _time(ping, repeats, 50)
+    finally:
+        ring.native.store(OFF_HEAD, STOP)
+        proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+        ring.close()
 
 
 def record(transport: str, nbytes: int, samples: list[float]) -> dict:
@@ -67,16 +121,17 @@ def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None)
         def ping():
             sock.send(msg)
             sock.recv()
-        rtt = _time(ping, 500, 50)
+        rtt = {"floor-zmq": statistics.median(_time(ping, 500, 50))}
         sock.close()
+        rtt["floor-shm"] = statistics.median(_signal_rtt(ctx, 2000))
         ring_cap = max(sizes) * 2 + (1 << 20)
         transports = {}
-        for name in ("shm", "msgpack"):
-            t = client_transport(name, echo_ep, timeout=60)
+        for label, (name, doorbell) in ROUND_TRIPS.items():
+            t = client_transport(name, echo_ep, timeout=60, doorbell=doorbell)
             t.hello(client_info())
             t.open_session(ring_cap)
             t.call("Init").release()
-            transports[name] = t
+            transports[label] = t
         for i, nbytes in enumerate(sizes):
             n = _repeats_for(nbytes, repeats)
             x = torch.randn(nbytes // 4)
@@ -86,9 +141,8 @@ def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None)
             copy = _time(lambda: buf.copy_in(0, x), n, 3)
             buf.release()
             area.close()
-            rtt_median = statistics.median(rtt)
-            floor = [2 * c + rtt_median for c in copy]
-            records.append(record("floor", nbytes, floor))
+            for floor, signal in rtt.items():
+                records.append(record(floor, nbytes, [2 * c + signal for c in copy]))
             for name, t in transports.items():
                 def roundtrip(t=t):
                     t.call("Matmul", [x]).release()
@@ -104,11 +158,25 @@ def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None)
     return records
 
 
+MICRO_COLUMNS = ("floor-shm", "shm", "floor-zmq", "shm-zmqbell", "msgpack")
+
+
+def micro_rows(records: list[dict]) -> list[tuple]:
+    """Per size: the medians (s) in MICRO_COLUMNS order, then shm / floor-shm, shm-zmqbell / floor-zmq and
+    msgpack / shm."""
+    by = {(r["transport"], r["nbytes"]): r["median_s"] for r in records if r.get("suite", "micro") == "micro"}
+    rows = []
+    for n in sorted({k[1] for k in by}):
+        med = [by[(c, n)] for c in MICRO_COLUMNS]
+        rows.append((n, *med, med[1] / med[0], med[3] / med[2], med[4] / med[1]))
+    return rows
+
+
 def format_micro(records: list[dict]) -> str:
-    by = {(r["transport"], r["nbytes"]): r for r in records}
-    sizes = sorted({r["nbytes"] for r in records})
-    lines = [f"{'size':>10} {'floor ms':>10} {'shm ms':>10} {'msgpack ms':>11} {'msgpack/shm':>12} {'shm/floor':>10}"]
-    for n in sizes:
-        f, s, m = by[("floor", n)]["median_s"], by[("shm", n)]["median_s"], by[("msgpack", n)]["median_s"]
-        lines.append(f"{format_bytes(n):>10} {f * 1e3:>10.3f} {s * 1e3:>10.3f} {m * 1e3:>11.3f} {m / s:>11.1f}x {s / f:>9.2f}x")
+    lines = [f"{'size':>10} " + " ".join(f"{c + ' us':>15}" for c in MICRO_COLUMNS)
+             + f" {'shm/floor':>10} {'zmqbell/floor':>14} {'msgpack/shm':>12}"]
+    for n, *vals in micro_rows(records):
+        med, ratios = vals[:5], vals[5:]
+        lines.append(f"{format_bytes(n):>10} " + " ".join(f"{v * 1e6:>15.1f}" for v in med)
+                     + f" {ratios[0]:>9.2f}x {ratios[1]:>13.2f}x {ratios[2]:>11.1f}x")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from ...units import format_bytes, mib
 from ...host.daemon import COMPUTE_DTYPES
 from ..breakdown import STAGES
 from .e2e import configurations, measure_floor, measure_transport
+from .micro import MICRO_COLUMNS, micro_rows
 
 
 def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
@@ -87,13 +88,14 @@ def _e2e_table(records: list[dict]) -> list[str]:
 
 
 def _micro_table(records: list[dict]) -> list[str]:
-    micro = {(r["transport"], r["nbytes"]): r for r in records if r["suite"] == "micro"}
-    if not micro:
+    rows = micro_rows([r for r in records if r["suite"] == "micro"])
+    if not rows:
         return []
-    lines = ["| size | floor ms | shm ms | msgpack ms | msgpack / shm | shm / floor |", "|---|---|---|---|---|---|"]
-    for n in sorted({k[1] for k in micro}):
-        f, s, m = (micro[(t, n)]["median_s"] for t in ("floor", "shm", "msgpack"))
-        lines.append(f"| {format_bytes(n)} | {f * 1e3:.3f} | {s * 1e3:.3f} | {m * 1e3:.3f} | {m / s:.1f}x | {s / f:.2f}x |")
+    lines = ["| size | " + " | ".join(f"{c} us" for c in MICRO_COLUMNS) + " | shm / floor-shm | shm-zmqbell / floor-zmq "
+             "| msgpack / shm |", "|---" * (len(MICRO_COLUMNS) + 4) + "|"]
+    for n, *vals in rows:
+        lines.append(f"| {format_bytes(n)} | " + " | ".join(f"{v * 1e6:.1f}" for v in vals[:5])
+                     + f" | {vals[5]:.2f}x | {vals[6]:.2f}x | {vals[7]:.1f}x |")
     return lines
 
 
@@ -103,7 +105,10 @@ def write_results(records: list[dict], out: pathlib.Path, machine: str) -> None:
     micro = _micro_table(records)
     if micro:
         lines += ["## micro: echo round trip of one float32 tensor (median)", "",
-                  "floor = two memcpys of the size (C helper) + a 64-byte ZeroMQ round trip, same run.", ""] + micro + [""]
+                  "shm: tensors in the rings, doorbell in shared memory; shm-zmqbell: the same rings, a ZeroMQ "
+                  "doorbell per call. floor-shm / floor-zmq = two memcpys of the size (C helper) plus a bare round "
+                  "trip of that signalling (a word through shared memory / a 64-byte ZeroMQ message), same run.",
+                  ""] + micro + [""]
     if any(r["suite"] == "e2e" for r in records):
         e2e = [r for r in records if r["suite"] == "e2e"]
         lines += [f"## e2e: {e2e[0]['model']} on {e2e[0]['device']} ({e2e[0]['dtype']})", "",
