@@ -24,8 +24,8 @@ def test_bench_all_writes_complete_consistent_records_tables_plots_and_readable_
     records = json.loads((out / "results.json").read_text())
 
     micro = [r for r in records if r["suite"] == "micro"]
-    assert {(r["transport"], r["nbytes"]) for r in micro} == set(itertools.product(("floor", "shm", "msgpack"),
-                                                                                    (4096, 65536)))
+    kinds = ("floor-shm", "shm", "floor-zmq", "shm-zmqbell", "msgpack")   # each doorbell beside its own floor
+    assert {(r["transport"], r["nbytes"]) for r in micro} == set(itertools.product(kinds, (4096, 65536)))
     for r in micro:
         assert MICRO_KEYS <= r.keys() and r["repeats"] >= 20 and 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"]
 
@@ -55,6 +55,7 @@ def test_bench_all_writes_complete_consistent_records_tables_plots_and_readable_
 
     table = (out / "results.md").read_text()
     assert "shm vs msgpack" in table and table.count("\n| 8 |") >= len(configs)
+    assert "per decoded token (ms)" in table
     assert (out / "e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for log in sorted(out.glob("*.log")):  # each run's log reads back with every call it made
         report = subprocess.run([sys.executable, "-m", "shmrt", "analyze", str(log), "--json"],

@@ -24,7 +24,8 @@ def add_bench_args(p) -> None:
     p.add_argument("--layers", type=int)
     p.add_argument("--prompts", default="128,1024", help="e2e: prefill lengths")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--transports", default="msgpack,shm")
+    p.add_argument("--transports", default="msgpack,shm",
+                   help="e2e: msgpack, shm (doorbell in shared memory) and/or shm-zmqbell (shm rings, a ZeroMQ doorbell)")
     p.add_argument("--wire-dtypes", default="float32,bfloat16")
     p.add_argument("--kv-caches", default="daemon,client")
     p.add_argument("--calls", default="fused", choices=["fused", "v2.4"],

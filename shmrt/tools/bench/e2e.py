@@ -47,12 +47,17 @@ def _rounds(model, ids, new: int, repeats: int, on_phase=None) -> list:
     return [generate(model, ids, new + 1, Sampler(), warmup if i == 0 else on_phase) for i in range(repeats + 1)][1:]
 
 
-def measure_transport(endpoint: str, source, transport: str, wire: str, kv: str, prompt: int, new: int, repeats: int,
+# The bench's transport labels: (transport, doorbell).
+TRANSPORT_LABELS = {"msgpack": ("msgpack", "zmq"), "shm": ("shm", "shm"), "shm-zmqbell": ("shm", "zmq")}
+
+
+def measure_transport(endpoint: str, source, label: str, wire: str, kv: str, prompt: int, new: int, repeats: int,
                       log_path: str, calls: str = "fused") -> list[dict]:
+    transport, doorbell = TRANSPORT_LABELS[label]
     ids = torch.randint(0, source.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     with EnclaveClient(endpoint=endpoint, model=source, transport=transport, wire_dtype=wire, kv_cache=kv, timeout=600,
                        log_path=log_path, prompt_tokens=prompt, total_tokens=prompt + new + 1,
-                       run_info={"bench": True}, calls=calls) as c, torch.inference_mode():
+                       run_info={"bench": True}, calls=calls, doorbell=doorbell) as c, torch.inference_mode():
         _rounds(c.model, ids, new, repeats, c.perflog.on_phase)
     phases = sidecar_phases(log_path + ".jsonl")
     return [_median_by([p for p in phases if p["phase"] == ph], "wall_s") | {

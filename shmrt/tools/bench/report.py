@@ -12,7 +12,8 @@ from ...model.checkpoint import resolve_model
 from ...units import format_bytes, mib
 from ...host.daemon import COMPUTE_DTYPES
 from ..breakdown import STAGES
-from .e2e import configurations, measure_floor, measure_transport
+from ...errors import ShmrtError
+from .e2e import TRANSPORT_LABELS, configurations, measure_floor, measure_transport
 from .micro import MICRO_COLUMNS, micro_rows
 
 
@@ -23,8 +24,11 @@ def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
     new = 4 if quick else args.new_tokens
     repeats = max(args.repeats or 3, 3)
     source = resolve_model(model, args.layers)
-    configs = configurations(prompts, args.transports.split(","), args.wire_dtypes.split(","),
-                             args.kv_caches.split(","))
+    transports = args.transports.split(",")
+    unknown = [t for t in transports if t not in TRANSPORT_LABELS]
+    if unknown:
+        raise ShmrtError(f"--transports {','.join(unknown)}: expected some of {','.join(TRANSPORT_LABELS)}")
+    configs = configurations(prompts, transports, args.wire_dtypes.split(","), args.kv_caches.split(","))
     endpoint = f"ipc://{settings.runtime_dir() / f'bench-e2e-{os.getpid()}.sock'}"
     records = []
     common = {"suite": "e2e", "machine": machine, "model": model, "device": args.device, "dtype": args.dtype,
@@ -73,17 +77,29 @@ def _e2e_table(records: list[dict]) -> list[str]:
                      f"{r.get('enclave_s', 0):.4f} | {r.get('daemon_s', 0):.4f} | {r['floor_s']:.4f} | "
                      f"{r['median_s'] / r['floor_s']:.2f} | {r['calls']} | {mib(r['sent_bytes']):.1f} | "
                      f"{mib(r['recv_bytes']):.1f} |")
-    lines += ["", "shm vs msgpack (same configuration, same run):", "",
-              "| S | phase | wire | kv | msgpack s | shm s | shm speedup | shm x floor | ms/token (shm) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "per decoded token (ms): enclave math between calls, then the transport's stages, and the daemon's "
+              "work (from the sidecar):", "",
+              "| S | transport | wire | kv | ms/token | enclave | encode | doorbell | wait | decode | daemon | floor |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["phase"] == "decode" and r["transport"] != "floor"), key=key):
+        n = 1e3 / max(r["tokens"], 1)
+        lines.append(f"| {r['prompt']} | {r['transport']} | {r['wire_dtype']} | {r['kv_cache']} | {r['median_s'] * n:.2f} | "
+                     f"{r.get('enclave_s', 0) * n:.2f} | " + " | ".join(f"{r.get(f'stage_{st}_s', 0) * n:.2f}" for st in STAGES)
+                     + f" | {r.get('daemon_s', 0) * n:.2f} | {r['floor_s'] * n:.2f} |")
     index = {(r["prompt"], r["phase"], r["wire_dtype"], r["kv_cache"], r["transport"]): r for r in rows}
-    for (p, ph, w, k, t), r in sorted(index.items()):
-        if t != "shm" or (p, ph, w, k, "msgpack") not in index:
+    for base in ("msgpack", "shm-zmqbell"):
+        pairs = [(key, r) for key, r in sorted(index.items()) if key[4] == "shm" and key[:4] + (base,) in index]
+        if not pairs:
             continue
-        m = index[(p, ph, w, k, "msgpack")]
-        per_tok = 1e3 * r["median_s"] / max(r["tokens"], 1)
-        lines.append(f"| {p} | {ph} | {w} | {k} | {m['median_s']:.4f} | {r['median_s']:.4f} | "
-                     f"{m['median_s'] / r['median_s']:.1f}x | {r['median_s'] / r['floor_s']:.2f} | {per_tok:.2f} |")
+        lines += ["", f"shm vs {base} (same configuration, same run):", "",
+                  f"| S | phase | wire | kv | {base} s | shm s | shm speedup | shm x floor | ms/token ({base}) "
+                  "| ms/token (shm) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for (p, ph, w, k, _), r in pairs:
+            m = index[(p, ph, w, k, base)]
+            n = max(r["tokens"], 1)
+            lines.append(f"| {p} | {ph} | {w} | {k} | {m['median_s']:.4f} | {r['median_s']:.4f} | "
+                         f"{m['median_s'] / r['median_s']:.2f}x | {r['median_s'] / r['floor_s']:.2f} | "
+                         f"{1e3 * m['median_s'] / n:.2f} | {1e3 * r['median_s'] / n:.2f} |")
     return lines
 
 
