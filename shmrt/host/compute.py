@@ -1,10 +1,11 @@
 """The daemon's linear algebra: embedding, projections, Q*K^T and P*V (with an optional K/V
 cache per session), LM head. Inputs are CPU tensors (possibly views on a ring, valid only until the
 request is released); outputs are tensors on the compute device. Anything kept past the request
-(the K/V cache) goes through `keep()`, the one place that makes an owned copy on the device: on a CPU
-daemon `.to(device)` is a no-op, and a cache that aliased the ring was overwritten as soon as the ring
-wrapped (every token after the first was wrong on real models). Argument checks raise ModelError/ProtocolError, never a
-device-side assert: ids are copied out of shared memory first, then range-checked.
+(the K/V cache) goes through `keep()`, the one place that copies request bytes into memory the daemon
+owns on the device. (Round 1 kept the view itself: on a CPU daemon `.to(device)` is a no-op, and a cache
+that aliased the ring was overwritten as soon as the ring wrapped; every token after the first was wrong
+on real models.) Argument checks raise ModelError/ProtocolError, never a device-side assert: ids are
+copied out of shared memory first, then range-checked.
 
 Every op checks the size of its result *before* computing it (`max_elements`: what the reply can
 carry). A request is bounded by the request ring, but a result need not be: an inner dimension of 0
@@ -32,52 +33,87 @@ def check_result_fits(shape, max_elements: int | None, what: str) -> None:
                              f"carry ({max_elements}): the client needs a larger --ring-mib (shm) or SHMRT_MAX_REPLY_MIB (msgpack)")
 
 
-def keep(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """An owned copy of request memory on the compute device: the only way bytes outlive a request."""
-    return view.to(device=device, dtype=dtype, copy=True)
+def keep(view: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """Copy request memory into `into`, memory the daemon owns on the compute device: the only way bytes
+    outlive a request. Non-blocking on CUDA (DMA from the registered ring): the handler waits for the
+    device once per call, before the request is released."""
+    return into.copy_(view, non_blocking=True)
 
 
 CACHES = ("k", "v")
 
 
 class KVStore:
-    """K and V rows per layer for one session, on the compute device: [B, Hkv, T, hd]."""
+    """K and V rows per layer for one session, on the compute device.
+
+    Each layer's K (and V) lives in one owned buffer [B, Hkv, capacity, hd] whose first `filled` rows
+    hold positions 0..filled-1; a decode step's rows are a slice copy into it (`keep`), and the buffer
+    doubles when full, so a step costs its own rows, not the whole cache. `bytes` is what the buffers
+    take (their capacity), checked against the session's quota before anything is allocated; no buffer
+    grows past its share of the quota (quota / layers / 2) unless the rows it must hold need it, so
+    headroom in one layer never makes another layer's rows not fit.
+    """
 
     def __init__(self, cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, max_bytes: int | None = None):
         layers = cfg.num_hidden_layers
         self.device, self.dtype = device, dtype
-        self.k: list[torch.Tensor | None] = [None] * layers
-        self.v: list[torch.Tensor | None] = [None] * layers
+        self.buffers: dict[str, list[torch.Tensor | None]] = {w: [None] * layers for w in CACHES}
+        self.filled: dict[str, list[int]] = {w: [0] * layers for w in CACHES}
         self.max_positions = cfg.max_position_embeddings
         self.heads_and_dim = (cfg.num_key_value_heads, cfg.head_dim)
         self.max_bytes = max_bytes  # the session's quota (a client chooses its batch and ring size)
         self.bytes = 0
 
     def append(self, layer: int, which: str, rows: torch.Tensor, pos: int) -> torch.Tensor:
-        """Store `rows` (a request view) at `pos` of layer `layer`'s K or V; returns all rows so far."""
-        store = self.k if which == "k" else self.v
-        if not 0 <= layer < len(store):
-            raise ProtocolError(f"layer {layer} out of range [0, {len(store)})")
-        have = 0 if store[layer] is None or pos == 0 else store[layer].shape[2]
+        """Store `rows` (a request view) at `pos` of layer `layer`'s K or V; returns all rows so far (a view
+        on the owned buffer, valid until the next append to it)."""
+        filled = self.filled[which]
+        if not 0 <= layer < len(filled):
+            raise ProtocolError(f"layer {layer} out of range [0, {len(filled)})")
+        have = 0 if pos == 0 else filled[layer]  # pos 0 restarts the layer
         if pos != have:
             raise ProtocolError(f"{which.upper()} cache of layer {layer} holds {have} positions, request says pos {pos}")
         if (rows.shape[1], rows.shape[3]) != self.heads_and_dim:
             raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} are not [B, {self.heads_and_dim[0]}, S, "
                                 f"{self.heads_and_dim[1]}] (KV heads, head dim of this model)")
-        if pos + rows.shape[2] > self.max_positions:
-            raise ModelError(f"sequence would reach {pos + rows.shape[2]} positions, the model allows {self.max_positions}")
-        if have and store[layer].shape[:2] + store[layer].shape[3:] != rows.shape[:2] + rows.shape[3:]:
-            raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} do not match the cache {tuple(store[layer].shape)}")
-        old = 0 if store[layer] is None else store[layer].numel() * store[layer].element_size()
-        new = (old if have else 0) + rows.numel() * rows.element_size()  # pos 0 restarts the layer
-        if self.max_bytes is not None and self.bytes - old + new > self.max_bytes:
-            raise ModelError(f"this session's K/V cache would reach {(self.bytes - old + new) / 2**20:.2f} MiB, more "
-                             f"than the daemon allows per session ({self.max_bytes / 2**20:.2f} MiB, --max-kv-mib): "
-                             "use a shorter sequence or batch, or raise --max-kv-mib on the daemon")
-        rows = keep(rows, self.device, self.dtype)
-        store[layer] = rows if not have else torch.cat([store[layer], rows], dim=2)
-        self.bytes += new - old
-        return store[layer]
+        total = pos + rows.shape[2]
+        if total > self.max_positions:
+            raise ModelError(f"sequence would reach {total} positions, the model allows {self.max_positions}")
+        buffer = self.buffers[which][layer]
+        if have and buffer.shape[0] != rows.shape[0]:
+            raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} do not match the cache "
+                                f"{tuple(buffer[:, :, :have].shape)}")
+        buffer = self._reserve(layer, which, rows, total)
+        keep(rows, buffer[:, :, pos:total])
+        filled[layer] = total
+        return buffer[:, :, :total]
+
+    def _reserve(self, layer: int, which: str, rows: torch.Tensor, total: int) -> torch.Tensor:
+        """Layer `layer`'s buffer for `which` with room for `total` rows of `rows`' batch: the one it has, or
+        a larger one (quota checked first) that holds the rows kept so far (the `total - S` before `rows`)."""
+        buffer = self.buffers[which][layer]
+        batch, (heads, dim) = rows.shape[0], self.heads_and_dim
+        if buffer is not None and buffer.shape[0] == batch and buffer.shape[2] >= total:
+            return buffer
+        old_bytes = 0 if buffer is None else buffer.numel() * buffer.element_size()
+        capacity = 0 if buffer is None or buffer.shape[0] != batch else buffer.shape[2]
+        row_bytes = batch * heads * dim * self.dtype.itemsize
+        limit = self.max_positions
+        if self.max_bytes is not None and row_bytes:
+            others = self.bytes - old_bytes
+            if others + total * row_bytes > self.max_bytes:
+                raise ModelError(f"this session's K/V cache would reach {(others + total * row_bytes) / 2**20:.2f} MiB, "
+                                 f"more than the daemon allows per session ({self.max_bytes / 2**20:.2f} MiB, "
+                                 "--max-kv-mib): use a shorter sequence or batch, or raise --max-kv-mib on the daemon")
+            share = self.max_bytes // (2 * len(self.filled[which]) * row_bytes)
+            limit = min(limit, (self.max_bytes - others) // row_bytes, max(share, total))
+        grown = torch.empty((batch, heads, min(max(total, 2 * capacity), limit), dim), device=self.device, dtype=self.dtype)
+        kept = total - rows.shape[2]
+        if kept:  # owned rows into the larger owned buffer (device to device)
+            grown[:, :, :kept] = buffer[:, :, :kept]
+        self.buffers[which][layer] = grown
+        self.bytes += grown.numel() * grown.element_size() - old_bytes
+        return grown
 
 
 class LinearCompute:
