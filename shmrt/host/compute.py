@@ -137,7 +137,10 @@ class LinearCompute:
             raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): min {int(ids.min())}, max {int(ids.max())}")
         return torch.nn.functional.embedding(ids.to(self.device), self.w.embed)
 
-    def linear(self, layer: int, names: list[str], x: torch.Tensor, max_elements: int | None = None) -> list[torch.Tensor]:
+    def linear(self, layer: int, names: list[str], x: torch.Tensor, max_elements: int | None = None,
+               dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """x @ W^T for each projection in `names`, one product where they are one fused weight; results in
+        `dtype` (default: the compute dtype), converted once before they are split."""
         if not 0 <= layer < self.cfg.num_hidden_layers:
             raise ProtocolError(f"layer {layer} out of range [0, {self.cfg.num_hidden_layers})")
         cols = self.cols[names[0]]
@@ -147,9 +150,9 @@ class LinearCompute:
         xd = self._in(x)
         weight = self.w.projection(layer, names)
         if weight is not None:
-            y = xd @ weight.t()
+            y = (xd @ weight.t()).to(dtype or self.dtype)
             return list(torch.split(y, [self.rows[n] for n in names], dim=-1))
-        return [xd @ self.w.projection(layer, [n]).t() for n in names]
+        return [(xd @ self.w.projection(layer, [n]).t()).to(dtype or self.dtype) for n in names]
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, *, transpose_b: bool, cache: str | None = None,
                layer: int = -1, pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:

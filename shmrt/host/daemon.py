@@ -95,12 +95,25 @@ class ModelHandler(Handler):
             raise ProtocolError(f"wire_dtype {wire} is not a floating type")
         return ModelSession(wire, pinned_buffers)
 
+    def handle(self, request: Request, builder: ReplyBuilder, session: ModelSession) -> str:
+        """The dispatcher's work, then on CUDA one wait for the device, also when the call failed.
+
+        Every copy of the call is queued non-blocking: request views -> device (DMA from the registered
+        request ring), device -> reply buffers (DMA into the response ring). The server releases the
+        request (the client may overwrite it) and publishes the reply as soon as this returns, so no DMA
+        may still be reading the one or writing the other by then: one synchronize per call, not one per
+        result."""
+        try:
+            return super().handle(request, builder, session)
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize(self.c.device)
+
     @staticmethod
     def _put(builder: ReplyBuilder, result: torch.Tensor, dtype: torch.dtype) -> None:
-        """Write a result into the reply. The copy is blocking: once every result is in, the device work
-        (and the DMA from the request ring that fed it) is done, so the request can be released."""
-        result = result.to(dtype)  # on the device, so the copy below is a plain DMA
-        builder.alloc(result.shape, dtype).copy_(result)
+        """Queue a result's copy into the reply, converted to `dtype` (on the device, then a DMA; on CPU one
+        converting copy). Non-blocking: `handle` waits for the device before the reply is published."""
+        builder.alloc(result.shape, dtype).copy_(result, non_blocking=True)
 
     @staticmethod
     def _room(builder: ReplyBuilder, dtype: torch.dtype) -> int:
@@ -120,7 +133,7 @@ class ModelHandler(Handler):
 
     def _batch_linear(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         names = projection_names(request.op)
-        for y in self.c.linear(request.layer, names, request.tensors[0], self._room(builder, s.wire)):
+        for y in self.c.linear(request.layer, names, request.tensors[0], self._room(builder, s.wire), dtype=s.wire):
             self._put(builder, y, s.wire)
 
     def _matmul(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
