@@ -138,3 +138,23 @@ def test_cached_products_use_every_row_kept_so_far(compute):
     compute.matmul(q, keys[:, :, :5], transpose_b=True, cache="k", layer=0, pos=0, kv=kv)
     scores = compute.matmul(q, keys[:, :, 5:], transpose_b=True, cache="k", layer=0, pos=5, kv=kv)
     assert torch.allclose(scores, q @ keys.transpose(-1, -2), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_attention_output_is_p_times_v_then_o_proj(compute, S):
+    """P*V with the query heads of a KV group stacked along rows, the heads laid side by side, o_proj."""
+    cfg, g = compute.cfg, compute.cfg.num_attention_heads // compute.cfg.num_key_value_heads
+    gen = torch.Generator().manual_seed(S)
+    T = 4 + S
+    p = torch.softmax(torch.randn(2, 2, g * S, T, generator=gen), -1)
+    v = torch.randn(2, 2, T, 16, generator=gen)
+    kv = compute.new_kv_store()
+    compute.attention_output(p[..., :4], v[:, :, :4], layer=1, cache="v", pos=0, kv=kv)  # only its cache counts
+    got = compute.attention_output(p, v[:, :, 4:], layer=1, cache="v", pos=4, kv=kv)
+    heads = (p.view(2, 2, g, S, T) @ v.unsqueeze(2)).reshape(2, cfg.num_attention_heads, S, 16)  # [B, H, S, hd]
+    ctx = heads.transpose(1, 2).reshape(2, S, cfg.num_attention_heads * 16)
+    expect = ctx @ compute.w.projection(1, ["o_proj"]).t()
+    assert got.shape == (2, S, cfg.hidden_size) and torch.allclose(got, expect, rtol=0, atol=1e-5)
+    assert torch.allclose(compute.attention_output(p, v, layer=1), expect, rtol=0, atol=1e-5)  # no cache
+    with pytest.raises(ProtocolError, match=r"AttentionOutput: layer 2 out of range \[0, 2\)"):
+        compute.attention_output(p, v, layer=2)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..model.config import LlamaConfig
 from ..errors import ModelError, ProtocolError, TensorTooLarge
@@ -124,35 +125,45 @@ class LinearCompute:
         self.dtype = dtype
         self.rows = projection_rows(self.cfg)
         self.cols = projection_cols(self.cfg)
+        self._on_cpu = self.device.type == "cpu"
+        self._o_proj = [w for (w,) in weights.projections(("o_proj",))]
 
     def _in(self, t: torch.Tensor) -> torch.Tensor:
+        if self._on_cpu and t.dtype == self.dtype:  # request tensors are CPU tensors: nothing to move
+            return t
         return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    def _layer(self, layer: int, what: str) -> None:
+        if not 0 <= layer < self.cfg.num_hidden_layers:
+            raise ProtocolError(f"{what}: layer {layer} out of range [0, {self.cfg.num_hidden_layers})")
 
     def embedding(self, ids: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
             raise ProtocolError(f"Embedding expects int64 ids [B, S], got {ids.dtype} {tuple(ids.shape)}")
         check_result_fits((*ids.shape, self.cfg.hidden_size), max_elements, "Embedding")
         ids = ids.to(torch.int64, copy=True)  # private copy first, then validate (no double fetch)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-            raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): min {int(ids.min())}, max {int(ids.max())}")
-        return torch.nn.functional.embedding(ids.to(self.device), self.w.embed)
+        if ids.numel():
+            low, high = (int(v) for v in torch.aminmax(ids))
+            if low < 0 or high >= self.cfg.vocab_size:
+                raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): min {low}, max {high}")
+        return F.embedding(ids if self._on_cpu else ids.to(self.device), self.w.embed)
 
-    def linear(self, layer: int, names: list[str], x: torch.Tensor, max_elements: int | None = None,
+    def linear(self, layer: int, names: list[str] | tuple[str, ...], x: torch.Tensor, max_elements: int | None = None,
                dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """x @ W^T for each projection in `names`, one product where they are one fused weight; results in
         `dtype` (default: the compute dtype), converted once before they are split."""
-        if not 0 <= layer < self.cfg.num_hidden_layers:
-            raise ProtocolError(f"layer {layer} out of range [0, {self.cfg.num_hidden_layers})")
+        self._layer(layer, "BatchLinear")
         cols = self.cols[names[0]]
         if any(self.cols[n] != cols for n in names) or x.dim() != 3 or x.shape[-1] != cols:
-            raise ProtocolError(f"BatchLinear {names} expects input [B, S, {cols}], got {tuple(x.shape)}")
-        check_result_fits((*x.shape[:2], sum(self.rows[n] for n in names)), max_elements, "BatchLinear")
+            raise ProtocolError(f"BatchLinear {list(names)} expects input [B, S, {cols}], got {tuple(x.shape)}")
+        rows = [self.rows[n] for n in names]
+        check_result_fits((x.shape[0], x.shape[1], sum(rows)), max_elements, "BatchLinear")
         xd = self._in(x)
-        weight = self.w.projection(layer, names)
-        if weight is not None:
-            y = (xd @ weight.t()).to(dtype or self.dtype)
-            return list(torch.split(y, [self.rows[n] for n in names], dim=-1))
-        return [(xd @ self.w.projection(layer, [n]).t()).to(dtype or self.dtype) for n in names]
+        dtype = dtype or self.dtype
+        weights = self.w.projections(tuple(names))[layer]
+        ys = [F.linear(xd, w) for w in weights]
+        ys = [y if y.dtype == dtype else y.to(dtype) for y in ys]
+        return list(ys[0].split_with_sizes(rows, -1)) if len(ys) < len(rows) else ys
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, *, transpose_b: bool, cache: str | None = None,
                layer: int = -1, pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:
@@ -191,18 +202,21 @@ class LinearCompute:
         H, Hkv, hd = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
         if p.dim() != 4 or p.shape[1] != Hkv or p.shape[2] % (H // Hkv):
             raise ProtocolError(f"AttentionOutput expects P [B, {Hkv}, {H // Hkv}*S, T], got {tuple(p.shape)}")
+        self._layer(layer, "AttentionOutput")
         B, S = p.shape[0], p.shape[2] // (H // Hkv)
         check_result_fits((B, S, self.cfg.hidden_size), max_elements, "AttentionOutput")
         ctx = self.matmul(p, v, transpose_b=False, cache=cache, layer=layer, pos=pos, kv=kv)   # [B, Hkv, g*S, hd]
-        ctx = ctx.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd).to(self.dtype)
-        return ctx @ self.w.projection(layer, ["o_proj"]).t()
+        # [B, H, S, hd] -> [B, S, H*hd]; with one row (decode) the transpose moves a size-1 dim: a view
+        ctx = ctx.view(B, S, H * hd) if S == 1 else ctx.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd)
+        return F.linear(ctx if ctx.dtype == self.dtype else ctx.to(self.dtype), self._o_proj[layer])
 
     def lm_head(self, x: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
         D = self.cfg.hidden_size
         if x.dim() not in (2, 3) or x.shape[-1] != D or (x.dim() == 3 and x.shape[1] != 1):
             raise ProtocolError(f"LMHead expects [B, 1, {D}] or [B, {D}], got {tuple(x.shape)}")
         check_result_fits((x.shape[0], self.cfg.vocab_size), max_elements, "LMHead")
-        return (self._in(x.reshape(x.shape[0], D)) @ self.w.lm_head.t()).float()
+        logits = F.linear(self._in(x.reshape(x.shape[0], D)), self.w.lm_head)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def new_kv_store(self, max_bytes: int | None = None) -> KVStore:
         return KVStore(self.cfg, self.device, self.dtype, max_bytes)

@@ -82,6 +82,7 @@ class ModelHandler(Handler):
         self.log = log
         self.cuda = compute.device.type == "cuda"
         self.max_kv_bytes = max_kv_bytes if max_kv_bytes is not None else default_kv_quota(compute.device)
+        self._projections: dict[int, tuple[str, ...]] = {}  # BatchLinear op bits -> projection names
 
     def hello(self) -> dict:
         # The client computes with nothing of this: it checks `digest` against its own copy of the model
@@ -132,7 +133,9 @@ class ModelHandler(Handler):
         self._put(builder, self.c.embedding(request.tensors[0], self._room(builder, s.wire)), s.wire)
 
     def _batch_linear(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
-        names = projection_names(request.op)
+        names = self._projections.get(request.op)
+        if names is None:  # unknown bits raise here, so at most one entry per subset of the 7 projections
+            names = self._projections[request.op] = tuple(projection_names(request.op))
         for y in self.c.linear(request.layer, names, request.tensors[0], self._room(builder, s.wire), dtype=s.wire):
             self._put(builder, y, s.wire)
 

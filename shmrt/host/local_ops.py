@@ -20,7 +20,7 @@ class LocalOps:
         self._pending: PendingRequest | None = None
 
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.wire_dtype) if t.is_floating_point() else t
+        return t.to(self.wire_dtype) if t.is_floating_point() and t.dtype != self.wire_dtype else t
 
     def _alloc(self, shape, dtype):
         # Pinned (and reused by torch's caching host allocator) on CUDA: the floor moves bytes to and
@@ -36,7 +36,7 @@ class LocalOps:
             self._pending.seal()
             self._pending = None
         dtype = dtype or self.wire_dtype
-        out = [t.to(dtype) if t.device.type == "cpu" else
+        out = [(t if t.dtype == dtype else t.to(dtype)) if t.device.type == "cpu" else
                torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
         if self.pinned:  # as the daemon's handler: every copy of the call queued, then one wait for the device
             torch.cuda.synchronize(self.c.device)
