@@ -44,9 +44,8 @@ class ArenaBuilder:
         return self.arena[start:self.used].view(dtype).view(shape)
 
 
-def decode_requests(cfg, wire: torch.dtype, layer: int, pos: int, x: dict) -> dict[str, Request]:
+def decode_requests(layer: int, pos: int, x: dict) -> dict[str, Request]:
     """One decode step's requests for one layer, by method label (inputs drawn once, reused)."""
-    Hkv, g, hd = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
     return {
         "Embedding": Request("Embedding", 0, tensors=[x["ids"]]),
         "BatchLinear qkv": Request("BatchLinear", 0, layer, projection_bits(QKV), tensors=[x["h"]]),
@@ -88,12 +87,12 @@ def bench_handler(compute: LinearCompute, wire: torch.dtype, context: int, steps
     for step in range(warmup + steps):
         pos = context + step
         for layer in range(cfg.num_hidden_layers):
-            for method, request in decode_requests(cfg, wire, layer, pos, x).items():
-                t0 = time.perf_counter_ns()
+            for method, request in decode_requests(layer, pos, x).items():
+                c0, t0 = time.process_time_ns(), time.perf_counter_ns()
                 handler.handle(request, ArenaBuilder(arena), session)
-                dt = time.perf_counter_ns() - t0
+                t1, c1 = time.perf_counter_ns(), time.process_time_ns()
                 if step >= warmup:
-                    times[method].append(dt / 1e3)
+                    times[method].append(((t1 - t0) / 1e3, (c1 - c0) / 1e3))
     return times
 
 
@@ -124,17 +123,23 @@ def bench_floor(compute: LinearCompute, wire: torch.dtype, context: int, steps: 
         pos = context + step
         for layer in range(cfg.num_hidden_layers):
             for method, call in calls.items():
-                t0 = time.perf_counter_ns()
+                c0, t0 = time.process_time_ns(), time.perf_counter_ns()
                 call(layer, pos)
-                dt = time.perf_counter_ns() - t0
+                t1, c1 = time.perf_counter_ns(), time.process_time_ns()
                 if step >= warmup:
-                    times[method].append(dt / 1e3)
+                    times[method].append(((t1 - t0) / 1e3, (c1 - c0) / 1e3))
     return times
 
 
 def summary(times: dict) -> dict:
-    return {m: {"median_us": statistics.median(t), "p10_us": sorted(t)[len(t) // 10],
-                "p90_us": sorted(t)[len(t) * 9 // 10], "n": len(t)} for m, t in times.items()}
+    """Per method: median and spread of the wall time, and the median CPU time of the process (all its
+    threads; on a shared machine less disturbed by other processes than the wall time)."""
+    out = {}
+    for m, samples in times.items():
+        wall, cpu = sorted(w for w, _ in samples), sorted(c for _, c in samples)
+        out[m] = {"median_us": statistics.median(wall), "p10_us": wall[len(wall) // 10],
+                  "p90_us": wall[len(wall) * 9 // 10], "cpu_median_us": statistics.median(cpu), "n": len(wall)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -153,8 +158,9 @@ def main(argv=None) -> int:
     weights = load_weights(args.model, dtype=dtype, device=args.device)
     results = []
     print(f"{args.model} on {args.device} {args.dtype}, wire {args.wire}, context {args.context}, "
-          f"{args.steps} steps x {weights.cfg.num_hidden_layers} layers; median us/call [p10-p90]")
-    print(f"{'method':<28}{'threads':>8}{'handler us':>24}{'floor us':>24}")
+          f"{args.steps} steps x {weights.cfg.num_hidden_layers} layers; us per call: wall median [p10-p90], "
+          "process CPU median")
+    print(f"{'method':<28}{'threads':>8}{'handler wall':>24}{'cpu':>8}{'floor wall':>24}{'cpu':>8}")
     for threads in args.threads:
         torch.set_num_threads(threads)
         runs = {}
@@ -163,7 +169,7 @@ def main(argv=None) -> int:
             runs[what] = summary(bench(compute, wire, args.context, args.steps, args.warmup))
         for m in METHODS:
             cells = "".join(f"{r[m]['median_us']:>10.1f} [{r[m]['p10_us']:5.0f}-{r[m]['p90_us']:5.0f}]"
-                            for r in runs.values())
+                            f"{r[m]['cpu_median_us']:>8.1f}" for r in runs.values())
             print(f"{m:<28}{threads:>8}{cells}")
             results.append({"method": m, "threads": threads, **{f"{w}_{k}": v for w, r in runs.items()
                                                                   for k, v in r[m].items()}})
