@@ -136,6 +136,7 @@ def test_init_registers_what_the_transport_pins_and_close_releases_it(model_hand
 
     monkeypatch.setattr(daemon, "HostRegistration", FakeRegistration)
     monkeypatch.setattr(model_handler, "cuda", True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     with Ring.create(1 << 16, "req") as req, Ring.create(1 << 16, "rsp") as rsp:
         shm = ShmServerSession(b"k" * 16)
         shm.req, shm.rsp = Ring.attach(req.name, 1 << 16), Ring.attach(rsp.name, 1 << 16)
@@ -152,3 +153,48 @@ def test_init_registers_what_the_transport_pins_and_close_releases_it(model_hand
     model_handler.handle(Request("Init", 2), Builder(), session)
     assert registered[1] == []
     session.close()
+
+
+def test_a_call_waits_for_the_device_once_after_every_result_is_queued_also_when_it_fails(model_handler, monkeypatch):
+    """The CUDA path without a GPU: result copies are queued non-blocking, and `handle` synchronizes the
+    device exactly once, after the last one (the server releases the request right after), and also
+    when the call raises midway."""
+    import shmrt.host.daemon as daemon
+    from shmrt.model.calls import projection_bits
+    events = []
+
+    class LoggingBuilder(Builder):
+        def alloc(self, shape, dtype):
+            events.append("alloc")
+            return super().alloc(shape, dtype)
+
+    monkeypatch.setattr(daemon, "HostRegistration", lambda buffers, log: None)
+    monkeypatch.setattr(model_handler, "cuda", True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", str(device))))
+    session = _opened(model_handler)
+    events.clear()
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
+    builder = LoggingBuilder()
+    qkv = projection_bits(["q_proj", "k_proj", "v_proj"])
+    model_handler.handle(Request("BatchLinear", 2, layer=1, op=qkv, tensors=[x]), builder, session)
+    assert events == ["alloc"] * 3 + [("sync", "cpu")]
+    weight = model_handler.c.w.layers[1].fused[("q_proj", "k_proj", "v_proj")]
+    assert torch.allclose(torch.cat(builder.tensors, -1), x @ weight.t(), rtol=0, atol=1e-6)
+    events.clear()
+    with pytest.raises(ProtocolError, match="layer 5 out of range"):
+        model_handler.handle(Request("BatchLinear", 3, layer=5, op=qkv, tensors=[x]), LoggingBuilder(), session)
+    assert events == [("sync", "cpu")]
+
+
+def test_results_travel_in_the_sessions_wire_dtype(model_handler):
+    from shmrt.model.calls import projection_bits
+    session = model_handler.open({"wire_dtype": "bfloat16"}, lambda: [])
+    model_handler.handle(Request("Init", 1), Builder(), session)
+    x = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    builder = Builder()
+    model_handler.handle(Request("BatchLinear", 2, layer=0, op=projection_bits(["gate_proj", "up_proj"]), tensors=[x]),
+                         builder, session)
+    weight = model_handler.c.w.layers[0].fused[("gate_proj", "up_proj")]
+    expect = (x.float() @ weight.t()).to(torch.bfloat16)
+    assert [t.dtype for t in builder.tensors] == [torch.bfloat16] * 2
+    assert torch.equal(torch.cat(builder.tensors, -1), expect)

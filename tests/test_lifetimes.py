@@ -13,11 +13,18 @@ from shmrt.enclave.client import EnclaveClient
 from shmrt.enclave.generate import Sampler, generate
 from shmrt.errors import PeerError, ProtocolError
 
-# The bug: KVStore kept the request view itself (on a CPU daemon `.to(device)` is a no-op).
+# The bug: the K/V cache holds request memory instead of an owned copy. Round 1 kept the view itself (on a
+# CPU daemon `.to(device)` is a no-op); here the store adopts a prefill's rows as the layer's buffer.
 ALIASING_DAEMON = """
 import sys
 import shmrt.host.compute as compute
-compute.keep = lambda view, device, dtype: view.to(device=device, dtype=dtype)  # no copy: aliases the ring
+reserve = compute.KVStore._reserve
+def adopt(self, layer, which, rows, total):  # at pos 0 the request's rows become the layer's buffer
+    if total > rows.shape[2]:
+        return reserve(self, layer, which, rows, total)
+    self.buffers[which][layer] = rows
+    return rows
+compute.KVStore._reserve = adopt
 from shmrt.cli import main
 sys.exit(main(["daemon", *sys.argv[1:]]))
 """

@@ -1,10 +1,11 @@
 """The daemon's linear algebra: embedding, projections, Q*K^T and P*V (with an optional K/V
 cache per session), LM head. Inputs are CPU tensors (possibly views on a ring, valid only until the
 request is released); outputs are tensors on the compute device. Anything kept past the request
-(the K/V cache) goes through `keep()`, the one place that makes an owned copy on the device: on a CPU
-daemon `.to(device)` is a no-op, and a cache that aliased the ring was overwritten as soon as the ring
-wrapped (every token after the first was wrong on real models). Argument checks raise ModelError/ProtocolError, never a
-device-side assert: ids are copied out of shared memory first, then range-checked.
+(the K/V cache) goes through `keep()`, the one place that copies request bytes into memory the daemon
+owns on the device. (Round 1 kept the view itself: on a CPU daemon `.to(device)` is a no-op, and a cache
+that aliased the ring was overwritten as soon as the ring wrapped; every token after the first was wrong
+on real models.) Argument checks raise ModelError/ProtocolError, never a device-side assert: ids are
+copied out of shared memory first, then range-checked.
 
 Every op checks the size of its result *before* computing it (`max_elements`: what the reply can
 carry). A request is bounded by the request ring, but a result need not be: an inner dimension of 0
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..model.config import LlamaConfig
 from ..errors import ModelError, ProtocolError, TensorTooLarge
@@ -32,52 +34,87 @@ def check_result_fits(shape, max_elements: int | None, what: str) -> None:
                              f"carry ({max_elements}): the client needs a larger --ring-mib (shm) or SHMRT_MAX_REPLY_MIB (msgpack)")
 
 
-def keep(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """An owned copy of request memory on the compute device: the only way bytes outlive a request."""
-    return view.to(device=device, dtype=dtype, copy=True)
+def keep(view: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """Copy request memory into `into`, memory the daemon owns on the compute device: the only way bytes
+    outlive a request. Non-blocking on CUDA (DMA from the registered ring): the handler waits for the
+    device once per call, before the request is released."""
+    return into.copy_(view, non_blocking=True)
 
 
 CACHES = ("k", "v")
 
 
 class KVStore:
-    """K and V rows per layer for one session, on the compute device: [B, Hkv, T, hd]."""
+    """K and V rows per layer for one session, on the compute device.
+
+    Each layer's K (and V) lives in one owned buffer [B, Hkv, capacity, hd] whose first `filled` rows
+    hold positions 0..filled-1; a decode step's rows are a slice copy into it (`keep`), and the buffer
+    doubles when full, so a step costs its own rows, not the whole cache. `bytes` is what the buffers
+    take (their capacity), checked against the session's quota before anything is allocated; no buffer
+    grows past its share of the quota (quota / layers / 2) unless the rows it must hold need it, so
+    headroom in one layer never makes another layer's rows not fit.
+    """
 
     def __init__(self, cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, max_bytes: int | None = None):
         layers = cfg.num_hidden_layers
         self.device, self.dtype = device, dtype
-        self.k: list[torch.Tensor | None] = [None] * layers
-        self.v: list[torch.Tensor | None] = [None] * layers
+        self.buffers: dict[str, list[torch.Tensor | None]] = {w: [None] * layers for w in CACHES}
+        self.filled: dict[str, list[int]] = {w: [0] * layers for w in CACHES}
         self.max_positions = cfg.max_position_embeddings
         self.heads_and_dim = (cfg.num_key_value_heads, cfg.head_dim)
         self.max_bytes = max_bytes  # the session's quota (a client chooses its batch and ring size)
         self.bytes = 0
 
     def append(self, layer: int, which: str, rows: torch.Tensor, pos: int) -> torch.Tensor:
-        """Store `rows` (a request view) at `pos` of layer `layer`'s K or V; returns all rows so far."""
-        store = self.k if which == "k" else self.v
-        if not 0 <= layer < len(store):
-            raise ProtocolError(f"layer {layer} out of range [0, {len(store)})")
-        have = 0 if store[layer] is None or pos == 0 else store[layer].shape[2]
+        """Store `rows` (a request view) at `pos` of layer `layer`'s K or V; returns all rows so far (a view
+        on the owned buffer, valid until the next append to it)."""
+        filled = self.filled[which]
+        if not 0 <= layer < len(filled):
+            raise ProtocolError(f"layer {layer} out of range [0, {len(filled)})")
+        have = 0 if pos == 0 else filled[layer]  # pos 0 restarts the layer
         if pos != have:
             raise ProtocolError(f"{which.upper()} cache of layer {layer} holds {have} positions, request says pos {pos}")
         if (rows.shape[1], rows.shape[3]) != self.heads_and_dim:
             raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} are not [B, {self.heads_and_dim[0]}, S, "
                                 f"{self.heads_and_dim[1]}] (KV heads, head dim of this model)")
-        if pos + rows.shape[2] > self.max_positions:
-            raise ModelError(f"sequence would reach {pos + rows.shape[2]} positions, the model allows {self.max_positions}")
-        if have and store[layer].shape[:2] + store[layer].shape[3:] != rows.shape[:2] + rows.shape[3:]:
-            raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} do not match the cache {tuple(store[layer].shape)}")
-        old = 0 if store[layer] is None else store[layer].numel() * store[layer].element_size()
-        new = (old if have else 0) + rows.numel() * rows.element_size()  # pos 0 restarts the layer
-        if self.max_bytes is not None and self.bytes - old + new > self.max_bytes:
-            raise ModelError(f"this session's K/V cache would reach {(self.bytes - old + new) / 2**20:.2f} MiB, more "
-                             f"than the daemon allows per session ({self.max_bytes / 2**20:.2f} MiB, --max-kv-mib): "
-                             "use a shorter sequence or batch, or raise --max-kv-mib on the daemon")
-        rows = keep(rows, self.device, self.dtype)
-        store[layer] = rows if not have else torch.cat([store[layer], rows], dim=2)
-        self.bytes += new - old
-        return store[layer]
+        total = pos + rows.shape[2]
+        if total > self.max_positions:
+            raise ModelError(f"sequence would reach {total} positions, the model allows {self.max_positions}")
+        buffer = self.buffers[which][layer]
+        if have and buffer.shape[0] != rows.shape[0]:
+            raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} do not match the cache "
+                                f"{tuple(buffer[:, :, :have].shape)}")
+        buffer = self._reserve(layer, which, rows, total)
+        keep(rows, buffer[:, :, pos:total])
+        filled[layer] = total
+        return buffer[:, :, :total]
+
+    def _reserve(self, layer: int, which: str, rows: torch.Tensor, total: int) -> torch.Tensor:
+        """Layer `layer`'s buffer for `which` with room for `total` rows of `rows`' batch: the one it has, or
+        a larger one (quota checked first) that holds the rows kept so far (the `total - S` before `rows`)."""
+        buffer = self.buffers[which][layer]
+        batch, (heads, dim) = rows.shape[0], self.heads_and_dim
+        if buffer is not None and buffer.shape[0] == batch and buffer.shape[2] >= total:
+            return buffer
+        old_bytes = 0 if buffer is None else buffer.numel() * buffer.element_size()
+        capacity = 0 if buffer is None or buffer.shape[0] != batch else buffer.shape[2]
+        row_bytes = batch * heads * dim * self.dtype.itemsize
+        limit = self.max_positions
+        if self.max_bytes is not None and row_bytes:
+            others = self.bytes - old_bytes
+            if others + total * row_bytes > self.max_bytes:
+                raise ModelError(f"this session's K/V cache would reach {(others + total * row_bytes) / 2**20:.2f} MiB, "
+                                 f"more than the daemon allows per session ({self.max_bytes / 2**20:.2f} MiB, "
+                                 "--max-kv-mib): use a shorter sequence or batch, or raise --max-kv-mib on the daemon")
+            share = self.max_bytes // (2 * len(self.filled[which]) * row_bytes)
+            limit = min(limit, (self.max_bytes - others) // row_bytes, max(share, total))
+        grown = torch.empty((batch, heads, min(max(total, 2 * capacity), limit), dim), device=self.device, dtype=self.dtype)
+        kept = total - rows.shape[2]
+        if kept:  # owned rows into the larger owned buffer (device to device)
+            grown[:, :, :kept] = buffer[:, :, :kept]
+        self.buffers[which][layer] = grown
+        self.bytes += grown.numel() * grown.element_size() - old_bytes
+        return grown
 
 
 class LinearCompute:
@@ -88,32 +125,45 @@ class LinearCompute:
         self.dtype = dtype
         self.rows = projection_rows(self.cfg)
         self.cols = projection_cols(self.cfg)
+        self._on_cpu = self.device.type == "cpu"
+        self._o_proj = [w for (w,) in weights.projections(("o_proj",))]
 
     def _in(self, t: torch.Tensor) -> torch.Tensor:
+        if self._on_cpu and t.dtype == self.dtype:  # request tensors are CPU tensors: nothing to move
+            return t
         return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    def _layer(self, layer: int, what: str) -> None:
+        if not 0 <= layer < self.cfg.num_hidden_layers:
+            raise ProtocolError(f"{what}: layer {layer} out of range [0, {self.cfg.num_hidden_layers})")
 
     def embedding(self, ids: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
             raise ProtocolError(f"Embedding expects int64 ids [B, S], got {ids.dtype} {tuple(ids.shape)}")
         check_result_fits((*ids.shape, self.cfg.hidden_size), max_elements, "Embedding")
         ids = ids.to(torch.int64, copy=True)  # private copy first, then validate (no double fetch)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-            raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): min {int(ids.min())}, max {int(ids.max())}")
-        return torch.nn.functional.embedding(ids.to(self.device), self.w.embed)
+        if ids.numel():
+            low, high = (int(v) for v in torch.aminmax(ids))
+            if low < 0 or high >= self.cfg.vocab_size:
+                raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): min {low}, max {high}")
+        return F.embedding(ids if self._on_cpu else ids.to(self.device), self.w.embed)
 
-    def linear(self, layer: int, names: list[str], x: torch.Tensor, max_elements: int | None = None) -> list[torch.Tensor]:
-        if not 0 <= layer < self.cfg.num_hidden_layers:
-            raise ProtocolError(f"layer {layer} out of range [0, {self.cfg.num_hidden_layers})")
+    def linear(self, layer: int, names: list[str] | tuple[str, ...], x: torch.Tensor, max_elements: int | None = None,
+               dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """x @ W^T for each projection in `names`, one product where they are one fused weight; results in
+        `dtype` (default: the compute dtype), converted once before they are split."""
+        self._layer(layer, "BatchLinear")
         cols = self.cols[names[0]]
         if any(self.cols[n] != cols for n in names) or x.dim() != 3 or x.shape[-1] != cols:
-            raise ProtocolError(f"BatchLinear {names} expects input [B, S, {cols}], got {tuple(x.shape)}")
-        check_result_fits((*x.shape[:2], sum(self.rows[n] for n in names)), max_elements, "BatchLinear")
+            raise ProtocolError(f"BatchLinear {list(names)} expects input [B, S, {cols}], got {tuple(x.shape)}")
+        rows = [self.rows[n] for n in names]
+        check_result_fits((x.shape[0], x.shape[1], sum(rows)), max_elements, "BatchLinear")
         xd = self._in(x)
-        weight = self.w.projection(layer, names)
-        if weight is not None:
-            y = xd @ weight.t()
-            return list(torch.split(y, [self.rows[n] for n in names], dim=-1))
-        return [xd @ self.w.projection(layer, [n]).t() for n in names]
+        dtype = dtype or self.dtype
+        weights = self.w.projections(tuple(names))[layer]
+        ys = [F.linear(xd, w) for w in weights]
+        ys = [y if y.dtype == dtype else y.to(dtype) for y in ys]
+        return list(ys[0].split_with_sizes(rows, -1)) if len(ys) < len(rows) else ys
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, *, transpose_b: bool, cache: str | None = None,
                layer: int = -1, pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:
@@ -152,18 +202,21 @@ class LinearCompute:
         H, Hkv, hd = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
         if p.dim() != 4 or p.shape[1] != Hkv or p.shape[2] % (H // Hkv):
             raise ProtocolError(f"AttentionOutput expects P [B, {Hkv}, {H // Hkv}*S, T], got {tuple(p.shape)}")
+        self._layer(layer, "AttentionOutput")
         B, S = p.shape[0], p.shape[2] // (H // Hkv)
         check_result_fits((B, S, self.cfg.hidden_size), max_elements, "AttentionOutput")
         ctx = self.matmul(p, v, transpose_b=False, cache=cache, layer=layer, pos=pos, kv=kv)   # [B, Hkv, g*S, hd]
-        ctx = ctx.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd).to(self.dtype)
-        return ctx @ self.w.projection(layer, ["o_proj"]).t()
+        # [B, H, S, hd] -> [B, S, H*hd]; with one row (decode) the transpose moves a size-1 dim: a view
+        ctx = ctx.view(B, S, H * hd) if S == 1 else ctx.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd)
+        return F.linear(ctx if ctx.dtype == self.dtype else ctx.to(self.dtype), self._o_proj[layer])
 
     def lm_head(self, x: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
         D = self.cfg.hidden_size
         if x.dim() not in (2, 3) or x.shape[-1] != D or (x.dim() == 3 and x.shape[1] != 1):
             raise ProtocolError(f"LMHead expects [B, 1, {D}] or [B, {D}], got {tuple(x.shape)}")
         check_result_fits((x.shape[0], self.cfg.vocab_size), max_elements, "LMHead")
-        return (self._in(x.reshape(x.shape[0], D)) @ self.w.lm_head.t()).float()
+        logits = F.linear(self._in(x.reshape(x.shape[0], D)), self.w.lm_head)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def new_kv_store(self, max_bytes: int | None = None) -> KVStore:
         return KVStore(self.cfg, self.device, self.dtype, max_bytes)

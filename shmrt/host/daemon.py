@@ -82,6 +82,7 @@ class ModelHandler(Handler):
         self.log = log
         self.cuda = compute.device.type == "cuda"
         self.max_kv_bytes = max_kv_bytes if max_kv_bytes is not None else default_kv_quota(compute.device)
+        self._projections: dict[int, tuple[str, ...]] = {}  # BatchLinear op bits -> projection names
 
     def hello(self) -> dict:
         # The client computes with nothing of this: it checks `digest` against its own copy of the model
@@ -95,12 +96,25 @@ class ModelHandler(Handler):
             raise ProtocolError(f"wire_dtype {wire} is not a floating type")
         return ModelSession(wire, pinned_buffers)
 
+    def handle(self, request: Request, builder: ReplyBuilder, session: ModelSession) -> str:
+        """The dispatcher's work, then on CUDA one wait for the device, also when the call failed.
+
+        Every copy of the call is queued non-blocking: request views -> device (DMA from the registered
+        request ring), device -> reply buffers (DMA into the response ring). The server releases the
+        request (the client may overwrite it) and publishes the reply as soon as this returns, so no DMA
+        may still be reading the one or writing the other by then: one synchronize per call, not one per
+        result."""
+        try:
+            return super().handle(request, builder, session)
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize(self.c.device)
+
     @staticmethod
     def _put(builder: ReplyBuilder, result: torch.Tensor, dtype: torch.dtype) -> None:
-        """Write a result into the reply. The copy is blocking: once every result is in, the device work
-        (and the DMA from the request ring that fed it) is done, so the request can be released."""
-        result = result.to(dtype)  # on the device, so the copy below is a plain DMA
-        builder.alloc(result.shape, dtype).copy_(result)
+        """Queue a result's copy into the reply, converted to `dtype` (on the device, then a DMA; on CPU one
+        converting copy). Non-blocking: `handle` waits for the device before the reply is published."""
+        builder.alloc(result.shape, dtype).copy_(result, non_blocking=True)
 
     @staticmethod
     def _room(builder: ReplyBuilder, dtype: torch.dtype) -> int:
@@ -119,8 +133,10 @@ class ModelHandler(Handler):
         self._put(builder, self.c.embedding(request.tensors[0], self._room(builder, s.wire)), s.wire)
 
     def _batch_linear(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
-        names = projection_names(request.op)
-        for y in self.c.linear(request.layer, names, request.tensors[0], self._room(builder, s.wire)):
+        names = self._projections.get(request.op)
+        if names is None:  # unknown bits raise here, so at most one entry per subset of the 7 projections
+            names = self._projections[request.op] = tuple(projection_names(request.op))
+        for y in self.c.linear(request.layer, names, request.tensors[0], self._room(builder, s.wire), dtype=s.wire):
             self._put(builder, y, s.wire)
 
     def _matmul(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:

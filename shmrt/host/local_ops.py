@@ -20,7 +20,7 @@ class LocalOps:
         self._pending: PendingRequest | None = None
 
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.wire_dtype) if t.is_floating_point() else t
+        return t.to(self.wire_dtype) if t.is_floating_point() and t.dtype != self.wire_dtype else t
 
     def _alloc(self, shape, dtype):
         # Pinned (and reused by torch's caching host allocator) on CUDA: the floor moves bytes to and
@@ -35,18 +35,18 @@ class LocalOps:
         if self._pending is not None:  # the call is made: its request is sent, as over a transport
             self._pending.seal()
             self._pending = None
-        out = []
-        for t in tensors:
-            t = t.to(dtype or self.wire_dtype)
-            out.append(t if t.device.type == "cpu" else
-                       torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t))
+        dtype = dtype or self.wire_dtype
+        out = [(t if t.dtype == dtype else t.to(dtype)) if t.device.type == "cpu" else
+               torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+        if self.pinned:  # as the daemon's handler: every copy of the call queued, then one wait for the device
+            torch.cuda.synchronize(self.c.device)
         return Reply(out, stats=None)
 
     def embedding(self, ids) -> Reply:
         return self._out([self.c.embedding(ids)])
 
     def linear(self, layer, names, x) -> Reply:
-        return self._out(self.c.linear(layer, names, self._wire(x)))
+        return self._out(self.c.linear(layer, names, self._wire(x), dtype=self.wire_dtype))
 
     def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0) -> Reply:
         return self._out([self.c.matmul(self._wire(a), self._wire(b), transpose_b=transpose_b, cache=cache,

@@ -38,6 +38,7 @@ class LlamaWeights:
             for name in group:
                 self._slices[name] = (group, start, start + rows[name])
                 start += rows[name]
+        self._per_layer: dict[tuple[str, ...], list[list[torch.Tensor]]] = {}
 
     def projection(self, layer: int, names: list[str]) -> torch.Tensor | None:
         """One weight for `names` if they are consecutive in one fused group (a row slice), else None."""
@@ -49,6 +50,18 @@ class LlamaWeights:
                 return None
             end = e
         return self.layers[layer].fused[group][start:end]
+
+    def projections(self, names: tuple[str, ...]) -> list[list[torch.Tensor]]:
+        """Per layer, what a BatchLinear of `names` multiplies by: one weight (a row slice of a fused group)
+        where the names are consecutive in one, else one weight per name. Views, worked out on first use
+        and kept, so a call looks its weights up instead of slicing them."""
+        per_layer = self._per_layer.get(names)
+        if per_layer is None:
+            fused = [self.projection(layer, list(names)) for layer in range(len(self.layers))]
+            per_layer = [[w] if w is not None else [self.projection(layer, [n]) for n in names]
+                         for layer, w in enumerate(fused)]
+            self._per_layer[names] = per_layer
+        return per_layer
 
 
 # ---- loading

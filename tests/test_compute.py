@@ -1,0 +1,160 @@
+"""The daemon's K/V store: a decode step is a slice copy into an owned buffer that doubles when full,
+never a view on the request; the session quota counts what the buffers take; pos 0 restarts a layer.
+The linear calls give the same values with the fused weights as with the per-projection ones."""
+import pytest
+import torch
+
+from shmrt.errors import ModelError, ProtocolError
+from shmrt.host.compute import KVStore, LinearCompute
+from shmrt.host.weights import load_weights
+from shmrt.model.config import LlamaConfig
+
+TINY = LlamaConfig.from_name("tiny")  # 2 layers, 2 KV heads, head dim 16: 128 B a position per K or V (fp32)
+ROW = 2 * 16 * 4
+
+
+def rows(n, seed, batch=1, dtype=torch.float32):
+    return torch.randn(batch, 2, n, 16, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def buffer_bytes(kv):
+    return sum(b.numel() * b.element_size() for bs in kv.buffers.values() for b in bs if b is not None)
+
+
+def test_decode_appends_land_in_one_buffer_that_doubles_and_equal_the_concatenation():
+    kv = KVStore(TINY, torch.device("cpu"), torch.float32)
+    sent = [rows(5, 0)]
+    got = kv.append(0, "k", sent[0], 0)
+    assert torch.equal(got, sent[0]) and kv.buffers["k"][0].shape[2] == 5
+    capacities, pointers = [], set()
+    for pos in range(5, 21):
+        sent.append(rows(1, pos))
+        got = kv.append(0, "k", sent[-1], pos)
+        assert torch.equal(got, torch.cat(sent, dim=2)), pos
+        capacities.append(kv.buffers["k"][0].shape[2])
+        pointers.add(kv.buffers["k"][0].data_ptr())
+    assert capacities == [10] * 5 + [20] * 10 + [40]
+    assert len(pointers) == 3          # one buffer per capacity: the other steps copied one row in place
+    assert kv.bytes == buffer_bytes(kv) == 40 * ROW
+
+
+def test_stored_rows_are_owned_copies_not_views_on_the_request():
+    kv = KVStore(TINY, torch.device("cpu"), torch.float32)
+    prompt, step = rows(4, 1), rows(1, 2)
+    expect = torch.cat([prompt, step], dim=2)
+    kv.append(1, "v", prompt, 0)
+    got = kv.append(1, "v", step, 4)
+    prompt.fill_(float("nan"))         # the ring space is poisoned once released
+    step.fill_(float("nan"))
+    assert torch.equal(got, expect) and torch.equal(kv.append(1, "v", rows(0, 3), 5), expect)
+    assert got.untyped_storage().data_ptr() not in (prompt.untyped_storage().data_ptr(), step.untyped_storage().data_ptr())
+
+
+def test_rows_are_kept_in_the_cache_dtype():
+    kv = KVStore(TINY, torch.device("cpu"), torch.float32)
+    r = rows(3, 4, dtype=torch.bfloat16)
+    got = kv.append(0, "k", r, 0)
+    assert got.dtype == torch.float32 and torch.equal(got, r.float())
+
+
+def test_pos_zero_restarts_a_layer_in_its_buffer_and_a_new_batch_gets_a_new_one():
+    kv = KVStore(TINY, torch.device("cpu"), torch.float32)
+    kv.append(0, "k", rows(8, 5), 0)
+    kv.append(0, "k", rows(1, 6), 8)
+    buffer = kv.buffers["k"][0]
+    again = rows(3, 7)
+    assert torch.equal(kv.append(0, "k", again, 0), again) and kv.buffers["k"][0] is buffer
+    with pytest.raises(ProtocolError, match="holds 3 positions, request says pos 9"):
+        kv.append(0, "k", rows(1, 8), 9)
+    wide = rows(2, 9, batch=3)
+    assert torch.equal(kv.append(0, "k", wide, 0), wide)
+    assert kv.bytes == buffer_bytes(kv) == 3 * 2 * ROW
+
+
+def test_appends_that_do_not_fit_the_cache_or_model_are_refused():
+    kv = KVStore(TINY, torch.device("cpu"), torch.float32)
+    with pytest.raises(ProtocolError, match=r"layer 2 out of range \[0, 2\)"):
+        kv.append(2, "k", rows(1, 0), 0)
+    with pytest.raises(ProtocolError, match="holds 0 positions, request says pos 1"):
+        kv.append(0, "k", rows(1, 0), 1)
+    with pytest.raises(ProtocolError, match="KV heads, head dim"):
+        kv.append(0, "k", torch.zeros(1, 2, 1, 8), 0)
+    with pytest.raises(ModelError, match="sequence would reach 2049 positions, the model allows 2048"):
+        kv.append(0, "k", rows(2049, 0), 0)
+    kv.append(0, "k", rows(2, 0), 0)
+    with pytest.raises(ProtocolError, match=r"do not match the cache \(1, 2, 2, 16\)"):
+        kv.append(0, "k", rows(1, 0, batch=2), 2)
+
+
+def test_quota_counts_allocated_bytes_and_headroom_never_refuses_rows_that_fit():
+    """A quota of exactly 300 positions (all layers, K and V): doubling stops at each buffer's share, so
+    every position up to 300 fits; the 301st is refused naming the sizes and the flag."""
+    quota = 4 * 300 * ROW
+    kv = KVStore(TINY, torch.device("cpu"), torch.float32, max_bytes=quota)
+    for layer in range(2):
+        for which in "kv":
+            kv.append(layer, which, rows(200, layer), 0)
+    for pos in range(200, 300):
+        for layer in range(2):
+            for which in "kv":
+                kv.append(layer, which, rows(1, pos), pos)
+                assert kv.bytes == buffer_bytes(kv) <= quota
+    assert kv.bytes == quota
+    with pytest.raises(ModelError, match=r"K/V cache would reach 0\.15 MiB, more than the daemon allows per session "
+                                         r"\(0\.15 MiB, --max-kv-mib\)"):
+        kv.append(0, "k", rows(1, 0), 300)
+    assert kv.bytes == buffer_bytes(kv) == quota   # nothing was allocated for the refused rows
+
+
+def test_a_prefill_larger_than_the_quota_is_refused_before_allocating():
+    kv = KVStore(TINY, torch.device("cpu"), torch.float32, max_bytes=2**18)
+    with pytest.raises(ModelError, match=r"would reach 0\.29 MiB"):
+        kv.append(0, "k", rows(600, 0, batch=4), 0)
+    assert kv.bytes == 0 and kv.buffers["k"][0] is None
+
+
+@pytest.fixture(scope="module")
+def compute():
+    return LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+
+
+def test_batch_linear_of_a_group_equals_its_projections_one_by_one(compute):
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0))
+    names = ["q_proj", "k_proj", "v_proj"]
+    fused = compute.linear(1, names, x)
+    for name, y in zip(names, fused):
+        (alone,) = compute.linear(1, [name], x)
+        assert torch.allclose(y, alone, rtol=0, atol=1e-6)
+        assert torch.allclose(y, x @ compute.w.projection(1, [name]).t(), rtol=0, atol=1e-6)
+    q_and_v = compute.linear(1, ["q_proj", "v_proj"], x)  # not consecutive in the fused weight: two products
+    assert torch.allclose(q_and_v[1], fused[2], rtol=0, atol=1e-6)
+
+
+def test_cached_products_use_every_row_kept_so_far(compute):
+    kv = compute.new_kv_store()
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(1, 2, 6, 16, generator=g)
+    q = torch.randn(1, 2, 2, 16, generator=g)
+    compute.matmul(q, keys[:, :, :5], transpose_b=True, cache="k", layer=0, pos=0, kv=kv)
+    scores = compute.matmul(q, keys[:, :, 5:], transpose_b=True, cache="k", layer=0, pos=5, kv=kv)
+    assert torch.allclose(scores, q @ keys.transpose(-1, -2), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_attention_output_is_p_times_v_then_o_proj(compute, S):
+    """P*V with the query heads of a KV group stacked along rows, the heads laid side by side, o_proj."""
+    cfg, g = compute.cfg, compute.cfg.num_attention_heads // compute.cfg.num_key_value_heads
+    gen = torch.Generator().manual_seed(S)
+    T = 4 + S
+    p = torch.softmax(torch.randn(2, 2, g * S, T, generator=gen), -1)
+    v = torch.randn(2, 2, T, 16, generator=gen)
+    kv = compute.new_kv_store()
+    compute.attention_output(p[..., :4], v[:, :, :4], layer=1, cache="v", pos=0, kv=kv)  # only its cache counts
+    got = compute.attention_output(p, v[:, :, 4:], layer=1, cache="v", pos=4, kv=kv)
+    heads = (p.view(2, 2, g, S, T) @ v.unsqueeze(2)).reshape(2, cfg.num_attention_heads, S, 16)  # [B, H, S, hd]
+    ctx = heads.transpose(1, 2).reshape(2, S, cfg.num_attention_heads * 16)
+    expect = ctx @ compute.w.projection(1, ["o_proj"]).t()
+    assert got.shape == (2, S, cfg.hidden_size) and torch.allclose(got, expect, rtol=0, atol=1e-5)
+    assert torch.allclose(compute.attention_output(p, v, layer=1), expect, rtol=0, atol=1e-5)  # no cache
+    with pytest.raises(ProtocolError, match=r"AttentionOutput: layer 2 out of range \[0, 2\)"):
+        compute.attention_output(p, v, layer=2)
