@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: install carried wheels, build the C helper, run the parity tests with
-# the daemon on CUDA (SKIP_TESTS=1 skips them), then the e2e bench for the llama3.2-1b shape (prefill
-# 1024, decode 32, float32 wire, K/V on the daemon; the floor
-# always runs; RUNS picks the call sets). Everything lands in $OUT (the device returns at most 8 files).
+# One call on a lent GPU machine: install carried wheels, build the C helper, run the CUDA tests
+# (SKIP_TESTS=1 skips them), the per-call probes (the daemon's calls in process; eager vs CUDA graph), the
+# micro suite (both doorbells beside their floors), then the e2e bench for the llama3.2-1b shape (prefill
+# 1024, decode 32, float32 wire, K/V on the daemon; the floor always runs; RUNS picks the call sets and
+# transports). Everything lands in $OUT (the device returns at most 8 files).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -13,12 +14,20 @@ python3 -c 'import torch,sys; print(sys.version, torch.__version__, torch.cuda.g
 avail=$(df --output=avail -k /dev/shm | tail -1)
 [ "$avail" -lt 4000000 ] && mount -o remount,size=16G /dev/shm
 nproc | tee -a $OUT/gpu.txt
-[ -n "${SKIP_TESTS:-}" ] || timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_split.py tests/test_lifetimes.py -k "cuda or poison" 2>&1 | tail -15 | tee $OUT/tests.txt
+[ -n "${SKIP_TESTS:-}" ] || timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_split.py tests/test_lifetimes.py \
+  tests/test_compute.py -k "cuda or poison or sync" 2>&1 | tail -15 | tee $OUT/tests.txt
 mkdir -p /tmp/res
-# RUNS: space-separated CALLS:TRANSPORTS pairs, e.g. "v2.4:shm fused:msgpack,shm" (the floor always runs)
-for run in ${RUNS:-fused:shm}; do
+if [ -z "${SKIP_PROBES:-}" ]; then
+  { timeout 120 python3 bench/cuda_graph_probe.py --dtype float32 --wire float32 --json /tmp/res/graph-probe-fp32.json
+    timeout 120 python3 bench/daemon_calls.py --model llama3.2-1b --device cuda --threads 4 --context 1024 --steps 32 \
+      --json /tmp/res/daemon-calls-cuda.json; } 2>&1 | tail -40 | tee $OUT/probes.txt
+fi
+[ -n "${SKIP_MICRO:-}" ] || timeout 240 python3 -m shmrt bench --suite micro --sizes 4KiB,16KiB,64KiB,1MiB,10MiB \
+  --out /tmp/res/micro 2>&1 | tr '\r' '\n' | tail -8 | tee $OUT/micro.txt
+# RUNS: space-separated CALLS:TRANSPORTS pairs, e.g. "fused:shm,shm-zmqbell,msgpack v2.4:shm" (the floor always runs)
+for run in ${RUNS:-fused:shm,shm-zmqbell,msgpack}; do
   calls=${run%%:*}; transports=${run#*:}
-  timeout ${BENCH_TIMEOUT:-300} python3 -m shmrt bench --suite e2e --model llama3.2-1b --device cuda --prompts 1024 \
+  timeout ${BENCH_TIMEOUT:-420} python3 -m shmrt bench --suite e2e --model llama3.2-1b --device cuda --prompts 1024 \
     --new-tokens 32 --transports "$transports" --wire-dtypes float32 --kv-caches daemon --calls "$calls" \
     --out "/tmp/res/gpu-$calls" 2>&1 | tr '\r' '\n' | tail -4 | tee "$OUT/bench-$calls.txt"
 done
