@@ -39,7 +39,7 @@ FIELDS = {"magic": (0, "4s"), "version": (4, "H"), "method": (6, "B"), "flags": 
           "token": (16, "16s"), "layer": (32, "i"), "op": (36, "I"), "pos": (40, "q"), "ring_end": (48, "Q"),
           "work_ns": (56, "Q"), "ntensors": (64, "H"), "text_len": (66, "H")}
 DESC = {"offset": (0, "Q"), "nbytes": (8, "Q"), "dtype": (16, "B"), "ndim": (17, "B"), "shape0": (24, "q")}
-INIT, LMHEAD, CLOSE, ERROR, ATTACH = 1, 5, 17, 18, 19
+INIT, LMHEAD, CLOSE, ERROR, ATTACH, WAKE = 1, 5, 17, 18, 19, 20
 FLAG_ERROR = 0x01
 MAX_TEXT = 65535
 
@@ -287,6 +287,9 @@ class Hostile:
                 pass
         if payload[:4] == b"SHMD" and len(payload) >= HEADER_BYTES and get(payload, "method") == CLOSE:
             self.closed = True
+        if payload[:4] == b"SHMD" and len(payload) >= HEADER_BYTES and get(payload, "method") == WAKE:
+            self.info["wakes"] = self.info.get("wakes", 0) + 1
+            self.save()
 
     # ---- the shm doorbell rules: the host writes ring header words while the calls go on
 

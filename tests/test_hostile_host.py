@@ -190,7 +190,7 @@ def run_case(case, daemon_endpoint: str, workdir: pathlib.Path) -> dict:
         with contextlib.suppress(FileNotFoundError):  # the daemon may unlink a dead client's rings first
             os.unlink(f"/dev/shm{name}")
     return {"rc": client.returncode, "stdout": client.stdout, "stderr": client.stderr, "elapsed": elapsed,
-            "fired": info["fired"], "left": left, "after_fire": ended_at - info.get("fired_at", ended_at)}
+            "fired": info["fired"], "wakes": info.get("wakes", 0), "left": left, "after_fire": ended_at - info.get("fired_at", ended_at)}
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +246,8 @@ def test_hostile_host(outcomes, case):
     assert "harness_error" not in out, out.get("harness_error")
     where = f"{case_id(case)}: rc {out['rc']} in {out['elapsed']:.1f} s ({out['after_fire']:.1f} s after the corruption)\nstdout: {out['stdout'][-1500:]!r}\nstderr: {out['stderr'][-3000:]!r}"
     assert out["fired"], f"the rule never fired (the call sequence changed?)\n{where}"
+    if rule.startswith("asleep-1"):
+        assert out["wakes"] > 0, f"the client never sent a Wake\n{where}"
     assert out["rc"] == expected_rc, where
     assert "Traceback" not in out["stderr"] + out["stdout"], where
     assert _control_free(out["stdout"]) and _control_free(out["stderr"]), where
