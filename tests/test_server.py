@@ -59,9 +59,12 @@ def _shmrt(*args, **kw):
 
 
 def _wait_for_new_segments(before, proc, timeout=60):
+    """The two rings `proc` created: new segments whose header names it as their owner (other test runs
+    share /dev/shm and may create rings meanwhile)."""
+    from shmrt.tools.cleanup import segment_owner
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = shm_segments() - before
+        new = {name for name in shm_segments() - before if (segment_owner("/" + name) or (None,))[0] == proc.pid}
         if len(new) == 2:
             return new
         assert proc.poll() is None, proc.communicate()
