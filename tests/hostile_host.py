@@ -6,14 +6,24 @@ It forwards every message unchanged except one reply (or one resource) that `--r
 working when payloads change: it never builds a reply of its own, it edits the daemon's. FIELD is a key
 of SHM_RULES / MSGPACK_RULES / RESOURCE_RULES; WHEN picks the reply: `hello` (the first), `init`
 (the reply to Init), `rpc` (the third RPC reply, mid-prefill), `decode` (the third reply after the
-first LMHead, mid-decode). It writes what it learned (ring names, whether the rule fired) to FILE as
-JSON on every change. It imports neither shmrt nor torch: it is the attacker, not a peer.
+first LMHead, mid-decode). Those see only replies that travel over ZeroMQ: with the shm doorbell an
+RPC's reply is rung in the response ring's header instead, so the RPC cases run with `--doorbell zmq`.
+
+BELL_RULES are the shm doorbell's own: WHEN is `bell`, and from the third RPC request bell after Init on
+(the request ring's `bell seq` word reaches BELL_TRIGGER_SEQ) the host writes the rings' header words
+itself, on every call, until the client sends Close or BELL_ACT_S pass. It maps the rings by the names
+in the Attach text and races the daemon: whichever of them rings a call's reply first is what the
+client reads, so a rule keeps at it until a call of its lands.
+
+It writes what it learned (ring names, whether the rule fired) to FILE as JSON on every change. It
+imports neither shmrt nor torch: it is the attacker, not a peer.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import mmap
 import os
 import signal
 import struct
@@ -29,7 +39,7 @@ FIELDS = {"magic": (0, "4s"), "version": (4, "H"), "method": (6, "B"), "flags": 
           "token": (16, "16s"), "layer": (32, "i"), "op": (36, "I"), "pos": (40, "q"), "ring_end": (48, "Q"),
           "work_ns": (56, "Q"), "ntensors": (64, "H"), "text_len": (66, "H")}
 DESC = {"offset": (0, "Q"), "nbytes": (8, "Q"), "dtype": (16, "B"), "ndim": (17, "B"), "shape0": (24, "q")}
-INIT, LMHEAD, ERROR, ATTACH = 1, 5, 18, 19
+INIT, LMHEAD, CLOSE, ERROR, ATTACH, WAKE = 1, 5, 17, 18, 19, 20
 FLAG_ERROR = 0x01
 MAX_TEXT = 65535
 
@@ -200,6 +210,49 @@ MSGPACK_RULES = {
     "oversize": lambda d: d + b"\0" * (2 << 20),                                   # past MAXMSGSIZE
 }
 
+# ---- the shm doorbell: the rings' header words (shmrt/wire/ring.py's layout, by offset)
+
+OFF_BELL_SEQ, OFF_ASLEEP, OFF_BELL_SLOT, SLOT_BYTES = 192, 256, 1024, 3072
+BELL_TRIGGER_SEQ = 6   # Hello 1, Attach 2, Init 3: the third RPC after Init
+BELL_ACT_S = 10.0
+WRONG_SEQ = 0x5EED << 48
+
+
+def word(m: mmap.mmap, off: int) -> int:
+    return struct.unpack_from("<Q", m, off)[0]
+
+
+def set_word(m: mmap.mmap, off: int, value: int) -> None:
+    struct.pack_into("<Q", m, off, value)
+
+
+def forge(edit):
+    """Ring a reply of the host's own for the pending call `seq`: the call's request record (from the
+    request ring's slot) edited by `edit`; where `edit` gives an int, only that length word."""
+    def rule(req: mmap.mmap, rsp: mmap.mmap, seq: int) -> None:
+        n = word(req, OFF_BELL_SLOT)
+        record = bytes(req[OFF_BELL_SLOT + 8:OFF_BELL_SLOT + 8 + min(n, SLOT_BYTES - 8)])
+        if len(record) < HEADER_BYTES or get(record, "seq") != seq:
+            return  # the client is rewriting its slot: next time
+        out = edit(record)
+        if isinstance(out, int):
+            set_word(rsp, OFF_BELL_SLOT, out)
+        else:
+            set_word(rsp, OFF_BELL_SLOT, len(out))
+            rsp[OFF_BELL_SLOT + 8:OFF_BELL_SLOT + 8 + len(out)] = out
+        set_word(rsp, OFF_BELL_SEQ, seq)  # after the slot, as a producer posts
+    return rule
+
+
+# (request ring, response ring, seq of the call waiting for its reply) -> None
+BELL_RULES = {
+    "bell-seq": lambda req, rsp, seq: set_word(rsp, OFF_BELL_SEQ, WRONG_SEQ),
+    "bell-length": forge(lambda record: 1 << 20),
+    "bell-magic": forge(lambda record: put(record, "magic", b"XXXX")),
+    "bell-token": forge(lambda record: put(record, "token", bytes(16))),
+    "asleep-1": lambda req, rsp, seq: set_word(req, OFF_ASLEEP, 1),   # the client sends a Wake with every call
+}
+
 # Resource rules act on the host's own resources instead of editing the reply.
 RESOURCE_RULES = ("truncate-req", "truncate-rsp", "grow-req", "grow-rsp", "replace-req", "replace-rsp",
                   "close", "stall")
@@ -215,6 +268,8 @@ class Hostile:
         self.replies = 0
         self.rpc_replies = None      # counting from the Init reply
         self.decode_replies = None   # counting from the first LMHead reply
+        self.maps: list[mmap.mmap] | None = None  # the rings' header pages (bell rules)
+        self.closed = False          # the client sent Close
 
     def save(self) -> None:
         tmp = self.info_path + ".tmp"
@@ -230,6 +285,49 @@ class Hostile:
                 self.save()
             except (ValueError, KeyError):
                 pass
+        if payload[:4] == b"SHMD" and len(payload) >= HEADER_BYTES and get(payload, "method") == CLOSE:
+            self.closed = True
+        if payload[:4] == b"SHMD" and len(payload) >= HEADER_BYTES and get(payload, "method") == WAKE:
+            self.info["wakes"] = self.info.get("wakes", 0) + 1
+            self.save()
+
+    # ---- the shm doorbell rules: the host writes ring header words while the calls go on
+
+    def bell_rule_busy(self) -> bool:
+        """True while a bell rule acts or waits for its trigger (the proxy then loops without blocking)."""
+        return self.field in BELL_RULES and not self.closed and bool(self.info["rings"]) and \
+            (not self.info["fired"] or time.time() - self.info["fired_at"] < BELL_ACT_S)
+
+    def bell_tick(self, burst_s: float = 0.002) -> None:
+        """Map the rings once their names are known; from the trigger on, run the rule for `burst_s` (on
+        each pass where a call waits for its reply)."""
+        if self.maps is None:
+            try:
+                self.maps = [self._map(name) for name in self.info["rings"]]
+            except OSError:
+                self.closed = True  # gone already
+                return
+        req, rsp = self.maps
+        end = time.monotonic() + burst_s
+        while time.monotonic() < end:
+            seq = word(req, OFF_BELL_SEQ)
+            if not self.info["fired"]:
+                if seq < BELL_TRIGGER_SEQ:
+                    time.sleep(200e-6)
+                    continue
+                self.info["fired"], self.info["fired_at"] = True, time.time()
+                self.save()
+            if word(rsp, OFF_BELL_SEQ) != seq:
+                BELL_RULES[self.field](req, rsp, seq)
+            time.sleep(50e-6)  # a call's round trip takes 100s of us: the host wins some of the races
+
+    @staticmethod
+    def _map(name: str) -> mmap.mmap:
+        fd = os.open("/dev/shm" + name, os.O_RDWR)
+        try:
+            return mmap.mmap(fd, 4096, mmap.MAP_SHARED)  # the header page only
+        finally:
+            os.close(fd)
 
     def _method(self, payload: bytes):
         if payload[:4] == b"SHMD":
@@ -254,7 +352,7 @@ class Hostile:
         if self.info["fired"]:
             return False
         return {"hello": self.replies == 1, "init": method == INIT and self.rpc_replies == 0,
-                "rpc": self.rpc_replies == 3, "decode": self.decode_replies == 3}[self.when]
+                "rpc": self.rpc_replies == 3, "decode": self.decode_replies == 3, "bell": False}[self.when]
 
     def act(self, payload: bytes):
         """The reply to forward (None: forward nothing); 'close' to shut the front socket."""
@@ -299,7 +397,8 @@ def main(argv=None) -> int:
     poller = zmq.Poller()
     poller.register(front, zmq.POLLIN)
     while not stop:
-        for sock, _ in poller.poll(100):
+        busy = hostile.bell_rule_busy()
+        for sock, _ in poller.poll(0 if busy else 100):
             if sock is front:
                 identity, payload = front.recv_multipart()
                 if identity not in backs:
@@ -325,6 +424,8 @@ def main(argv=None) -> int:
                         return 0
                 if payload is not None:
                     front.send_multipart([identity, payload])
+        if busy:
+            hostile.bell_tick()
     for sock in [front, *backs.values()]:
         sock.close(linger=0)
     return 0

@@ -6,6 +6,11 @@ Every case must end the way a user can act on: exit 2 with exactly one line on s
 characters in the output, none of the client's segments left in /dev/shm, and an exit within the
 timeout plus a few seconds of the corruption. The clients of all cases run a few at a time (the module fixture), then each
 case's outcome is checked by its own parametrized test.
+
+Transports: `shm` is the product's default (the shm doorbell: RPC doorbells in the rings' headers, only
+Hello, Attach, Close and Wake over ZeroMQ); `shm-zmqbell` is `--transport shm --doorbell zmq`, where every
+reply passes the proxy, so its reply-field and resource cases reach the same decoder and rings; the
+`@bell` cases write the shm doorbell's header words themselves (hostile_host.BELL_RULES).
 """
 from __future__ import annotations
 
@@ -33,29 +38,37 @@ PROXY = pathlib.Path(__file__).with_name("hostile_host.py")
 # (transport, rule, expected exit code, what stderr must mention)
 RING = "ring /shmrt-"
 TIMED_OUT = "did not answer"
+# A forged record and the daemon's reply written into the slot at once may interleave (one's length word,
+# the other's bytes): rarely (a microsecond window per call), the client then reads a record that fails
+# another of the decoder's checks or the client's. Neither record can fail the other case's check (the
+# forged magic is the only bad magic, the forged token the only bad token).
+BELL_TORN = ("doorbell is", "doorbell version", "doorbell method", "doorbell flags", "doorbell seq",
+             "doorbell layer", "doorbell pos", "doorbell ntensors", "doorbell text", ".dtype code", ".ndim",
+             ".shape", ".offset", "lies outside", "reply seq", "reply method", "message end")
+BELL_TOKENS = "40"  # --max-new-tokens of the bell-* cases: calls enough for the host to win a race (~480)
 CASES = [
-    # ---- shm: each doorbell field of a reply
-    ("shm", "magic@rpc", 2, "magic"),
-    ("shm", "version@rpc", 2, "version"),
-    ("shm", "method-unknown@rpc", 2, "method"),
-    ("shm", "method-other@rpc", 2, "method"),
-    ("shm", "flags-unknown@rpc", 2, "flags"),
-    ("shm", "flags-error@rpc", 2, "daemon at"),
-    ("shm", "seq@rpc", 2, "seq"),
-    ("shm", "token@rpc", 2, "token"),
-    ("shm", "ring_end@rpc", 2, "message end"),
-    ("shm", "work_ns@rpc", 0, None),
-    ("shm", "ntensors-max@rpc", 2, "ntensors"),
-    ("shm", "ntensors-plus1@rpc", 2, "bytes, expected"),
-    ("shm", "text_len@rpc", 2, "bytes, expected"),
-    ("shm", "truncated@rpc", 2, "at least"),
-    ("shm", "desc-offset-unaligned@rpc", 2, "offset"),
-    ("shm", "desc-offset-outside@rpc", 2, "outside"),
-    ("shm", "desc-nbytes@rpc", 2, "nbytes"),
-    ("shm", "desc-dtype@rpc", 2, "dtype"),
-    ("shm", "desc-ndim@rpc", 2, "ndim"),
-    ("shm", "desc-shape@rpc", 2, "shape"),
-    ("shm", "text-control@rpc", 0, None),
+    # ---- shm: each doorbell field of a reply (the RPC replies over ZeroMQ, where the proxy sees them)
+    ("shm-zmqbell", "magic@rpc", 2, "magic"),
+    ("shm-zmqbell", "version@rpc", 2, "version"),
+    ("shm-zmqbell", "method-unknown@rpc", 2, "method"),
+    ("shm-zmqbell", "method-other@rpc", 2, "method"),
+    ("shm-zmqbell", "flags-unknown@rpc", 2, "flags"),
+    ("shm-zmqbell", "flags-error@rpc", 2, "daemon at"),
+    ("shm-zmqbell", "seq@rpc", 2, "seq"),
+    ("shm-zmqbell", "token@rpc", 2, "token"),
+    ("shm-zmqbell", "ring_end@rpc", 2, "message end"),
+    ("shm-zmqbell", "work_ns@rpc", 0, None),
+    ("shm-zmqbell", "ntensors-max@rpc", 2, "ntensors"),
+    ("shm-zmqbell", "ntensors-plus1@rpc", 2, "bytes, expected"),
+    ("shm-zmqbell", "text_len@rpc", 2, "bytes, expected"),
+    ("shm-zmqbell", "truncated@rpc", 2, "at least"),
+    ("shm-zmqbell", "desc-offset-unaligned@rpc", 2, "offset"),
+    ("shm-zmqbell", "desc-offset-outside@rpc", 2, "outside"),
+    ("shm-zmqbell", "desc-nbytes@rpc", 2, "nbytes"),
+    ("shm-zmqbell", "desc-dtype@rpc", 2, "dtype"),
+    ("shm-zmqbell", "desc-ndim@rpc", 2, "ndim"),
+    ("shm-zmqbell", "desc-shape@rpc", 2, "shape"),
+    ("shm-zmqbell", "text-control@rpc", 0, None),
     ("shm", "seq@hello", 2, "seq"),
     ("shm", "text-deep-json@hello", 2, "levels deep"),
     ("shm", "model-name-control@hello", 0, None),
@@ -65,26 +78,33 @@ CASES = [
     ("shm", "config-inf@hello", 2, "not valid JSON"),
     ("shm", "config-wrong-type@hello", 0, None),
     ("shm", "config-deep@hello", 2, "levels deep"),
-    ("shm", "error-control@rpc", 2, "daemon at"),
+    ("shm-zmqbell", "error-control@rpc", 2, "daemon at"),
     ("shm", "error-newlines@hello", 2, "daemon at"),
-    ("shm", "error-8mb@rpc", 2, TIMED_OUT),
-    ("shm", "oversize@rpc", 2, TIMED_OUT),
+    ("shm-zmqbell", "error-8mb@rpc", 2, TIMED_OUT),
+    ("shm-zmqbell", "oversize@rpc", 2, TIMED_OUT),
     # ---- shm: host-owned resources
-    ("shm", "truncate-req@init", 2, RING),
+    ("shm-zmqbell", "truncate-req@init", 2, RING),
     # the daemon writes the next reply first: the truncation kills the host's own daemon (SIGBUS) and the
     # client, whose ring was never touched after it, times out cleanly instead
-    ("shm", "truncate-rsp@init", 2, (RING, TIMED_OUT)),
-    ("shm", "truncate-req@rpc", 2, RING),
-    ("shm", "truncate-rsp@rpc", 2, RING),
-    ("shm", "truncate-req@decode", 2, RING),
-    ("shm", "truncate-rsp@decode", 2, RING),
-    ("shm", "grow-req@rpc", 0, None),
-    ("shm", "grow-rsp@decode", 0, None),
-    ("shm", "replace-req@rpc", 0, None),
-    ("shm", "replace-rsp@decode", 0, None),
-    ("shm", "close@rpc", 2, TIMED_OUT),
+    ("shm-zmqbell", "truncate-rsp@init", 2, (RING, TIMED_OUT)),
+    ("shm-zmqbell", "truncate-req@rpc", 2, RING),
+    ("shm-zmqbell", "truncate-rsp@rpc", 2, RING),
+    ("shm-zmqbell", "truncate-req@decode", 2, RING),
+    ("shm-zmqbell", "truncate-rsp@decode", 2, RING),
+    ("shm-zmqbell", "grow-req@rpc", 0, None),
+    ("shm-zmqbell", "grow-rsp@decode", 0, None),
+    ("shm-zmqbell", "replace-req@rpc", 0, None),
+    ("shm-zmqbell", "replace-rsp@decode", 0, None),
+    ("shm-zmqbell", "close@rpc", 2, TIMED_OUT),
     ("shm", "stall@hello", 2, TIMED_OUT),
-    ("shm", "stall@decode", 2, TIMED_OUT),
+    ("shm-zmqbell", "stall@decode", 2, TIMED_OUT),
+    # ---- shm doorbell: the host writes the rings' header words while the calls go on. It races the daemon
+    # (whichever rings a reply first is read), so the rule runs on every call until one of its lands.
+    ("shm", "bell-seq@bell", 2, "doorbell sequence word"),
+    ("shm", "bell-length@bell", 2, "doorbell record length"),
+    ("shm", "bell-magic@bell", 2, ("doorbell magic b'XXXX'", *BELL_TORN)),
+    ("shm", "bell-token@bell", 2, ("reply token does not match", *BELL_TORN)),
+    ("shm", "asleep-1@bell", 0, None),   # a Wake with every call: harmless
     # ---- msgpack: each key of a reply, its types, nesting, huge ints, NaN
     ("msgpack", "method@rpc", 2, "method"),
     ("msgpack", "method-type@rpc", 2, "method"),
@@ -138,6 +158,8 @@ def _no_core():
 
 def run_case(case, daemon_endpoint: str, workdir: pathlib.Path) -> dict:
     transport, rule, _, _ = case
+    doorbell = ["--doorbell", "zmq"] if transport == "shm-zmqbell" else []
+    longer = ["--max-new-tokens", BELL_TOKENS, "--quiet"] if rule.startswith("bell-") else []
     tag = secrets.token_hex(4)
     front = f"ipc://{workdir}/h-{tag}.sock"
     info_path = workdir / f"info-{tag}.json"
@@ -150,7 +172,8 @@ def run_case(case, daemon_endpoint: str, workdir: pathlib.Path) -> dict:
             time.sleep(0.02)
         start = time.monotonic()
         client = subprocess.run([sys.executable, "-m", "shmrt", "client", "--endpoint", front,
-                                 "--transport", transport, *CLIENT_ARGS], capture_output=True, text=True,
+                                 "--transport", transport.split("-")[0], *doorbell, *CLIENT_ARGS, *longer],
+                                capture_output=True, text=True,
                                 timeout=HANG_GUARD, env=_env(), cwd=workdir,
                                 preexec_fn=_no_core, errors="backslashreplace")
         elapsed, ended_at = time.monotonic() - start, time.time()
@@ -167,7 +190,7 @@ def run_case(case, daemon_endpoint: str, workdir: pathlib.Path) -> dict:
         with contextlib.suppress(FileNotFoundError):  # the daemon may unlink a dead client's rings first
             os.unlink(f"/dev/shm{name}")
     return {"rc": client.returncode, "stdout": client.stdout, "stderr": client.stderr, "elapsed": elapsed,
-            "fired": info["fired"], "left": left, "after_fire": ended_at - info.get("fired_at", ended_at)}
+            "fired": info["fired"], "wakes": info.get("wakes", 0), "left": left, "after_fire": ended_at - info.get("fired_at", ended_at)}
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +246,8 @@ def test_hostile_host(outcomes, case):
     assert "harness_error" not in out, out.get("harness_error")
     where = f"{case_id(case)}: rc {out['rc']} in {out['elapsed']:.1f} s ({out['after_fire']:.1f} s after the corruption)\nstdout: {out['stdout'][-1500:]!r}\nstderr: {out['stderr'][-3000:]!r}"
     assert out["fired"], f"the rule never fired (the call sequence changed?)\n{where}"
+    if rule.startswith("asleep-1"):
+        assert out["wakes"] > 0, f"the client never sent a Wake\n{where}"
     assert out["rc"] == expected_rc, where
     assert "Traceback" not in out["stderr"] + out["stdout"], where
     assert _control_free(out["stdout"]) and _control_free(out["stderr"]), where

@@ -14,9 +14,10 @@ import torch
 
 from conftest import shm_segments, shmrt_argv
 from shmrt.tools.process import DaemonProcess
-from shmrt.errors import PeerError, SetupError
+from shmrt.errors import PeerError, PeerTimeout, SetupError
 from shmrt.wire.peer import client_info
 from shmrt.wire.registry import client_transport as make_client_transport
+from shmrt.wire.ring import OFF_ASLEEP
 from shmrt.wire.transport import check_endpoint
 
 SPAWN = mp.get_context("spawn")
@@ -58,9 +59,12 @@ def _shmrt(*args, **kw):
 
 
 def _wait_for_new_segments(before, proc, timeout=60):
+    """The two rings `proc` created: new segments whose header names it as their owner (other test runs
+    share /dev/shm and may create rings meanwhile)."""
+    from shmrt.tools.cleanup import segment_owner
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = shm_segments() - before
+        new = {name for name in shm_segments() - before if (segment_owner("/" + name) or (None,))[0] == proc.pid}
         if len(new) == 2:
             return new
         assert proc.poll() is None, proc.communicate()
@@ -115,15 +119,85 @@ def test_kill_9_client_daemon_frees_its_session_and_rings_and_keeps_serving(mode
 
 
 def test_silent_client_without_visible_pid_is_dropped_after_session_timeout(model_daemon):
-    # An enclave client's pid means nothing to the host: only the idle timeout applies.
+    # An enclave client's pid means nothing to the host: only the idle timeout applies. The call after the
+    # drop rings in shared memory, finds the dropped session marked asleep, sends a Wake and gets the
+    # refusal over ZeroMQ at once (not after its 5 s timeout).
     d = model_daemon("tiny", "--session-timeout", "1")
-    with make_client_transport("shm", d.endpoint, timeout=5) as t:
+    with make_client_transport("shm", d.endpoint, timeout=5, doorbell="shm") as t:
         t.hello({"wire_dtype": "float32"})
         t.open_session(1 << 20)
         t.call("Init").release()
         time.sleep(2.6)
+        t0 = time.monotonic()
         with pytest.raises(PeerError, match="no open session"):
             t.call("LMHead", [torch.zeros(1, 64)])
+        assert time.monotonic() - t0 < 2.5
+
+
+# ---- the shared-memory doorbell: a daemon that dies or idles between the bells
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of `pid` (fields 14 and 15 of /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _echo_session(endpoint: str, timeout: float):
+    t = make_client_transport("shm", endpoint, timeout=timeout, doorbell="shm")
+    t.hello(client_info())
+    t.open_session(1 << 16)
+    t.call("Init").release()
+    return t
+
+
+def _echoes(t, seed: int) -> bool:
+    x = torch.randn(300, generator=torch.Generator().manual_seed(seed))
+    with t.call("Embedding", [x]) as r:
+        return torch.equal(r.tensors[0], x)
+
+
+def test_idle_daemon_with_an_open_shm_doorbell_session_uses_no_cpu_and_wakes_for_the_next_call(echo_daemon):
+    with _echo_session(echo_daemon.endpoint, timeout=10) as t:
+        assert _echoes(t, 1)
+        time.sleep(0.5)  # past DEEP_SLEEP_S: the daemon blocks on ZeroMQ
+        pid = echo_daemon.proc.pid
+        cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+        time.sleep(2.0)
+        share = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+        print(f"idle daemon: {share * 100:.2f} % of a CPU (target 1 %)")
+        assert share < 0.03, f"idle daemon used {share * 100:.1f} % of a CPU"
+        t1 = time.monotonic()
+        assert all(_echoes(t, seed) for seed in range(2, 6))  # the first of them finds it asleep: Wake
+        assert time.monotonic() - t1 < 2.0
+
+
+def test_kill_9_daemon_mid_session_next_shm_doorbell_call_times_out_and_close_unlinks(endpoint):
+    from conftest import EchoDaemon
+    d = EchoDaemon(endpoint)
+    timeout = 1.0
+    try:
+        t = _echo_session(endpoint, timeout=60)      # the daemon may still be starting
+        t.timeout = timeout
+        names = {t.req.name[1:], t.rsp.name[1:]}
+        assert _echoes(t, 1)
+        time.sleep(0.3)                               # idle: the daemon sleeps on ZeroMQ (asleep = 1)
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.join(10)
+        took = []
+        for asleep in (1, 0):  # the call sends a Wake to nobody; then as if killed while awake (no Wake)
+            t.req.native.store(OFF_ASLEEP, asleep)
+            t0 = time.monotonic()
+            with pytest.raises(PeerTimeout, match="did not answer within|no daemon is accepting"):
+                _echoes(t, 2)
+            took.append(time.monotonic() - t0)
+        print(f"calls to the killed daemon failed after {took[0]:.2f} s (asleep) and {took[1]:.2f} s (awake)")
+        assert all(timeout - 0.1 < s < timeout + 1.5 for s in took), took
+        assert names <= shm_segments()
+        t.close()
+        assert not (names & shm_segments()), "the client left its rings behind"
+    finally:
+        d.stop()
 
 
 def test_wrong_session_token_is_refused(model_daemon):

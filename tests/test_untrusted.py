@@ -19,7 +19,8 @@ from shmrt.errors import ModelError, ProtocolError, ShmrtError, describe, printa
 from shmrt.model.config import LlamaConfig
 from shmrt.wire import protocol
 from shmrt.wire.peer import client_info
-from shmrt.wire.ring import OFF_HEAD, OFF_TAIL, Consumer, Producer
+from shmrt.wire.bell import MAX_RECORD, BellOut
+from shmrt.wire.ring import OFF_ASLEEP, OFF_BELL_SEQ, OFF_BELL_SLOT, OFF_HEAD, OFF_TAIL, Consumer, Producer, Ring
 from shmrt.wire.registry import client_transport as make_client_transport
 from shmrt.wire.untrusted import MAX_DEPTH, json_depth, load_json, load_msgpack
 
@@ -245,11 +246,20 @@ class FakePeer:
         pass
 
 
-def client_with(transport: str, respond, ring_bytes: int = 1 << 16):
-    """A client whose socket is `respond`: every doorbell goes over it (the ZeroMQ doorbell)."""
-    t = make_client_transport(transport, "ipc:///nonexistent/shmrt-fuzz.sock", timeout=0.1, doorbell="zmq")
+class QuietPeer(FakePeer):
+    """A fake socket that is readable only when it holds a message (the shm doorbell's client looks at
+    its socket between wait slices, where only an Error may come)."""
+
+    def poll(self, timeout=0, flags=0):
+        return self.pending is not None or bool(flags & 2)  # zmq.POLLOUT: always writable
+
+
+def client_with(transport: str, respond, ring_bytes: int = 1 << 16, doorbell: str = "zmq"):
+    """A client whose socket is `respond`: with doorbell="zmq" every doorbell goes over it; with "shm" only
+    the control messages (Hello, Attach, Close, a Wake) do."""
+    t = make_client_transport(transport, "ipc:///nonexistent/shmrt-fuzz.sock", timeout=0.1, doorbell=doorbell)
     t._sock.close(linger=0)
-    peer = FakePeer(respond)
+    peer = (FakePeer if doorbell == "zmq" else QuietPeer)(respond)
     t._sock = peer
     t._open_socket = lambda: peer  # limit_replies re-opens the socket
     return t
@@ -372,6 +382,92 @@ def test_fuzz_shm_rpc_replies(shm_client, mutation, method):
     _reset_rings(t)
     state["respond"] = lambda raw: _mutate_doorbell(_legit_shm_reply(raw, RPC_SHAPES[method]), mutation)
     survives("shm RPC replies", _rpc, RemoteOps(t, TINY, torch.float32), t, method)
+
+
+# ---- hostile replies rung through the response ring's header (the shm doorbell)
+
+@st.composite
+def slot_mutation(draw):
+    """A mutated legit reply record (doorbell_mutation), and what the host does with the slot around it:
+    post it as is, post it and then overwrite the length word, store another seq word, send it over the
+    socket during the call instead, or post it after forcing the daemon's asleep word (the client sends a
+    Wake first)."""
+    record = draw(doorbell_mutation())
+    kind = draw(st.sampled_from(["post"] * 5 + ["length", "length", "seq", "seq", "socket", "wake"]))
+    if kind == "length":
+        return record, (kind, draw(st.one_of(st.integers(0, 400), st.integers(0, 2**64 - 1),
+                                             st.sampled_from([MAX_RECORD, MAX_RECORD + 1, 4096, 2**63]))))
+    if kind == "seq":
+        return record, (kind, draw(st.one_of(st.sampled_from(["seen", "next", "previous"]), st.integers(0, 2**64 - 1))))
+    if kind == "socket":
+        return record, (kind, draw(st.booleans()))  # True: as an Error doorbell
+    return record, (kind,)
+
+
+class SlotResponder:
+    """Stands in for the client's BellOut: posts the request for real, then plays the daemon on the response
+    ring (its own mapping, attached by name as the daemon does) with the reply `state["reply"]` makes."""
+
+    def __init__(self, t, state):
+        self.t, self.state = t, state
+        self.request_out = t._bell_out
+        self.rsp = Ring.attach(t.rsp.name, t.rsp.capacity)
+        self.reply_out = BellOut(self.rsp)
+
+    def post(self, record: bytes, seq: int) -> bool:
+        raw, (kind, *arg) = self.state["reply"](record)
+        if kind == "wake":
+            self.t.req.native.store(OFF_ASLEEP, 1)
+        wake = self.request_out.post(record, seq)
+        if kind == "wake":
+            self.t.req.native.store(OFF_ASLEEP, 0)
+        if kind == "socket":
+            self.t._sock.pending = encode_error(raw, "the daemon on the socket") if arg[0] else raw
+            return wake
+        if kind == "seq" and arg[0] == "seen":
+            return wake  # nothing posted: the client waits out its timeout
+        self.reply_out.post(raw[:MAX_RECORD], seq)  # the slot holds no more: a longer record is cut
+        if kind == "length":
+            self.rsp.native.store(OFF_BELL_SLOT, arg[0])
+        elif kind == "seq":
+            word = {"next": seq + 1, "previous": seq - 1}.get(arg[0], arg[0])
+            self.rsp.native.store(OFF_BELL_SEQ, word)
+        return wake
+
+    def close(self) -> None:
+        self.rsp.close()
+
+
+def encode_error(raw: bytes, text: str) -> bytes:
+    """An Error doorbell with the token and seq of `raw` where it has them."""
+    token, seq = (raw[16:32], struct.unpack_from("<Q", raw, 8)[0]) if len(raw) >= 32 else (bytes(16), 0)
+    return protocol.encode(protocol.Doorbell(protocol.Method.Error, seq, token, flags=protocol.FLAG_ERROR, text=text))
+
+
+@pytest.fixture(scope="module")
+def shm_bell_client():
+    state = {"respond": lambda raw: _legit_shm_reply(raw, []) if protocol.peek_method(raw) != protocol.Method.Wake
+             else None}
+    t = client_with("shm", lambda raw: state["respond"](raw), doorbell="shm")
+    t.open_session(1 << 16)
+    responder = t._bell_out = SlotResponder(t, state)
+    yield t, state
+    responder.close()
+    t.close()
+
+
+@FUZZ
+@given(mutation=slot_mutation(), method=st.sampled_from(list(RPC_SHAPES)))
+def test_fuzz_shm_doorbell_replies_through_the_slot(shm_bell_client, mutation, method):
+    t, state = shm_bell_client
+    _reset_rings(t)
+    t.rsp.native.store(OFF_BELL_SEQ, t._bell_in.seen)  # a scribbled word of the last example is gone
+    record_mutation, slot = mutation
+    state["reply"] = lambda raw: (_mutate_doorbell(_legit_shm_reply(raw, RPC_SHAPES[method]), record_mutation), slot)
+    start = time.monotonic()
+    survives("shm doorbell replies (slot)", _rpc, RemoteOps(t, TINY, torch.float32), t, method)
+    assert time.monotonic() - start < t.timeout + 1.0, "a call outlived its timeout"
+    t._sock.pending = None
 
 
 def _hello_then_config(t):

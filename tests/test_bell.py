@@ -1,0 +1,208 @@
+"""The shared-memory doorbell (bell.py) and the word waiter under it (native.WordWaiter), on real
+shared memory: each side's ring mapped as the client and the daemon map it, and a second process
+(plain Python, no shmrt: a writer as foreign as the host) where crossing processes matters."""
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from shmrt.errors import ProtocolError
+from shmrt.wire.bell import MAX_RECORD, BellIn, BellOut
+from shmrt.wire.native import Backoff, WordWaiter
+from shmrt.wire.ring import BELL_SLOT_BYTES, OFF_ASLEEP, OFF_BELL_SEQ, OFF_BELL_SLOT, Ring
+
+CAP = 4096
+
+
+@pytest.fixture
+def ring_pair():
+    """(the producer's mapping: the creator, the consumer's: an attacher) of one ring."""
+    with Ring.create(CAP, "rsp") as mine:
+        theirs = Ring.attach(mine.name, CAP)
+        try:
+            yield mine, theirs
+        finally:
+            theirs.close()
+
+
+# ---- post / take
+
+def test_post_then_take_returns_the_exact_record_once(ring_pair):
+    producer, consumer = ring_pair
+    out, bell_in = BellOut(producer), BellIn(consumer)
+    for seq, record in enumerate([b"SHMD" + bytes(range(68)), b"x", bytes(MAX_RECORD), b""], start=1):
+        assert out.post(record, seq) is False  # the consumer is awake: no Wake to send
+        got = bell_in.take(seq)
+        assert got == record and type(got) is bytes, seq  # a private copy, not a view on the slot
+        assert bell_in.seen == seq
+        assert bell_in.take(seq + 1) is None, seq  # taken once: nothing new until the next post
+
+
+def test_take_returns_none_when_nothing_was_posted(ring_pair):
+    _, consumer = ring_pair
+    bell_in = BellIn(consumer)
+    assert bell_in.take(1) is None and bell_in.take(7) is None
+    assert bell_in.seen == 0
+
+
+def test_a_record_changed_after_take_does_not_change_the_copy(ring_pair):
+    producer, consumer = ring_pair
+    BellOut(producer).post(b"A" * 100, 1)
+    record = BellIn(consumer).take(1)
+    producer.mapping[OFF_BELL_SLOT + 8:OFF_BELL_SLOT + 108] = b"B" * 100
+    assert record == b"A" * 100
+
+
+@pytest.mark.parametrize("word", [2, 5, 2**63, 2**64 - 1])
+def test_a_scribbled_sequence_word_is_a_protocol_error_naming_the_word(ring_pair, word):
+    producer, consumer = ring_pair
+    BellOut(producer).post(b"first", 1)
+    bell_in = BellIn(consumer)
+    assert bell_in.take(1) == b"first"
+    producer.native.store(OFF_BELL_SEQ, word)  # neither 1 (seen) nor 3 (expected)
+    with pytest.raises(ProtocolError, match=rf"doorbell sequence word {word}, expected 1 \(nothing new\) or 3"):
+        bell_in.take(3)
+    assert bell_in.seen == 1  # nothing taken
+
+
+@pytest.mark.parametrize("length", [MAX_RECORD + 1, BELL_SLOT_BYTES, 2**32, 2**64 - 1])
+def test_a_record_length_past_the_slot_is_a_protocol_error(ring_pair, length):
+    producer, consumer = ring_pair
+    BellOut(producer).post(b"ok", 1)
+    producer.native.store(OFF_BELL_SLOT, length)  # the length word after the post, before the take
+    with pytest.raises(ProtocolError, match=rf"doorbell record length {length}, expected at most {MAX_RECORD}"):
+        BellIn(consumer).take(1)
+
+
+def test_a_record_longer_than_the_slot_is_never_posted(ring_pair):
+    producer, _ = ring_pair
+    with pytest.raises(AssertionError):
+        BellOut(producer).post(bytes(MAX_RECORD + 1), 1)
+    assert producer.native.load(OFF_BELL_SEQ) == 0
+
+
+# ---- the sleep handshake (store, fence, load on both sides)
+
+def test_post_reports_a_sleeping_consumer_and_sleep_reports_a_waiting_bell(ring_pair):
+    producer, consumer = ring_pair
+    out, bell_in = BellOut(producer), BellIn(consumer)
+    assert bell_in.sleep(True) is False           # nothing rung: safe to block on ZeroMQ
+    assert producer.native.load(OFF_ASLEEP) == 1
+    assert out.post(b"one", 1) is True            # the consumer sleeps: the producer must send a Wake
+    assert bell_in.sleep(True) is True            # a bell came in before it slept: serve it, do not block
+    assert bell_in.take(1) == b"one"
+    assert bell_in.sleep(True) is False           # taken: nothing waits any more
+    assert bell_in.sleep(False) is False
+    assert producer.native.load(OFF_ASLEEP) == 0
+    assert out.post(b"two", 2) is False           # awake again: no Wake
+    assert bell_in.sleep(False) is True and bell_in.take(2) == b"two"
+
+
+# ---- WordWaiter
+
+WRITER = r"""
+import mmap, os, struct, sys, time
+path, delay, seq, record = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), bytes.fromhex(sys.argv[4])
+fd = os.open(path, os.O_RDWR)
+mm = mmap.mmap(fd, 4096, mmap.MAP_SHARED)
+os.close(fd)
+print("ready", flush=True)
+time.sleep(delay)
+struct.pack_into("<Q", mm, 1024, len(record))   # a post as bell.py does it: slot, then the seq word
+mm[1032:1032 + len(record)] = record
+struct.pack_into("<Q", mm, 192, seq)
+mm.close()
+"""
+
+
+def test_waiter_returns_the_index_of_the_word_another_process_rings(ring_pair):
+    producer, consumer = ring_pair
+    with Ring.create(CAP, "req") as other:
+        waiter = WordWaiter([other.native.word_address(OFF_BELL_SEQ), consumer.native.word_address(OFF_BELL_SEQ)],
+                            Backoff())
+        record = b"SHMD" + os.urandom(200)
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, f"/dev/shm{producer.name}", "0.3", "1", record.hex()],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert writer.stdout.readline() == "ready\n"
+            start = time.monotonic()
+            which = waiter.wait(0, int(10e9))
+            elapsed = time.monotonic() - start
+        finally:
+            writer.wait(10)
+        print(f"woke {elapsed * 1e3:.0f} ms after a write due 300 ms after the writer was ready")
+        assert which == 1 and 0.15 < elapsed < 5.0, (which, elapsed)
+        assert BellIn(consumer).take(1) == record  # the other process's record, exactly
+
+
+@pytest.mark.parametrize("waited_ms", [0.0, 50.0])  # from the spin phase, and from the sleep phase
+def test_waiter_returns_minus_one_after_its_budget_when_nothing_changes(ring_pair, waited_ms):
+    _, consumer = ring_pair
+    consumer.native.store(OFF_BELL_SEQ, 9)
+    waiter = WordWaiter([consumer.native.word_address(OFF_BELL_SEQ)], Backoff())
+    waiter.seen[0] = 9
+    start = time.monotonic()
+    assert waiter.wait(int(waited_ms * 1e6), int(0.2e9)) == -1
+    elapsed = time.monotonic() - start
+    print(f"budget 200 ms, returned after {elapsed * 1e3:.1f} ms")
+    assert 0.2 <= elapsed < 0.5, elapsed
+
+
+def test_waiter_returns_at_once_when_a_word_already_differs(ring_pair):
+    _, consumer = ring_pair
+    consumer.native.store(OFF_BELL_SEQ, 3)
+    waiter = WordWaiter([consumer.native.word_address(OFF_BELL_SEQ)], Backoff())  # seen: 0
+    start = time.monotonic()
+    assert waiter.wait(0, int(5e9)) == 0
+    assert time.monotonic() - start < 0.5
+
+
+def test_waiter_returns_socket_when_the_descriptor_becomes_readable(ring_pair):
+    _, consumer = ring_pair
+    r, w = os.pipe()
+    try:
+        waiter = WordWaiter([consumer.native.word_address(OFF_BELL_SEQ)], Backoff(), fd=r)
+        os.write(w, b"x")                               # readable already
+        assert waiter.wait(0, int(5e9)) == WordWaiter.SOCKET
+        os.read(r, 1)
+        timer = threading.Timer(0.2, os.write, (w, b"y"))  # readable while it sleeps
+        timer.start()
+        start = time.monotonic()
+        which = waiter.wait(int(1e9), int(10e9))
+        elapsed = time.monotonic() - start
+        timer.join()
+        assert which == WordWaiter.SOCKET and 0.15 < elapsed < 5.0, (which, elapsed)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_waiter_with_no_words_waits_on_the_descriptor_only():
+    r, w = os.pipe()
+    try:
+        waiter = WordWaiter([], Backoff(), fd=r)
+        assert waiter.wait(0, int(0.05e9)) == -1
+        os.write(w, b"x")
+        assert waiter.wait(0, int(5e9)) == WordWaiter.SOCKET
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_waiter_refuses_an_unaligned_word(ring_pair):
+    _, consumer = ring_pair
+    with pytest.raises(ProtocolError, match="not 8-byte aligned"):
+        consumer.native.word_address(OFF_BELL_SEQ + 4)
+    waiter = WordWaiter([consumer.native.word_address(OFF_BELL_SEQ) + 4], Backoff())
+    with pytest.raises(ProtocolError, match="not 8-byte aligned"):
+        waiter.wait(0, int(1e6))
+
+
+def test_slot_layout_matches_what_a_foreign_writer_assumes():
+    # The WRITER above and tests/hostile_host.py write the header by offset, importing nothing of shmrt.
+    assert (OFF_BELL_SEQ, OFF_ASLEEP, OFF_BELL_SLOT, BELL_SLOT_BYTES, MAX_RECORD) == (192, 256, 1024, 3072, 3064)
+    assert struct.calcsize("<Q") == 8
