@@ -73,6 +73,7 @@ class Server:
         self.stopping = False
         self.backoff = backoff or Backoff()
         self._bells: tuple[list[Session], WordWaiter] | None = None  # the sessions whose bell words we wait on
+        self._asleep = False  # the bell sessions were told we block on ZeroMQ (their asleep words are 1)
 
     # ---- lifetime
 
@@ -106,8 +107,9 @@ class Server:
                 idle = now_ns() - last_request
                 served += self._serve_bells(*bells, idle)
                 if not served and idle > deep_sleep_ns:
-                    self._sleep_on_socket(bells[0], poll_ms)
-                    served = 1   # awake again: spin first
+                    served = self._sleep_on_socket(bells[0], poll_ms)   # 0: slept the whole poll, sleep on
+                if served and self._asleep:
+                    self._wake_up()
             if served:
                 last_request = now_ns()
             if time.monotonic() >= next_reap:
@@ -183,17 +185,21 @@ class Server:
             served += 1
         return served
 
-    def _sleep_on_socket(self, sessions: list[Session], poll_ms: int) -> None:
-        """Idle: tell each bell session we sleep, block on the socket, then wake up (unless a bell came in
-        between: the store-fence-load handshake of bell.py)."""
+    def _sleep_on_socket(self, sessions: list[Session], poll_ms: int) -> int:
+        """Idle: tell each bell session we sleep, then block on the socket (unless a bell came in between: the
+        store-fence-load handshake of bell.py). Returns how many messages or bells woke us; 0: the poll ran
+        out, and the loop comes straight back here, still asleep, without spinning first."""
+        self._asleep = True
         pending = False
         for s in sessions:
             pending |= s.transport.sleep(True)
-        if not pending:
-            self._poll_socket(poll_ms)
-        for s in sessions:
-            if self.sessions.get(s.identity) is s:
-                s.transport.sleep(False)
+        return 1 if pending else self._poll_socket(poll_ms)
+
+    def _wake_up(self) -> None:
+        """Back to waiting on the bell words: clients need not send Wakes any more."""
+        self._asleep = False
+        for s in self.sessions.values():
+            s.transport.sleep(False)
 
     def _open(self, identity: bytes, payload: bytes) -> bytes | None:
         codec = registry.sniff(payload)
