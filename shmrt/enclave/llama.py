@@ -84,9 +84,9 @@ def causal_softmax(scores: torch.Tensor, mask: torch.Tensor | None, out: torch.T
 
 def check_finite(t: torch.Tensor, method: str, layer: int) -> torch.Tensor:
     """Refuse a non-finite state: NaN/Inf in a reply would flow on into the logits and the sampler and
-    come out as text. One reduction over the residual stream per check (per layer: after attention, after
-    the MLP; and the logits): a sum is finite only if every term is, and a sum that overflows from finite
-    terms takes the element-wise check."""
+    come out as text. One reduction per check: per layer after the MLP's residual (a NaN/Inf the attention
+    added is still there: no sum with a non-finite term is finite), and the logits. A sum is finite only if
+    every term is; one that overflows from finite terms takes the element-wise check."""
     if not math.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
         where = f"layer {layer}" if layer >= 0 else "the last step"
         raise ProtocolError(f"the daemon's {method} reply made the {'logits' if layer < 0 else 'hidden state'} "
@@ -163,7 +163,7 @@ class EnclaveModel:
                     ctx.view(B, S, H, hd).copy_(o.view(0).view(B, H, S, hd).transpose(1, 2))
                 o = ops.linear(layer, O, ctx)
         with o:
-            check_finite(h.add_(o.view(0)), "AttentionOutput" if self.fused else "BatchLinear o_proj", layer)
+            h.add_(o.view(0))                  # checked with the MLP's residual (check_finite)
         with ops.request() as req:
             x = rms_norm(h, post_attention_norm, eps, out=req.alloc((B, S, D)))
             gate_up = ops.linear(layer, GATE_UP, x)
@@ -173,7 +173,8 @@ class EnclaveModel:
                 act = torch.mul(F.silu(gate.float()), up, out=req.alloc((B, S, cfg.intermediate_size)))  # [B, S, I]
             down = ops.linear(layer, DOWN, act)
         with down:
-            check_finite(h.add_(down.view(0)), "BatchLinear down_proj", layer)
+            check_finite(h.add_(down.view(0)), f"{'AttentionOutput' if self.fused else 'BatchLinear o_proj'} or "
+                         "BatchLinear down_proj", layer)
 
     def _attention(self, layer: int, q, k, v, start: int, mask):
         """Q*K^T, causal softmax, then P*V and o_proj in one call (fused: the reply is [B, S, D]) or P*V
