@@ -10,7 +10,8 @@ Sections (each a median over many repeats, with p10/p90):
   math      EnclaveModel's enclave-side time per layer of a decode step (`small` and the llama3.2-1b
             shape), with ops that cost nothing (canned replies) and with LocalOps (its time subtracted),
             next to the same math as bare torch ops on preallocated tensors (the torch cost)
-  e2e       `small` decoding over shm against a real daemon: the enclave's time between consecutive calls
+  e2e       `small` decoding over shm against a real daemon, perf log on (the CLI's default): the enclave's
+            time between consecutive calls, and Serialize + Deserialize per call
 
 A script, not a timed test: numbers depend on the machine; compare runs on the same one.
 """
@@ -347,7 +348,7 @@ def bench_e2e(quick: bool) -> dict:
     try:
         with DaemonProcess(daemon_argv("small", "cpu", "float32", None), endpoint, quiet=True), \
                 EnclaveClient(endpoint=endpoint, model="small", timeout=60, prompt_tokens=prompt,
-                              total_tokens=prompt + new) as c, torch.inference_mode():
+                              total_tokens=prompt + new, log_path=f"{tmp}/perf.log") as c, torch.inference_mode():
             c.transport.observers.append(calls.append)
             ids = torch.randint(0, c.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
             generate(c.model, ids, new, Sampler())
