@@ -5,7 +5,7 @@ import torch
 from conftest import check_close, random_ids
 from shmrt.host.compute import LinearCompute
 from shmrt.model.config import LlamaConfig
-from shmrt.errors import ModelError
+from shmrt.errors import ModelError, ProtocolError
 from shmrt.enclave.generate import Sampler, generate
 from shmrt.enclave.llama import EnclaveModel
 from shmrt.host.local_ops import LocalOps
@@ -73,3 +73,33 @@ def test_presets_have_the_documented_shapes():
             cfg.intermediate_size, cfg.vocab_size, cfg.tie_word_embeddings) == (2048, 16, 32, 8, 8192, 128256, True)
     assert cfg.rope_scaling["rope_type"] == "llama3"
     assert LlamaConfig.from_name("small").with_layers(2).num_hidden_layers == 2
+
+
+class PoisoningOps(LocalOps):
+    """LocalOps whose reply of one call at layer 1 carries one non-finite value."""
+
+    def __init__(self, compute, call: str, value: float):
+        super().__init__(compute)
+        self.call, self.value = call, value
+
+    def _poison(self, layer, reply):
+        if layer == 1:
+            reply.view(0).view(-1)[5] = self.value
+        return reply
+
+    def attention_output(self, p, v, *, layer, cache=None, pos=0):
+        reply = super().attention_output(p, v, layer=layer, cache=cache, pos=pos)
+        return self._poison(layer, reply) if self.call == "AttentionOutput" else reply
+
+    def linear(self, layer, names, x):
+        reply = super().linear(layer, names, x)
+        return self._poison(layer, reply) if self.call == "down_proj" and names == ["down_proj"] else reply
+
+
+@pytest.mark.parametrize("call,value", [("AttentionOutput", float("nan")), ("AttentionOutput", float("inf")),
+                                        ("down_proj", float("-inf")), ("down_proj", float("nan"))])
+def test_a_non_finite_reply_is_refused_at_its_layer(call, value):
+    w = load_weights("tiny")
+    model = EnclaveModel(load_enclave_part(w.source), PoisoningOps(LinearCompute(w, "cpu", torch.float32), call, value))
+    with pytest.raises(ProtocolError, match=f"{call}.* non-finite at layer 1"):
+        model.forward(random_ids(4, w.cfg.vocab_size, seed=3), 0)

@@ -1,4 +1,6 @@
 """Doorbell: round trip, and every field corrupted in turn is rejected naming that field."""
+import math
+import re
 import struct
 
 import pytest
@@ -92,3 +94,38 @@ def test_random_bytes_never_escape_as_anything_but_protocol_error(raw):
         return
     for t in b.tensors:  # whatever decoded is inside the ring and self-consistent
         assert t.offset + t.nbytes <= CAP
+
+
+DIMS = st.one_of(st.integers(1, 70), st.integers(-3, 3),
+                 st.sampled_from([2**20, 2**40, 2**40 + 1, 2**47, -2**63, 2**63 - 1]))
+
+
+@st.composite
+def descriptor_fields(draw, capacity):
+    """offset, nbytes, dtype code, ndim, 6 dims: mostly legal or one step off it."""
+    ndim = draw(st.integers(0, 7))
+    shape = draw(st.lists(DIMS, min_size=min(ndim, 6), max_size=min(ndim, 6)))
+    tail = draw(st.one_of(st.just([0] * (6 - len(shape))), st.lists(DIMS, min_size=6 - len(shape), max_size=6 - len(shape))))
+    code = draw(st.one_of(st.sampled_from(list(protocol.DTYPES)), st.integers(0, 255)))
+    itemsize = protocol.DTYPES[code][1].itemsize if code in protocol.DTYPES else 4
+    nbytes = math.prod(shape) * itemsize + draw(st.one_of(st.just(0), st.integers(-8, 8), st.just(2**63)))
+    offset = draw(st.one_of(st.integers(0, 16).map(lambda n: 64 * n), st.integers(0, 16).map(lambda n: capacity - 64 * n),
+                            st.integers(0, capacity + 128), st.sampled_from([2**64 - 64, 2**63])))
+    return offset, min(max(nbytes, 0), 2**64 - 1), code, ndim, *shape, *tail
+
+
+@settings(max_examples=4000, deadline=None)
+@given(data=st.data(), capacity=st.sampled_from([CAP, 2**50]))
+def test_fast_path_accepts_exactly_what_the_field_checks_accept(data, capacity):
+    """decode's few-comparison path for the common descriptor must agree with the field-by-field checks:
+    same descriptor when they accept, the same named error when they refuse."""
+    raw = bytearray(protocol.encode(bell(tensors=(TensorDesc(0, 24, torch.float32, (2, 3)),))))
+    struct.pack_into("<QQBB6x6q", raw, DESC0, *data.draw(descriptor_fields(capacity)))
+    raw = bytes(raw)
+    try:
+        expected = protocol._checked_descriptor(0, raw, capacity)
+    except ProtocolError as exc:
+        with pytest.raises(ProtocolError, match=re.escape(str(exc))):
+            protocol.decode(raw, capacity=capacity)
+    else:
+        assert protocol.decode(raw, capacity=capacity).tensors == (expected,)

@@ -12,6 +12,9 @@ stacked along rows, so Q*K^T and P*V are plain batched matmuls over [B, Hkv, g*S
 """
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -27,21 +30,40 @@ CALL_SETS = ("fused", "v2.4")   # fused: P*V and o_proj travel as one call (5 pe
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    x32 = x.float()
-    return torch.mul(weight, x32 * torch.rsqrt((x32 * x32).mean(-1, keepdim=True) + eps), out=out)
+    """HF's LlamaRMSNorm in float32 (one call into torch); written into `out` (a request buffer) when given."""
+    y = F.rms_norm(x.float(), weight.shape, weight, eps)
+    return y if out is None else out.copy_(y)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, scaling: float):
+class Rope(NamedTuple):
+    """RoPE tables of one forward, [S, 2, hd/2]: a head's two halves side by side. `sin` carries
+    rotate_half's sign (its first half negated); q's tables carry the attention scale 1/sqrt(hd) too, so
+    Q*K^T arrives scaled and the softmax needs no pass of its own."""
+
+    cos_q: torch.Tensor
+    sin_q: torch.Tensor
+    cos_k: torch.Tensor
+    sin_k: torch.Tensor
+
+
+def rope_tables(inv_freq: torch.Tensor, start: int, length: int, scaling: float, q_scale: float) -> Rope:
     positions = torch.arange(start, start + length, dtype=torch.float32, device=inv_freq.device)
     freqs = positions[:, None] * inv_freq[None, :]            # [S, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)                   # [S, hd]
-    return emb.cos() * scaling, emb.sin() * scaling
+    cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+    cos, sin = torch.stack((cos, cos), dim=1), torch.stack((-sin, sin), dim=1)  # [S, 2, hd/2]
+    return Rope(cos * q_scale, sin * q_scale, cos, sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return torch.add(x * cos, rotated * sin, out=out)
+    """x [B, H, S, hd] -> x*cos + rotate_half(x)*sin in float32 (cos, sin: [S, 2, hd/2] of `rope_tables`);
+    written into `out` when given: in place if it is float32, else rounded once into it."""
+    halves = x.unflatten(-1, (2, -1))                          # [B, H, S, 2, hd/2]
+    direct = out is not None and out.dtype == torch.float32
+    y = torch.mul(halves, cos, out=out.unflatten(-1, (2, -1)) if direct else None)
+    y.addcmul_(halves.flip(-2), sin)                           # the halves swapped: rotate_half
+    if direct:
+        return out
+    return y.flatten(-2) if out is None else out.copy_(y.flatten(-2))
 
 
 def causal_mask(start: int, S: int, device=None) -> torch.Tensor | None:
@@ -49,22 +71,23 @@ def causal_mask(start: int, S: int, device=None) -> torch.Tensor | None:
     return torch.ones(S, start + S, dtype=torch.bool, device=device).triu_(start + 1) if S > 1 else None
 
 
-def causal_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, out: torch.Tensor) -> None:
-    """out = softmax(scores * scale, masked) over the last dim; scores, out: [B, H, S, T]."""
-    x = scores.float() * scale if scores.dtype != torch.float32 else torch.mul(scores, scale)
+def causal_softmax(scores: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = softmax(scores, masked) over the last dim, in float32; scores (scaled already: see Rope), out:
+    [B, H, S, T]."""
     if mask is not None:
-        x.masked_fill_(mask, float("-inf"))
+        scores = scores.masked_fill(mask, float("-inf"))
     if out.dtype == torch.float32:
-        torch.softmax(x, dim=-1, out=out)
+        torch.softmax(scores, -1, dtype=torch.float32, out=out)
     else:
-        out.copy_(torch.softmax(x, dim=-1))
+        out.copy_(torch.softmax(scores, -1, dtype=torch.float32))
 
 
 def check_finite(t: torch.Tensor, method: str, layer: int) -> torch.Tensor:
     """Refuse a non-finite state: NaN/Inf in a reply would flow on into the logits and the sampler and
-    come out as text. One pass over the residual stream per check (per layer: after attention, after
-    the MLP; and the logits)."""
-    if not bool(torch.isfinite(t).all()):
+    come out as text. One reduction per check: per layer after the MLP's residual (a NaN/Inf the attention
+    added is still there: no sum with a non-finite term is finite), and the logits. A sum is finite only if
+    every term is; one that overflows from finite terms takes the element-wise check."""
+    if not math.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
         where = f"layer {layer}" if layer >= 0 else "the last step"
         raise ProtocolError(f"the daemon's {method} reply made the {'logits' if layer < 0 else 'hidden state'} "
                             f"non-finite at {where}: refusing to go on with NaN/Inf")
@@ -79,6 +102,7 @@ class EnclaveModel:
         self.fused = calls == "fused"
         self.cfg = cfg = part.cfg
         self.norms = part.norms                 # [2L+1, D] float32, from the enclave's own checkpoint copy
+        self.layer_norms = [(part.norms[2 * i], part.norms[2 * i + 1]) for i in range(cfg.num_hidden_layers)]
         self.inv_freq = part.inv_freq           # [hd/2]
         self.attention_scaling = part.attention_scaling
         self.ops = ops
@@ -101,52 +125,56 @@ class EnclaveModel:
             raise ValueError(f"forward at position {start}, but the cache holds {self.length}")
         B, S = ids.shape
         with self.ops.embedding(ids) as r:
-            h = r.take(0)                                      # h: [B, S, D]
-        cos, sin = rope_cos_sin(self.inv_freq, start, S, self.attention_scaling)
+            h = r.take(0)                                      # h: [B, S, D], ours: updated in place below
+        rope = rope_tables(self.inv_freq, start, S, self.attention_scaling, self.scale)
         mask = causal_mask(start, S, self.norms.device)
         for layer in range(cfg.num_hidden_layers):
-            h = self._block(layer, h, start, cos, sin, mask)
+            self._block(layer, h, start, rope, mask)
         x = rms_norm(h[:, -1:, :], self.norms[-1], cfg.rms_norm_eps)  # x: [B, 1, D]
         with self.ops.lm_head(x) as r:
             logits = check_finite(r.take(0), "LMHead", -1)     # [B, V]
         self.length = start + S
         return logits
 
-    def _block(self, layer: int, h: torch.Tensor, start: int, cos, sin, mask) -> torch.Tensor:
-        cfg = self.cfg
+    def _block(self, layer: int, h: torch.Tensor, start: int, rope: Rope, mask) -> None:
+        """One decoder layer; adds both residuals into h [B, S, D] in place."""
+        cfg, ops = self.cfg, self.ops
         B, S, D = h.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
-        with self.ops.request() as req:
-            x = rms_norm(h, self.norms[2 * layer], eps, out=req.alloc((B, S, D)))
-            qkv = self.ops.linear(layer, QKV, x)
-        with self.ops.request() as req:
+        input_norm, post_attention_norm = self.layer_norms[layer]
+        with ops.request() as req:
+            x = rms_norm(h, input_norm, eps, out=req.alloc((B, S, D)))
+            qkv = ops.linear(layer, QKV, x)
+        with ops.request() as req:
             with qkv:
                 q, k, v = qkv.views()
                 # q (and k, when only new rows travel) feed the next call: rotate them straight into it
-                q = apply_rope(q.float().view(B, S, H, hd).transpose(1, 2), cos, sin, out=req.alloc((B, H, S, hd)))
+                q = apply_rope(q.view(B, S, H, hd).transpose(1, 2), rope.cos_q, rope.sin_q,
+                               out=req.alloc((B, H, S, hd)))
                 k_out = req.alloc((B, Hkv, S, hd)) if self.kv_cache == "daemon" else None
-                k = apply_rope(k.float().view(B, S, Hkv, hd).transpose(1, 2), cos, sin, out=k_out)  # [B, Hkv, S, hd]
-                v = qkv.take(2).view(B, S, Hkv, hd).transpose(1, 2).contiguous()                 # [B, Hkv, S, hd]
-            o = self._attention(layer, q, k, v, start, mask)                                     # a reply
+                k = apply_rope(k.view(B, S, Hkv, hd).transpose(1, 2), rope.cos_k, rope.sin_k, out=k_out)
+                v = qkv.take(2).view(B, S, Hkv, hd).transpose(1, 2).contiguous()  # [B, Hkv, S, hd]: the call after next
+            o = self._attention(layer, q, k, v, start, mask)                                   # a reply
         if not self.fused:                                      # v2.4's calls: P*V came back, o_proj is one more
-            with self.ops.request() as req:
+            with ops.request() as req:
                 with o:
                     ctx = req.alloc((B, S, H * hd))            # o_proj's input, written once
                     ctx.view(B, S, H, hd).copy_(o.view(0).view(B, H, S, hd).transpose(1, 2))
-                o = self.ops.linear(layer, O, ctx)
+                o = ops.linear(layer, O, ctx)
         with o:
-            h = check_finite(h + o.view(0).float(), "AttentionOutput" if self.fused else "BatchLinear o_proj", layer)
-        with self.ops.request() as req:
-            x = rms_norm(h, self.norms[2 * layer + 1], eps, out=req.alloc((B, S, D)))
-            gate_up = self.ops.linear(layer, GATE_UP, x)
-        with self.ops.request() as req:
+            h.add_(o.view(0))                  # checked with the MLP's residual (check_finite)
+        with ops.request() as req:
+            x = rms_norm(h, post_attention_norm, eps, out=req.alloc((B, S, D)))
+            gate_up = ops.linear(layer, GATE_UP, x)
+        with ops.request() as req:
             with gate_up:
-                gate, up = (t.float() for t in gate_up.views())
-                act = torch.mul(F.silu(gate), up, out=req.alloc((B, S, cfg.intermediate_size)))  # [B, S, I]
-            down = self.ops.linear(layer, DOWN, act)
+                gate, up = gate_up.views()
+                act = torch.mul(F.silu(gate.float()), up, out=req.alloc((B, S, cfg.intermediate_size)))  # [B, S, I]
+            down = ops.linear(layer, DOWN, act)
         with down:
-            return check_finite(h + down.view(0).float(), "BatchLinear down_proj", layer)
+            check_finite(h.add_(down.view(0)), f"{'AttentionOutput' if self.fused else 'BatchLinear o_proj'} or "
+                         "BatchLinear down_proj", layer)
 
     def _attention(self, layer: int, q, k, v, start: int, mask):
         """Q*K^T, causal softmax, then P*V and o_proj in one call (fused: the reply is [B, S, D]) or P*V
@@ -168,8 +196,9 @@ class EnclaveModel:
         scores = self.ops.matmul(qg, keys, expect_cols=T, **score_call)
         with self.ops.request() as req:
             with scores:
-                probs = req.alloc(scores.view(0).shape)        # written in place: no extra copy
-                causal_softmax(scores.view(0).view(B, H, S, T), mask, self.scale, probs.view(B, H, S, T))
+                s = scores.view(0)
+                probs = req.alloc(s.shape)                     # written in place: no extra copy
+                causal_softmax(s.view(B, H, S, T), mask, probs.view(B, H, S, T))
             if self.fused:
                 ctx_call.pop("transpose_b")
                 return self.ops.attention_output(probs, values, **{"layer": layer, **ctx_call})

@@ -29,11 +29,14 @@ class RemoteOps:
 
     def _call(self, method: str, tensors, expect: list[tuple], dtype: torch.dtype, **args) -> Reply:
         reply = self.t.call(method, tensors, wire_dtype=self.wire_dtype, **args)
-        got = [(tuple(t.shape), t.dtype) for t in reply.views()]
-        want = [(shape, dtype) for shape in expect]
-        if got != want:
+        views = reply.views()
+        ok = len(views) == len(expect)
+        for t, shape in zip(views, expect):
+            ok = ok and t.dtype == dtype and t.shape == shape
+        if not ok:
             reply.release()
-            raise ProtocolError(f"{method} reply has tensors {got}, expected {want}")
+            raise ProtocolError(f"{method} reply has tensors {[(tuple(t.shape), t.dtype) for t in views]}, "
+                                f"expected {[(shape, dtype) for shape in expect]}")
         return reply
 
     def embedding(self, ids: torch.Tensor) -> Reply:

@@ -8,6 +8,7 @@ The sidecar is flushed at phase marks and at close, not per call: it is off the 
 """
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -25,8 +26,12 @@ SUMMARY_KEYS = ("Total RPC Calls", "Average Serialize Time", "Average Send Time"
                 "Average Throughput")
 
 
+ROW_FORMAT = " ".join(f"{{:<{w}}}" for w in WIDTHS)
+
+
 def format_row(fields) -> str:
-    return " ".join(str(f).ljust(w) for f, w in zip(fields, WIDTHS))
+    """Each field left-aligned in its column (a field wider than its column pushes the rest right)."""
+    return ROW_FORMAT.format(*map(str, fields))
 
 
 def header_lines(label: str) -> list[str]:
@@ -55,6 +60,18 @@ def summary_lines(calls: int, ser_ms: float, send_ms: float, recv_ms: float, des
             f"Total Data Received: {recv_b / 2**20:.2f} MB",
             f"Average Throughput: {mbps:.2f} MB/s",
             RULE]
+
+
+# A sidecar "call" line: what json.dumps(..., separators=(",", ":")) writes for these keys, without
+# building a dict per call (ints as %d; the few strings JSON-quoted once each, `_json_str`).
+CALL_RECORD = ('{"type":"call","id":%d,"method":%s,"layer":%d,"phase":%s,"transport":%s,"t_start_ns":%d,'
+               '"t_encoded_ns":%d,"t_sent_ns":%d,"t_replied_ns":%d,"t_decoded_ns":%d,"sent_bytes":%d,'
+               '"recv_bytes":%d,"payload_sent":%d,"payload_recv":%d,"copy_in_ns":%d,"daemon_work_ns":%d}\n')
+
+
+@functools.lru_cache(maxsize=256)
+def _json_str(text: str) -> str:
+    return json.dumps(text)
 
 
 @dataclass
@@ -152,13 +169,9 @@ class PerfLog:
 
     @staticmethod
     def _call_record(call_id: int, phase: str, s: CallStats) -> str:
-        return json.dumps({"type": "call", "id": call_id, "method": s.method, "layer": s.layer,
-                          "phase": phase, "transport": s.transport,
-                          "t_start_ns": s.t_start, "t_encoded_ns": s.t_encoded, "t_sent_ns": s.t_sent,
-                          "t_replied_ns": s.t_replied, "t_decoded_ns": s.t_decoded,
-                          "sent_bytes": s.sent_bytes, "recv_bytes": s.recv_bytes,
-                          "payload_sent": s.payload_sent, "payload_recv": s.payload_recv,
-                          "copy_in_ns": s.copy_in_ns, "daemon_work_ns": s.work_ns}, separators=(",", ":")) + "\n"
+        return CALL_RECORD % (call_id, _json_str(s.method), s.layer, _json_str(phase), _json_str(s.transport),
+                              s.t_start, s.t_encoded, s.t_sent, s.t_replied, s.t_decoded, s.sent_bytes,
+                              s.recv_bytes, s.payload_sent, s.payload_recv, s.copy_in_ns, s.work_ns)
 
     def on_phase(self, name: str, start_ns: int, end_ns: int | None, tokens: int) -> None:
         """Phase observer of `generate`: a phase begins (end_ns None; its calls get its name) or ends."""

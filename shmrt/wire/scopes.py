@@ -42,12 +42,18 @@ class Reply:
     def view(self, i: int) -> torch.Tensor:
         """Result `i` as it lies in the transport's memory; valid until the reply is released."""
         if self._released:
-            raise StaleView(f"result {i} of a {self.stats.method if self.stats else ''} reply read after its "
-                            "release: keep results with reply.take(i) inside the with block")
+            self._stale(f"result {i}")
         return self._tensors[i]
 
     def views(self) -> list[torch.Tensor]:
-        return [self.view(i) for i in range(len(self._tensors))]
+        """Every result, as `view(i)` gives it."""
+        if self._released:
+            self._stale("the results")
+        return list(self._tensors)
+
+    def _stale(self, what: str):
+        raise StaleView(f"{what} of a {self.stats.method if self.stats else ''} reply read after its release: "
+                        "keep results with reply.take(i) inside the with block")
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -88,7 +94,7 @@ class PendingRequest:
     def alloc(self, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.sealed:
             raise StaleView("request buffer asked for after its call was sent: open a new ops.request()")
-        t, record = self._alloc(tuple(int(d) for d in shape), dtype or self.dtype)
+        t, record = self._alloc(tuple(map(int, shape)), dtype or self.dtype)
         if t.numel():
             self.staged[t.data_ptr()] = record
         return t

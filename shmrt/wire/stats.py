@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class CallStats:
     """Timestamps (CLOCK_MONOTONIC ns) of one call's stages and its byte counts.
 

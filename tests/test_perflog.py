@@ -1,0 +1,21 @@
+"""The perf log writer's per-call records: exactly the JSON and the v2.4 row they stand for."""
+import json
+
+from shmrt.tools.perflog import COLUMNS, LINE_WIDTH, WIDTHS, PerfLog, format_row, row_fields
+from shmrt.wire.stats import CallStats
+
+
+def test_call_record_is_the_json_of_its_fields():
+    s = CallStats("BatchLinear", "shm", 3, 1000, 21000, 41000, 141000, 171000, 8264, 24712, 8192, 24576, 1234, 99)
+    line = PerfLog._call_record(7, 'dec"ode\\', s)
+    expected = {"type": "call", "id": 7, "method": "BatchLinear", "layer": 3, "phase": 'dec"ode\\', "transport": "shm",
+                "t_start_ns": 1000, "t_encoded_ns": 21000, "t_sent_ns": 41000, "t_replied_ns": 141000,
+                "t_decoded_ns": 171000, "sent_bytes": 8264, "recv_bytes": 24712, "payload_sent": 8192,
+                "payload_recv": 24576, "copy_in_ns": 1234, "daemon_work_ns": 99}
+    assert line == json.dumps(expected, separators=(",", ":")) + "\n"
+
+
+def test_rows_pad_every_field_to_its_column():
+    fields = row_fields(12, "AttentionOutput", 0.0125, 0.02, 1.5, 0.031, 1.5635, 8264, 24712)
+    assert format_row(fields) == " ".join(str(f).ljust(w) for f, w in zip(fields, WIDTHS))
+    assert len(format_row(fields)) == len(format_row(COLUMNS)) == LINE_WIDTH
