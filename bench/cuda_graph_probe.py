@@ -161,6 +161,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("cuda_graph_probe: no CUDA device here (run it on a GPU machine)")
     device = torch.device(args.device)
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
     torch.cuda.set_device(device)
     dtype, wire = DTYPES[args.dtype], DTYPES[args.wire]
     gen = torch.Generator().manual_seed(0)

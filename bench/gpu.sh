@@ -18,7 +18,9 @@ nproc | tee -a $OUT/gpu.txt
   tests/test_compute.py -k "cuda or poison or sync" 2>&1 | tail -15 | tee $OUT/tests.txt
 mkdir -p /tmp/res
 if [ -z "${SKIP_PROBES:-}" ]; then
-  { timeout 120 python3 bench/cuda_graph_probe.py --dtype float32 --wire float32 --json /tmp/res/graph-probe-fp32.json
+  { for host in registered pinned; do
+      timeout 120 python3 bench/cuda_graph_probe.py --dtype float32 --wire float32 --host $host \
+        --json /tmp/res/graph-probe-fp32-$host.json; done
     timeout 120 python3 bench/daemon_calls.py --model llama3.2-1b --device cuda --threads 4 --context 1024 --steps 32 \
       --json /tmp/res/daemon-calls-cuda.json; } 2>&1 | tail -40 | tee $OUT/probes.txt
 fi
@@ -29,6 +31,7 @@ for run in ${RUNS:-fused:shm,shm-zmqbell,msgpack}; do
   calls=${run%%:*}; transports=${run#*:}
   timeout ${BENCH_TIMEOUT:-420} python3 -m shmrt bench --suite e2e --model llama3.2-1b --device cuda --prompts 1024 \
     --new-tokens 32 --transports "$transports" --wire-dtypes float32 --kv-caches daemon --calls "$calls" \
-    --out "/tmp/res/gpu-$calls" 2>&1 | tr '\r' '\n' | tail -4 | tee "$OUT/bench-$calls.txt"
+    --decode-threads ${DECODE_THREADS:-0} --out "/tmp/res/gpu-$calls${TAG:-}" 2>&1 | tr '\r' '\n' | tail -4 \
+    | tee "$OUT/bench-$calls${TAG:-}.txt"
 done
 tar czf $OUT/results.tgz -C /tmp/res . 2>/dev/null

@@ -54,6 +54,8 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed-ids", type=int, default=0, help="seed of --prefill's random ids")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template (one user turn)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="stops earlier at the model's end of sequence")
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="torch threads of the enclave's math while decoding (0: as prefill, torch's default)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--sample-seed", type=int, default=0)
@@ -181,7 +183,8 @@ def cmd_client(args, endpoint: str, prepared=None) -> int:
         stop = tok.eos_token_id if tok is not None else None
         with torch.inference_mode():
             on_phase = client.perflog.on_phase if client.perflog else None
-            result = generate(client.model, ids, args.max_new_tokens, sampler, on_phase, progress, stop)
+            result = generate(client.model, ids, args.max_new_tokens, sampler, on_phase, progress, stop,
+                              decode_threads=args.decode_threads or None)
         if args.logits_out:
             np.save(args.logits_out, result.prefill_logits[0].numpy())
         if not args.quiet:

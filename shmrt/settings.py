@@ -42,6 +42,21 @@ def max_reply_bytes() -> int:
     return int(float(os.environ.get("SHMRT_MAX_REPLY_MIB", "2048")) * 2**20)
 
 
+def backoff_us() -> tuple[float, ...] | None:
+    """SHMRT_BACKOFF=SPIN,YIELD,SLEEP_MIN,SLEEP_MAX (microseconds): how a doorbell waiter spends its time
+    (native.Backoff; unset: its defaults). For measuring the policy on a given host."""
+    text = os.environ.get("SHMRT_BACKOFF", "")
+    if not text:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or min(values) < 0:
+        raise ValueError(f"SHMRT_BACKOFF={text!r}: expected four non-negative microsecond values SPIN,YIELD,SLEEP_MIN,SLEEP_MAX")
+    return values
+
+
 def poison() -> bool:
     """SHMRT_POISON=1: released ring space is overwritten with 0xFF before it is handed back (tests:
     a view kept past its scope then reads NaN instead of plausible stale numbers)."""

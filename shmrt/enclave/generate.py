@@ -5,6 +5,7 @@ where each begins and ends (the perf log's sidecar, the bench), knowing nothing 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -64,6 +65,21 @@ def decode_n(model: EnclaveModel, logits: torch.Tensor, n: int, sampler: Sampler
     return tokens
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: int | None):
+    """torch's intra-op threads set to `n` inside the block (None: unchanged). A decode step's ops are a few
+    thousand elements each: on a many-core host, waking a pool of sleeping threads for each of them
+    (OMP_WAIT_POLICY=PASSIVE, settings.py) costs more than the arithmetic."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 @dataclass(frozen=True)
 class Phase:
     """One timed span of `generate`: prefill (tokens = prompt length) or decode (tokens = steps)."""
@@ -90,10 +106,12 @@ class Generation:
 
 
 def generate(model: EnclaveModel, ids: torch.Tensor, max_new_tokens: int, sampler: Sampler,
-             on_phase: PhaseObserver | None = None, progress=None, stop_id: int | None = None) -> Generation:
-    """Prefill `ids` [B, S], then sample up to `max_new_tokens` (`decode_n`), timing both phases and
-    telling `on_phase` where each begins and ends (an object with an `on_phase` method, such as the
-    PerfLog that callers passed here before, stands for that method)."""
+             on_phase: PhaseObserver | None = None, progress=None, stop_id: int | None = None,
+             decode_threads: int | None = None) -> Generation:
+    """Prefill `ids` [B, S], then sample up to `max_new_tokens` (`decode_n`, with `decode_threads` intra-op
+    threads; None: as prefill), timing both phases and telling `on_phase` where each begins and ends (an
+    object with an `on_phase` method, such as the PerfLog that callers passed here before, stands for that
+    method)."""
     notify = getattr(on_phase, "on_phase", on_phase) or (lambda *_: None)
     t0 = now_ns()
     notify("prefill", t0, None, 0)
@@ -104,7 +122,8 @@ def generate(model: EnclaveModel, ids: torch.Tensor, max_new_tokens: int, sample
     tokens = []
     if max_new_tokens:
         notify("decode", t1, None, 0)
-        tokens = decode_n(model, logits, max_new_tokens, sampler, progress, stop_id)
+        with intra_op_threads(decode_threads):
+            tokens = decode_n(model, logits, max_new_tokens, sampler, progress, stop_id)
     t2 = now_ns()
     steps = max(len(tokens) - 1, 0) if len(tokens) < max_new_tokens else max(max_new_tokens - 1, 0)
     if max_new_tokens:

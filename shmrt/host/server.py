@@ -71,7 +71,7 @@ class Server:
         if endpoint.startswith("ipc://"):
             os.chmod(endpoint[len("ipc://"):], 0o600)
         self.stopping = False
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff.configured()
         self._bells: tuple[list[Session], WordWaiter] | None = None  # the sessions whose bell words we wait on
         self._asleep = False  # the bell sessions were told we block on ZeroMQ (their asleep words are 1)
 

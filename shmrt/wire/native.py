@@ -144,6 +144,13 @@ class Backoff:
     sleep_min_us: float = 20.0
     sleep_max_us: float = 1000.0
 
+    @classmethod
+    def configured(cls) -> "Backoff":
+        """The defaults, or SHMRT_BACKOFF's four values (settings.backoff_us)."""
+        from .. import settings
+        values = settings.backoff_us()
+        return cls(*values) if values else cls()
+
     def to_c(self):
         b = ffi.new("shmrt_backoff *")
         b.spin_ns, b.yield_ns = int(self.spin_us * 1e3), int(self.yield_us * 1e3)

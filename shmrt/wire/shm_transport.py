@@ -111,7 +111,7 @@ class ShmClient(ClientTransport):
         super().__init__(endpoint, timeout=timeout, enclave=enclave, doorbell=doorbell)
         self.req: Ring | None = None
         self.rsp: Ring | None = None
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff.configured()
         self._bell_out: BellOut | None = None   # --doorbell shm, from Attach on
         self._bell_in: BellIn | None = None
         self._waiter: WordWaiter | None = None

@@ -37,14 +37,15 @@ def _median_by(rows: list[dict], key: str) -> dict:
     return ordered[len(ordered) // 2]
 
 
-def _rounds(model, ids, new: int, repeats: int, on_phase=None) -> list:
+def _rounds(model, ids, new: int, repeats: int, on_phase=None, decode_threads: int | None = None) -> list:
     """A warm-up round, then `repeats` measured ones: `generate` with new+1 samples (= `new` decode
     forwards). The warm-up's calls are labelled "warmup" and its phases are not recorded."""
     def warmup(name, start_ns, end_ns, tokens):
         if on_phase and end_ns is None:
             on_phase("warmup", start_ns, None, 0)
 
-    return [generate(model, ids, new + 1, Sampler(), warmup if i == 0 else on_phase) for i in range(repeats + 1)][1:]
+    return [generate(model, ids, new + 1, Sampler(), warmup if i == 0 else on_phase, decode_threads=decode_threads)
+            for i in range(repeats + 1)][1:]
 
 
 # The bench's transport labels: (transport, doorbell).
@@ -52,13 +53,13 @@ TRANSPORT_LABELS = {"msgpack": ("msgpack", "zmq"), "shm": ("shm", "shm"), "shm-z
 
 
 def measure_transport(endpoint: str, source, label: str, wire: str, kv: str, prompt: int, new: int, repeats: int,
-                      log_path: str, calls: str = "fused") -> list[dict]:
+                      log_path: str, calls: str = "fused", decode_threads: int | None = None) -> list[dict]:
     transport, doorbell = TRANSPORT_LABELS[label]
     ids = torch.randint(0, source.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     with EnclaveClient(endpoint=endpoint, model=source, transport=transport, wire_dtype=wire, kv_cache=kv, timeout=600,
                        log_path=log_path, prompt_tokens=prompt, total_tokens=prompt + new + 1,
                        run_info={"bench": True}, calls=calls, doorbell=doorbell) as c, torch.inference_mode():
-        _rounds(c.model, ids, new, repeats, c.perflog.on_phase)
+        _rounds(c.model, ids, new, repeats, c.perflog.on_phase, decode_threads)
     phases = sidecar_phases(log_path + ".jsonl")
     return [_median_by([p for p in phases if p["phase"] == ph], "wall_s") | {
         "p10_s": min(p["wall_s"] for p in phases if p["phase"] == ph),
@@ -66,14 +67,16 @@ def measure_transport(endpoint: str, source, label: str, wire: str, kv: str, pro
 
 
 def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: str, prompt: int, new: int,
-                  repeats: int, weights=None, calls: str = "fused") -> dict:
+                  repeats: int, weights=None, calls: str = "fused", decode_threads: int | None = None) -> dict:
     w = weights or load_weights(model, layers=layers, dtype=COMPUTE_DTYPES[dtype], device=device)
     compute = LinearCompute(w, device, COMPUTE_DTYPES[dtype])
     wire_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[wire]
     m = EnclaveModel(load_enclave_part(w.source), LocalOps(compute, wire_dtype), kv, calls)
     ids = torch.randint(0, w.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     with torch.inference_mode():
-        runs = _rounds(m, ids, new, repeats)  # its K/V store restarts at pos 0, as the daemon's does
+        # its K/V store restarts at pos 0, as the daemon's does; the client's decode threads apply where the
+        # daemon's half runs on a GPU (on a CPU both halves share torch's threads: the floor keeps them all)
+        runs = _rounds(m, ids, new, repeats, decode_threads=decode_threads if device.startswith("cuda") else None)
     return {"prefill": statistics.median(g.prefill_s for g in runs),
             "decode": statistics.median(g.decode_s for g in runs)}
 

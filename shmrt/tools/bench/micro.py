@@ -38,7 +38,7 @@ def _serve_signal(name: str) -> None:
     """The bare shared-memory signal: echo the head word into the tail word, waiting as bell.py does."""
     precise_sleeps()
     ring = Ring.attach(name, PAGE)
-    waiter = WordWaiter([ring.native.word_address(OFF_HEAD)], Backoff())
+    waiter = WordWaiter([ring.native.word_address(OFF_HEAD)], Backoff.configured())
     start = now_ns()
     while True:
         if waiter.wait(now_ns() - start, 1_000_000) >= 0:
@@ -60,7 +60,7 @@ def _signal_rtt(ctx, repeats: int) -> list[float]:
     proc.start()
     try:
         precise_sleeps()
-        waiter = WordWaiter([ring.native.word_address(OFF_TAIL)], Backoff())
+        waiter = WordWaiter([ring.native.word_address(OFF_TAIL)], Backoff.configured())
         count = 0
 
         def ping():

@@ -32,12 +32,13 @@ def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
     endpoint = f"ipc://{settings.runtime_dir() / f'bench-e2e-{os.getpid()}.sock'}"
     records = []
     common = {"suite": "e2e", "machine": machine, "model": model, "device": args.device, "dtype": args.dtype,
-              "call_set": args.calls}
+              "call_set": args.calls, "decode_threads": args.decode_threads or "default"}
     with DaemonProcess(daemon_argv(model, args.device, args.dtype, args.layers), endpoint, quiet=True):
         for i, (prompt, transport, wire, kv) in enumerate(configs):
             progress(i, len(configs), f"{transport} {wire} kv={kv} S={prompt}")
             log = str(out / f"{transport}-{wire}-kv{kv}-s{prompt}.log")
-            for ph in measure_transport(endpoint, source, transport, wire, kv, prompt, new, repeats, log, args.calls):
+            for ph in measure_transport(endpoint, source, transport, wire, kv, prompt, new, repeats, log, args.calls,
+                                        args.decode_threads or None):
                 records.append({**common, "transport": transport, "wire_dtype": wire, "kv_cache": kv,
                                 "prompt": prompt, "phase": ph["phase"], "tokens": ph["tokens"],
                                 "median_s": ph["wall_s"], "p10_s": ph["p10_s"], "p90_s": ph["p90_s"],
@@ -50,7 +51,7 @@ def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
     floors = {}
     for prompt, wire, kv in sorted({(p, w, k) for p, _, w, k in configs}):
         floors[(prompt, wire, kv)] = measure_floor(model, args.device, args.dtype, args.layers, wire, kv, prompt,
-                                                   new, repeats, weights, args.calls)
+                                                   new, repeats, weights, args.calls, args.decode_threads or None)
         for phase in ("prefill", "decode"):
             records.append({**common, "transport": "floor", "wire_dtype": wire, "kv_cache": kv, "prompt": prompt,
                             "phase": phase, "tokens": prompt if phase == "prefill" else new,
