@@ -152,6 +152,8 @@ def _prepare_client(args):
 
     if args.max_new_tokens < 0:
         raise ShmrtError("--max-new-tokens must be >= 0")
+    if args.doorbell == "shm" and args.transport != "shm":
+        raise ShmrtError(f"--doorbell shm needs --transport shm (the {args.transport} transport rings over ZeroMQ)")
     source = resolve_model(args.model, args.layers, args.seed)
     tok = load_tokenizer(args.tokenizer, source) if args.prompt is not None or not (
         args.prefill or args.token_ids or args.token_ids_file) else None
