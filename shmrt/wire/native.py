@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import settings
 from ..errors import ProtocolError, SetupError
 
 try:
@@ -147,7 +148,6 @@ class Backoff:
     @classmethod
     def configured(cls) -> "Backoff":
         """The defaults, or SHMRT_BACKOFF's four values (settings.backoff_us)."""
-        from .. import settings
         values = settings.backoff_us()
         return cls(*values) if values else cls()
 

@@ -15,7 +15,7 @@ from ...wire.native import Backoff, MappedBuffer, WordWaiter, now_ns, precise_sl
 from ...host.server import EchoHandler, Server
 from ...wire.peer import client_info
 from ...wire.registry import client_transport
-from ...wire.ring import OFF_HEAD, OFF_TAIL, Ring
+from ...wire.ring import OFF_HEAD, OFF_TAIL, PAGE_BYTES, Ring
 
 STOP = 1 << 62
 # record name -> (transport, doorbell); floors are "floor-zmq" and "floor-shm"
@@ -37,7 +37,7 @@ def _serve_raw(endpoint: str) -> None:
 def _serve_signal(name: str) -> None:
     """The bare shared-memory signal: echo the head word into the tail word, waiting as bell.py does."""
     precise_sleeps()
-    ring = Ring.attach(name, PAGE)
+    ring = Ring.attach(name, PAGE_BYTES)
     waiter = WordWaiter([ring.native.word_address(OFF_HEAD)], Backoff.configured())
     start = now_ns()
     while True:
@@ -51,11 +51,9 @@ def _serve_signal(name: str) -> None:
     ring.close()
 
 
-PAGE = 4096
-
 
 def _signal_rtt(ctx, repeats: int) -> list[float]:
-    ring = Ring.create(PAGE, "req")
+    ring = Ring.create(PAGE_BYTES, "req")
     proc = ctx.Process(target=_serve_signal, args=(ring.name,), daemon=True)
     proc.start()
     try:
