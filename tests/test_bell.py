@@ -206,3 +206,14 @@ def test_slot_layout_matches_what_a_foreign_writer_assumes():
     # The WRITER above and tests/hostile_host.py write the header by offset, importing nothing of shmrt.
     assert (OFF_BELL_SEQ, OFF_ASLEEP, OFF_BELL_SLOT, BELL_SLOT_BYTES, MAX_RECORD) == (192, 256, 1024, 3072, 3064)
     assert struct.calcsize("<Q") == 8
+
+
+def test_the_backoff_spins_through_a_call_only_where_cores_are_plenty(monkeypatch):
+    # Few cores: a spinning waiter would take a core from the other side's compute; many: it may spin ~1 ms.
+    assert Backoff.for_host(2) == Backoff() and Backoff().spin_us <= 50
+    many = Backoff.for_host(Backoff.MANY_CORES)
+    assert many.spin_us == Backoff.MANY_CORES_SPIN_US >= 1000 and many.yield_us > many.spin_us
+    monkeypatch.setenv("SHMRT_BACKOFF", "5,6,7,8")   # measuring a policy overrides the host's
+    assert Backoff.configured() == Backoff(5, 6, 7, 8)
+    monkeypatch.delenv("SHMRT_BACKOFF")
+    assert Backoff.configured() == Backoff.for_host()
