@@ -65,6 +65,21 @@ def test_view_bounds_checked():
             ring.view(2**64 - 8, 16)
 
 
+def test_tensor_views_alias_the_ring_bytes_and_are_bounds_checked():
+    with Ring.create(64 * 1024, "req") as creator, Ring.attach(creator.name, creator.capacity) as peer:
+        src = torch.arange(12, dtype=torch.float32).view(3, 4)
+        creator.tensor(4096, 48, torch.float32, (3, 4)).copy_(src)
+        seen = peer.tensor(4096, 48, torch.float32, (3, 4))
+        assert torch.equal(seen, src) and seen.is_contiguous()
+        assert seen.data_ptr() == peer.native.address + peer.data_offset + 4096   # a view, no copy
+        odd = peer.tensor(4098, 8, torch.int16, (2, 2))                          # not a multiple of 4: still right
+        assert odd.tolist() == [[0, 0], [16256, 0]]          # the top half of 0.0, 1.0 (0x3f800000), 2.0
+        for offset, nbytes in ((64 * 1024 - 8, 16), (-8, 8), (1 << 62, 8)):
+            with pytest.raises(ProtocolError, match="outside ring"):
+                peer.tensor(offset, nbytes, torch.float32, (nbytes // 4,))
+        del seen
+
+
 def test_too_small_shm_fails_at_startup_with_sizes():
     with pytest.raises(SetupError, match=r"has .* MiB free but the ring needs"):
         Ring.create(1 << 50, "req")

@@ -19,6 +19,7 @@ the response ring; the daemon the reverse. Each side releases what it consumed b
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 import zmq
@@ -76,16 +77,13 @@ def ring_view(ring: Ring, desc: TensorDesc) -> torch.Tensor:
     """A tensor aliasing the ring bytes a (validated) descriptor names."""
     if desc.nbytes == 0:
         return torch.empty(desc.shape, dtype=desc.dtype)
-    region = ring.view(desc.offset, desc.nbytes)
-    return torch.frombuffer(region, dtype=desc.dtype).view(desc.shape)
+    return ring.tensor(desc.offset, desc.nbytes, desc.dtype, desc.shape)
 
 
 def reserve_view(ring: Ring, shape, dtype: torch.dtype, timeout: float, what: str) -> tuple[TensorDesc, torch.Tensor]:
     """Reserve room for a tensor in `ring` (the caller is its producer) and return it as a writable view."""
-    shape = tuple(int(d) for d in shape)
-    nbytes = dtype.itemsize
-    for d in shape:
-        nbytes *= d
+    shape = tuple(map(int, shape))
+    nbytes = dtype.itemsize * math.prod(shape)
     desc = TensorDesc(ring.producer.reserve(nbytes, timeout=timeout, what=what), nbytes, dtype, shape)
     return desc, ring_view(ring, desc)
 
