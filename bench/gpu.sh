@@ -31,7 +31,7 @@ for run in ${RUNS:-fused:shm,shm-zmqbell,msgpack}; do
   calls=${run%%:*}; transports=${run#*:}
   timeout ${BENCH_TIMEOUT:-420} python3 -m shmrt bench --suite e2e --model llama3.2-1b --device cuda --prompts 1024 \
     --new-tokens 32 --transports "$transports" --wire-dtypes float32 --kv-caches daemon --calls "$calls" \
-    --decode-threads ${DECODE_THREADS:-0} --out "/tmp/res/gpu-$calls${TAG:-}" 2>&1 | tr '\r' '\n' | tail -4 \
+    --decode-threads ${DECODE_THREADS:-1} --out "/tmp/res/gpu-$calls${TAG:-}" 2>&1 | tr '\r' '\n' | tail -4 \
     | tee "$OUT/bench-$calls${TAG:-}.txt"
 done
 tar czf $OUT/results.tgz -C /tmp/res . 2>/dev/null

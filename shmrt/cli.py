@@ -54,8 +54,9 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed-ids", type=int, default=0, help="seed of --prefill's random ids")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template (one user turn)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="stops earlier at the model's end of sequence")
-    p.add_argument("--decode-threads", type=int, default=0,
-                   help="torch threads of the enclave's math while decoding (0: as prefill, torch's default)")
+    p.add_argument("--decode-threads", type=int, default=1,
+                   help="torch threads of the enclave's math while decoding (default 1: a decode step's ops are too "
+                        "small to share; 0: as prefill, torch's default)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--sample-seed", type=int, default=0)

@@ -28,8 +28,8 @@ def add_bench_args(p) -> None:
                    help="e2e: msgpack, shm (doorbell in shared memory) and/or shm-zmqbell (shm rings, a ZeroMQ doorbell)")
     p.add_argument("--wire-dtypes", default="float32,bfloat16")
     p.add_argument("--kv-caches", default="daemon,client")
-    p.add_argument("--decode-threads", type=int, default=0,
-                   help="e2e: the client's torch threads while decoding (0: torch's default); the floor uses it "
+    p.add_argument("--decode-threads", type=int, default=1,
+                   help="e2e: the client's torch threads while decoding (default 1, as `shmrt run`; 0: torch's default); the floor uses it "
                         "too where the daemon's half runs on a GPU (on a CPU both halves share the threads)")
     p.add_argument("--calls", default="fused", choices=["fused", "v2.4"],
                    help="e2e: P*V and o_proj fused (5 calls per layer) or v2.4's six")
