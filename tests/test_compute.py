@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from shmrt.errors import ModelError, ProtocolError
-from shmrt.host.compute import KVStore, LinearCompute
+from shmrt.host.compute import KVStore, LinearCompute, back_to_back
 from shmrt.host.weights import load_weights
 from shmrt.model.config import LlamaConfig
 
@@ -158,3 +158,30 @@ def test_attention_output_is_p_times_v_then_o_proj(compute, S):
     assert torch.allclose(compute.attention_output(p, v, layer=1), expect, rtol=0, atol=1e-5)  # no cache
     with pytest.raises(ProtocolError, match=r"AttentionOutput: layer 2 out of range \[0, 2\)"):
         compute.attention_output(p, v, layer=2)
+
+
+def test_back_to_back_covers_the_split_of_one_row_and_nothing_else():
+    row = torch.arange(12.0).view(1, 1, 12)
+    q, k, v = row.split_with_sizes([6, 3, 3], -1)
+    whole = back_to_back([q, k, v])
+    assert whole is not None and whole.data_ptr() == q.data_ptr() and torch.equal(whole, row.view(-1))
+    rows = torch.arange(24.0).view(2, 1, 12).split_with_sizes([6, 3, 3], -1)   # two rows: strided parts
+    assert back_to_back(list(rows)) is None
+    a, b = torch.zeros(4), torch.zeros(4)                  # two storages, wherever they lie
+    assert back_to_back([a, b]) is None
+    assert back_to_back([k, q]) is None                    # out of order
+    assert back_to_back([q]) is None                       # one result: nothing to join
+
+
+def test_a_joined_reply_allocation_is_one_view_over_its_parts():
+    from shmrt.wire.ring import Ring
+    from shmrt.wire.shm_transport import ShmReplyBuilder
+    with Ring.create(1 << 16, "rsp") as ring:
+        builder = ShmReplyBuilder(ring, timeout=1.0)
+        outs, joined = builder.alloc_joined([(1, 1, 32), (1, 1, 16), (1, 1, 16)], torch.float32)
+        assert joined is not None and joined.shape == (64,)
+        joined.copy_(torch.arange(64.0))
+        assert [o.flatten()[0].item() for o in outs] == [0.0, 32.0, 48.0]
+        assert [d.offset for d in builder.descs] == [0, 128, 192]
+        outs, joined = builder.alloc_joined([(3,), (5,)], torch.float32)   # 12 bytes: the next starts aligned
+        assert joined is None and builder.descs[-1].offset > builder.descs[-2].offset + 12

@@ -9,10 +9,10 @@ from shmrt.host.daemon import ModelHandler, ModelSession
 from shmrt.host.handler import Call, EchoHandler, Handler, table
 from shmrt.host.weights import load_weights
 from shmrt.wire.protocol import RPC_METHODS
-from shmrt.wire.transport import Request
+from shmrt.wire.transport import ReplyBuilder, Request
 
 
-class Builder:
+class Builder(ReplyBuilder):
     capacity = 1 << 20
 
     def __init__(self):

@@ -41,6 +41,21 @@ def keep(view: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
     return into.copy_(view, non_blocking=True)
 
 
+def back_to_back(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One flat view over `parts` where they lie end to end in one storage, each contiguous (the split of a
+    fused projection's output for one row); None otherwise."""
+    first = parts[0]
+    if len(parts) < 2 or any(not p.is_contiguous() or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                             or p.dtype != first.dtype for p in parts):
+        return None
+    offset = first.storage_offset()
+    for p in parts:
+        if p.storage_offset() != offset:
+            return None
+        offset += p.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
+
+
 CACHES = ("k", "v")
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .compute import KVStore, LinearCompute
+from .compute import KVStore, LinearCompute, back_to_back
 from ..errors import ProtocolError, SetupError
 from ..model.calls import matmul_args, projection_names
 from ..wire.protocol import dtype_from_name
@@ -136,8 +136,14 @@ class ModelHandler(Handler):
         names = self._projections.get(request.op)
         if names is None:  # unknown bits raise here, so at most one entry per subset of the 7 projections
             names = self._projections[request.op] = tuple(projection_names(request.op))
-        for y in self.c.linear(request.layer, names, request.tensors[0], self._room(builder, s.wire), dtype=s.wire):
-            self._put(builder, y, s.wire)
+        ys = self.c.linear(request.layer, names, request.tensors[0], self._room(builder, s.wire), dtype=s.wire)
+        outs, joined = builder.alloc_joined([y.shape for y in ys], s.wire)
+        whole = back_to_back(ys) if joined is not None else None
+        if whole is not None:   # a decode step's q|k|v or gate|up: one copy (one DMA on CUDA), not one per result
+            joined.copy_(whole, non_blocking=True)
+        else:
+            for out, y in zip(outs, ys):
+                out.copy_(y, non_blocking=True)
 
     def _matmul(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         transpose_b, cache = matmul_args(request.op)

@@ -283,6 +283,14 @@ class ShmReplyBuilder(ReplyBuilder):
         self.descs.append(desc)
         return view
 
+    def alloc_joined(self, shapes, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        views = [self.alloc(shape, dtype) for shape in shapes]
+        descs = self.descs[len(self.descs) - len(views):]
+        if any(a.offset + a.nbytes != b.offset for a, b in zip(descs, descs[1:])):
+            return views, None   # alignment padding between them, or the ring wrapped
+        nbytes = sum(d.nbytes for d in descs)
+        return views, self.ring.tensor(descs[0].offset, nbytes, dtype, (nbytes // dtype.itemsize,))
+
 
 class ShmServerSession(ServerSession):
     transport = NAME

@@ -256,6 +256,11 @@ class ReplyBuilder:
     def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def alloc_joined(self, shapes, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Buffers for several results, in order, and one flat tensor over all of them where they lie back to
+        back (else None): results that are one tensor end to end (a fused projection's) then take one copy."""
+        return [self.alloc(shape, dtype) for shape in shapes], None
+
 
 class ServerSession:
     """One client's session as the daemon sees it (one per transport kind), opened by a Hello."""
