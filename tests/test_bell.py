@@ -217,3 +217,26 @@ def test_the_backoff_spins_through_a_call_only_where_cores_are_plenty(monkeypatc
     assert Backoff.configured() == Backoff(5, 6, 7, 8)
     monkeypatch.delenv("SHMRT_BACKOFF")
     assert Backoff.configured() == Backoff.for_host()
+
+
+def test_after_a_long_wait_the_next_one_sleeps_instead_of_spinning(ring_pair):
+    _, consumer = ring_pair
+    spinner = Backoff(spin_us=60_000, yield_us=120_000)        # would spin through the whole 40 ms below
+    waiter = WordWaiter([consumer.native.word_address(OFF_BELL_SEQ)], spinner)
+
+    def cpu_ms_of_an_empty_wait(waited_ms):
+        waiter.seen[0] = consumer.native.load(OFF_BELL_SEQ)
+        start = time.process_time()
+        assert waiter.wait(int(waited_ms * 1e6), int(40e6)) == -1
+        return (time.process_time() - start) * 1e3
+
+    consumer.native.store(OFF_BELL_SEQ, 1)
+    assert waiter.wait(0, int(1e9)) == 0 and not waiter.last_wait_long           # answered at once
+    spinning = cpu_ms_of_an_empty_wait(0)
+    consumer.native.store(OFF_BELL_SEQ, 2)
+    assert waiter.wait(int(130e6), int(1e9)) == 0 and waiter.last_wait_long     # past spin and yield
+    sleeping = cpu_ms_of_an_empty_wait(0)
+    print(f"40 ms without a bell: {spinning:.1f} ms of CPU spinning, {sleeping:.1f} ms after a long wait")
+    assert sleeping * 4 < spinning and sleeping < 8   # (on a loaded machine the spinner gets less than a core)
+    consumer.native.store(OFF_BELL_SEQ, 3)
+    assert waiter.wait(0, int(1e9)) == 0 and not waiter.last_wait_long          # a short one: spinning again

@@ -198,12 +198,26 @@ class WordWaiter:
         self._words = ffi.new("uint64_t[]", [int(a) for a in addresses] or [0])
         self.seen = ffi.new("uint64_t[]", max(self.n, 1))
         self._backoff = backoff.to_c()
+        # After a wait that outlasted the spin and yield phases, the next one spins and yields no longer than
+        # the few-core default: waits come in runs (a prefill's calls and gaps take ms, a decode step's
+        # ~0.1 ms), and a waiter spinning 1 ms through the other side's long compute takes a core from it (a
+        # daemon doing so after each prefill reply made the client's 16-thread prefill math 10% slower on an
+        # H200 host). Not less than that default: on 2 cores, sleeping from the start (no spin, no yield)
+        # after long waits cost 10 ms per decoded token (small), whose short calls followed long ones.
+        short = Backoff()
+        self._sleepy = Backoff(min(backoff.spin_us, short.spin_us), min(backoff.yield_us, short.yield_us),
+                               backoff.sleep_min_us, backoff.sleep_max_us).to_c()
+        self._long_ns = int(backoff.yield_us * 1e3)
+        self.last_wait_long = False
 
     def wait(self, waited_ns: int, budget_ns: int) -> int:
         """The index of a word that changed (acquire), SOCKET when the descriptor is readable, or -1 when
         `budget_ns` passed first. `waited_ns`: how long the caller has waited already (the backoff phase)."""
-        rc = lib.shmrt_wait_any(self._words, self.seen, self.n, self.fd, self._backoff, waited_ns, budget_ns)
+        start = now_ns()
+        rc = lib.shmrt_wait_any(self._words, self.seen, self.n, self.fd,
+                                self._sleepy if self.last_wait_long else self._backoff, waited_ns, budget_ns)
         if rc >= 0:
+            self.last_wait_long = waited_ns + now_ns() - start > self._long_ns
             return rc if rc < self.n else self.SOCKET
         if rc == lib.SHMRT_E_TIMEOUT:
             return -1
