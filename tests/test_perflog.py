@@ -1,7 +1,9 @@
 """The perf log writer's per-call records: exactly the JSON and the v2.4 row they stand for."""
 import json
 
-from shmrt.tools.perflog import COLUMNS, LINE_WIDTH, WIDTHS, PerfLog, format_row, row_fields
+import pytest
+
+from shmrt.tools.perflog import COLUMNS, LINE_WIDTH, ROW_PERCENT, WIDTHS, PerfLog, format_row, row_fields
 from shmrt.wire.stats import CallStats
 
 
@@ -19,3 +21,13 @@ def test_rows_pad_every_field_to_its_column():
     fields = row_fields(12, "AttentionOutput", 0.0125, 0.02, 1.5, 0.031, 1.5635, 8264, 24712)
     assert format_row(fields) == " ".join(str(f).ljust(w) for f, w in zip(fields, WIDTHS))
     assert len(format_row(fields)) == len(format_row(COLUMNS)) == LINE_WIDTH
+
+
+@pytest.mark.parametrize("values", [(12, "AttentionOutput", 0.0125, 0.02, 1.5, 0.031, 1.5635, 8264, 24712),
+                                    (99999, "LMHead", 123456.789, 0.0, 0.0004, 2.5e-7, 0.0, 0, 0),
+                                    (100000, "BatchLinear", -0.001, float("nan"), float("inf"), 1e12, 7.0, 2**40, 3)])
+def test_the_one_format_row_writes_what_the_field_by_field_format_writes(values):
+    call_id, method, ser, send, recv, deser, total, sent, received = values
+    mbps = (sent + received) / 2**20 / (total / 1000) if total > 0 else 0.0
+    fast = ROW_PERCENT % (call_id, method, ser, send, recv, deser, total, sent / 1024, received / 1024, mbps)
+    assert fast == format_row(row_fields(*values))

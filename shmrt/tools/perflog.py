@@ -34,6 +34,12 @@ def format_row(fields) -> str:
     return ROW_FORMAT.format(*map(str, fields))
 
 
+# One call's row in one %-format (what format_row(row_fields(...)) writes, at half its cost: rows are formatted
+# on the client's hot path, every FLUSH_ROWS calls).
+ROW_PERCENT = " ".join(f"%-{w}{conv}" for w, conv in zip(WIDTHS, ("d", "s", ".3f", ".3f", ".3f", ".3f", ".3f", ".2f",
+                                                                 ".2f", ".2f")))
+
+
 def header_lines(label: str) -> list[str]:
     return [f"ZeroMQ Performance Log - Transport: {label}", RULE, format_row(COLUMNS), RULE]
 
@@ -158,14 +164,15 @@ class PerfLog:
         self._side.flush()
 
     def _row(self, call_id: int, s: CallStats) -> str:
-        ms = [s.serialize_ns / 1e6, s.send_ns / 1e6, s.recv_ns / 1e6, s.deserialize_ns / 1e6, s.total_ns / 1e6]
+        ms = (s.serialize_ns / 1e6, s.send_ns / 1e6, s.recv_ns / 1e6, s.deserialize_ns / 1e6, s.total_ns / 1e6)
+        sums = self._sums
         for i, v in enumerate(ms):
-            self._sums[i] += v
-        self._bytes[0] += s.sent_bytes
-        self._bytes[1] += s.recv_bytes
-        line = format_row(row_fields(call_id, s.method, *ms, s.sent_bytes, s.recv_bytes))
-        assert len(line) == LINE_WIDTH, line
-        return line
+            sums[i] += v
+        sent, recv, total = s.sent_bytes, s.recv_bytes, ms[4]
+        self._bytes[0] += sent
+        self._bytes[1] += recv
+        mbps = (sent + recv) / 2**20 / (total / 1000) if total > 0 else 0.0
+        return ROW_PERCENT % (call_id, s.method, *ms, sent / 1024, recv / 1024, mbps)
 
     @staticmethod
     def _call_record(call_id: int, phase: str, s: CallStats) -> str:
