@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Interleaved A/B of two source trees on one machine: lent hosts are noisy (the floor alone moved 18-30
+# ms/token between runs of one session), so compare variants alternating on the same warm machine.
+#
+#   git archive <rev> | (mkdir -p scratch/old && tar -x -C scratch/old)     # the baseline tree, untracked
+#   OLD=scratch/old ROUNDS="1 2 3" bash bench/ab.sh       # on a GPU host: `run` it there, carrying
+#                                                          # [".whl", "scratch/old"] (scratch/ is git-ignored)
+#
+# Each round runs `shmrt bench --suite e2e` once per variant (`old`: $OLD, `new`: this tree; VARIANTS picks,
+# `new1t`/`newslowbackoff` are this tree with --decode-threads 1 / the few-core backoff) and prints its
+# per-token row and prefill rows; results land in $RES (default /tmp/ab) and, on a device, $OUT/ab.tgz.
+# MODEL, DEVICE, PROMPT, NEW, TRANSPORTS as in the bench (defaults: llama3.2-1b on cuda, 1024, 32, shm); PY:
+# the interpreter (on this machine: PY=$PWD/.venv/bin/python DEVICE=cpu MODEL=small PROMPT=128).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+ROOT=$PWD
+OLD=${OLD:-scratch/old}
+RES=${RES:-/tmp/ab}
+DEVICE=${DEVICE:-cuda}
+PY=${PY:-python3}          # here: PY=$PWD/.venv/bin/python
+if [ -d .whl ] && ! "$PY" -c "import zmq, posix_ipc, cffi" 2>/dev/null; then   # a lent GPU image
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+SITE=${PYTHONPATH:-}
+for dir in "$ROOT" "$ROOT/$OLD"; do
+  [ -d "$dir" ] || { echo "no tree at $dir: see the header of this script"; exit 2; }
+  (cd "$dir" && PYTHONPATH=$SITE "$PY" native/build_native.py >/dev/null) || exit 1
+done
+[ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nproc
+mkdir -p "$RES"
+START=$(date +%s)
+for round in ${ROUNDS:-1 2 3}; do
+  for variant in ${VARIANTS:-old new}; do
+    dir=$ROOT; envs=(); extra=()
+    case $variant in
+      old) dir=$ROOT/$OLD;;
+      new1t) extra=(--decode-threads 1);;
+      newslowbackoff) envs=(SHMRT_BACKOFF=50,200,20,1000);;
+    esac
+    (cd "$dir" && env "${envs[@]}" PYTHONPATH="$SITE${SITE:+:}$dir" timeout "${T:-300}" "$PY" -m shmrt bench --suite e2e \
+       --model "${MODEL:-llama3.2-1b}" --device "$DEVICE" --prompts "${PROMPT:-1024}" --new-tokens "${NEW:-32}" \
+       --transports "${TRANSPORTS:-shm}" --wire-dtypes float32 --kv-caches daemon "${extra[@]}" \
+       --out "$RES/$variant-$round" > "$RES/$variant-$round.txt" 2>&1)
+    echo "== $variant round $round ($(( $(date +%s) - START )) s)"
+    grep -E "^\| [0-9]+ \| (shm|msgpack|shm-zmqbell) \| float32 \| daemon \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$" \
+      "$RES/$variant-$round/results.md"
+    grep -E "^\| [0-9]+ \| prefill .*\| (floor|shm) " "$RES/$variant-$round/results.md" | cut -c1-120
+  done
+done
+find "$RES" -name "*.log*" -delete
+[ -n "${OUT:-}" ] && tar czf "$OUT/ab.tgz" -C "$RES" .
+true
