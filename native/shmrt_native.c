@@ -158,6 +158,7 @@ typedef struct {
 static fault_slot slots[SHMRT_FAULT_SLOTS];
 static struct sigaction previous;
 static _Atomic int installed;
+static _Atomic int ending;  /* a thread's fault is ending the process */
 
 static void write_all(const char *buf, uint64_t n) {
     while (n > 0) {
@@ -176,6 +177,11 @@ static void on_sigbus(int sig, siginfo_t *info, void *ucontext) {
         for (int i = 0; i < SHMRT_FAULT_SLOTS; i++) {
             fault_slot *s = &slots[i];
             if (atomic_load_explicit(&s->live, memory_order_acquire) && at - s->addr < s->len) {
+                /* Several threads may fault on the shrunk segment at once (torch's intra-op threads
+                 * reading one view): the first writes the one line, unlinks and exits; the others wait
+                 * here for that _exit, which ends them too. */
+                if (atomic_exchange_explicit(&ending, 1, memory_order_acq_rel))
+                    for (;;) pause();
                 write_all(s->line, s->line_len);
                 for (int j = 0; j < SHMRT_FAULT_SLOTS; j++) {
                     if (atomic_load_explicit(&slots[j].live, memory_order_acquire) && slots[j].path[0])

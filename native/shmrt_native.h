@@ -15,10 +15,11 @@
  * Fault guard: a process that maps a ring it created registers the mapping here. If the host
  * shrinks that segment, the next access to a page past the new end raises SIGBUS; the handler
  * (installed once, SA_SIGINFO) sees that si_addr lies in a registered mapping, writes the line
- * registered with it to stderr, unlinks every registered segment and _exit(2)s. Only
+ * registered with it to stderr, unlinks every registered segment and _exit(2)s (once: threads that
+ * fault at the same time wait for the first one's exit, so the line is written once). Only
  * async-signal-safe calls are used: write(2), unlink(2) (a POSIX shm name is a file under
  * /dev/shm on Linux, so unlink of that path is shm_unlink without the library call), _exit(2),
- * sigaction(2), raise(3). A SIGBUS anywhere else goes to the previous disposition (a chained
+ * pause(2), sigaction(2), raise(3). A SIGBUS anywhere else goes to the previous disposition (a chained
  * handler, such as faulthandler's, or the default action).
  */
 #ifndef SHMRT_NATIVE_H

@@ -156,6 +156,21 @@ elif how == "shrink-torch-view":  # torch reads a view of the ring (a tensor ker
     import torch
     os.truncate(path, 4096)
     print(float(torch.frombuffer(ring.data, dtype=torch.float32).sum()))
+elif how == "shrink-many-threads":  # threads fault at once (as torch's intra-op threads may): one line
+    import threading
+    import torch
+    os.truncate(path, 4096)
+    view = torch.frombuffer(ring.data, dtype=torch.float32)
+    start = threading.Barrier(8)
+
+    def read():
+        start.wait()
+        float(view.sum())
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 elif how == "grow":               # harmless: the mapping keeps its length
     os.truncate(path, 4096 + (1 << 20))
     ring.data[:] = b"\x07" * len(ring.data)
@@ -191,7 +206,7 @@ def _run_fault_child(how: str, where: str):
 
 
 @pytest.mark.parametrize("where", ["req", "rsp"])
-@pytest.mark.parametrize("how", ["shrink-to-0", "shrink-mid-data", "shrink-torch-view"])
+@pytest.mark.parametrize("how", ["shrink-to-0", "shrink-mid-data", "shrink-torch-view", "shrink-many-threads"])
 def test_a_ring_shrunk_by_the_host_ends_the_process_with_one_line_exit_2_and_no_segment(how, where):
     proc = _run_fault_child(how, where)
     names = proc.stdout.split()[:2]
