@@ -5,7 +5,10 @@ Every case must end the way a user can act on: exit 2 with exactly one line on s
 "shmrt client: error:" (or exit 0 where the corruption is harmless), no traceback, no control
 characters in the output, none of the client's segments left in /dev/shm, and an exit within the
 timeout plus a few seconds of the corruption. The clients of all cases run a few at a time (the module fixture), then each
-case's outcome is checked by its own parametrized test.
+case's outcome is checked by its own parametrized test. Each client is its own process running
+`python -m shmrt client ...`, forked from tests/cli_zygote.py, which has imported torch once for all
+of them (the interpreter start and the imports are the same in every case, and other tests launch the
+CLI from scratch); the daemons and the hostile hosts are started from scratch.
 
 Transports: `shm` is the product's default (the shm doorbell: RPC doorbells in the rings' headers, only
 Hello, Attach, Close and Wake over ZeroMQ); `shm-zmqbell` is `--transport shm --doorbell zmq`, where every
@@ -26,11 +29,12 @@ import time
 
 import pytest
 
+from cli_zygote import Zygote
 from conftest import repo_root
 
 TIMEOUT = 3.0
 AFTER_FIRE = TIMEOUT + 7.0  # corruption to exit: --timeout at most, plus teardown (slow on a loaded 2-core box)
-HANG_GUARD = 120.0          # the whole client run, start-up (python + torch import) included
+HANG_GUARD = 120.0          # the whole client run
 PARALLEL = 4
 CLIENT_ARGS = ["--model", "tiny", "--prefill", "4", "--max-new-tokens", "2", "--timeout", str(TIMEOUT), "--log", ""]
 PROXY = pathlib.Path(__file__).with_name("hostile_host.py")
@@ -151,18 +155,18 @@ def _env() -> dict:
     return env
 
 
-def _no_core():
-    import resource
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def run_case(case, daemon_endpoint: str, workdir: pathlib.Path) -> dict:
+def run_case(case, daemon_endpoint, workdir: pathlib.Path, zygote: Zygote) -> dict:
+    """One case: the hostile host in front of the daemon, then the client through it. `daemon_endpoint` may
+    be a callable that starts the case's own daemon (the truncate cases) and gives its endpoint."""
     transport, rule, _, _ = case
+    if callable(daemon_endpoint):
+        daemon_endpoint = daemon_endpoint()
     doorbell = ["--doorbell", "zmq"] if transport == "shm-zmqbell" else []
     longer = ["--max-new-tokens", BELL_TOKENS, "--quiet"] if rule.startswith("bell-") else []
     tag = secrets.token_hex(4)
     front = f"ipc://{workdir}/h-{tag}.sock"
     info_path = workdir / f"info-{tag}.json"
+    out_path, err_path = workdir / f"out-{tag}.txt", workdir / f"err-{tag}.txt"
     proxy = subprocess.Popen([sys.executable, str(PROXY), "--front", front, "--back", daemon_endpoint,
                               "--rule", rule, "--info", str(info_path)], env=_env())
     try:
@@ -171,11 +175,8 @@ def run_case(case, daemon_endpoint: str, workdir: pathlib.Path) -> dict:
             assert proxy.poll() is None and time.monotonic() < deadline, "the hostile host did not start"
             time.sleep(0.02)
         start = time.monotonic()
-        client = subprocess.run([sys.executable, "-m", "shmrt", "client", "--endpoint", front,
-                                 "--transport", transport.split("-")[0], *doorbell, *CLIENT_ARGS, *longer],
-                                capture_output=True, text=True,
-                                timeout=HANG_GUARD, env=_env(), cwd=workdir,
-                                preexec_fn=_no_core, errors="backslashreplace")
+        rc = zygote.run(["client", "--endpoint", front, "--transport", transport.split("-")[0], *doorbell,
+                         *CLIENT_ARGS, *longer], cwd=workdir, stdout=out_path, stderr=err_path, timeout=HANG_GUARD)
         elapsed, ended_at = time.monotonic() - start, time.time()
         info = json.loads(info_path.read_text())
         left = [name for name in info["rings"] if os.path.exists(f"/dev/shm{name}")]
@@ -189,7 +190,9 @@ def run_case(case, daemon_endpoint: str, workdir: pathlib.Path) -> dict:
     for name in left:  # remove them so one failure does not poison the run; the test then fails
         with contextlib.suppress(FileNotFoundError):  # the daemon may unlink a dead client's rings first
             os.unlink(f"/dev/shm{name}")
-    return {"rc": client.returncode, "stdout": client.stdout, "stderr": client.stderr, "elapsed": elapsed,
+    # decoded as subprocess.run(text=True, errors="backslashreplace") decodes (universal newlines included)
+    stdout, stderr = (path.read_text(errors="backslashreplace") for path in (out_path, err_path))
+    return {"rc": rc, "stdout": stdout, "stderr": stderr, "elapsed": elapsed,
             "fired": info["fired"], "wakes": info.get("wakes", 0), "left": left, "after_fire": ended_at - info.get("fired_at", ended_at)}
 
 
@@ -198,22 +201,26 @@ def outcomes(request, model_daemon, tmp_path_factory):
     """Runs the selected cases (all, or those -k picked), PARALLEL at a time, against one daemon."""
     selected = [item.callspec.params["case"] for item in request.session.items
                 if getattr(item, "originalname", "") == "test_hostile_host"]
-    daemon = model_daemon("tiny")
-    workdir = tmp_path_factory.mktemp("hostile")
-    start = time.monotonic()
-    # A host that truncates a ring the daemon has mapped may also kill its own daemon with SIGBUS (the
-    # host owns that process: its problem, not the enclave's); those cases get a daemon each, and the
-    # shared one must survive everything else.
-    endpoints = {case_id(c): model_daemon("tiny").endpoint if c[1].startswith("truncate-") else daemon.endpoint
-                 for c in selected}
-    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-        futures = {case_id(c): pool.submit(run_case, c, endpoints[case_id(c)], workdir) for c in selected}
-        results = {}
-        for name, future in futures.items():  # one case's harness failure fails that case only
-            try:
-                results[name] = future.result()
-            except Exception as exc:
-                results[name] = {"harness_error": f"{type(exc).__name__}: {exc}"}
+    zygote = Zygote(_env())  # imports torch while the daemon starts
+    try:
+        daemon = model_daemon("tiny")
+        workdir = tmp_path_factory.mktemp("hostile")
+        start = time.monotonic()
+        # A host that truncates a ring the daemon has mapped may also kill its own daemon with SIGBUS (the
+        # host owns that process: its problem, not the enclave's); those cases get a daemon each (started
+        # by the case, so that they start side by side), and the shared one must survive everything else.
+        endpoints = {case_id(c): (lambda: model_daemon("tiny").endpoint) if c[1].startswith("truncate-")
+                     else daemon.endpoint for c in selected}
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+            futures = {case_id(c): pool.submit(run_case, c, endpoints[case_id(c)], workdir, zygote) for c in selected}
+            results = {}
+            for name, future in futures.items():  # one case's harness failure fails that case only
+                try:
+                    results[name] = future.result()
+                except Exception as exc:
+                    results[name] = {"harness_error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        zygote.close()
     print(f"\n{len(selected)} hostile-host cases in {time.monotonic() - start:.0f} s ({PARALLEL} at a time)")
     assert daemon.proc.poll() is None, "the daemon died during the hostile cases"
     return results
@@ -231,6 +238,9 @@ def model_daemon(tmp_path_factory):
         started.append(d)
         return d
     yield start
+    for d in started:  # all at once: each takes a second or so to exit
+        if d.proc.poll() is None:
+            d.proc.terminate()
     for d in started:
         d.stop()
 
