@@ -1,7 +1,6 @@
 """Hostile peers: fuzzed doorbells into the daemon's full request path, a peer scribbling on the rings
 while a client runs, and a multi-process stress through small rings. Outcomes allowed: a result or
 a ShmrtError (ProtocolError and friends). Never a crash, a hang, or any other exception."""
-import multiprocessing as mp
 import os
 import random
 import signal
@@ -13,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from conftest import CHILDREN
 from shmrt.wire import protocol
 from shmrt.host.compute import LinearCompute
 from shmrt.model.calls import matmul_bits
@@ -25,7 +25,6 @@ from shmrt.wire.transport import Request
 from shmrt.wire.registry import client_transport as make_client_transport
 from shmrt.host.weights import load_weights
 
-SPAWN = mp.get_context("spawn")
 CAP = 1 << 16
 TOKEN = b"k" * 16
 HEADER = struct.Struct("<4sHBBQ16siIqQQHH4x")
@@ -204,8 +203,8 @@ def test_scribbler_on_the_rings_while_a_client_runs_never_crashes_or_hangs(model
         try:
             with EnclaveClient(endpoint=d.endpoint, transport="shm", timeout=5, prompt_tokens=16,
                                total_tokens=24) as c:
-                ready = SPAWN.Event()
-                scribbler = SPAWN.Process(target=_scribble, args=([c.transport.req.name, c.transport.rsp.name],
+                ready = CHILDREN.Event()
+                scribbler = CHILDREN.Process(target=_scribble, args=([c.transport.req.name, c.transport.rsp.name],
                                                                   c.transport.req.capacity, seed + i, ready))
                 scribbler.start()
                 try:
@@ -263,8 +262,8 @@ def test_stress_10000_random_messages_8_clients_in_4_processes_shm_doorbells_sma
     4 processes of 2 clients keep the start-up cost of the 4-process stress."""
     seed = random.randrange(2**32)
     print(f"seed={seed}")
-    q = SPAWN.Queue()
-    procs = [SPAWN.Process(target=_stress, args=(echo_daemon.endpoint, [seed + 2 * k, seed + 2 * k + 1], 1250, q))
+    q = CHILDREN.Queue()
+    procs = [CHILDREN.Process(target=_stress, args=(echo_daemon.endpoint, [seed + 2 * k, seed + 2 * k + 1], 1250, q))
              for k in range(4)]
     for p in procs:
         p.start()

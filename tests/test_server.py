@@ -1,6 +1,5 @@
 """The daemon's sessions under faults: concurrent clients, kill -9 on either side, silent clients,
 wrong tokens, access rules. Real processes, sockets and shared memory throughout."""
-import multiprocessing as mp
 import os
 import re
 import signal
@@ -12,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import shm_segments, shmrt_argv
+from conftest import CHILDREN, shm_segments, shmrt_argv
 from shmrt.tools.process import DaemonProcess
 from shmrt.errors import PeerError, PeerTimeout, SetupError
 from shmrt.wire.peer import client_info
@@ -20,7 +19,6 @@ from shmrt.wire.registry import client_transport as make_client_transport
 from shmrt.wire.ring import OFF_ASLEEP
 from shmrt.wire.transport import check_endpoint
 
-SPAWN = mp.get_context("spawn")
 
 
 def _client_run(endpoint, seed, transport, q):
@@ -35,8 +33,8 @@ def _client_run(endpoint, seed, transport, q):
 @pytest.mark.slow
 def test_8_concurrent_clients_get_the_same_logits_as_each_alone(model_daemon):
     d = model_daemon("tiny")
-    q = SPAWN.Queue()
-    procs = [SPAWN.Process(target=_client_run, args=(d.endpoint, seed, "shm" if seed % 2 else "msgpack", q))
+    q = CHILDREN.Queue()
+    procs = [CHILDREN.Process(target=_client_run, args=(d.endpoint, seed, "shm" if seed % 2 else "msgpack", q))
              for seed in range(8)]
     for p in procs:
         p.start()
@@ -251,8 +249,8 @@ def _create_and_die(q):
 
 def test_cleanup_removes_only_segments_of_dead_owners(tmp_path):
     from shmrt.wire.ring import Ring
-    q = SPAWN.Queue()
-    p = SPAWN.Process(target=_create_and_die, args=(q,))
+    q = CHILDREN.Queue()
+    p = CHILDREN.Process(target=_create_and_die, args=(q,))
     p.start()
     dead = q.get(timeout=30)
     p.join(10)
