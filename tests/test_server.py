@@ -233,7 +233,8 @@ def test_ipc_socket_private_and_tcp_loopback_only(model_daemon, tmp_path):
     with pytest.raises(SetupError, match="loopback only"):
         check_endpoint("tcp://0.0.0.0:5555", bind=True)
     assert check_endpoint("tcp://0.0.0.0:5555", bind=True, allow_remote=True)
-    r = subprocess.run([sys.executable, "-m", "shmrt", "daemon", "--endpoint", "tcp://0.0.0.0:5599"],
+    # tiny: the daemon loads its model before it binds, and the default one (SmolLM2) takes ~10 s here
+    r = subprocess.run([sys.executable, "-m", "shmrt", "daemon", "--model", "tiny", "--endpoint", "tcp://0.0.0.0:5599"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--allow-remote" in r.stderr
 
@@ -295,8 +296,10 @@ def _in_small_dev_shm(script: str, mib: int = 1) -> subprocess.CompletedProcess:
 
 
 def test_run_with_a_dev_shm_too_small_for_its_rings_fails_at_startup_naming_both_sizes(tmp_path):
-    """A real 1 MiB /dev/shm, the whole `shmrt run`: one clear line, exit 2, the daemon stopped, nothing left."""
-    r = _in_small_dev_shm(f"{sys.executable} -m shmrt run --endpoint ipc://{tmp_path}/d.sock --quiet; "
+    """A real 1 MiB /dev/shm, the whole `shmrt run`: one clear line, exit 2, the daemon stopped, nothing left.
+    On tiny: the rings of any model's short run are the 1 MiB minimum plus the header (1028 KiB), and the
+    default model's daemon would spend ~15 s loading SmolLM2 before the client finds no room for them."""
+    r = _in_small_dev_shm(f"{sys.executable} -m shmrt run --model tiny --endpoint ipc://{tmp_path}/d.sock --quiet; "
                           "echo rc=$?; ls /dev/shm | wc -l")
     rc_line, leftovers = r.stdout.strip().splitlines()[-2:]
     assert rc_line == "rc=2" and leftovers == "0", r.stdout + r.stderr  # 2: the CLI's "error" exit code
