@@ -165,10 +165,50 @@ def checkpoints(tmp_path_factory):
     return out
 
 
+class DaemonStarting:
+    """`shmrt daemon ARGS` started on a thread: the caller goes on while it loads; `get()` waits for it."""
+
+    def __init__(self, args: list[str], endpoint: str, timeout: float):
+        import threading
+        self._box: dict = {}
+        self._thread = threading.Thread(target=self._start, args=(args, endpoint, timeout), daemon=True)
+        self._thread.start()
+
+    def _start(self, args, endpoint, timeout) -> None:
+        try:
+            self._box["daemon"] = DaemonProcess(args, endpoint, timeout=timeout, quiet=True)
+        except BaseException as exc:  # noqa: BLE001 - raised by get(), in the test that needs it
+            self._box["error"] = exc
+
+    def get(self) -> DaemonProcess:
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["daemon"]
+
+    def stop(self) -> None:
+        self._thread.join()
+        if "daemon" in self._box:
+            self._box["daemon"].stop()
+
+
 @pytest.fixture(scope="session")
-def smollm2_hf():
+def smollm2_daemon(tmp_path_factory):
+    """`shmrt daemon --model smollm2-135m` for test_real_model, which only reads its weights (every test
+    its own session). Started in the background by smollm2_hf, below: the two loads of SmolLM2 (~10 s in
+    the daemon, ~25 s in transformers, a core each) overlap instead of following each other."""
+    from shmrt.model.checkpoint import SMOLLM2
+    starting = DaemonStarting(["--model", SMOLLM2], f"ipc://{tmp_path_factory.mktemp('smollm2')}/d.sock", 300)
+    yield starting
+    starting.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(request):
     """transformers' LlamaForCausalLM loading the installed SmolLM2 GGUF itself (~30 s on 2 cores: once)."""
     pytest.importorskip("gguf", reason="reading GGUF needs the gguf package (scripts/setup.sh installs it)")
+    if any(item.path.name == "test_real_model.py" for item in request.session.items):
+        request.getfixturevalue("smollm2_daemon")  # starts loading beside this load (see there)
     from shmrt.errors import ModelError
     from shmrt.model.gguf_checkpoint import find_smollm2
     try:

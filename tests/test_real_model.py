@@ -15,7 +15,6 @@ from shmrt.enclave.client import EnclaveClient
 from shmrt.enclave.generate import Sampler, generate
 from shmrt.enclave.tokenizer import load_tokenizer
 from shmrt.model.checkpoint import SMOLLM2, resolve_model
-from shmrt.tools.process import DaemonProcess
 
 pytest.importorskip("gguf", reason="reading GGUF needs the gguf package (scripts/setup.sh installs it)")
 try:
@@ -72,10 +71,8 @@ def reference(smollm2_hf):
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    endpoint = f"ipc://{tmp_path_factory.mktemp('smollm2')}/d.sock"
-    with DaemonProcess(["--model", SMOLLM2], endpoint, timeout=300, quiet=True) as d:
-        yield d
+def daemon(smollm2_daemon):
+    return smollm2_daemon.get()  # a `shmrt daemon --model smollm2-135m` process (conftest)
 
 
 # Rings far smaller than one forward's traffic, holding its largest message twice: at 900 tokens P plus V
