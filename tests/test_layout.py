@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 from conftest import repo_root
 from test_gramine import TEMPLATE, check_manifest
 
@@ -22,26 +24,36 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def client_modules(model_daemon, transport: str) -> set[str]:
-    d = model_daemon("tiny")
-    r = subprocess.run([sys.executable, "-c", CLIENT_CLOSURE, "client", "--model", "tiny", "--endpoint", d.endpoint,
-                        "--transport", transport, "--prefill", "8", "--max-new-tokens", "2", "--log", "", "--quiet"],
-                       capture_output=True, text=True, timeout=120, cwd=repo_root())
-    assert r.returncode == 0, r.stderr
-    return set(json.loads(r.stdout.split("MODULES ", 1)[1]))
+@pytest.fixture(scope="module")
+def client_modules(tmp_path_factory):
+    """transport -> the shmrt modules a real client run loaded. One daemon, and each transport's client run
+    once for both tests below (the second asked again for shm's: the same run, ~4 s of it)."""
+    from shmrt.tools.process import DaemonProcess
+    seen: dict[str, set[str]] = {}
+    with DaemonProcess(["--model", "tiny"], f"ipc://{tmp_path_factory.mktemp('layout')}/d.sock", timeout=120,
+                       quiet=True) as d:
+        def modules(transport: str) -> set[str]:
+            if transport not in seen:
+                r = subprocess.run([sys.executable, "-c", CLIENT_CLOSURE, "client", "--model", "tiny", "--endpoint",
+                                    d.endpoint, "--transport", transport, "--prefill", "8", "--max-new-tokens", "2",
+                                    "--log", "", "--quiet"], capture_output=True, text=True, timeout=120, cwd=repo_root())
+                assert r.returncode == 0, r.stderr
+                seen[transport] = set(json.loads(r.stdout.split("MODULES ", 1)[1]))
+            return seen[transport]
+        yield modules
 
 
-def test_the_enclave_client_loads_nothing_from_the_host_side(model_daemon):
+def test_the_enclave_client_loads_nothing_from_the_host_side(client_modules):
     for transport in ("shm", "msgpack"):
-        modules = client_modules(model_daemon, transport)
+        modules = client_modules(transport)
         assert "shmrt.enclave.client" in modules and "shmrt.wire._native" in modules
         assert not [m for m in modules if m.startswith(("shmrt.host", "shmrt.tools.bench", "shmrt.tools.analyze"))]
 
 
-def test_the_manifest_trusts_the_enclave_closure_and_nothing_of_the_host(model_daemon):
+def test_the_manifest_trusts_the_enclave_closure_and_nothing_of_the_host(client_modules):
     trusted = [t.removeprefix("file:/opt/shmrt/") for t in
                tomllib.loads(check_manifest.render(TEMPLATE))["sgx"]["trusted_files"] if "/opt/shmrt/shmrt" in t]
-    modules = client_modules(model_daemon, "shm")
+    modules = client_modules("shm")
     for module in modules:
         path = PACKAGE.parent / (module.replace(".", "/"))
         rel = str((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(PACKAGE.parent))
