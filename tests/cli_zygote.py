@@ -1,4 +1,5 @@
-"""`python -m shmrt` with torch already imported: a zygote for tests that launch the CLI many times.
+"""`python -m shmrt` (or `python -c CODE`) with torch already imported: a zygote for tests that start
+such processes many times.
 
     python tests/cli_zygote.py        (commands on stdin, one JSON object a line)
 
@@ -10,9 +11,10 @@ chdir, its stdout and stderr on files, stdin on /dev/null, only fds 0-2 open, no
 and `sys.path[0]` as `-m` sets them, then `runpy.run_module("shmrt", run_name="__main__")`; it exits
 through the interpreter's own shutdown (atexit, finalizers, an uncaught exception's traceback, exit 1),
 not `os._exit`. What it does not repeat is the interpreter start-up and the imports (the tests that
-launch `python -m shmrt` themselves cover those).
+launch `python -m shmrt` themselves cover those). With "code" in the command, the child runs it as
+`python -c CODE ARGV` would (`sys.argv[0]` "-c", `sys.path[0]` "", `__name__` "__main__").
 
-Commands: {"id": N, "argv": [...], "cwd": DIR, "stdout": FILE, "stderr": FILE}. Replies on stdout:
+Commands: {"id": N, "argv": [...], "cwd": DIR, "stdout": FILE, "stderr": FILE[, "code": CODE]}. Replies:
 {"ready": true} once, {"id": N, "pid": PID} at the fork, {"id": N, "rc": RC} at the exit (RC: the exit
 status, or -SIGNAL as subprocess reports it). EOF on stdin: the zygote exits (children keep running).
 """
@@ -80,7 +82,7 @@ def serve() -> dict | None:
 
 
 def become(cmd: dict) -> None:
-    """In the child: the process state `python -m shmrt ARGV` would start with (cwd, fds, argv, path)."""
+    """In the child: the process state `python -m shmrt ARGV` (or `-c CODE ARGV`) would start with."""
     os.chdir(cmd["cwd"])
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     null = os.open(os.devnull, os.O_RDONLY)
@@ -91,8 +93,12 @@ def become(cmd: dict) -> None:
         os.close(fd)
     os.closerange(3, 65536)  # as subprocess's close_fds
     gc.enable()
-    sys.argv = ["-m", *cmd["argv"]]  # run_module puts the module's path in argv[0], as -m does
-    sys.path[0] = os.getcwd()         # -m puts the working directory first, not this file's
+    if "code" in cmd:
+        sys.argv = ["-c", *cmd["argv"]]
+        sys.path[0] = ""                  # -c puts the working directory first, as ''
+    else:
+        sys.argv = ["-m", *cmd["argv"]]  # run_module puts the module's path in argv[0], as -m does
+        sys.path[0] = os.getcwd()         # -m puts the working directory first, not this file's
 
 
 # ---- the tests' side
@@ -126,9 +132,10 @@ class Zygote:
             if "rc" in msg:
                 entry["event"].set()
 
-    def run(self, argv: list[str], cwd: str, stdout: str, stderr: str, timeout: float) -> int:
-        """`python -m shmrt ARGV` in CWD, its output in the files STDOUT and STDERR: the exit status
-        (negative: the signal), as subprocess.run would give. Killed after TIMEOUT s, raising TimeoutError."""
+    def run(self, argv: list[str], cwd: str, stdout: str, stderr: str, timeout: float, code: str | None = None) -> int:
+        """`python -m shmrt ARGV` (`python -c CODE ARGV` with CODE) in CWD, its output in the files STDOUT
+        and STDERR: the exit status (negative: the signal), as subprocess.run would give. Killed after
+        TIMEOUT s, raising TimeoutError."""
         import threading
         if not self._ready.wait(self._start_timeout):
             raise RuntimeError(f"the CLI zygote did not start within {self._start_timeout:.0f} s")
@@ -136,8 +143,10 @@ class Zygote:
             self._next += 1
             ident = self._next
             entry = self._waiting[ident] = {"event": threading.Event()}
-            self.proc.stdin.write((json.dumps({"id": ident, "argv": argv, "cwd": str(cwd), "stdout": str(stdout),
-                                               "stderr": str(stderr)}) + "\n").encode())
+            cmd = {"id": ident, "argv": argv, "cwd": str(cwd), "stdout": str(stdout), "stderr": str(stderr)}
+            if code is not None:
+                cmd["code"] = code
+            self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
             self.proc.stdin.flush()
         if not entry["event"].wait(timeout):
             with self._lock:
@@ -171,6 +180,12 @@ if __name__ == "__main__":
     if command is None:
         sys.exit(0)
     become(command)
+    code = command.get("code")
     del command
-    import runpy
-    runpy.run_module("shmrt", run_name="__main__", alter_sys=True)
+    if code is not None:
+        main = type(sys)("__main__")  # a fresh __main__, as -c runs in
+        sys.modules["__main__"] = main
+        exec(compile(code, "<string>", "exec"), main.__dict__)
+    else:
+        import runpy
+        runpy.run_module("shmrt", run_name="__main__", alter_sys=True)

@@ -194,21 +194,28 @@ rsp.close()
 """
 
 
-def _run_fault_child(how: str, where: str):
-    import resource
+@pytest.fixture(scope="module")
+def run_fault_child(tmp_path_factory):
+    """FAULT_CHILD HOW WHERE as `python -c` runs it, forked from tests/cli_zygote.py, which imported torch
+    once (~3 s of CPU per child otherwise, 11 children). Each child is still its own process that maps
+    its rings, faults and exits (or dies of SIGBUS) by itself; no core dumps, as before."""
     import subprocess
-    import sys
+    from cli_zygote import Zygote
+    zygote = Zygote(dict(os.environ))
+    work = tmp_path_factory.mktemp("faults")
 
-    def no_core():
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return subprocess.run([sys.executable, "-c", FAULT_CHILD, how, where], capture_output=True, text=True,
-                          timeout=60, preexec_fn=no_core)
+    def run(how: str, where: str) -> subprocess.CompletedProcess:
+        out, err = work / f"{how}-{where}.out", work / f"{how}-{where}.err"
+        rc = zygote.run([how, where], cwd=os.getcwd(), stdout=out, stderr=err, timeout=60, code=FAULT_CHILD)
+        return subprocess.CompletedProcess(["-c", FAULT_CHILD, how, where], rc, out.read_text(), err.read_text())
+    yield run
+    zygote.close()
 
 
 @pytest.mark.parametrize("where", ["req", "rsp"])
 @pytest.mark.parametrize("how", ["shrink-to-0", "shrink-mid-data", "shrink-torch-view", "shrink-many-threads"])
-def test_a_ring_shrunk_by_the_host_ends_the_process_with_one_line_exit_2_and_no_segment(how, where):
-    proc = _run_fault_child(how, where)
+def test_a_ring_shrunk_by_the_host_ends_the_process_with_one_line_exit_2_and_no_segment(run_fault_child, how, where):
+    proc = run_fault_child(how, where)
     names = proc.stdout.split()[:2]
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])  # -7 would be SIGBUS (a core dump)
     lines = proc.stderr.splitlines()
@@ -220,15 +227,15 @@ def test_a_ring_shrunk_by_the_host_ends_the_process_with_one_line_exit_2_and_no_
 
 
 @pytest.mark.parametrize("how", ["grow", "replace"])
-def test_a_ring_grown_or_replaced_by_the_host_keeps_working_and_nothing_is_left(how):
-    proc = _run_fault_child(how, "req")
+def test_a_ring_grown_or_replaced_by_the_host_keeps_working_and_nothing_is_left(run_fault_child, how):
+    proc = run_fault_child(how, "req")
     assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr[-2000:]
     for name in proc.stdout.split()[:2]:
         assert not os.path.exists(f"/dev/shm{name}")
 
 
-def test_a_sigbus_outside_the_rings_keeps_its_default_action():
-    proc = _run_fault_child("unguarded", "req")
+def test_a_sigbus_outside_the_rings_keeps_its_default_action(run_fault_child):
+    proc = run_fault_child("unguarded", "req")
     assert proc.returncode == -7, (proc.returncode, proc.stderr[-2000:])
     for name in proc.stdout.split()[:2]:  # the process died without closing: remove what it left
         if os.path.exists(f"/dev/shm{name}"):
