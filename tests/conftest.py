@@ -85,20 +85,50 @@ def echo_daemon(endpoint):
     d.stop()
 
 
+class DaemonPool:
+    """`shmrt daemon` processes started for some tests and stopped together: `start` makes a new one each
+    call, `shared` one per argument list (for tests that each open their own session and only read the
+    weights). `stop` terminates them all at once, then reaps them (each takes a second or so to exit)."""
+
+    def __init__(self, directory):
+        self._directory = directory   # () -> a folder for the sockets
+        self._started: list[DaemonProcess] = []
+        self._shared: dict[tuple, DaemonProcess] = {}
+
+    def start(self, model: str = "tiny", *extra: str, endpoint: str | None = None) -> DaemonProcess:
+        ep = endpoint or f"ipc://{self._directory()}/m-{secrets.token_hex(4)}.sock"
+        d = DaemonProcess(["--model", model, *extra], ep, timeout=120, quiet=True)
+        self._started.append(d)
+        return d
+
+    def shared(self, model: str = "tiny", *extra: str) -> DaemonProcess:
+        key = (model, *extra)
+        if key not in self._shared:
+            self._shared[key] = self.start(model, *extra)
+        return self._shared[key]
+
+    def stop(self) -> None:
+        for d in self._started:
+            if d.proc.poll() is None:
+                d.proc.terminate()
+        for d in self._started:
+            d.stop()
+
+
 @pytest.fixture
 def model_daemon(tmp_path):
     """Factory: start `shmrt daemon` on a model; stopped at teardown."""
-    started = []
+    pool = DaemonPool(lambda: tmp_path)
+    yield pool.start
+    pool.stop()
 
-    def start(model: str = "tiny", *extra: str, endpoint: str | None = None) -> DaemonProcess:
-        ep = endpoint or f"ipc://{tmp_path}/m-{secrets.token_hex(4)}.sock"
-        d = DaemonProcess(["--model", model, *extra], ep, timeout=120, quiet=True)
-        started.append(d)
-        return d
 
-    yield start
-    for d in started:
-        d.stop()
+@pytest.fixture(scope="module")
+def module_daemons(tmp_path_factory):
+    """A DaemonPool that lives as long as the test module: start-up is ~3 s a daemon on 2 cores."""
+    pool = DaemonPool(lambda: tmp_path_factory.mktemp("daemons"))
+    yield pool
+    pool.stop()
 
 
 def shmrt_argv(*args) -> list[str]:

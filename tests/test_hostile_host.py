@@ -197,19 +197,22 @@ def run_case(case, daemon_endpoint, workdir: pathlib.Path, zygote: Zygote) -> di
 
 
 @pytest.fixture(scope="module")
-def outcomes(request, model_daemon, tmp_path_factory):
+def outcomes(request, module_daemons, tmp_path_factory):
     """Runs the selected cases (all, or those -k picked), PARALLEL at a time, against one daemon."""
     selected = [item.callspec.params["case"] for item in request.session.items
                 if getattr(item, "originalname", "") == "test_hostile_host"]
+    def start_daemon():   # a silent client is dropped after 30 s
+        return module_daemons.start("tiny", "--session-timeout", "30")
+
     zygote = Zygote(_env())  # imports torch while the daemon starts
     try:
-        daemon = model_daemon("tiny")
+        daemon = start_daemon()
         workdir = tmp_path_factory.mktemp("hostile")
         start = time.monotonic()
         # A host that truncates a ring the daemon has mapped may also kill its own daemon with SIGBUS (the
         # host owns that process: its problem, not the enclave's); those cases get a daemon each (started
         # by the case, so that they start side by side), and the shared one must survive everything else.
-        endpoints = {case_id(c): (lambda: model_daemon("tiny").endpoint) if c[1].startswith("truncate-")
+        endpoints = {case_id(c): (lambda: start_daemon().endpoint) if c[1].startswith("truncate-")
                      else daemon.endpoint for c in selected}
         with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
             futures = {case_id(c): pool.submit(run_case, c, endpoints[case_id(c)], workdir, zygote) for c in selected}
@@ -224,25 +227,6 @@ def outcomes(request, model_daemon, tmp_path_factory):
     print(f"\n{len(selected)} hostile-host cases in {time.monotonic() - start:.0f} s ({PARALLEL} at a time)")
     assert daemon.proc.poll() is None, "the daemon died during the hostile cases"
     return results
-
-
-@pytest.fixture(scope="module")
-def model_daemon(tmp_path_factory):
-    """Module-scoped: one daemon serves every case (conftest's is per test)."""
-    from shmrt.tools.process import DaemonProcess
-    started = []
-
-    def start(model="tiny"):
-        ep = f"ipc://{tmp_path_factory.mktemp('daemon')}/d.sock"
-        d = DaemonProcess(["--model", model, "--session-timeout", "30"], ep, timeout=120, quiet=True)
-        started.append(d)
-        return d
-    yield start
-    for d in started:  # all at once: each takes a second or so to exit
-        if d.proc.poll() is None:
-            d.proc.terminate()
-    for d in started:
-        d.stop()
 
 
 def _control_free(text: str) -> bool:

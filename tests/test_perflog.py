@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from shmrt.tools.perflog import COLUMNS, LINE_WIDTH, ROW_PERCENT, WIDTHS, PerfLog, format_row, row_fields
+from shmrt.tools.perflog import COLUMNS, LINE_WIDTH, ROW_PERCENT, WIDTHS, PerfLog, format_row, row_fields, throughput_mbps
 from shmrt.wire.stats import CallStats
 
 
@@ -28,6 +28,6 @@ def test_rows_pad_every_field_to_its_column():
                                     (100000, "BatchLinear", -0.001, float("nan"), float("inf"), 1e12, 7.0, 2**40, 3)])
 def test_the_one_format_row_writes_what_the_field_by_field_format_writes(values):
     call_id, method, ser, send, recv, deser, total, sent, received = values
-    mbps = (sent + received) / 2**20 / (total / 1000) if total > 0 else 0.0
-    fast = ROW_PERCENT % (call_id, method, ser, send, recv, deser, total, sent / 1024, received / 1024, mbps)
+    fast = ROW_PERCENT % (call_id, method, ser, send, recv, deser, total, sent / 1024, received / 1024,
+                          throughput_mbps(sent, received, total))
     assert fast == format_row(row_fields(*values))

@@ -9,19 +9,10 @@ from shmrt.enclave.sizing import MIN_RING_BYTES, ring_bytes_for
 from shmrt.model.checkpoint import load_enclave_part, resolve_model
 
 
-@pytest.fixture(scope="module")
-def small_daemon(tmp_path_factory):
-    """One daemon for the four runs below (each its own session): ~3 s of start-up each on 2 cores."""
-    from shmrt.tools.process import DaemonProcess
-    with DaemonProcess(["--model", "small", "--layers", "2"], f"ipc://{tmp_path_factory.mktemp('sizing')}/d.sock",
-                       timeout=120, quiet=True) as d:
-        yield d
-
-
 @pytest.mark.parametrize("kv", ["daemon", "client"])
 @pytest.mark.parametrize("wire", ["float32", "bfloat16"])
-def test_dry_run_ring_holds_the_largest_real_message_twice(small_daemon, kv, wire):
-    d = small_daemon
+def test_dry_run_ring_holds_the_largest_real_message_twice(module_daemons, kv, wire):
+    d = module_daemons.shared("small", "--layers", "2")   # each run its own session
     source = resolve_model("small", 2)
     prompt, new = 160, 6
     calls = []

@@ -22,26 +22,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 SMALL_RING_MIB = 0.125
 
 
-@pytest.fixture(scope="module")
-def parity_daemon(tmp_path_factory):
-    """Factory: one `shmrt daemon` per (checkpoint, device) for this module's parity tests, which each
-    open their own session on it (Hello to Close) and only read its weights. Started once instead of
-    once per test: ~3 s of start-up each on 2 cores."""
-    from shmrt.tools.process import DaemonProcess
-    started = {}
-
-    def get(model: str, device: str = "cpu") -> DaemonProcess:
-        if (model, device) not in started:
-            ep = f"ipc://{tmp_path_factory.mktemp('parity')}/d.sock"
-            started[model, device] = DaemonProcess(["--model", model, "--device", device], ep, timeout=120, quiet=True)
-        return started[model, device]
-    yield get
-    for d in started.values():  # all at once: each takes a second or so to exit
-        d.proc.terminate()
-    for d in started.values():
-        d.stop()
-
-
 def run_client(endpoint, transport, ids, *, model="tiny", wire="float32", kv="daemon", new=0, log=None, min_wraps=3,
                ring_mib=SMALL_RING_MIB):
     calls = []
@@ -62,9 +42,9 @@ def run_client(endpoint, transport, ids, *, model="tiny", wire="float32", kv="da
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("name", ["gqa-tied-llama3", "untied-mha-legacy"])
-def test_fp32_wire_logits_match_transformers(checkpoints, parity_daemon, transport, name, device):
+def test_fp32_wire_logits_match_transformers(checkpoints, module_daemons, transport, name, device):
     path, hf = checkpoints[name]
-    d = parity_daemon(str(path), device)
+    d = module_daemons.shared(str(path), "--device", device)
     ids = random_ids(48, 320, seed=11)
     with torch.no_grad():
         ref = hf(ids).logits[:, -1]
@@ -73,9 +53,9 @@ def test_fp32_wire_logits_match_transformers(checkpoints, parity_daemon, transpo
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_bf16_wire_same_argmax_and_close(checkpoints, parity_daemon, transport):
+def test_bf16_wire_same_argmax_and_close(checkpoints, module_daemons, transport):
     path, hf = checkpoints["gqa-tied-llama3"]
-    d = parity_daemon(str(path))
+    d = module_daemons.shared(str(path), "--device", "cpu")
     ids = random_ids(48, 320, seed=12)
     with torch.no_grad():
         ref = hf(ids).logits[:, -1]
@@ -87,9 +67,9 @@ def test_bf16_wire_same_argmax_and_close(checkpoints, parity_daemon, transport):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("kv", ["client", "daemon"])
-def test_prefill_then_8_greedy_tokens_equal_transformers_generate(checkpoints, parity_daemon, transport, kv, device):
+def test_prefill_then_8_greedy_tokens_equal_transformers_generate(checkpoints, module_daemons, transport, kv, device):
     path, hf = checkpoints["sharded-gqa"]
-    d = parity_daemon(str(path), device)
+    d = module_daemons.shared(str(path), "--device", device)
     ids = random_ids(24, 320, seed=13)
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, 24:].tolist()

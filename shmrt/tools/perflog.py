@@ -44,8 +44,13 @@ def header_lines(label: str) -> list[str]:
     return [f"ZeroMQ Performance Log - Transport: {label}", RULE, format_row(COLUMNS), RULE]
 
 
+def throughput_mbps(sent_b: int, recv_b: int, total_ms: float) -> float:
+    """v2.4's Throughput(MB/s): bytes both ways over the time they took (0 for no time)."""
+    return (sent_b + recv_b) / 2**20 / (total_ms / 1000) if total_ms > 0 else 0.0
+
+
 def row_fields(call_id: int, method: str, ser_ms, send_ms, recv_ms, deser_ms, total_ms, sent_b, recv_b):
-    mbps = (sent_b + recv_b) / 2**20 / (total_ms / 1000) if total_ms > 0 else 0.0
+    mbps = throughput_mbps(sent_b, recv_b, total_ms)
     return (call_id, method, f"{ser_ms:.3f}", f"{send_ms:.3f}", f"{recv_ms:.3f}", f"{deser_ms:.3f}",
             f"{total_ms:.3f}", f"{sent_b / 1024:.2f}", f"{recv_b / 1024:.2f}", f"{mbps:.2f}")
 
@@ -54,7 +59,7 @@ def summary_lines(calls: int, ser_ms: float, send_ms: float, recv_ms: float, des
                   total_ms: float, sent_b: int, recv_b: int) -> list[str]:
     """The SUMMARY block; arguments are sums over the run (averages are taken here)."""
     n = max(calls, 1)
-    mbps = (sent_b + recv_b) / 2**20 / (total_ms / 1000) if total_ms > 0 else 0.0
+    mbps = throughput_mbps(sent_b, recv_b, total_ms)
     return ["", RULE, "SUMMARY", RULE,
             f"Total RPC Calls: {calls}",
             f"Average Serialize Time: {ser_ms / n:.3f} ms",
@@ -171,8 +176,7 @@ class PerfLog:
         sent, recv, total = s.sent_bytes, s.recv_bytes, ms[4]
         self._bytes[0] += sent
         self._bytes[1] += recv
-        mbps = (sent + recv) / 2**20 / (total / 1000) if total > 0 else 0.0
-        return ROW_PERCENT % (call_id, s.method, *ms, sent / 1024, recv / 1024, mbps)
+        return ROW_PERCENT % (call_id, s.method, *ms, sent / 1024, recv / 1024, throughput_mbps(sent, recv, total))
 
     @staticmethod
     def _call_record(call_id: int, phase: str, s: CallStats) -> str:

@@ -205,7 +205,7 @@ class WordWaiter:
         # H200 host). Not less than that default: on 2 cores, sleeping from the start (no spin, no yield)
         # after long waits cost 10 ms per decoded token (small), whose short calls followed long ones.
         short = Backoff()
-        self._sleepy = Backoff(min(backoff.spin_us, short.spin_us), min(backoff.yield_us, short.yield_us),
+        self._after_long = Backoff(min(backoff.spin_us, short.spin_us), min(backoff.yield_us, short.yield_us),
                                backoff.sleep_min_us, backoff.sleep_max_us).to_c()
         self._long_ns = int(backoff.yield_us * 1e3)
         self.last_wait_long = False
@@ -215,7 +215,7 @@ class WordWaiter:
         `budget_ns` passed first. `waited_ns`: how long the caller has waited already (the backoff phase)."""
         start = now_ns()
         rc = lib.shmrt_wait_any(self._words, self.seen, self.n, self.fd,
-                                self._sleepy if self.last_wait_long else self._backoff, waited_ns, budget_ns)
+                                self._after_long if self.last_wait_long else self._backoff, waited_ns, budget_ns)
         if rc >= 0:
             self.last_wait_long = waited_ns + now_ns() - start > self._long_ns
             return rc if rc < self.n else self.SOCKET

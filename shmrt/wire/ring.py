@@ -263,7 +263,7 @@ class Ring:
         ring allocation is) is a strided view of one tensor over the whole data area, made once per dtype:
         a third of the cost of wrapping a fresh memoryview each time."""
         size = dtype.itemsize
-        if offset % size or self._closed or not (0 <= offset <= self.capacity and 0 <= nbytes <= self.capacity - offset):
+        if offset % size or not (0 <= offset <= self.capacity and 0 <= nbytes <= self.capacity - offset):
             return torch.frombuffer(self.view(offset, nbytes), dtype=dtype).view(shape)
         base = self._typed.get(dtype)
         if base is None:

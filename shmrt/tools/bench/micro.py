@@ -51,7 +51,6 @@ def _serve_signal(name: str) -> None:
     ring.close()
 
 
-
 def _signal_rtt(ctx, repeats: int) -> list[float]:
     ring = Ring.create(PAGE_BYTES, "req")
     proc = ctx.Process(target=_serve_signal, args=(ring.name,), daemon=True)
