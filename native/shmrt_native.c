@@ -127,6 +127,22 @@ int shmrt_bell_post(uint8_t *base, uint64_t base_len, uint64_t slot_off, uint64_
     return SHMRT_OK;
 }
 
+int shmrt_bell_take(const uint8_t *base, uint64_t base_len, uint64_t seq_off, uint64_t seen,
+                    uint64_t slot_off, uint64_t slot_cap, uint64_t *seq, uint64_t *length,
+                    uint8_t *out, uint64_t out_cap) {
+    if (!in_bounds(base_len, seq_off, 8) || !in_bounds(base_len, slot_off, slot_cap) || slot_cap < 8)
+        return SHMRT_E_BOUNDS;
+    if (((uintptr_t)(base + seq_off)) % 8 || ((uintptr_t)(base + slot_off)) % 8) return SHMRT_E_ALIGN;
+    *length = 0;
+    *seq = atomic_load_explicit((const _Atomic uint64_t *)(base + seq_off), memory_order_acquire);
+    if (*seq == seen) return SHMRT_OK;
+    uint64_t n;
+    memcpy(&n, base + slot_off, 8);
+    *length = n;
+    if (n <= out_cap && n <= slot_cap - 8) memcpy(out, base + slot_off + 8, (size_t)n);
+    return SHMRT_OK;
+}
+
 int shmrt_store_fence_load(uint8_t *base, uint64_t base_len, uint64_t store_off, uint64_t value,
                            uint64_t load_off, uint64_t *out) {
     if (!in_bounds(base_len, store_off, 8) || !in_bounds(base_len, load_off, 8)) return SHMRT_E_BOUNDS;

@@ -87,6 +87,14 @@ int shmrt_bell_post(uint8_t *base, uint64_t base_len, uint64_t slot_off, uint64_
                     const char *msg, uint64_t n, uint64_t seq_off, uint64_t seq,
                     uint64_t flag_off, uint64_t *flag);
 
+/* Take a doorbell record in one call: acquire-load the word at base+seq_off into *seq; if it differs */
+/* from `seen`, load the record's length (the slot's first word, at base+slot_off) into *length and, */
+/* when it fits out_cap (and the slot), copy the record into out. Each shared word is loaded once and */
+/* the record copied once; the caller validates *seq, *length and the copy (never the slot again). */
+int shmrt_bell_take(const uint8_t *base, uint64_t base_len, uint64_t seq_off, uint64_t seen,
+                    uint64_t slot_off, uint64_t slot_cap, uint64_t *seq, uint64_t *length,
+                    uint8_t *out, uint64_t out_cap);
+
 /* The reader's side of that handshake: store value at base+store_off, full fence, load the word */
 /* at base+load_off into *out. */
 int shmrt_store_fence_load(uint8_t *base, uint64_t base_len, uint64_t store_off, uint64_t value,

@@ -8,9 +8,10 @@ consumer answers the door:
   post (producer)   write [length u64][record] into the slot, release-store the record's seq into
                     `bell seq`, full fence, load the consumer's `asleep` word: 1 means send a Wake
                     over ZeroMQ (the consumer is blocked there).
-  take (consumer)   acquire-load `bell seq`; unchanged: nothing new. The seq it expects: copy the length
-                    and then the record out once (protocol.decode validates the copy). Any other value:
-                    ProtocolError, the peer scribbled the word (never a wait that outlives --timeout).
+  take (consumer)   acquire-load `bell seq`; unchanged: nothing new. Else copy the length and then the
+                    record out once (one C call); the seq must be the one it expects (any other value:
+                    ProtocolError, the peer scribbled the word, never a wait that outlives --timeout), the
+                    length at most a record's, and protocol.decode validates the copy.
   sleep (consumer)  store asleep=1, full fence, load `bell seq` once more: a bell that came meanwhile is
                     served, not slept through; asleep=0 on waking. Both sides store, fence, then load
                     the other's word, so either the producer sees asleep=1 and sends a Wake or the
@@ -50,20 +51,20 @@ class BellIn:
         self.ring = ring
         self.seen = 0  # the creator zeroes `bell seq`; records start at the session's first RPC
         self.address = ring.native.word_address(OFF_BELL_SEQ)
+        self._record = ring.native.record_buffer(MAX_RECORD)
 
     def take(self, expect_seq: int) -> bytes | None:
-        """The next record if it has been posted (a private copy), else None."""
-        seq = self.ring.native.load(OFF_BELL_SEQ)  # one load, validated before any use
+        """The next record if it has been posted (a private copy), else None. One C call loads the seq word
+        and the length once each and copies the record once; all three are validated here, on the copies."""
+        seq, length, record = self.ring.native.take_bell(OFF_BELL_SEQ, self.seen, OFF_BELL_SLOT, BELL_SLOT_BYTES,
+                                                         self._record)
         if seq == self.seen:
             return None
         if seq != expect_seq:
             raise ProtocolError(f"ring {self.ring.name}: doorbell sequence word {seq}, expected {self.seen} "
                                 f"(nothing new) or {expect_seq} (the next call): the peer scribbled the ring header")
-        length = self.ring.native.load(OFF_BELL_SLOT)
         if length > MAX_RECORD:
             raise ProtocolError(f"ring {self.ring.name}: doorbell record length {length}, expected at most {MAX_RECORD}")
-        start = OFF_BELL_SLOT + 8
-        record = self.ring.mapping[start:start + length]  # the one copy; nothing reads the slot again
         self.seen = seq
         return record
 

@@ -72,6 +72,7 @@ class MappedBuffer:
         self._buf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         self.nbytes = len(self._buf)
         self._word_out = ffi.new("uint64_t *")
+        self._take_out = ffi.new("uint64_t[2]")
 
     def copy_in(self, offset: int, src: torch.Tensor) -> Span:
         """Copy `src`'s bytes to [offset, offset + src.nbytes) of the mapping."""
@@ -120,6 +121,20 @@ class MappedBuffer:
         _check_rc(lib.shmrt_bell_post(self._buf, self.nbytes, slot_off, slot_cap, record, len(record),
                                       seq_off, seq, flag_off, flag), "posting a doorbell")
         return int(flag[0])
+
+    def take_bell(self, seq_off: int, seen: int, slot_off: int, slot_cap: int, out) -> tuple[int, int, bytes]:
+        """One doorbell take (see shmrt_bell_take): (the seq word, the record's length, the record copied into
+        `out` (a `record_buffer`) as bytes: empty when the seq is `seen` or the length does not fit)."""
+        words = self._take_out
+        _check_rc(lib.shmrt_bell_take(self._buf, self.nbytes, seq_off, seen, slot_off, slot_cap, words, words + 1,
+                                      out, len(out)), "taking a doorbell")
+        seq, length = int(words[0]), int(words[1])
+        return seq, length, ffi.buffer(out, length)[:] if seq != seen and length <= len(out) else b""
+
+    @staticmethod
+    def record_buffer(nbytes: int):
+        """Private memory a doorbell record is copied into (`take_bell`)."""
+        return ffi.new("uint8_t[]", nbytes)
 
     def store_fence_load(self, store_off: int, value: int, load_off: int) -> int:
         out = self._word_out
