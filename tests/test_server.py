@@ -170,6 +170,47 @@ def test_idle_daemon_with_an_open_shm_doorbell_session_uses_no_cpu_and_wakes_for
         assert time.monotonic() - t1 < 2.0
 
 
+def test_a_busy_doorbell_session_skips_the_socket_and_a_new_client_is_still_served_at_once(tmp_path, monkeypatch):
+    """Between two requests rung in shared memory the loop does not poll ZeroMQ (once per slice, or when the bell
+    waiter sees the socket's descriptor readable); a Hello that comes meanwhile is served through the
+    descriptor, long before the slice (stretched to 2 s here) would have brought the loop to the socket."""
+    import threading
+
+    from shmrt.host import server as server_module
+    monkeypatch.setattr(server_module, "BELL_SLICE_NS", 2_000_000_000)
+    endpoint = f"ipc://{tmp_path}/busy.sock"
+    server = server_module.Server(endpoint, server_module.EchoHandler(), log=lambda m: None)
+    polls = []
+    poll_socket = server._poll_socket
+    monkeypatch.setattr(server, "_poll_socket", lambda timeout_ms: polls.append(timeout_ms) or poll_socket(timeout_ms))
+    stop = threading.Event()
+    serving = threading.Thread(target=server.serve, kwargs={"until": stop.is_set, "poll_ms": 20})
+    serving.start()
+    try:
+        with _echo_session(endpoint, timeout=10) as busy:
+            assert _echoes(busy, 0)
+            before = len(polls)
+            assert all(_echoes(busy, seed) for seed in range(1, 201))
+            assert len(polls) - before <= 2, f"{len(polls) - before} socket polls for 200 requests"
+            latency = []
+
+            def newcomer():
+                start = time.monotonic()
+                with _echo_session(endpoint, timeout=10) as t:
+                    latency.append(time.monotonic() - start)
+                    assert _echoes(t, 7)
+            joining = threading.Thread(target=newcomer)
+            joining.start()
+            while joining.is_alive():   # the busy client keeps ringing while the newcomer says Hello and Attach
+                assert _echoes(busy, 8)
+            joining.join()
+            assert latency and latency[0] < 1.0, latency
+    finally:
+        stop.set()
+        serving.join(10)
+        server.close()
+
+
 def test_kill_9_daemon_mid_session_next_shm_doorbell_call_times_out_and_close_unlinks(endpoint):
     from conftest import EchoDaemon
     d = EchoDaemon(endpoint)
