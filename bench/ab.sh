@@ -9,6 +9,10 @@
 # Each round runs `shmrt bench --suite e2e` once per variant (`old`: $OLD, `new`: this tree; VARIANTS picks,
 # `new1t`/`newslowbackoff` are this tree with --decode-threads 1 / the few-core backoff) and prints its
 # per-token row and prefill rows; results land in $RES (default /tmp/ab) and, on a device, $OUT/ab.tgz.
+# More than two trees: TREES="old=scratch/old mid=scratch/mid new=." (names, then directories under this one;
+# VARIANTS defaults to the names in that order). At the end, the medians per variant of every per-token column
+# (bench/ab_summary.py): read the columns a change cannot touch (the floor, the other side's work) as the
+# host's noise, a session's lesson: the same code moved 25% between runs.
 # MODEL, DEVICE, PROMPT, NEW, TRANSPORTS as in the bench (defaults: llama3.2-1b on cuda, 1024, 32, shm); PY:
 # the interpreter (on this machine: PY=$PWD/.venv/bin/python DEVICE=cpu MODEL=small PROMPT=128).
 set -uo pipefail
@@ -23,7 +27,11 @@ if [ -d .whl ] && ! "$PY" -c "import zmq, posix_ipc, cffi" 2>/dev/null; then   #
   export PYTHONPATH=/tmp/site
 fi
 SITE=${PYTHONPATH:-}
-for dir in "$ROOT" "$ROOT/$OLD"; do
+declare -A TREE_DIR=()
+for pair in ${TREES:-}; do TREE_DIR[${pair%%=*}]=$ROOT/${pair#*=}; done
+[ -n "${TREES:-}" ] && VARIANTS=${VARIANTS:-$(for pair in $TREES; do printf '%s ' "${pair%%=*}"; done)}
+if [ -n "${TREES:-}" ]; then DIRS=("${TREE_DIR[@]}"); else DIRS=("$ROOT" "$ROOT/$OLD"); fi
+for dir in "${DIRS[@]}"; do
   [ -d "$dir" ] || { echo "no tree at $dir: see the header of this script"; exit 2; }
   (cd "$dir" && PYTHONPATH=$SITE "$PY" native/build_native.py >/dev/null) || exit 1
 done
@@ -35,7 +43,8 @@ for round in ${ROUNDS:-1 2 3}; do
   for variant in ${VARIANTS:-old new}; do
     dir=$ROOT; envs=(); extra=()
     case $variant in
-      old) dir=$ROOT/$OLD;;
+      *) [ -n "${TREE_DIR[$variant]:-}" ] && dir=${TREE_DIR[$variant]};;&
+      old) [ -n "${TREES:-}" ] || dir=$ROOT/$OLD;;
       new1t) extra=(--decode-threads 1);;
       newslowbackoff) envs=(SHMRT_BACKOFF=50,200,20,1000);;
     esac
@@ -50,5 +59,6 @@ for round in ${ROUNDS:-1 2 3}; do
   done
 done
 find "$RES" -name "*.log*" -delete
+"$PY" "$ROOT/bench/ab_summary.py" "$RES" ${VARIANTS:-old new}
 [ -n "${OUT:-}" ] && tar czf "$OUT/ab.tgz" -C "$RES" .
 true

@@ -64,3 +64,21 @@ def test_bench_all_writes_complete_consistent_records_tables_plots_and_readable_
         calls = sum(run["calls"] for run in json.loads(report.stdout)["runs"])
         # Init, then a warm-up and 3 measured rounds, each a prefill and 2 decode steps
         assert calls == 1 + 4 * 3 * per_forward, (log.name, calls)
+
+
+def test_ab_summary_gives_each_variants_medians_and_its_wins_against_the_first(tmp_path):
+    """bench/ab_summary.py over interleaved runs: per-token medians of the decode row, and rounds won."""
+    def write(name, ms_per_token, daemon_ms):
+        row = {"phase": "decode", "transport": "shm", "tokens": 10, "median_s": ms_per_token / 100,
+               "enclave_s": 0.01, "stage_encode_s": 0.002, "stage_doorbell_s": 0.0002, "stage_wait_s": 0.005,
+               "stage_decode_s": 0.002, "daemon_s": daemon_ms / 100, "floor_s": 0.15}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps([{"phase": "prefill", "transport": "shm"}, row]))
+    for round_, (old, new) in enumerate([(30, 27), (32, 33), (31, 28)], 1):
+        write(f"old-{round_}", old, 12)
+        write(f"new-{round_}", new, 11)
+    out = subprocess.run([sys.executable, "bench/ab_summary.py", str(tmp_path), "old", "new"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out[2:]}
+    assert rows["old"][2] == "31.00" and rows["new"][2] == "28.00"       # medians of 30,32,31 and 27,33,28
+    assert rows["new"][8] == "11.00" and rows["new"][-1].strip(" |") == "2/3"
