@@ -221,7 +221,7 @@ class WordWaiter:
         # after long waits cost 10 ms per decoded token (small), whose short calls followed long ones.
         short = Backoff()
         self._after_long = Backoff(min(backoff.spin_us, short.spin_us), min(backoff.yield_us, short.yield_us),
-                               backoff.sleep_min_us, backoff.sleep_max_us).to_c()
+                                   backoff.sleep_min_us, backoff.sleep_max_us).to_c()
         self._long_ns = int(backoff.yield_us * 1e3)
         self.last_wait_long = False
 
