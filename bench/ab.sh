@@ -58,7 +58,7 @@ for round in ${ROUNDS:-1 2 3}; do
     grep -E "^\| [0-9]+ \| prefill .*\| (floor|shm) " "$RES/$variant-$round/results.md" | cut -c1-120
   done
 done
-find "$RES" -name "*.log*" -delete
+[ -n "${KEEP_LOGS:-}" ] || find "$RES" -name "*.log*" -delete   # KEEP_LOGS=1: keep the per-call logs
 "$PY" "$ROOT/bench/ab_summary.py" "$RES" ${VARIANTS:-old new}
 [ -n "${OUT:-}" ] && tar czf "$OUT/ab.tgz" -C "$RES" .
 true

@@ -43,6 +43,14 @@ class ArenaBuilder:
         self.used = start + nbytes
         return self.arena[start:self.used].view(dtype).view(shape)
 
+    def alloc_joined(self, shapes, dtype):
+        """As ShmReplyBuilder's: the buffers back to back, and one flat view over them where no padding parts them."""
+        start = -(-self.used // 64) * 64
+        views = [self.alloc(shape, dtype) for shape in shapes]
+        nbytes = sum(v.numel() for v in views) * dtype.itemsize
+        joined = self.arena[start:start + nbytes].view(dtype) if self.used == start + nbytes else None
+        return views, joined
+
 
 def decode_requests(layer: int, pos: int, x: dict) -> dict[str, Request]:
     """One decode step's requests for one layer, by method label (inputs drawn once, reused)."""
@@ -75,7 +83,7 @@ def bench_handler(compute: LinearCompute, wire: torch.dtype, context: int, steps
     cfg = compute.cfg
     handler = ModelHandler(compute, "bench", "0" * 64, log=lambda m: None)
     session = handler.open({"wire_dtype": str(wire).replace("torch.", "")}, lambda: [])
-    arena = torch.empty(64 << 20, dtype=torch.uint8)
+    arena = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=compute.device.type == "cuda")  # as a registered ring
     handler.handle(Request("Init", 0), ArenaBuilder(arena), session)
     x = inputs(cfg, wire, context + warmup + steps + 1)
     Hkv, hd = cfg.num_key_value_heads, cfg.head_dim

@@ -4,6 +4,7 @@ analyzer reads back with the same call count. No timing is asserted here: benchm
 only check that what they write is complete and consistent."""
 import itertools
 import json
+import os
 import subprocess
 import sys
 
@@ -82,3 +83,20 @@ def test_ab_summary_gives_each_variants_medians_and_its_wins_against_the_first(t
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out[2:]}
     assert rows["old"][2] == "31.00" and rows["new"][2] == "28.00"       # medians of 30,32,31 and 27,33,28
     assert rows["new"][8] == "11.00" and rows["new"][-1].strip(" |") == "2/3"
+
+
+def test_daemon_calls_times_every_method_through_the_handler_and_the_floor(tmp_path):
+    """bench/daemon_calls.py (the daemon's per-call cost in process) runs against today's handler: its reply
+    builder must offer what the handler asks of a transport's (a joined reply for q|k|v and gate|up)."""
+    out = tmp_path / "calls.json"
+    subprocess.run([sys.executable, "bench/daemon_calls.py", "--model", "tiny", "--threads", "1", "--context", "8",
+                    "--steps", "2", "--warmup", "1", "--json", str(out)], capture_output=True, text=True, check=True,
+                   timeout=120, env={**os.environ, "PYTHONPATH": "."})
+    rows = json.loads(out.read_text())["results"]
+    methods = [r["method"] for r in rows]
+    assert methods == ["Embedding", "BatchLinear qkv", "Matmul QK^T (cache k)", "AttentionOutput (cache v)",
+                       "BatchLinear o", "BatchLinear gate|up", "BatchLinear down", "LMHead"]
+    for r in rows:   # 2 steps x 2 layers of each (the Embedding and LM head once per layer too, as the script times them)
+        assert r["handler_n"] == r["floor_n"] == 4, r
+        assert 0 < r["handler_p10_us"] <= r["handler_median_us"] <= r["handler_p90_us"], r
+        assert 0 < r["floor_median_us"] and 0 < r["handler_cpu_median_us"], r
