@@ -74,6 +74,11 @@ def test_real_runs_over_both_transports_read_back_compare_and_plot(tmp_path):
     assert [x["transport"] for x in runs] == ["IPC", "SHM+IPC"]
     assert runs[0]["by_method"]["BatchLinear"]["calls"] == 3 * 2 * 3
     assert runs[0]["by_method"]["AttentionOutput"]["calls"] == 3 * 2
+    for run in runs:   # the 2 decode steps, each kind of call named as the model makes it
+        kinds = {m["label"]: m["calls"] for m in run["decode_calls"]}
+        assert kinds == {"Embedding": 2, "BatchLinear q|k|v": 4, "Matmul QK^T": 4, "AttentionOutput": 4,
+                         "BatchLinear gate|up": 4, "BatchLinear down": 4, "LMHead": 2}, kinds
+        assert all(m["daemon_us"] > 0 and m["enclave_us"] > 0 for m in run["decode_calls"])
     assert "transport shm" in analyze.recommendations(analyze.summarize(analyze.load(str(logs["msgpack"]))[0]))[0] \
         or any("--transport shm" in x for x in analyze.recommendations(analyze.summarize(analyze.load(str(logs["msgpack"]))[0])))
 
@@ -119,6 +124,15 @@ def test_report_shows_the_sidecar_breakdown_per_phase_and_stage(tmp_path, capsys
     assert stages[1].split() == ["phase", "encode", "doorbell", "wait", "decode", "daemon"]
     assert stages[2].split() == ["prefill", "0.700", "0.200", "1.500", "0.600", "3.500"]
     assert stages[3].split() == ["decode", "0.200", "0.200", "0.800", "0.200", "1.200"]
+
+
+def test_report_shows_each_kind_of_decode_call_with_the_enclave_time_before_it(tmp_path, capsys):
+    assert analyze.main(analyze_args(breakdown_log(tmp_path))) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("Decode, each kind of call"):].splitlines()
+    assert lines[1].split() == ["call", "calls", "enclave", "encode", "doorbell", "wait", "decode", "daemon"]
+    # the decode phase's two LM heads: 2.7 ms of enclave between them, then 0.1 + 0.1 + (1.0 - 0.6) + 0.1 ms
+    assert lines[2].split() == ["LMHead", "2", "2700.0", "100.0", "100.0", "400.0", "100.0", "600.0"]
 
 
 def test_json_carries_the_phases_when_there_is_a_sidecar(tmp_path, capsys):

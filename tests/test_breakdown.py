@@ -2,16 +2,17 @@
 and from the sidecar records the perf log writes for them; calls outside a phase are left out."""
 import pytest
 
-from shmrt.tools.breakdown import STAGES, Call, breakdown, by_method, by_phase, combined, describe
+from shmrt.model.calls import matmul_bits, projection_bits
+from shmrt.tools.breakdown import STAGES, Call, breakdown, by_method, by_phase, combined, describe, per_call
 from shmrt.tools.perflog import PerfLog, read_sidecar
 from shmrt.wire.stats import CallStats
 
 BASE = 10**12  # ns: CLOCK_MONOTONIC values are large
 
 
-def call(method, start_us, enc_us, sent_us, replied_us, decoded_us, work_us, sent=100, recv=200):
+def call(method, start_us, enc_us, sent_us, replied_us, decoded_us, work_us, sent=100, recv=200, op=0):
     us = lambda t: BASE + t * 1000  # noqa: E731
-    return CallStats(method, "shm", t_start=us(start_us), t_encoded=us(enc_us), t_sent=us(sent_us),
+    return CallStats(method, "shm", op=op, t_start=us(start_us), t_encoded=us(enc_us), t_sent=us(sent_us),
                      t_replied=us(replied_us), t_decoded=us(decoded_us), work_ns=work_us * 1000,
                      sent_bytes=sent, recv_bytes=recv)
 
@@ -94,3 +95,31 @@ def test_a_sidecar_cut_mid_line_keeps_what_came_before(tmp_path):
     cut = read_sidecar(str(path))
     assert cut.calls == side.calls and cut.phases == side.phases[:1]
     assert read_sidecar(str(tmp_path / "missing.jsonl")) is None
+
+
+def test_per_call_names_each_kind_of_call_and_gives_its_median_stages_and_the_enclave_before_it(tmp_path):
+    """Two decode steps of one layer (calls every 1000 us, each 10 encode, 5 doorbell, 100 recv of which the
+    daemon's work varies, 20 decode), logged and read back: one row per kind, in call order."""
+    kinds = [("Embedding", 0), ("BatchLinear", projection_bits(["q_proj", "k_proj", "v_proj"])),
+             ("Matmul", matmul_bits(True, "k")), ("AttentionOutput", matmul_bits(False, "v")),
+             ("BatchLinear", projection_bits(["gate_proj", "up_proj"])),
+             ("BatchLinear", projection_bits(["down_proj"])),
+             ("LMHead", 0), ("BatchLinear", 1 << 9)]   # op bits no log can explain: the bare method
+    calls, t = [], 0
+    for step in range(2):
+        for i, (method, op) in enumerate(kinds):
+            calls.append(call(method, t, t + 10, t + 15, t + 115, t + 135, 40 + 10 * i + step * 20, op=op))
+            t += 1000
+    with PerfLog(str(tmp_path / "x.log"), "SHM+IPC", {}) as log:
+        for c in calls:
+            log(c)
+    side = read_sidecar(str(tmp_path / "x.log") + ".jsonl")
+    rows = per_call(side.calls)
+    assert rows == per_call(calls)
+    assert [r.label for r in rows] == ["Embedding", "BatchLinear q|k|v", "Matmul QK^T", "AttentionOutput",
+                                       "BatchLinear gate|up", "BatchLinear down", "LMHead", "BatchLinear"]
+    assert all(r.calls == 2 for r in rows)
+    assert [r.daemon_us for r in rows] == [50 + 10 * i for i in range(8)]   # medians of 40+10i and 60+10i
+    assert [r.wait_us for r in rows] == [50 - 10 * i for i in range(8)]     # recv 100 less the work
+    assert {(r.encode_us, r.doorbell_us, r.decode_us) for r in rows} == {(10.0, 5.0, 20.0)}
+    assert {r.enclave_us for r in rows} == {865.0}   # 1000 between starts less the 135 of the call before

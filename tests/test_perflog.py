@@ -8,12 +8,12 @@ from shmrt.wire.stats import CallStats
 
 
 def test_call_record_is_the_json_of_its_fields():
-    s = CallStats("BatchLinear", "shm", 3, 1000, 21000, 41000, 141000, 171000, 8264, 24712, 8192, 24576, 1234, 99)
+    s = CallStats("BatchLinear", "shm", 3, 1000, 21000, 41000, 141000, 171000, 8264, 24712, 8192, 24576, 1234, 99, 0x31)
     line = PerfLog._call_record(7, 'dec"ode\\', s)
-    expected = {"type": "call", "id": 7, "method": "BatchLinear", "layer": 3, "phase": 'dec"ode\\', "transport": "shm",
-                "t_start_ns": 1000, "t_encoded_ns": 21000, "t_sent_ns": 41000, "t_replied_ns": 141000,
-                "t_decoded_ns": 171000, "sent_bytes": 8264, "recv_bytes": 24712, "payload_sent": 8192,
-                "payload_recv": 24576, "copy_in_ns": 1234, "daemon_work_ns": 99}
+    expected = {"type": "call", "id": 7, "method": "BatchLinear", "layer": 3, "op": 0x31, "phase": 'dec"ode\\',
+                "transport": "shm", "t_start_ns": 1000, "t_encoded_ns": 21000, "t_sent_ns": 41000,
+                "t_replied_ns": 141000, "t_decoded_ns": 171000, "sent_bytes": 8264, "recv_bytes": 24712,
+                "payload_sent": 8192, "payload_recv": 24576, "copy_in_ns": 1234, "daemon_work_ns": 99}
     assert line == json.dumps(expected, separators=(",", ":")) + "\n"
 
 

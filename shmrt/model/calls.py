@@ -5,7 +5,9 @@ model code speaks names (`cache="k"`, projection names) and the doorbell never k
 from __future__ import annotations
 
 from ..errors import ProtocolError
-from .config import PROJECTIONS
+
+# A layer's projections in checkpoint order: BatchLinear's op bits, one per projection, follow it.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ---- BatchLinear: which projections of the layer, one bit each in checkpoint order
 
@@ -41,3 +43,18 @@ def matmul_args(bits: int) -> tuple[bool, str | None]:
         raise ProtocolError(f"Matmul op bits {bits:#x} not understood")
     cache = next((name for name, bit in _CACHE_BITS.items() if bits & bit), None)
     return bool(bits & _TRANSPOSE_B), cache
+
+
+def call_label(method: str, bits: int) -> str:
+    """A call as a reader of a log names it: BatchLinear with its projections ("BatchLinear q|k|v"), Matmul as
+    "Matmul QK^T" or "Matmul P*V"; bits a log cannot explain leave the bare method name."""
+    if type(bits) is not int:   # a log file's field: anything may be there
+        return method
+    try:
+        if method == "BatchLinear":
+            return "BatchLinear " + "|".join(name.removesuffix("_proj") for name in projection_names(bits))
+        if method == "Matmul":
+            return "Matmul QK^T" if matmul_args(bits)[0] else "Matmul P*V"
+    except ProtocolError:
+        pass
+    return method

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ModelError, ProtocolError, describe
 from ..wire.untrusted import load_json
+from .calls import PROJECTIONS
 
 
 @dataclass
@@ -195,7 +196,6 @@ def _check_number(obj, key: str, lo: float, hi: float, where: str = "model confi
 
 # ---- projection shapes (what each weight matrix of a layer maps)
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def projection_rows(cfg: LlamaConfig) -> dict[str, int]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ..errors import ShmrtError
 from ..units import format_bytes, mib
-from .breakdown import STAGES as BREAKDOWN_STAGES, by_method as breakdown_by_method, by_phase
+from .breakdown import STAGES as BREAKDOWN_STAGES, by_method as breakdown_by_method, by_phase, inside, per_call
 from .perflog import COLUMNS, Sidecar, read_sidecar
 
 HEADER_RE = re.compile(r"^ZeroMQ Performance Log - Transport: (\S+)\s*$")
@@ -125,11 +125,13 @@ def summarize(run: Run) -> dict:
 def _sidecar_breakdown(side: Sidecar | None) -> dict:
     """The breakdown per phase span and per method (seconds, as tools/breakdown.py gives them)."""
     if side is None or not side.calls:
-        return {"phases": [], "method_stages": {}}
+        return {"phases": [], "method_stages": {}, "decode_calls": []}
     phases = by_phase(side.calls, side.phases)
+    decode = [c for p in side.phases if p["phase"] == "decode" for c in inside(side.calls, p)]
     return {"phases": [b.as_dict() | ({"per_token": b.per_token().as_dict()} if b.phase == "decode" and b.tokens
                                       else {}) for b in phases],
-            "method_stages": {m: b.as_dict() for m, b in breakdown_by_method(side.calls).items()}}
+            "method_stages": {m: b.as_dict() for m, b in breakdown_by_method(side.calls).items()},
+            "decode_calls": [asdict(m) for m in per_call(decode)]}
 
 
 def recommendations(s: dict) -> list[str]:
@@ -213,6 +215,13 @@ def format_breakdown(s: dict) -> list[str]:
     for p in s["phases"]:
         lines.append(f"  {p['phase']:<12} " + " ".join(f"{1e3 * p[st + '_s']:>9.3f}" for st in BREAKDOWN_STAGES)
                      + f" {1e3 * p['daemon_s']:>9.3f}")
+    if s["decode_calls"]:
+        lines += ["", "Decode, each kind of call (us, medians; enclave = its math since the previous call returned)",
+                  f"  {'call':<24} {'calls':>6} {'enclave':>9} " + " ".join(f"{st:>9}" for st in BREAKDOWN_STAGES)
+                  + f" {'daemon':>9}"]
+        for m in s["decode_calls"]:
+            lines.append(f"  {m['label']:<24} {m['calls']:>6} {m['enclave_us']:>9.1f} "
+                         + " ".join(f"{m[st + '_us']:>9.1f}" for st in BREAKDOWN_STAGES) + f" {m['daemon_us']:>9.1f}")
     return lines
 
 
@@ -241,7 +250,8 @@ def json_record(s: dict) -> dict:
     keys = ("log", "run", "transport", "calls", "total_ms", *STAGES, "sent_bytes", "recv_bytes")
     return {**{k: s[k] for k in keys},
             "by_method": {m: {"calls": v["calls"], "total_ms": v["total_ms"]} for m, v in s["by_method"].items()},
-            **({"phases": s["phases"]} if s["phases"] else {})}
+            **({"phases": s["phases"]} if s["phases"] else {}),
+            **({"decode_calls": s["decode_calls"]} if s["decode_calls"] else {})}
 
 
 PLOT_MISSING = "--plot needs matplotlib: pip install 'shmrt[plot]' (or pip install matplotlib)"

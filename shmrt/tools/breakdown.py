@@ -14,7 +14,10 @@ Plain Python, no torch or zmq: `shmrt analyze` imports it.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass
+
+from ..model.calls import call_label
 
 STAGES = ("encode", "doorbell", "wait", "decode")  # the transport's share of a call, in order
 
@@ -32,6 +35,7 @@ class Call:
     work_ns: int
     sent_bytes: int
     recv_bytes: int
+    op: int = 0   # the doorbell's argument bits (sidecars before they were logged: 0)
 
     @classmethod
     def of(cls, c) -> "Call":
@@ -39,9 +43,13 @@ class Call:
             return c
         if isinstance(c, dict):  # a sidecar "call" record
             return cls(c["method"], c["t_start_ns"], c["t_encoded_ns"], c["t_sent_ns"], c["t_replied_ns"],
-                       c["t_decoded_ns"], c.get("daemon_work_ns", 0), c["sent_bytes"], c["recv_bytes"])
+                       c["t_decoded_ns"], c.get("daemon_work_ns", 0), c["sent_bytes"], c["recv_bytes"], c.get("op", 0))
         return cls(c.method, c.t_start, c.t_encoded, c.t_sent, c.t_replied, c.t_decoded, c.work_ns,
-                   c.sent_bytes, c.recv_bytes)  # CallStats
+                   c.sent_bytes, c.recv_bytes, c.op)  # CallStats
+
+    @property
+    def label(self) -> str:
+        return call_label(self.method, self.op)
 
 
 @dataclass(frozen=True)
@@ -104,8 +112,48 @@ def by_phase(calls, phases) -> list[Breakdown]:
     out = []
     for p in phases:
         name, start, end, tokens = _span(p)
-        inside = [c for c in cs if start <= c.start_ns and c.decoded_ns <= end]
-        out.append(breakdown(inside, (end - start) / 1e9, name, tokens))
+        out.append(breakdown(inside(cs, p), (end - start) / 1e9, name, tokens))
+    return out
+
+
+def inside(calls, phase) -> list[Call]:
+    """The calls that lie wholly inside a phase span."""
+    _, start, end, _ = _span(phase)
+    return [c for c in map(Call.of, calls) if start <= c.start_ns and c.decoded_ns <= end]
+
+
+@dataclass(frozen=True)
+class CallMedians:
+    """The median call of one kind in a phase, in microseconds: `enclave` is the time before it since the
+    previous call returned (the enclave's math between the two), then the call's own stages."""
+
+    label: str
+    calls: int
+    enclave_us: float
+    encode_us: float
+    doorbell_us: float
+    wait_us: float
+    daemon_us: float
+    decode_us: float
+
+
+def per_call(calls) -> list[CallMedians]:
+    """Median stage times per kind of call (`Call.label`), in order of first appearance: which call of a
+    decode step is the slow one, and on which side."""
+    cs = sorted(map(Call.of, calls), key=lambda c: c.start_ns)
+    samples: dict[str, list[tuple]] = {}
+    previous = None
+    for c in cs:
+        gap = c.start_ns - previous if previous is not None else None
+        samples.setdefault(c.label, []).append((gap, c.encoded_ns - c.start_ns, c.sent_ns - c.encoded_ns,
+                                                c.replied_ns - c.sent_ns - c.work_ns, c.work_ns,
+                                                c.decoded_ns - c.replied_ns))
+        previous = c.decoded_ns
+    out = []
+    for label, rows in samples.items():
+        medians = [statistics.median(v) / 1e3 if (v := [r[i] for r in rows if r[i] is not None]) else 0.0
+                   for i in range(6)]
+        out.append(CallMedians(label, len(rows), *medians))
     return out
 
 

@@ -75,7 +75,7 @@ def summary_lines(calls: int, ser_ms: float, send_ms: float, recv_ms: float, des
 
 # A sidecar "call" line: what json.dumps(..., separators=(",", ":")) writes for these keys, without
 # building a dict per call (ints as %d; the few strings JSON-quoted once each, `_json_str`).
-CALL_RECORD = ('{"type":"call","id":%d,"method":%s,"layer":%d,"phase":%s,"transport":%s,"t_start_ns":%d,'
+CALL_RECORD = ('{"type":"call","id":%d,"method":%s,"layer":%d,"op":%d,"phase":%s,"transport":%s,"t_start_ns":%d,'
                '"t_encoded_ns":%d,"t_sent_ns":%d,"t_replied_ns":%d,"t_decoded_ns":%d,"sent_bytes":%d,'
                '"recv_bytes":%d,"payload_sent":%d,"payload_recv":%d,"copy_in_ns":%d,"daemon_work_ns":%d}\n')
 
@@ -180,7 +180,7 @@ class PerfLog:
 
     @staticmethod
     def _call_record(call_id: int, phase: str, s: CallStats) -> str:
-        return CALL_RECORD % (call_id, _json_str(s.method), s.layer, _json_str(phase), _json_str(s.transport),
+        return CALL_RECORD % (call_id, _json_str(s.method), s.layer, s.op, _json_str(phase), _json_str(s.transport),
                               s.t_start, s.t_encoded, s.t_sent, s.t_replied, s.t_decoded, s.sent_bytes,
                               s.recv_bytes, s.payload_sent, s.payload_recv, s.copy_in_ns, s.work_ns)
 

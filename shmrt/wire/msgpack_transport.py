@@ -122,7 +122,7 @@ class MsgpackClient(ClientTransport):
 
     def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
              wire_dtype=None) -> Reply:
-        stats = CallStats(method, self.name, layer, t_start=now_ns())
+        stats = CallStats(method, self.name, layer, t_start=now_ns(), op=op)
         self._claim_inputs(method, tensors)  # nothing is staged in place: every tensor is packed
         wire = [tensor_to_wire(t.to(wire_dtype) if wire_dtype is not None and t.is_floating_point() else t)
                 for t in tensors]

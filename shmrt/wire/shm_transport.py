@@ -199,7 +199,7 @@ class ShmClient(ClientTransport):
     def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
              wire_dtype=None) -> Reply:
         assert self.req is not None, "open_session() first"
-        stats = CallStats(method, self.name, layer, t_start=now_ns())
+        stats = CallStats(method, self.name, layer, t_start=now_ns(), op=op)
         descs = []
         for t, staged in zip(tensors, self._claim_inputs(method, tensors)):
             desc, copy_ns = self._describe(t, staged, wire_dtype)

@@ -28,6 +28,7 @@ class CallStats:
     payload_recv: int = 0
     copy_in_ns: int = 0        # of Serialize: time spent in the C helper's copies
     work_ns: int = 0           # daemon-reported compute time (informational)
+    op: int = 0                # the doorbell's argument bits (model/calls.py): which projections, which matmul
 
     @property
     def serialize_ns(self) -> int:
