@@ -141,12 +141,21 @@ class LinearCompute:
         self.rows = projection_rows(self.cfg)
         self.cols = projection_cols(self.cfg)
         self._on_cpu = self.device.type == "cpu"
+        self._inputs: list[torch.Tensor | None] = [None, None]   # `_in`'s device buffers, one per input slot
         self._o_proj = [w for (w,) in weights.projections(("o_proj",))]
 
-    def _in(self, t: torch.Tensor) -> torch.Tensor:
-        if self._on_cpu and t.dtype == self.dtype:  # request tensors are CPU tensors: nothing to move
-            return t
-        return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
+    def _in(self, t: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """A request tensor in the compute dtype on the compute device. On a GPU it is copied (DMA from the
+        registered ring) into input slot `slot`'s device buffer, reused call after call instead of allocated
+        per call: the handler waits for the device at the end of each call, so the last use is over by the
+        next; the inputs of one call take different slots."""
+        if self._on_cpu:   # request tensors are CPU tensors: nothing to move
+            return t if t.dtype == self.dtype else t.to(self.dtype)
+        n = t.numel()
+        buffer = self._inputs[slot]
+        if buffer is None or buffer.numel() < n:
+            buffer = self._inputs[slot] = torch.empty(n, device=self.device, dtype=self.dtype)
+        return buffer[:n].view(t.shape).copy_(t, non_blocking=True)
 
     def _layer(self, layer: int, what: str) -> None:
         if not 0 <= layer < self.cfg.num_hidden_layers:
@@ -199,7 +208,7 @@ class LinearCompute:
                 raise ProtocolError("Matmul asks for the daemon K/V cache, which this session has not got")
             bd = kv.append(layer, cache, b, pos)
         else:
-            bd = self._in(b)
+            bd = self._in(b, slot=1)
         inner_b = bd.shape[-1] if transpose_b else bd.shape[-2]
         if a.shape[-1] != inner_b:
             raise ProtocolError(f"Matmul inner dims differ: {tuple(a.shape)} x {tuple(bd.shape)}"
@@ -208,7 +217,11 @@ class LinearCompute:
         # Scores and probabilities are accumulated in float32 whatever the weights' dtype.
         if self.dtype != torch.float32:
             ad, bd = ad.float(), bd.float()
-        return torch.matmul(ad, bd.transpose(-1, -2) if transpose_b else bd)
+        bd = bd.transpose(-1, -2) if transpose_b else bd
+        # [B, Hkv, rows, inner] x [B, Hkv, inner, cols] as one bmm over B*Hkv (what matmul would do, without
+        # its expand and reshape steps: flattening the two leading dims of the cache's slice is a view)
+        out = torch.bmm(ad.flatten(0, 1), bd.flatten(0, 1))
+        return out.view(a.shape[0], a.shape[1], out.shape[1], out.shape[2])
 
     def attention_output(self, p: torch.Tensor, v: torch.Tensor, *, layer: int, cache: str | None = None,
                          pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:

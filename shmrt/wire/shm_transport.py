@@ -284,6 +284,20 @@ class ShmReplyBuilder(ReplyBuilder):
         return view
 
     def alloc_joined(self, shapes, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One reservation for all of them where each but the last ends on a descriptor boundary (a multiple of
+        protocol.RING_ALIGN bytes: a decode step's q|k|v and gate|up), its parts carved out of one view; else one
+        reservation each, and a joined view only where no padding or wrap parts them."""
+        shapes = [tuple(map(int, shape)) for shape in shapes]
+        sizes = [math.prod(shape) for shape in shapes]
+        if len(shapes) > 1 and not any(n * dtype.itemsize % protocol.RING_ALIGN for n in sizes[:-1]):
+            nbytes = sum(sizes) * dtype.itemsize
+            offset = self.ring.producer.reserve(nbytes, timeout=self.timeout, what="reply tensors")
+            joined = ring_view(self.ring, TensorDesc(offset, nbytes, dtype, (sum(sizes),)))
+            at = offset
+            for shape, n in zip(shapes, sizes):
+                self.descs.append(TensorDesc(at, n * dtype.itemsize, dtype, shape))
+                at += n * dtype.itemsize
+            return [part.view(shape) for part, shape in zip(joined.split(sizes), shapes)], joined
         views = [self.alloc(shape, dtype) for shape in shapes]
         descs = self.descs[len(self.descs) - len(views):]
         if any(a.offset + a.nbytes != b.offset for a, b in zip(descs, descs[1:])):
