@@ -123,3 +123,12 @@ def test_per_call_names_each_kind_of_call_and_gives_its_median_stages_and_the_en
     assert [r.wait_us for r in rows] == [50 - 10 * i for i in range(8)]     # recv 100 less the work
     assert {(r.encode_us, r.doorbell_us, r.decode_us) for r in rows} == {(10.0, 5.0, 20.0)}
     assert {r.enclave_us for r in rows} == {865.0}   # 1000 between starts less the 135 of the call before
+
+
+def test_calls_logged_without_op_bits_are_named_by_their_method_alone():
+    """A sidecar from before the op bits were logged: no guessing (op 0 would read as Matmul P*V)."""
+    record = {"method": "Matmul", "t_start_ns": 0, "t_encoded_ns": 1, "t_sent_ns": 2, "t_replied_ns": 3,
+              "t_decoded_ns": 4, "sent_bytes": 0, "recv_bytes": 0}
+    assert Call.of(record).label == "Matmul"
+    assert Call.of(record | {"op": matmul_bits(False, "v")}).label == "Matmul P*V"
+    assert Call.of(record | {"method": "BatchLinear", "op": "7"}).label == "BatchLinear"   # not an int: the method

@@ -35,7 +35,7 @@ class Call:
     work_ns: int
     sent_bytes: int
     recv_bytes: int
-    op: int = 0   # the doorbell's argument bits (sidecars before they were logged: 0)
+    op: int | None = None   # the doorbell's argument bits (None: a sidecar from before they were logged)
 
     @classmethod
     def of(cls, c) -> "Call":
@@ -43,7 +43,7 @@ class Call:
             return c
         if isinstance(c, dict):  # a sidecar "call" record
             return cls(c["method"], c["t_start_ns"], c["t_encoded_ns"], c["t_sent_ns"], c["t_replied_ns"],
-                       c["t_decoded_ns"], c.get("daemon_work_ns", 0), c["sent_bytes"], c["recv_bytes"], c.get("op", 0))
+                       c["t_decoded_ns"], c.get("daemon_work_ns", 0), c["sent_bytes"], c["recv_bytes"], c.get("op"))
         return cls(c.method, c.t_start, c.t_encoded, c.t_sent, c.t_replied, c.t_decoded, c.work_ns,
                    c.sent_bytes, c.recv_bytes, c.op)  # CallStats
 
