@@ -7,8 +7,8 @@
 #                                                          # [".whl", "scratch/old"] (scratch/ is git-ignored)
 #
 # Each round runs `shmrt bench --suite e2e` once per variant (`old`: $OLD, `new`: this tree; VARIANTS picks,
-# `new1t`/`newslowbackoff` are this tree with --decode-threads 1 / the few-core backoff) and prints its
-# per-token row and prefill rows; results land in $RES (default /tmp/ab) and, on a device, $OUT/ab.tgz.
+# `new1t`/`newshortyield` are this tree with --decode-threads 1 / the few-core backoff before session 7) and
+# prints its per-token row and prefill rows; results land in $RES (default /tmp/ab) and, on a device, $OUT/ab.tgz.
 # More than two trees: TREES="old=scratch/old mid=scratch/mid new=." (names, then directories under this one;
 # VARIANTS defaults to the names in that order). At the end, the medians per variant of every per-token column
 # (bench/ab_summary.py): read the columns a change cannot touch (the floor, the other side's work) as the
@@ -46,7 +46,7 @@ for round in ${ROUNDS:-1 2 3}; do
       *) [ -n "${TREE_DIR[$variant]:-}" ] && dir=${TREE_DIR[$variant]};;&
       old) [ -n "${TREES:-}" ] || dir=$ROOT/$OLD;;
       new1t) extra=(--decode-threads 1);;
-      newslowbackoff) envs=(SHMRT_BACKOFF=50,200,20,1000);;
+      newshortyield) envs=(SHMRT_BACKOFF=50,200,20,1000);;
     esac
     (cd "$dir" && env "${envs[@]}" PYTHONPATH="$SITE${SITE:+:}$dir" timeout "${T:-300}" "$PY" -m shmrt bench --suite e2e \
        --model "${MODEL:-llama3.2-1b}" --device "$DEVICE" --prompts "${PROMPT:-1024}" --new-tokens "${NEW:-32}" \

@@ -211,6 +211,7 @@ def test_slot_layout_matches_what_a_foreign_writer_assumes():
 def test_the_backoff_spins_through_a_call_only_where_cores_are_plenty(monkeypatch):
     # Few cores: a spinning waiter would take a core from the other side's compute; many: it may spin ~1 ms.
     assert Backoff.for_host(2) == Backoff() and Backoff().spin_us <= 50
+    assert Backoff().yield_us >= 2000   # ... but yields (the core goes to whoever else is runnable) through a call
     many = Backoff.for_host(Backoff.MANY_CORES)
     assert many.spin_us == Backoff.MANY_CORES_SPIN_US >= 1000 and many.yield_us > many.spin_us
     monkeypatch.setenv("SHMRT_BACKOFF", "5,6,7,8")   # measuring a policy overrides the host's

@@ -164,14 +164,21 @@ class Backoff:
     `yield_us`, then sleep a quarter of the time waited so far, within [sleep_min_us, sleep_max_us].
 
     The defaults suit a machine with few cores, where a spinning waiter takes a core from the other side's
-    compute (measured on 2 cores, `small`: spinning 2 ms doubled decode time). `for_host()` spins longer
-    where cores are plenty (a GPU host): a reply or request that comes while the waiter spins is seen
-    within a microsecond, one that comes while it sleeps costs the wake-up (tens of us in a VM)."""
+    compute (measured on 2 cores, `small`: spinning 2 ms doubled decode time), but a yielding one does not:
+    sched_yield hands the core to whatever else is runnable there. So it spins briefly and then yields through
+    a whole decode call (0.3-1 ms there) before it sleeps: on 2 cores, `small`, yielding up to 5 ms instead of
+    0.2 ms took the wait per call from ~290 to ~110 us and decode from 66-82 to 53-62 ms/token, prefill and the
+    daemon's work no slower (three alternating pairs each). `for_host()` spins longer where cores are plenty
+    (a GPU host): a reply or request that comes while the waiter spins is seen within a microsecond, one that
+    comes while it sleeps costs the wake-up (tens of us in a VM, more for the sleep's own granularity)."""
 
     spin_us: float = 50.0
-    yield_us: float = 200.0
+    yield_us: float = 5000.0
     sleep_min_us: float = 20.0
     sleep_max_us: float = 1000.0
+
+    AFTER_LONG_SPIN_US = 50.0     # after a wait past yield_us: at most this much spinning and yielding (WordWaiter)
+    AFTER_LONG_YIELD_US = 200.0
 
     MANY_CORES = 8          # from this many usable CPUs on, waiters spin through a whole call
     MANY_CORES_SPIN_US = 1000.0
@@ -214,13 +221,13 @@ class WordWaiter:
         self.seen = ffi.new("uint64_t[]", max(self.n, 1))
         self._backoff = backoff.to_c()
         # After a wait that outlasted the spin and yield phases, the next one spins and yields no longer than
-        # the few-core default: waits come in runs (a prefill's calls and gaps take ms, a decode step's
-        # ~0.1 ms), and a waiter spinning 1 ms through the other side's long compute takes a core from it (a
-        # daemon doing so after each prefill reply made the client's 16-thread prefill math 10% slower on an
-        # H200 host). Not less than that default: on 2 cores, sleeping from the start (no spin, no yield)
-        # after long waits cost 10 ms per decoded token (small), whose short calls followed long ones.
-        short = Backoff()
-        self._after_long = Backoff(min(backoff.spin_us, short.spin_us), min(backoff.yield_us, short.yield_us),
+        # AFTER_LONG_*: waits come in runs (a prefill's calls and gaps take ms, a decode step's ~0.1-1 ms),
+        # and a waiter spinning 1 ms through the other side's long compute takes a core from it (a daemon
+        # doing so after each prefill reply made the client's 16-thread prefill math 10% slower on an H200
+        # host). Not less: on 2 cores, sleeping from the start (no spin, no yield) after long waits cost 10 ms
+        # per decoded token (small), whose short calls followed long ones.
+        self._after_long = Backoff(min(backoff.spin_us, Backoff.AFTER_LONG_SPIN_US),
+                                   min(backoff.yield_us, Backoff.AFTER_LONG_YIELD_US),
                                    backoff.sleep_min_us, backoff.sleep_max_us).to_c()
         self._long_ns = int(backoff.yield_us * 1e3)
         self.last_wait_long = False
