@@ -167,8 +167,8 @@ class Backoff:
     compute (measured on 2 cores, `small`: spinning 2 ms doubled decode time), but a yielding one does not:
     sched_yield hands the core to whatever else is runnable there. So it spins briefly and then yields through
     a whole decode call (0.3-1 ms there) before it sleeps: on 2 cores, `small`, yielding up to 5 ms instead of
-    0.2 ms took the wait per call from ~290 to ~110 us and decode from 66-82 to 53-62 ms/token, prefill and the
-    daemon's work no slower (three alternating pairs each). `for_host()` spins longer where cores are plenty
+    0.2 ms took the wait per call from ~380 to ~160 us and decode from 69.6 to 55.1 ms/token, prefill and the
+    daemon's work no slower (bench/results/cpu-2core-session7-yield). `for_host()` spins longer where cores are plenty
     (a GPU host): a reply or request that comes while the waiter spins is seen within a microsecond, one that
     comes while it sleeps costs the wake-up (tens of us in a VM, more for the sleep's own granularity)."""
 
