@@ -196,8 +196,6 @@ def _check_number(obj, key: str, lo: float, hi: float, where: str = "model confi
 
 # ---- projection shapes (what each weight matrix of a layer maps)
 
-
-
 def projection_rows(cfg: LlamaConfig) -> dict[str, int]:
     hd = cfg.head_dim
     return {"q_proj": cfg.num_attention_heads * hd, "k_proj": cfg.num_key_value_heads * hd,

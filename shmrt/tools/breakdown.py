@@ -51,6 +51,11 @@ class Call:
     def label(self) -> str:
         return call_label(self.method, self.op)
 
+    def stages_ns(self) -> tuple[int, int, int, int]:
+        """The transport's share of this call, stage by stage (STAGES: encode, doorbell, wait, decode)."""
+        return (self.encoded_ns - self.start_ns, self.sent_ns - self.encoded_ns,
+                self.replied_ns - self.sent_ns - self.work_ns, self.decoded_ns - self.replied_ns)
+
 
 @dataclass(frozen=True)
 class Breakdown:
@@ -93,11 +98,9 @@ def breakdown(calls, wall_s: float | None = None, phase: str = "", tokens: int =
     cs = [Call.of(c) for c in calls]
     ns = lambda f: sum(f(c) for c in cs) / 1e9  # noqa: E731
     calls_s = ns(lambda c: c.decoded_ns - c.start_ns)
-    return Breakdown(
-        phase, tokens, calls_s if wall_s is None else wall_s, len(cs), calls_s, ns(lambda c: c.work_ns),
-        encode_s=ns(lambda c: c.encoded_ns - c.start_ns), doorbell_s=ns(lambda c: c.sent_ns - c.encoded_ns),
-        wait_s=ns(lambda c: c.replied_ns - c.sent_ns - c.work_ns), decode_s=ns(lambda c: c.decoded_ns - c.replied_ns),
-        sent_bytes=sum(c.sent_bytes for c in cs), recv_bytes=sum(c.recv_bytes for c in cs))
+    stages = [sum(column) / 1e9 for column in zip(*(c.stages_ns() for c in cs))] or [0.0] * len(STAGES)
+    return Breakdown(phase, tokens, calls_s if wall_s is None else wall_s, len(cs), calls_s, ns(lambda c: c.work_ns),
+                     *stages, sent_bytes=sum(c.sent_bytes for c in cs), recv_bytes=sum(c.recv_bytes for c in cs))
 
 
 def _span(p) -> tuple[str, int, int, int]:
@@ -145,9 +148,8 @@ def per_call(calls) -> list[CallMedians]:
     previous = None
     for c in cs:
         gap = c.start_ns - previous if previous is not None else None
-        samples.setdefault(c.label, []).append((gap, c.encoded_ns - c.start_ns, c.sent_ns - c.encoded_ns,
-                                                c.replied_ns - c.sent_ns - c.work_ns, c.work_ns,
-                                                c.decoded_ns - c.replied_ns))
+        encode, doorbell, wait, decode = c.stages_ns()
+        samples.setdefault(c.label, []).append((gap, encode, doorbell, wait, c.work_ns, decode))
         previous = c.decoded_ns
     out = []
     for label, rows in samples.items():

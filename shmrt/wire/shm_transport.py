@@ -286,7 +286,7 @@ class ShmReplyBuilder(ReplyBuilder):
     def alloc_joined(self, shapes, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """One reservation for all of them where each but the last ends on a descriptor boundary (a multiple of
         protocol.RING_ALIGN bytes: a decode step's q|k|v and gate|up), its parts carved out of one view; else one
-        reservation each, and a joined view only where no padding or wrap parts them."""
+        reservation each and no joined view (each reservation starts aligned, so padding would part them)."""
         shapes = [tuple(map(int, shape)) for shape in shapes]
         sizes = [math.prod(shape) for shape in shapes]
         if len(shapes) > 1 and not any(n * dtype.itemsize % protocol.RING_ALIGN for n in sizes[:-1]):
@@ -298,12 +298,7 @@ class ShmReplyBuilder(ReplyBuilder):
                 self.descs.append(TensorDesc(at, n * dtype.itemsize, dtype, shape))
                 at += n * dtype.itemsize
             return [part.view(shape) for part, shape in zip(joined.split(sizes), shapes)], joined
-        views = [self.alloc(shape, dtype) for shape in shapes]
-        descs = self.descs[len(self.descs) - len(views):]
-        if any(a.offset + a.nbytes != b.offset for a, b in zip(descs, descs[1:])):
-            return views, None   # alignment padding between them, or the ring wrapped
-        nbytes = sum(d.nbytes for d in descs)
-        return views, self.ring.tensor(descs[0].offset, nbytes, dtype, (nbytes // dtype.itemsize,))
+        return super().alloc_joined(shapes, dtype)   # one each: alignment padding parts them anyway
 
 
 class ShmServerSession(ServerSession):
