@@ -219,8 +219,8 @@ class CannedOps:
     def embedding(self, ids):
         return self._reply(self.embed)
 
-    def linear(self, layer, names, x):
-        return self._reply([self.proj[n] for n in names])
+    def linear(self, layer, names, x, keep_v_at=None):
+        return self._reply([self.proj[n] for n in names if keep_v_at is None or n != "v_proj"])
 
     def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0):
         return self._reply(self.scores if transpose_b else self.ctx)

@@ -56,10 +56,10 @@ def decode_requests(layer: int, pos: int, x: dict) -> dict[str, Request]:
     """One decode step's requests for one layer, by method label (inputs drawn once, reused)."""
     return {
         "Embedding": Request("Embedding", 0, tensors=[x["ids"]]),
-        "BatchLinear qkv": Request("BatchLinear", 0, layer, projection_bits(QKV), tensors=[x["h"]]),
+        "BatchLinear qkv": Request("BatchLinear", 0, layer, projection_bits(QKV, keep_v=True), pos, tensors=[x["h"]]),
         "Matmul QK^T (cache k)": Request("Matmul", 0, layer, matmul_bits(True, "k"), pos, tensors=[x["q"], x["k"]]),
         "AttentionOutput (cache v)": Request("AttentionOutput", 0, layer, matmul_bits(False, "v"), pos,
-                                             tensors=[x["p"][..., :pos + 1], x["v"]]),
+                                             tensors=[x["p"][..., :pos + 1]]),
         "BatchLinear o": Request("BatchLinear", 0, layer, projection_bits(O), tensors=[x["h"]]),
         "BatchLinear gate|up": Request("BatchLinear", 0, layer, projection_bits(GATE_UP), tensors=[x["h"]]),
         "BatchLinear down": Request("BatchLinear", 0, layer, projection_bits(DOWN), tensors=[x["act"]]),
@@ -116,10 +116,10 @@ def bench_floor(compute: LinearCompute, wire: torch.dtype, context: int, steps: 
             ops.kv.append(layer, which, prefill, 0)
     calls = {
         "Embedding": lambda layer, pos: ops.embedding(x["ids"]),
-        "BatchLinear qkv": lambda layer, pos: ops.linear(layer, QKV, x["h"]),
+        "BatchLinear qkv": lambda layer, pos: ops.linear(layer, QKV, x["h"], keep_v_at=pos),
         "Matmul QK^T (cache k)": lambda layer, pos: ops.matmul(x["q"], x["k"], transpose_b=True, expect_cols=pos + 1,
                                                                layer=layer, cache="k", pos=pos),
-        "AttentionOutput (cache v)": lambda layer, pos: ops.attention_output(x["p"][..., :pos + 1], x["v"],
+        "AttentionOutput (cache v)": lambda layer, pos: ops.attention_output(x["p"][..., :pos + 1], None,
                                                                              layer=layer, cache="v", pos=pos),
         "BatchLinear o": lambda layer, pos: ops.linear(layer, O, x["h"]),
         "BatchLinear gate|up": lambda layer, pos: ops.linear(layer, GATE_UP, x["h"]),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from shmrt.errors import ModelError, ProtocolError
-from shmrt.host.compute import KVStore, LinearCompute, back_to_back
+from shmrt.host.compute import KVStore, LinearCompute
 from shmrt.host.weights import load_weights
 from shmrt.model.config import LlamaConfig
 
@@ -160,17 +160,15 @@ def test_attention_output_is_p_times_v_then_o_proj(compute, S):
         compute.attention_output(p, v, layer=2)
 
 
-def test_back_to_back_covers_the_split_of_one_row_and_nothing_else():
-    row = torch.arange(12.0).view(1, 1, 12)
-    q, k, v = row.split_with_sizes([6, 3, 3], -1)
-    whole = back_to_back([q, k, v])
-    assert whole is not None and whole.data_ptr() == q.data_ptr() and torch.equal(whole, row.view(-1))
-    rows = torch.arange(24.0).view(2, 1, 12).split_with_sizes([6, 3, 3], -1)   # two rows: strided parts
-    assert back_to_back(list(rows)) is None
-    a, b = torch.zeros(4), torch.zeros(4)                  # two storages, wherever they lie
-    assert back_to_back([a, b]) is None
-    assert back_to_back([k, q]) is None                    # out of order
-    assert back_to_back([q]) is None                       # one result: nothing to join
+def test_products_give_the_fused_product_the_parts_were_split_from(compute):
+    """One fused weight: the parts and the one product [B, S, q+k+v] they are views of (the handler copies a
+    decode step's whole into the reply); projections that are not one fused weight have none."""
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(2))
+    parts, whole = compute.products(1, ["q_proj", "k_proj", "v_proj"], x)
+    assert whole is not None and whole.shape == (2, 3, sum(p.shape[-1] for p in parts))
+    assert torch.equal(torch.cat(parts, -1), whole) and parts[0].data_ptr() == whole.data_ptr()
+    parts, whole = compute.products(1, ["q_proj", "v_proj"], x)
+    assert whole is None and len(parts) == 2
 
 
 def test_a_joined_reply_allocation_is_one_view_over_its_parts():
@@ -185,3 +183,51 @@ def test_a_joined_reply_allocation_is_one_view_over_its_parts():
         assert [d.offset for d in builder.descs] == [0, 128, 192]
         outs, joined = builder.alloc_joined([(3,), (5,)], torch.float32)   # 12 bytes: the next starts aligned
         assert joined is None and builder.descs[-1].offset > builder.descs[-2].offset + 12
+
+
+def test_v_rows_kept_at_the_projection_are_the_ones_p_times_v_uses(compute):
+    """keep_v: v_proj's rows go into the V cache at pos (in the reply's dtype, as if they had travelled) and out
+    of the results; a P*V call without rows then uses them, equal to sending the same rows along."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 5, 64, generator=gen)
+    names = ["q_proj", "k_proj", "v_proj"]
+    kv = compute.new_kv_store()
+    parts, whole = compute.products(1, names, x[:, :4], keep_v=(kv, 0))
+    assert len(parts) == 2 and whole is not None and torch.equal(torch.cat(parts, -1), whole)
+    parts, whole = compute.products(1, names, x[:, 4:], keep_v=(kv, 4))   # a decode step: q|k lead the product
+    assert whole.shape[-1] == sum(p.shape[-1] for p in parts) and torch.equal(torch.cat(parts, -1), whole)
+    v = compute.linear(1, ["v_proj"], x)[0].view(1, 5, 2, 16).transpose(1, 2)   # [B, Hkv, S, hd]
+    assert torch.allclose(kv.rows(1, "v"), v, rtol=0, atol=1e-6)
+    p = torch.softmax(torch.randn(1, 2, 2, 5, generator=gen), -1)
+    sent = compute.new_kv_store()
+    expect = compute.attention_output(p, v, layer=1, cache="v", pos=0, kv=sent)
+    assert torch.allclose(compute.attention_output(p, None, layer=1, cache="v", pos=4, kv=kv), expect, rtol=0, atol=1e-6)
+    bf16 = compute.new_kv_store()
+    compute.products(1, names, x, dtype=torch.bfloat16, keep_v=(bf16, 0))
+    assert torch.equal(bf16.rows(1, "v"), v.to(torch.bfloat16).float())
+
+
+def test_a_product_without_new_rows_needs_a_kept_cache(compute):
+    kv = compute.new_kv_store()
+    a = torch.randn(1, 2, 2, 3)
+    with pytest.raises(ProtocolError, match="V cache of layer 0 is empty"):
+        compute.matmul(a, None, transpose_b=False, cache="v", layer=0, kv=kv)
+    with pytest.raises(ProtocolError, match="names no cache"):
+        compute.matmul(a, None, transpose_b=False, kv=kv)
+    with pytest.raises(ProtocolError, match="has not got"):
+        compute.matmul(a, None, transpose_b=False, cache="v", layer=0)
+    compute.products(0, ["v_proj"], torch.randn(1, 3, 64), keep_v=(kv, 0))
+    with pytest.raises(ProtocolError, match="does not match the V cache"):
+        compute.matmul(torch.randn(2, 2, 2, 3), None, transpose_b=False, cache="v", layer=0, kv=kv)
+    with pytest.raises(ProtocolError, match="inner dims differ"):
+        compute.matmul(torch.randn(1, 2, 2, 4), None, transpose_b=False, cache="v", layer=0, kv=kv)
+
+
+def test_keep_v_bits_name_v_proj():
+    from shmrt.model.calls import KEEP_V, call_label, linear_args, projection_bits
+    bits = projection_bits(["q_proj", "k_proj", "v_proj"], keep_v=True)
+    assert linear_args(bits) == (["q_proj", "k_proj", "v_proj"], True) and call_label("BatchLinear", bits) == "BatchLinear q|k|v"
+    with pytest.raises(ProtocolError, match="keep v_proj's rows but do not compute v_proj"):
+        linear_args(projection_bits(["q_proj"]) | KEEP_V)
+    with pytest.raises(ProtocolError, match="name no known projection"):
+        linear_args(KEEP_V)

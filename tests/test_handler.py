@@ -92,14 +92,18 @@ def model_handler():
 def test_the_model_table_has_one_row_per_rpc_with_its_arity(model_handler):
     assert set(model_handler.calls) == set(RPC_METHODS)
     assert {n: c.arity for n, c in model_handler.calls.items()} == \
-        {"Init": 0, "Embedding": 1, "BatchLinear": 1, "Matmul": 2, "LMHead": 1, "AttentionOutput": 2}
+        {"Init": 0, "Embedding": 1, "BatchLinear": 1, "Matmul": None, "LMHead": 1, "AttentionOutput": None}
     assert set(EchoHandler.calls) == set(RPC_METHODS) and EchoHandler.calls["Matmul"].arity is None
 
 
 def test_model_arity_is_enforced(model_handler):
     session = _opened(model_handler)
-    with pytest.raises(ProtocolError, match=r"Matmul takes 2 tensor\(s\), got 1"):
+    with pytest.raises(ProtocolError, match=r"Matmul takes 1 or 2 tensors, got 3"):
+        model_handler.handle(Request("Matmul", 2, layer=0, tensors=[torch.ones(1, 2, 3, 16)] * 3), Builder(), session)
+    with pytest.raises(ProtocolError, match="Matmul with one tensor takes its other factor from the daemon's K/V cache"):
         model_handler.handle(Request("Matmul", 2, layer=0, tensors=[torch.ones(1, 2, 3, 16)]), Builder(), session)
+    with pytest.raises(ProtocolError, match="AttentionOutput takes 1 or 2 tensors, got 0"):
+        model_handler.handle(Request("AttentionOutput", 2, layer=0, tensors=[]), Builder(), session)
     with pytest.raises(ProtocolError, match=r"LMHead takes 1 tensor\(s\), got 2"):
         model_handler.handle(Request("LMHead", 3, tensors=[torch.ones(1, 64)] * 2), Builder(), session)
     builder = Builder()
@@ -168,22 +172,26 @@ def test_a_call_waits_for_the_device_once_after_every_result_is_queued_also_when
             events.append("alloc")
             return super().alloc(shape, dtype)
 
+    class Stream:
+        def synchronize(self):
+            events.append("sync")
+
     monkeypatch.setattr(daemon, "HostRegistration", lambda buffers, log: None)
     monkeypatch.setattr(model_handler, "cuda", True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", str(device))))
+    monkeypatch.setattr(model_handler, "_stream", Stream())
     session = _opened(model_handler)
     events.clear()
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
     builder = LoggingBuilder()
     qkv = projection_bits(["q_proj", "k_proj", "v_proj"])
     model_handler.handle(Request("BatchLinear", 2, layer=1, op=qkv, tensors=[x]), builder, session)
-    assert events == ["alloc"] * 3 + [("sync", "cpu")]
+    assert events == ["alloc"] * 3 + ["sync"]
     weight = model_handler.c.w.layers[1].fused[("q_proj", "k_proj", "v_proj")]
     assert torch.allclose(torch.cat(builder.tensors, -1), x @ weight.t(), rtol=0, atol=1e-6)
     events.clear()
     with pytest.raises(ProtocolError, match="layer 5 out of range"):
         model_handler.handle(Request("BatchLinear", 3, layer=5, op=qkv, tensors=[x]), LoggingBuilder(), session)
-    assert events == [("sync", "cpu")]
+    assert events == ["sync"]
 
 
 def test_results_travel_in_the_sessions_wire_dtype(model_handler):
@@ -198,3 +206,22 @@ def test_results_travel_in_the_sessions_wire_dtype(model_handler):
     expect = (x.float() @ weight.t()).to(torch.bfloat16)
     assert [t.dtype for t in builder.tensors] == [torch.bfloat16] * 2
     assert torch.equal(torch.cat(builder.tensors, -1), expect)
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_a_fused_projection_reaches_the_ring_whole_or_in_parts(model_handler, S):
+    """Over a real response ring: one row's q|k|v goes in as one copy of the fused product, several rows part by
+    part (their q, k and v interleave in the product); either way each result holds its projection."""
+    from shmrt.model.calls import projection_bits
+    from shmrt.wire.ring import Ring
+    from shmrt.wire.shm_transport import ShmReplyBuilder, ring_view
+    session = _opened(model_handler)
+    x = torch.randn(1, S, 64, generator=torch.Generator().manual_seed(S))
+    names = ["q_proj", "k_proj", "v_proj"]
+    with Ring.create(1 << 16, "rsp") as ring:
+        builder = ShmReplyBuilder(ring, timeout=1.0)
+        model_handler.handle(Request("BatchLinear", 2, layer=1, op=projection_bits(names), tensors=[x]), builder, session)
+        got = [ring_view(ring, d) for d in builder.descs]
+        for name, t in zip(names, got):
+            assert torch.allclose(t, x @ model_handler.c.w.projection(1, [name]).t(), rtol=0, atol=1e-6), name
+        del got

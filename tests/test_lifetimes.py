@@ -10,7 +10,7 @@ import torch
 
 from conftest import random_ids, repo_root
 from shmrt.enclave.client import EnclaveClient
-from shmrt.enclave.generate import Sampler, generate
+from shmrt.enclave.generate import decode_one, prefill
 from shmrt.errors import PeerError, ProtocolError
 
 # The bug: the K/V cache holds request memory instead of an owned copy. Round 1 kept the view itself (on a
@@ -45,35 +45,45 @@ def start_daemon(tmp_path, model_path, *, aliasing: bool, poison: bool):
 
 
 def greedy(endpoint, model, ids, new, ring_mib=1 / 16):
+    """Greedy tokens and the logits [new, V] that chose them (prefill, then a decode step per token)."""
     with EnclaveClient(endpoint=endpoint, model=str(model), transport="shm", kv_cache="daemon", timeout=30, ring_mib=ring_mib,
                        prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + new) as c:
         with torch.inference_mode():
-            return generate(c.model, ids, new, Sampler()).tokens
+            logits = [prefill(c.model, ids)]
+            for _ in range(new - 1):
+                logits.append(decode_one(c.model, logits[-1].argmax(-1)))
+    logits = torch.cat(logits)
+    return logits.argmax(-1).tolist(), logits
 
 
 @pytest.fixture
 def reference(checkpoints):
+    """The prompt, transformers' greedy tokens and the logits that chose them (the sequence fed whole)."""
     path, hf = checkpoints["sharded-gqa"]
     ids = random_ids(24, 320, seed=21)
     with torch.no_grad():
-        ref = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, 24:].tolist()
-    return path, ids, ref
+        tokens = hf.generate(ids, max_new_tokens=8, do_sample=False)
+        logits = hf(tokens[:, :-1]).logits[0, 23:].float()
+    return path, ids, tokens[0, 24:].tolist(), logits
 
 
 @pytest.mark.parametrize("aliasing,poison", [(False, True), (True, True), (True, False)])
 def test_poison_catches_a_kv_cache_that_aliases_the_ring(tmp_path, reference, aliasing, poison):
-    path, ids, ref = reference
+    path, ids, ref, ref_logits = reference
     proc, endpoint = start_daemon(tmp_path, path, aliasing=aliasing, poison=poison)
     try:
         if not aliasing:
-            assert greedy(endpoint, path, ids, 8) == ref                   # the shipped daemon: right, poisoned
+            tokens, logits = greedy(endpoint, path, ids, 8)                # the shipped daemon: right, poisoned
+            assert tokens == ref and torch.allclose(logits, ref_logits, rtol=0, atol=1e-4)
         elif poison:
             # The cache aliases released, poisoned ring space: the next step reads NaN and stops loudly.
             with pytest.raises((ProtocolError, PeerError), match="non-finite|out of range"):
                 greedy(endpoint, path, ids, 8)
         else:
-            # Without poison the same bug is silent: plausible but wrong tokens (what shipped in round 1).
-            assert greedy(endpoint, path, ids, 8) != ref
+            # Without poison the same bug is silent: no error, plausible but wrong numbers (what shipped in
+            # round 1; there the wrong tokens showed too, V's rows then travelling through the ring as well).
+            _, logits = greedy(endpoint, path, ids, 8)
+            assert torch.isfinite(logits).all() and (logits - ref_logits).abs().max() > 1e-2
     finally:
         proc.terminate()
         proc.wait(10)

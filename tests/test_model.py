@@ -110,8 +110,8 @@ class PoisoningOps(LocalOps):
         reply = super().attention_output(p, v, layer=layer, cache=cache, pos=pos)
         return self._poison(layer, reply) if self.call == "AttentionOutput" else reply
 
-    def linear(self, layer, names, x):
-        reply = super().linear(layer, names, x)
+    def linear(self, layer, names, x, keep_v_at=None):
+        reply = super().linear(layer, names, x, keep_v_at)
         return self._poison(layer, reply) if self.call == "down_proj" and names == ["down_proj"] else reply
 
 

@@ -145,6 +145,7 @@ def test_shm_activations_are_written_into_the_ring_once(model_daemon):
     scores = [s for s in calls if s.method == "Matmul"]
     assert len(linear) == 2 * 3 and all(s.copy_in_ns == 0 and s.payload_sent > 0 for s in linear)
     assert len(scores) == 2 and all(s.copy_in_ns == 0 for s in scores)   # Q and new K rows, in place
-    # P*V + o_proj: P is written in place; only V's rows are copied in
+    # P*V + o_proj: P is written in place and is all it sends (V's rows stayed on the daemon at the projection)
     fused = [s for s in calls if s.method == "AttentionOutput"]
-    assert len(fused) == 2 and all(0 < s.copy_in_ns for s in fused)
+    heads = c.cfg.num_attention_heads
+    assert len(fused) == 2 and all(s.copy_in_ns == 0 and s.payload_sent == heads * 32 * 32 * 4 for s in fused)

@@ -152,18 +152,20 @@ class EnclaveModel:
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
         input_norm, post_attention_norm = self.layer_norms[layer]
+        on_daemon = self.kv_cache == "daemon"
         with ops.request() as req:
             x = rms_norm(h, input_norm, eps, out=req.alloc((B, S, D)))
-            qkv = ops.linear(layer, QKV, x)
+            # with the cache on the daemon, V's rows stay there (we do nothing to V): the reply is q, k
+            qkv = ops.linear(layer, QKV, x, keep_v_at=start if on_daemon else None)
         with ops.request() as req:
             with qkv:
-                q, k, v = qkv.views()
+                q, k = qkv.view(0), qkv.view(1)
                 # q (and k, when only new rows travel) feed the next call: rotate them straight into it
                 q = apply_rope(q.view(B, S, H, hd).transpose(1, 2), rope.cos_q, rope.sin_q,
                                out=req.alloc((B, H, S, hd)))
-                k_out = req.alloc((B, Hkv, S, hd)) if self.kv_cache == "daemon" else None
+                k_out = req.alloc((B, Hkv, S, hd)) if on_daemon else None
                 k = apply_rope(k.view(B, S, Hkv, hd).transpose(1, 2), rope.cos_k, rope.sin_k, out=k_out)
-                v = qkv.take(2).view(B, S, Hkv, hd).transpose(1, 2).contiguous()  # [B, Hkv, S, hd]: the call after next
+                v = None if on_daemon else qkv.take(2).view(B, S, Hkv, hd).transpose(1, 2).contiguous()  # [B, Hkv, S, hd]
             o = self._attention(layer, q, k, v, start, mask)                                   # a reply
         if not self.fused:                                      # v2.4's calls: P*V came back, o_proj is one more
             with ops.request() as req:
@@ -187,7 +189,8 @@ class EnclaveModel:
 
     def _attention(self, layer: int, q, k, v, start: int, mask):
         """Q*K^T, causal softmax, then P*V and o_proj in one call (fused: the reply is [B, S, D]) or P*V
-        alone (v2.4: the reply is [B, Hkv, g*S, hd]); q (and k) are staged in the open request."""
+        alone (v2.4: the reply is [B, Hkv, g*S, hd]); q (and k) are staged in the open request; v is None
+        with the cache on the daemon (its rows were kept at the projection)."""
         B, H, S, hd = q.shape
         Hkv = k.shape[1]
         T = start + S
@@ -199,7 +202,7 @@ class EnclaveModel:
             score_call = dict(transpose_b=True)
             ctx_call = dict(transpose_b=False)
         else:
-            keys, values = k, v                                 # only the new rows travel
+            keys, values = k, None                              # K's new rows travel; V's stayed on the daemon
             score_call = dict(transpose_b=True, layer=layer, cache="k", pos=start)
             ctx_call = dict(transpose_b=False, layer=layer, cache="v", pos=start)
         scores = self.ops.matmul(qg, keys, expect_cols=T, **score_call)

@@ -43,21 +43,25 @@ class RemoteOps:
         B, S = ids.shape
         return self._call("Embedding", [ids], [(B, S, self.cfg.hidden_size)], self.wire_dtype)
 
-    def linear(self, layer: int, names: list[str], x: torch.Tensor) -> Reply:
+    def linear(self, layer: int, names: list[str], x: torch.Tensor, keep_v_at: int | None = None) -> Reply:
+        """x @ W^T for each projection; `keep_v_at` (a position): v_proj's rows stay in the daemon's V cache
+        there and the reply leaves them out."""
         B, S, _ = x.shape
-        return self._call("BatchLinear", [x], [(B, S, self.rows[n]) for n in names], self.wire_dtype,
-                          layer=layer, op=projection_bits(names))
+        keep_v = keep_v_at is not None
+        return self._call("BatchLinear", [x], [(B, S, self.rows[n]) for n in names if not (keep_v and n == "v_proj")],
+                          self.wire_dtype, layer=layer, op=projection_bits(names, keep_v), pos=keep_v_at or 0)
 
     def matmul(self, a, b, *, transpose_b: bool, expect_cols: int, layer: int = -1, cache: str | None = None,
                pos: int = 0) -> Reply:
-        return self._call("Matmul", [a, b], [tuple(a.shape[:-1]) + (expect_cols,)], self.wire_dtype,
-                          layer=layer, op=matmul_bits(transpose_b, cache), pos=pos)
+        """a @ b (b^T); b None: the daemon's cache rows as they are (V kept at the projection)."""
+        return self._call("Matmul", [a] if b is None else [a, b], [tuple(a.shape[:-1]) + (expect_cols,)],
+                          self.wire_dtype, layer=layer, op=matmul_bits(transpose_b, cache), pos=pos)
 
     def attention_output(self, p, v, *, layer: int, cache: str | None = None, pos: int = 0) -> Reply:
-        """P*V then o_proj, one call: p [B, Hkv, g*S, T] -> [B, S, D]."""
+        """P*V then o_proj, one call: p [B, Hkv, g*S, T] -> [B, S, D]; v None as in `matmul`."""
         B, S = p.shape[0], p.shape[1] * p.shape[2] // self.cfg.num_attention_heads
-        return self._call("AttentionOutput", [p, v], [(B, S, self.cfg.hidden_size)], self.wire_dtype,
-                          layer=layer, op=matmul_bits(False, cache), pos=pos)
+        return self._call("AttentionOutput", [p] if v is None else [p, v], [(B, S, self.cfg.hidden_size)],
+                          self.wire_dtype, layer=layer, op=matmul_bits(False, cache), pos=pos)
 
     def lm_head(self, x: torch.Tensor) -> Reply:
         return self._call("LMHead", [x], [(x.shape[0], self.cfg.vocab_size)], torch.float32)

@@ -57,17 +57,18 @@ class RecordingOps:
     def embedding(self, ids):
         return self._note([ids], [((*ids.shape, self.cfg.hidden_size), self.wire_dtype)])
 
-    def linear(self, layer, names, x):
+    def linear(self, layer, names, x, keep_v_at=None):
         from ..model.config import projection_rows
         rows = projection_rows(self.cfg)
-        return self._note([x], [((*x.shape[:-1], rows[n]), self.wire_dtype) for n in names])
+        return self._note([x], [((*x.shape[:-1], rows[n]), self.wire_dtype) for n in names
+                                if keep_v_at is None or n != "v_proj"])
 
     def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0):
-        return self._note([a, b], [((*a.shape[:-1], expect_cols), self.wire_dtype)])
+        return self._note([t for t in (a, b) if t is not None], [((*a.shape[:-1], expect_cols), self.wire_dtype)])
 
     def attention_output(self, p, v, *, layer, cache=None, pos=0):
         S = p.shape[1] * p.shape[2] // self.cfg.num_attention_heads
-        return self._note([p, v], [((p.shape[0], S, self.cfg.hidden_size), self.wire_dtype)])
+        return self._note([t for t in (p, v) if t is not None], [((p.shape[0], S, self.cfg.hidden_size), self.wire_dtype)])
 
     def lm_head(self, x):
         return self._note([x], [((x.shape[0], self.cfg.vocab_size), torch.float32)])

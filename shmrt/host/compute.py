@@ -41,21 +41,6 @@ def keep(view: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
     return into.copy_(view, non_blocking=True)
 
 
-def back_to_back(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """One flat view over `parts` where they lie end to end in one storage, each contiguous (the split of a
-    fused projection's output for one row); None otherwise."""
-    first = parts[0]
-    if len(parts) < 2 or any(not p.is_contiguous() or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                             or p.dtype != first.dtype for p in parts):
-        return None
-    offset = first.storage_offset()
-    for p in parts:
-        if p.storage_offset() != offset:
-            return None
-        offset += p.numel()
-    return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
-
-
 CACHES = ("k", "v")
 
 
@@ -103,6 +88,16 @@ class KVStore:
         keep(rows, buffer[:, :, pos:total])
         filled[layer] = total
         return buffer[:, :, :total]
+
+    def rows(self, layer: int, which: str) -> torch.Tensor:
+        """Every row of layer `layer`'s K or V kept so far (a view on the owned buffer, valid until the next
+        append to it): for a product whose new rows were kept by an earlier call (V, at the projection)."""
+        filled = self.filled[which]
+        if not 0 <= layer < len(filled):
+            raise ProtocolError(f"layer {layer} out of range [0, {len(filled)})")
+        if not filled[layer]:
+            raise ProtocolError(f"{which.upper()} cache of layer {layer} is empty, and the request brings no rows")
+        return self.buffers[which][layer][:, :, :filled[layer]]
 
     def _reserve(self, layer: int, which: str, rows: torch.Tensor, total: int) -> torch.Tensor:
         """Layer `layer`'s buffer for `which` with room for `total` rows of `rows`' batch: the one it has, or
@@ -176,6 +171,15 @@ class LinearCompute:
                dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """x @ W^T for each projection in `names`, one product where they are one fused weight; results in
         `dtype` (default: the compute dtype), converted once before they are split."""
+        return self.products(layer, names, x, max_elements, dtype)[0]
+
+    def products(self, layer: int, names: list[str] | tuple[str, ...], x: torch.Tensor, max_elements: int | None = None,
+                 dtype: torch.dtype | None = None, keep_v: tuple[KVStore, int] | None = None
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """`linear`'s results, and the one product [B, S, sum of rows] they were split from where one fused weight
+        made them all (else None): for one row (a decode step) the parts lie end to end in it, so the handler
+        copies q|k|v or gate|up into the reply in one piece. `keep_v` (a K/V store, a position): v_proj's rows
+        go into its V cache there, in `dtype` as if they had travelled, and are left out of the results."""
         self._layer(layer, "BatchLinear")
         cols = self.cols[names[0]]
         if any(self.cols[n] != cols for n in names) or x.dim() != 3 or x.shape[-1] != cols:
@@ -187,28 +191,47 @@ class LinearCompute:
         weights = self.w.projections(tuple(names))[layer]
         ys = [F.linear(xd, w) for w in weights]
         ys = [y if y.dtype == dtype else y.to(dtype) for y in ys]
-        return list(ys[0].split_with_sizes(rows, -1)) if len(ys) < len(rows) else ys
+        whole = ys[0] if len(ys) < len(rows) else None
+        parts = list(whole.split_with_sizes(rows, -1)) if whole is not None else ys
+        if keep_v is not None:
+            kv, pos = keep_v
+            i = list(names).index("v_proj")
+            v = parts.pop(i)
+            kv.append(layer, "v", v.view(*v.shape[:2], *kv.heads_and_dim).transpose(1, 2), pos)  # [B, Hkv, S, hd]
+            if whole is not None:   # the kept part was the last one (q|k|v): the rest leads the product
+                whole = whole[..., :whole.shape[-1] - v.shape[-1]] if i == len(parts) else None
+        return parts, whole
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, *, transpose_b: bool, cache: str | None = None,
+    def matmul(self, a: torch.Tensor, b: torch.Tensor | None, *, transpose_b: bool, cache: str | None = None,
                layer: int = -1, pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:
         """a @ b (or a @ b^T); with `cache` ("k" or "v"), b holds new rows appended to the session's cache
-        at `pos` and the product uses every cached row."""
+        at `pos` and the product uses every cached row; b None: no new rows (an earlier call kept them: V at
+        the projection), the product uses the cached rows as they are."""
         assert cache in (None, *CACHES), cache
-        if a.dim() != 4 or b.dim() != 4 or a.shape[:2] != b.shape[:2] or a.dtype != b.dtype:
-            raise ProtocolError(f"Matmul expects two [B, Hkv, rows, cols] tensors of one dtype, got "
-                                f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
         cached = cache is not None
-        if transpose_b:  # result columns: rows of b (all cached rows, with the cache)
-            cols = b.shape[2] + (max(pos, 0) if cached else 0)
+        if cached and kv is None:
+            raise ProtocolError("Matmul asks for the daemon K/V cache, which this session has not got")
+        if b is None:
+            if not cached:
+                raise ProtocolError("Matmul with one tensor takes its other factor from the daemon's K/V cache, "
+                                    "but the request names no cache")
+            if a.dim() != 4:
+                raise ProtocolError(f"Matmul expects a [B, Hkv, rows, cols] tensor, got {tuple(a.shape)}")
+            bd = kv.rows(layer, cache)
+            if a.shape[:2] != bd.shape[:2]:
+                raise ProtocolError(f"Matmul {tuple(a.shape)} does not match the {cache.upper()} cache "
+                                    f"{tuple(bd.shape)} of layer {layer}")
+            check_result_fits((*a.shape[:-1], bd.shape[2] if transpose_b else bd.shape[3]), max_elements, "Matmul")
         else:
-            cols = b.shape[3]
-        check_result_fits((*a.shape[:-1], cols), max_elements, "Matmul")
-        if cached:
-            if kv is None:
-                raise ProtocolError("Matmul asks for the daemon K/V cache, which this session has not got")
-            bd = kv.append(layer, cache, b, pos)
-        else:
-            bd = self._in(b, slot=1)
+            if a.dim() != 4 or b.dim() != 4 or a.shape[:2] != b.shape[:2] or a.dtype != b.dtype:
+                raise ProtocolError(f"Matmul expects two [B, Hkv, rows, cols] tensors of one dtype, got "
+                                    f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+            if transpose_b:  # result columns: rows of b (all cached rows, with the cache)
+                cols = b.shape[2] + (max(pos, 0) if cached else 0)
+            else:
+                cols = b.shape[3]
+            check_result_fits((*a.shape[:-1], cols), max_elements, "Matmul")
+            bd = kv.append(layer, cache, b, pos) if cached else self._in(b, slot=1)
         inner_b = bd.shape[-1] if transpose_b else bd.shape[-2]
         if a.shape[-1] != inner_b:
             raise ProtocolError(f"Matmul inner dims differ: {tuple(a.shape)} x {tuple(bd.shape)}"
@@ -223,10 +246,11 @@ class LinearCompute:
         out = torch.bmm(ad.flatten(0, 1), bd.flatten(0, 1))
         return out.view(a.shape[0], a.shape[1], out.shape[1], out.shape[2])
 
-    def attention_output(self, p: torch.Tensor, v: torch.Tensor, *, layer: int, cache: str | None = None,
+    def attention_output(self, p: torch.Tensor, v: torch.Tensor | None, *, layer: int, cache: str | None = None,
                          pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:
         """P*V and o_proj in one call (only a reshape lies between them): p [B, Hkv, g*S, T] (query heads
-        of a KV group stacked along rows), v [B, Hkv, T or new rows, hd] -> [B, S, D]."""
+        of a KV group stacked along rows), v [B, Hkv, T or new rows, hd] or None (kept at the projection)
+        -> [B, S, D]."""
         H, Hkv, hd = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
         if p.dim() != 4 or p.shape[1] != Hkv or p.shape[2] % (H // Hkv):
             raise ProtocolError(f"AttentionOutput expects P [B, {Hkv}, {H // Hkv}*S, T], got {tuple(p.shape)}")

@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from .compute import KVStore, LinearCompute, back_to_back
+from .compute import KVStore, LinearCompute
 from ..errors import ProtocolError, SetupError
-from ..model.calls import matmul_args, projection_names
+from ..model.calls import linear_args, matmul_args
 from ..wire.protocol import dtype_from_name
 from .handler import Call, Handler, HandlerSession, table
 from .server import Server
@@ -81,8 +81,11 @@ class ModelHandler(Handler):
         self.digest = digest
         self.log = log
         self.cuda = compute.device.type == "cuda"
+        # Every copy and product of a call is queued on this stream (the daemon uses no other): one wait on it
+        # per call, one call into torch (torch.cuda.synchronize(device) enters and leaves a device context too).
+        self._stream = torch.cuda.current_stream(compute.device) if self.cuda else None
         self.max_kv_bytes = max_kv_bytes if max_kv_bytes is not None else default_kv_quota(compute.device)
-        self._projections: dict[int, tuple[str, ...]] = {}  # BatchLinear op bits -> projection names
+        self._projections: dict[int, tuple[tuple[str, ...], bool]] = {}  # BatchLinear op bits -> (names, keep_v)
 
     def hello(self) -> dict:
         # The client computes with nothing of this: it checks `digest` against its own copy of the model
@@ -107,8 +110,8 @@ class ModelHandler(Handler):
         try:
             return super().handle(request, builder, session)
         finally:
-            if self.cuda:
-                torch.cuda.synchronize(self.c.device)
+            if self._stream is not None:
+                self._stream.synchronize()
 
     @staticmethod
     def _put(builder: ReplyBuilder, result: torch.Tensor, dtype: torch.dtype) -> None:
@@ -133,27 +136,36 @@ class ModelHandler(Handler):
         self._put(builder, self.c.embedding(request.tensors[0], self._room(builder, s.wire)), s.wire)
 
     def _batch_linear(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
-        names = self._projections.get(request.op)
-        if names is None:  # unknown bits raise here, so at most one entry per subset of the 7 projections
-            names = self._projections[request.op] = tuple(projection_names(request.op))
-        ys = self.c.linear(request.layer, names, request.tensors[0], self._room(builder, s.wire), dtype=s.wire)
+        args = self._projections.get(request.op)
+        if args is None:  # unknown bits raise here, so at most two entries per subset of the 7 projections
+            names, keep_v = linear_args(request.op)
+            args = self._projections[request.op] = (tuple(names), keep_v)
+        names, keep_v = args
+        ys, whole = self.c.products(request.layer, names, request.tensors[0], self._room(builder, s.wire), dtype=s.wire,
+                                    keep_v=(s.kv, request.pos) if keep_v else None)
         outs, joined = builder.alloc_joined([y.shape for y in ys], s.wire)
-        whole = back_to_back(ys) if joined is not None else None
-        if whole is not None:   # a decode step's q|k|v or gate|up: one copy (one DMA on CUDA), not one per result
-            joined.copy_(whole, non_blocking=True)
+        if joined is not None and whole is not None and whole.numel() == joined.numel() == whole.shape[-1]:
+            joined.copy_(whole.view(-1), non_blocking=True)  # one row's q|k|v or gate|up: one copy (one DMA on CUDA)
         else:
             for out, y in zip(outs, ys):
                 out.copy_(y, non_blocking=True)
 
+    @staticmethod
+    def _factors(request: Request) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A product's two factors, or one (the other in the K/V cache, kept by an earlier call)."""
+        if len(request.tensors) not in (1, 2):
+            raise ProtocolError(f"{request.method} takes 1 or 2 tensors, got {len(request.tensors)}")
+        return request.tensors[0], (request.tensors[1] if len(request.tensors) == 2 else None)
+
     def _matmul(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         transpose_b, cache = matmul_args(request.op)
-        a, b = request.tensors
+        a, b = self._factors(request)
         self._put(builder, self.c.matmul(a, b, transpose_b=transpose_b, cache=cache, layer=request.layer,
                                          pos=request.pos, kv=s.kv, max_elements=self._room(builder, s.wire)), s.wire)
 
     def _attention_output(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         _, cache = matmul_args(request.op)
-        p, v = request.tensors
+        p, v = self._factors(request)
         self._put(builder, self.c.attention_output(p, v, layer=request.layer, cache=cache, pos=request.pos, kv=s.kv,
                                                    max_elements=self._room(builder, s.wire)), s.wire)
 
@@ -164,9 +176,9 @@ class ModelHandler(Handler):
         Call("Init", arity=0, compute=_init),
         Call("Embedding", arity=1, compute=_embedding),
         Call("BatchLinear", arity=1, compute=_batch_linear),
-        Call("Matmul", arity=2, compute=_matmul),
+        Call("Matmul", arity=None, compute=_matmul),   # 2 tensors, or 1 with the other in the K/V cache
         Call("LMHead", arity=1, compute=_lm_head),
-        Call("AttentionOutput", arity=2, compute=_attention_output),
+        Call("AttentionOutput", arity=None, compute=_attention_output),
     )
 
 

@@ -17,10 +17,11 @@ class LocalOps:
         self.wire_dtype = wire_dtype
         self.kv = compute.new_kv_store()
         self.pinned = compute.device.type == "cuda"
+        self._stream = torch.cuda.current_stream(compute.device) if self.pinned else None  # as the handler waits
         self._pending: PendingRequest | None = None
 
-    def _wire(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.wire_dtype) if t.is_floating_point() and t.dtype != self.wire_dtype else t
+    def _wire(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.to(self.wire_dtype) if t is not None and t.is_floating_point() and t.dtype != self.wire_dtype else t
 
     def _alloc(self, shape, dtype):
         # Pinned (and reused by torch's caching host allocator) on CUDA: the floor moves bytes to and
@@ -38,15 +39,16 @@ class LocalOps:
         dtype = dtype or self.wire_dtype
         out = [(t if t.dtype == dtype else t.to(dtype)) if t.device.type == "cpu" else
                torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
-        if self.pinned:  # as the daemon's handler: every copy of the call queued, then one wait for the device
-            torch.cuda.synchronize(self.c.device)
+        if self._stream is not None:  # as the daemon's handler: every copy of the call queued, then one wait
+            self._stream.synchronize()
         return Reply(out, stats=None)
 
     def embedding(self, ids) -> Reply:
         return self._out([self.c.embedding(ids)])
 
-    def linear(self, layer, names, x) -> Reply:
-        return self._out(self.c.linear(layer, names, self._wire(x), dtype=self.wire_dtype))
+    def linear(self, layer, names, x, keep_v_at=None) -> Reply:
+        keep_v = None if keep_v_at is None else (self.kv, keep_v_at)
+        return self._out(self.c.products(layer, names, self._wire(x), dtype=self.wire_dtype, keep_v=keep_v)[0])
 
     def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0) -> Reply:
         return self._out([self.c.matmul(self._wire(a), self._wire(b), transpose_b=transpose_b, cache=cache,

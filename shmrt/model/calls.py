@@ -9,21 +9,36 @@ from ..errors import ProtocolError
 # A layer's projections in checkpoint order: BatchLinear's op bits, one per projection, follow it.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# ---- BatchLinear: which projections of the layer, one bit each in checkpoint order
+# ---- BatchLinear: which projections of the layer, one bit each in checkpoint order, and one bit more:
+# v_proj's rows go into the daemon's V cache at the doorbell's `pos` instead of into the reply (a K/V cache on
+# the daemon: the enclave does nothing to V, so V need not travel there and back; P*V then sends P alone)
+
+KEEP_V = 1 << len(PROJECTIONS)
 
 
-def projection_bits(names) -> int:
-    bits = 0
+def projection_bits(names, keep_v: bool = False) -> int:
+    bits = KEEP_V if keep_v else 0
     for name in names:
         bits |= 1 << PROJECTIONS.index(name)
     return bits
 
 
 def projection_names(bits: int) -> list[str]:
+    """The projections `bits` name (the KEEP_V bit aside)."""
+    bits &= ~KEEP_V
     if bits <= 0 or bits >> len(PROJECTIONS):
         raise ProtocolError(f"BatchLinear op bits {bits:#x} name no known projection "
                             f"(expected a non-empty subset of {PROJECTIONS})")
     return [name for i, name in enumerate(PROJECTIONS) if bits >> i & 1]
+
+
+def linear_args(bits: int) -> tuple[list[str], bool]:
+    """op bits -> (projection names, keep_v); KEEP_V without v_proj is a ProtocolError."""
+    names = projection_names(bits)
+    keep_v = bool(bits & KEEP_V)
+    if keep_v and "v_proj" not in names:
+        raise ProtocolError(f"BatchLinear op bits {bits:#x} keep v_proj's rows but do not compute v_proj")
+    return names, keep_v
 
 
 # ---- Matmul: transpose b, and whether b holds new K or V rows for the daemon's cache
