@@ -31,3 +31,18 @@ def test_the_one_format_row_writes_what_the_field_by_field_format_writes(values)
     fast = ROW_PERCENT % (call_id, method, ser, send, recv, deser, total, sent / 1024, received / 1024,
                           throughput_mbps(sent, received, total))
     assert fast == format_row(row_fields(*values))
+
+
+def test_rows_are_formatted_while_waiting_and_written_in_batches(tmp_path):
+    log = PerfLog(str(tmp_path / "p.log"), "SHM+IPC", {})
+    s = CallStats("BatchLinear", "shm", 3, 1000, 21000, 41000, 141000, 171000, 8264, 24712, 8192, 24576, 1234, 99, 0x31)
+    log(s)
+    log.idle()     # formatted, not written: the file still has only its header
+    assert log._pending == [] and len(log._rows) == 1
+    assert "BatchLinear" not in (tmp_path / "p.log").read_text()
+    log(s)
+    log.close()    # the formatted row and the unformatted one, in order
+    rows = [line for line in (tmp_path / "p.log").read_text().splitlines() if "BatchLinear" in line]
+    assert [line.split()[0] for line in rows] == ["1", "2"]
+    side = [json.loads(line) for line in (tmp_path / "p.log.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in side if r["type"] == "call"] == [1, 2]

@@ -231,3 +231,29 @@ def test_msgpack_has_no_attach(echo_daemon):
         t.hello(client_info())
         with pytest.raises(PeerError, match="method 'Attach'"):
             t._roundtrip({"method": "Attach", "seq": t._next_seq(), "token": t.token, "text": "{}"})
+
+
+@pytest.mark.parametrize("transport,doorbell", [("shm", "shm"), ("shm", "zmq"), ("msgpack", None)])
+def test_observers_do_their_bookkeeping_while_a_call_is_out(echo_daemon, transport, doorbell):
+    """An observer's `idle()` runs once per call, after its bell is rung and before the reply is taken, and sees
+    every earlier call already notified (the perf log formats their rows there, off the critical path)."""
+    from shmrt.wire.native import now_ns
+    events = []
+
+    class Observer:
+        def __call__(self, stats):
+            events.append(("call", stats))
+
+        def idle(self):
+            events.append(("idle", now_ns()))
+
+    with make_client_transport(transport, echo_daemon.endpoint, timeout=10, doorbell=doorbell) as t:
+        t.hello(client_info())
+        t.open_session(1 << 20)
+        t.call("Init").release()
+        t.observers.append(Observer())
+        for i in range(3):
+            t.call("Matmul", [torch.full((4,), float(i))]).release()
+    assert [kind for kind, _ in events] == ["idle", "call"] * 3
+    for (_, idle_ns), (_, stats) in zip(events[::2], events[1::2]):
+        assert stats.t_sent <= idle_ns <= stats.t_replied

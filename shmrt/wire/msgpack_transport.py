@@ -100,6 +100,7 @@ class MsgpackClient(ClientTransport):
         self._send(payload)
         if stats is not None:
             stats.t_sent = now_ns()
+            self._while_waiting()
         raw = self._recv()
         if stats is not None:
             stats.t_replied = now_ns()

@@ -214,10 +214,12 @@ class ShmClient(ClientTransport):
             if self._bell_out.post(payload, seq):   # the daemon sleeps on ZeroMQ: wake it
                 self._send(self._wake)
             stats.t_sent = now_ns()
+            self._while_waiting()
             raw = self._await_bell(seq)
         else:
             self._send(payload)
             stats.t_sent = now_ns()
+            self._while_waiting()
             raw = self._recv()
         stats.t_replied = now_ns()
         bell = self._decode_reply(raw, seq, self.rsp.capacity)
