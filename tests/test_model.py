@@ -74,6 +74,33 @@ def test_one_row_rms_norm_matches_transformers_norm(out_dtype, scale):
             assert ((got.float() - ref).abs().max() / ref.abs().max()).item() < tolerance
 
 
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("position", [0, 7, 131071])
+def test_one_position_rope_as_a_product_matches_transformers(out_dtype, position):
+    """A decode step's RoPE, one [hd, hd] product per tensor, against HF's apply_rotary_pos_emb (llama3 scaling)
+    and the elementwise path of a prefill; q's rotation carries the attention scale."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from shmrt.enclave.llama import rope_tables
+    g = torch.Generator().manual_seed(position)
+    hd, scale = 64, 64 ** -0.5
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    q = torch.randn(2, 1, 4 * hd, generator=g).view(2, 1, 4, hd).transpose(1, 2)   # a reply's layout
+    k = torch.randn(2, 1, 2 * hd, generator=g).view(2, 1, 2, hd).transpose(1, 2)
+    one = rope_tables(inv_freq, position, 1, 1.25, scale)
+    assert one.turn_q is not None and rope_tables(inv_freq, position, 2, 1.25, scale).turn_q is None
+    freqs = position * inv_freq
+    emb = torch.cat((freqs, freqs))[None, None, :]
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, emb.cos() * 1.25, emb.sin() * 1.25)
+    for x, ref, got_of, factor in ((q, ref_q, one.q, scale), (k, ref_k, one.k, 1.0)):
+        out = None if out_dtype is None else torch.empty(x.shape, dtype=out_dtype)
+        got = got_of(x, out=out)
+        assert got.shape == x.shape and (out is None or got.data_ptr() == out.data_ptr())
+        tolerance = 1e-5 if out_dtype in (None, torch.float32) else 8e-3
+        assert ((got.float() - ref * factor).abs().max() / ref.abs().max()).item() < tolerance
+        elementwise = one._replace(turn_q=None, turn_k=None)
+        assert torch.allclose(got_of.__func__(elementwise, x), got_of(x), rtol=0, atol=1e-5)
+
+
 def test_config_parsing_errors_are_clear(tmp_path):
     with pytest.raises(ModelError, match="unknown preset"):
         LlamaConfig.from_name("huge")

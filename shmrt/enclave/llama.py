@@ -47,12 +47,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 class Rope(NamedTuple):
     """RoPE tables of one forward, [S, 2, hd/2]: a head's two halves side by side. `sin` carries
     rotate_half's sign (its first half negated); q's tables carry the attention scale 1/sqrt(hd) too, so
-    Q*K^T arrives scaled and the softmax needs no pass of its own."""
+    Q*K^T arrives scaled and the softmax needs no pass of its own. One position (a decode step) has the
+    same rotation as one [hd, hd] matrix too (`turn_q`, `turn_k`): a head's RoPE is then one product."""
 
     cos_q: torch.Tensor
     sin_q: torch.Tensor
     cos_k: torch.Tensor
     sin_k: torch.Tensor
+    turn_q: torch.Tensor | None = None
+    turn_k: torch.Tensor | None = None
+
+    def q(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, H, S, hd] rotated (and scaled), into `out` as `apply_rope` writes it."""
+        if self.turn_q is not None:
+            return turn_rope(x, self.turn_q, out)
+        return apply_rope(x, self.cos_q, self.sin_q, out)
+
+    def k(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.turn_k is not None:
+            return turn_rope(x, self.turn_k, out)
+        return apply_rope(x, self.cos_k, self.sin_k, out)
 
 
 def rope_tables(inv_freq: torch.Tensor, start: int, length: int, scaling: float, q_scale: float) -> Rope:
@@ -60,7 +74,34 @@ def rope_tables(inv_freq: torch.Tensor, start: int, length: int, scaling: float,
     freqs = positions[:, None] * inv_freq[None, :]            # [S, hd/2]
     cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
     cos, sin = torch.stack((cos, cos), dim=1), torch.stack((-sin, sin), dim=1)  # [S, 2, hd/2]
-    return Rope(cos * q_scale, sin * q_scale, cos, sin)
+    if length != 1:
+        return Rope(cos * q_scale, sin * q_scale, cos, sin)
+    turn = rotation(cos.flatten(), sin.flatten())
+    return Rope(cos * q_scale, sin * q_scale, cos, sin, turn * q_scale, turn)
+
+
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The [hd, hd] matrix M with x @ M == x*cos + rotate_half(x)*sin for one position (cos, sin: [hd], the
+    tables of `rope_tables` flattened, sin's first half negated): cos on the diagonal, and each half's sin
+    where it takes the other half's element."""
+    half = cos.numel() // 2
+    turn = torch.diag(cos)
+    i = torch.arange(half, device=cos.device)
+    turn[i + half, i] = sin[:half]     # out j < half:  x[j] cos - x[j + half] sin
+    turn[i, i + half] = sin[half:]     # out j >= half: x[j] cos + x[j - half] sin
+    return turn
+
+
+def turn_rope(x: torch.Tensor, turn: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One position's RoPE as one product, x [B, H, 1, hd] @ turn [hd, hd], in float32; into `out` as
+    `apply_rope` writes it. A decode step's q or k takes one op instead of five."""
+    hd = x.shape[-1]
+    rows = x.reshape(-1, hd)
+    if out is not None and out.dtype == torch.float32 and rows.dtype == torch.float32:
+        torch.mm(rows, turn, out=out.view(-1, hd))
+        return out
+    y = (rows.float() @ turn).view(x.shape)
+    return y if out is None else out.copy_(y)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,10 +202,9 @@ class EnclaveModel:
             with qkv:
                 q, k = qkv.view(0), qkv.view(1)
                 # q (and k, when only new rows travel) feed the next call: rotate them straight into it
-                q = apply_rope(q.view(B, S, H, hd).transpose(1, 2), rope.cos_q, rope.sin_q,
-                               out=req.alloc((B, H, S, hd)))
+                q = rope.q(q.view(B, S, H, hd).transpose(1, 2), out=req.alloc((B, H, S, hd)))
                 k_out = req.alloc((B, Hkv, S, hd)) if on_daemon else None
-                k = apply_rope(k.view(B, S, Hkv, hd).transpose(1, 2), rope.cos_k, rope.sin_k, out=k_out)
+                k = rope.k(k.view(B, S, Hkv, hd).transpose(1, 2), out=k_out)
                 v = None if on_daemon else qkv.take(2).view(B, S, Hkv, hd).transpose(1, 2).contiguous()  # [B, Hkv, S, hd]
             o = self._attention(layer, q, k, v, start, mask)                                   # a reply
         if not self.fused:                                      # v2.4's calls: P*V came back, o_proj is one more
