@@ -79,7 +79,15 @@ def inputs(cfg, wire: torch.dtype, max_pos: int) -> dict:
             "k": randn(1, Hkv, 1, hd), "v": randn(1, Hkv, 1, hd), "p": p, "act": randn(1, 1, cfg.intermediate_size)}
 
 
-def bench_handler(compute: LinearCompute, wire: torch.dtype, context: int, steps: int, warmup: int) -> dict:
+def spin(us: float) -> None:
+    """Busy-wait `us` microseconds: the daemon spinning on its bell word while the enclave computes."""
+    end = time.perf_counter_ns() + int(us * 1e3)
+    while time.perf_counter_ns() < end:
+        pass
+
+
+def bench_handler(compute: LinearCompute, wire: torch.dtype, context: int, steps: int, warmup: int,
+                  gap_us: float = 0) -> dict:
     cfg = compute.cfg
     handler = ModelHandler(compute, "bench", "0" * 64, log=lambda m: None)
     session = handler.open({"wire_dtype": str(wire).replace("torch.", "")}, lambda: [])
@@ -96,6 +104,8 @@ def bench_handler(compute: LinearCompute, wire: torch.dtype, context: int, steps
         pos = context + step
         for layer in range(cfg.num_hidden_layers):
             for method, request in decode_requests(layer, pos, x).items():
+                if gap_us:
+                    spin(gap_us)
                 c0, t0 = time.process_time_ns(), time.perf_counter_ns()
                 handler.handle(request, ArenaBuilder(arena), session)
                 t1, c1 = time.perf_counter_ns(), time.process_time_ns()
@@ -104,7 +114,8 @@ def bench_handler(compute: LinearCompute, wire: torch.dtype, context: int, steps
     return times
 
 
-def bench_floor(compute: LinearCompute, wire: torch.dtype, context: int, steps: int, warmup: int) -> dict:
+def bench_floor(compute: LinearCompute, wire: torch.dtype, context: int, steps: int, warmup: int,
+                gap_us: float = 0) -> dict:
     """The same calls through LocalOps (bench e2e's compute floor)."""
     cfg = compute.cfg
     ops = LocalOps(compute, wire)
@@ -131,6 +142,8 @@ def bench_floor(compute: LinearCompute, wire: torch.dtype, context: int, steps: 
         pos = context + step
         for layer in range(cfg.num_hidden_layers):
             for method, call in calls.items():
+                if gap_us:
+                    spin(gap_us)
                 c0, t0 = time.process_time_ns(), time.perf_counter_ns()
                 call(layer, pos)
                 t1, c1 = time.perf_counter_ns(), time.process_time_ns()
@@ -160,13 +173,17 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=128, help="K/V positions before the timed decode steps")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps (each: every layer, every method)")
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--gap-us", type=float, default=0,
+                    help="spin this long before each call, as the daemon waits while the enclave computes "
+                         "(the device and the caches idle between calls as in a real run)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     dtype, wire = COMPUTE_DTYPES[args.dtype], COMPUTE_DTYPES[args.wire]
     weights = load_weights(args.model, dtype=dtype, device=args.device)
     results = []
     print(f"{args.model} on {args.device} {args.dtype}, wire {args.wire}, context {args.context}, "
-          f"{args.steps} steps x {weights.cfg.num_hidden_layers} layers; us per call: wall median [p10-p90], "
+          f"{args.steps} steps x {weights.cfg.num_hidden_layers} layers, gap {args.gap_us:g} us; us per call: "
+          "wall median [p10-p90], "
           "process CPU median")
     print(f"{'method':<28}{'threads':>8}{'handler wall':>24}{'cpu':>8}{'floor wall':>24}{'cpu':>8}")
     for threads in args.threads:
@@ -174,7 +191,7 @@ def main(argv=None) -> int:
         runs = {}
         for what, bench in (("handler", bench_handler), ("floor", bench_floor)):
             compute = LinearCompute(weights, args.device, dtype)
-            runs[what] = summary(bench(compute, wire, args.context, args.steps, args.warmup))
+            runs[what] = summary(bench(compute, wire, args.context, args.steps, args.warmup, args.gap_us))
         for m in METHODS:
             cells = "".join(f"{r[m]['median_us']:>10.1f} [{r[m]['p10_us']:5.0f}-{r[m]['p90_us']:5.0f}]"
                             f"{r[m]['cpu_median_us']:>8.1f}" for r in runs.values())
