@@ -6,6 +6,10 @@ preallocated arena (as a ring's would be), so what is timed is the daemon's own 
 the K/V append, the products and the copies into the reply.
 
     PYTHONPATH=. .venv/bin/python bench/daemon_calls.py --model small --threads 1 2 --json out.json
+
+Calls run back to back unless `--gap-us N` spins N us before each one, as the daemon spins on its bell word
+while the enclave computes: end to end on the H200 the daemon's work per call has been 1.5-2x the back-to-back
+figures, which themselves moved 2x between runs (bench/results/h200-llama3.2-1b-session8).
 """
 from __future__ import annotations
 
