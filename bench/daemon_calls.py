@@ -80,7 +80,7 @@ def inputs(cfg, wire: torch.dtype, max_pos: int) -> dict:
 
     p = torch.softmax(torch.randn(1, Hkv, g, max_pos, generator=gen), -1).to(wire)
     return {"ids": torch.tensor([[7]]), "h": randn(1, 1, cfg.hidden_size), "q": randn(1, Hkv, g, hd),
-            "k": randn(1, Hkv, 1, hd), "v": randn(1, Hkv, 1, hd), "p": p, "act": randn(1, 1, cfg.intermediate_size)}
+            "k": randn(1, Hkv, 1, hd), "p": p, "act": randn(1, 1, cfg.intermediate_size)}
 
 
 def spin(us: float) -> None:

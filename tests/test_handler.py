@@ -92,17 +92,17 @@ def model_handler():
 def test_the_model_table_has_one_row_per_rpc_with_its_arity(model_handler):
     assert set(model_handler.calls) == set(RPC_METHODS)
     assert {n: c.arity for n, c in model_handler.calls.items()} == \
-        {"Init": 0, "Embedding": 1, "BatchLinear": 1, "Matmul": None, "LMHead": 1, "AttentionOutput": None}
+        {"Init": 0, "Embedding": 1, "BatchLinear": 1, "Matmul": (1, 2), "LMHead": 1, "AttentionOutput": (1, 2)}
     assert set(EchoHandler.calls) == set(RPC_METHODS) and EchoHandler.calls["Matmul"].arity is None
 
 
 def test_model_arity_is_enforced(model_handler):
     session = _opened(model_handler)
-    with pytest.raises(ProtocolError, match=r"Matmul takes 1 or 2 tensors, got 3"):
+    with pytest.raises(ProtocolError, match=r"Matmul takes 1 or 2 tensor\(s\), got 3"):
         model_handler.handle(Request("Matmul", 2, layer=0, tensors=[torch.ones(1, 2, 3, 16)] * 3), Builder(), session)
     with pytest.raises(ProtocolError, match="Matmul with one tensor takes its other factor from the daemon's K/V cache"):
         model_handler.handle(Request("Matmul", 2, layer=0, tensors=[torch.ones(1, 2, 3, 16)]), Builder(), session)
-    with pytest.raises(ProtocolError, match="AttentionOutput takes 1 or 2 tensors, got 0"):
+    with pytest.raises(ProtocolError, match=r"AttentionOutput takes 1 or 2 tensor\(s\), got 0"):
         model_handler.handle(Request("AttentionOutput", 2, layer=0, tensors=[]), Builder(), session)
     with pytest.raises(ProtocolError, match=r"LMHead takes 1 tensor\(s\), got 2"):
         model_handler.handle(Request("LMHead", 3, tensors=[torch.ones(1, 64)] * 2), Builder(), session)
@@ -208,20 +208,37 @@ def test_results_travel_in_the_sessions_wire_dtype(model_handler):
     assert torch.equal(torch.cat(builder.tensors, -1), expect)
 
 
+@pytest.mark.parametrize("keep_v", [False, True])
 @pytest.mark.parametrize("S", [1, 3])
-def test_a_fused_projection_reaches_the_ring_whole_or_in_parts(model_handler, S):
-    """Over a real response ring: one row's q|k|v goes in as one copy of the fused product, several rows part by
-    part (their q, k and v interleave in the product); either way each result holds its projection."""
+def test_a_fused_projection_reaches_the_ring_whole_or_in_parts(model_handler, monkeypatch, S, keep_v):
+    """Over a real response ring: one row's q|k|v (q|k where V's rows stay in the cache) goes in as one copy of
+    the fused product, several rows part by part (their q, k and v interleave in the product); either way
+    each result holds its projection, and kept V rows are in the cache."""
     from shmrt.model.calls import projection_bits
     from shmrt.wire.ring import Ring
     from shmrt.wire.shm_transport import ShmReplyBuilder, ring_view
     session = _opened(model_handler)
     x = torch.randn(1, S, 64, generator=torch.Generator().manual_seed(S))
     names = ["q_proj", "k_proj", "v_proj"]
+    sent = names[:2] if keep_v else names
     with Ring.create(1 << 16, "rsp") as ring:
+        base, copies, copy = ring.native.address, [], torch.Tensor.copy_
+
+        def counting_copy(dst, src, *args, **kwargs):
+            if base <= dst.data_ptr() < base + ring.native.nbytes:
+                copies.append(dst.numel())
+            return copy(dst, src, *args, **kwargs)
+
         builder = ShmReplyBuilder(ring, timeout=1.0)
-        model_handler.handle(Request("BatchLinear", 2, layer=1, op=projection_bits(names), tensors=[x]), builder, session)
+        monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
+        model_handler.handle(Request("BatchLinear", 2, layer=1, op=projection_bits(names, keep_v), pos=0, tensors=[x]),
+                             builder, session)
+        monkeypatch.undo()
         got = [ring_view(ring, d) for d in builder.descs]
-        for name, t in zip(names, got):
+        assert len(got) == len(sent) and len(copies) == (1 if S == 1 else len(sent))
+        for name, t in zip(sent, got):
             assert torch.allclose(t, x @ model_handler.c.w.projection(1, [name]).t(), rtol=0, atol=1e-6), name
+        if keep_v:
+            v = (x @ model_handler.c.w.projection(1, ["v_proj"]).t()).view(1, S, 2, 16).transpose(1, 2)
+            assert torch.allclose(session.kv.rows(1, "v"), v, rtol=0, atol=1e-6)
         del got

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import CHILDREN
 from shmrt.wire import protocol
 from shmrt.host.compute import LinearCompute
-from shmrt.model.calls import matmul_bits
+from shmrt.model.calls import KEEP_V, matmul_bits
 from shmrt.host.daemon import ModelHandler
 from shmrt.errors import ProtocolError, ShmrtError
 from shmrt.wire.ring import OFF_TAIL, Consumer, Ring
@@ -35,20 +35,38 @@ u64 = st.integers(0, 2**64 - 1)
 
 ITEM = {1: 4, 2: 2, 3: 2, 4: 8, 5: 4}
 # Shapes the tiny model (hidden 64, 4 heads of 16, 2 KV heads, intermediate 176) would accept.
-PLAUSIBLE = {2: [[(1, 5)]], 3: [[(1, 5, 64)], [(1, 5, 176)]], 4: [[(1, 2, 10, 16), (1, 2, 5, 16)],
-             [(1, 2, 10, 5), (1, 2, 5, 16)]], 5: [[(1, 1, 64)], [(1, 64)]]}
+# Matmul and AttentionOutput also take P or Q alone: the other factor is the K/V cache as it is, filled with
+# CACHED rows at Init (`_model_session`).
+CACHED = 5
+PLAUSIBLE = {2: [[(1, 5)]], 3: [[(1, 5, 64)], [(1, 5, 176)]],
+             4: [[(1, 2, 10, 16), (1, 2, 5, 16)], [(1, 2, 10, 5), (1, 2, 5, 16)], [(1, 2, 10, 16)], [(1, 2, 10, 5)]],
+             5: [[(1, 1, 64)], [(1, 64)]], 6: [[(1, 2, 10, 5)], [(1, 2, 10, 5), (1, 2, 5, 16)]]}
 
 
 # Strategies built once, not inside each example: hypothesis validates every strategy it meets for the
 # first time, and building them per draw was about a third of the fuzz test's time.
 HOSTILE_FIELDS = st.sampled_from(["none", "method", "layer", "op", "pos", "ring_end", "dtype", "shape",
                                   "nbytes", "offset", "count", "flags", "token"])
-GOOD_METHOD, ANY_BYTE = st.sampled_from([2, 3, 4, 5]), st.integers(0, 255)
+GOOD_METHOD, ANY_BYTE = st.sampled_from([2, 3, 4, 5, 6]), st.integers(0, 255)
+KEEP_V_OR_NOT = st.sampled_from([0, KEEP_V])
 PLAUSIBLE_FOR = {m: st.sampled_from(PLAUSIBLE.get(m, [[(3,)]])) for m in range(256)}
 ANY_SHAPE = st.lists(st.one_of(st.integers(0, 64), st.integers(-2**63, 2**63 - 1)), max_size=6)
 BAD_OFFSET = st.one_of(st.sampled_from([CAP - 64, CAP, 3]), u64)
 ANY_TOKEN, GOOD_LAYER = st.binary(min_size=16, max_size=16), st.integers(0, 1)
 ANY_LAYER, ANY_OP, ANY_POS = st.integers(-2**31, 2**31 - 1), st.integers(0, 2**32 - 1), st.integers(-2**63, 2**63 - 1)
+
+
+def _coherent_op(method: int, shapes: list, keep_v: int) -> int:
+    """The op bits a client would send with `shapes`: q|k|v (with or without keeping V) or down_proj for
+    BatchLinear; for a product, Q*K^T or P*V, against the cache where a factor is missing or new rows come."""
+    if method == 3:
+        return 0b111 | keep_v if shapes and shapes[0][-1:] == (64,) else 0b1000000
+    if method in (4, 6) and shapes:
+        scores = shapes[0][-1:] == (16,)          # Q [.., 16] -> Q*K^T; P [.., T] -> P*V
+        if len(shapes) == 1:
+            return matmul_bits(scores, "k" if scores else "v")
+        return matmul_bits(scores, None) if method == 4 and scores else matmul_bits(False, "v")
+    return 0
 
 
 @st.composite
@@ -79,8 +97,7 @@ def doorbells(draw):
         offset += (max(n, 0) * 8 + 63) // 64 * 64
         shape = [min(max(d, -2**63), 2**63 - 1) for d in shape]
         descs += DESC.pack(off % 2**64, nbytes % 2**64, dtype % 256, len(shape), *(shape + [0] * (6 - len(shape))))
-    op = {3: 0b111 if shapes and shapes[0][-1:] == (64,) else 0b1000000, 4: 1 if shapes and shapes[-1][-1:] == (16,)
-          and shapes[0][-1:] == (16,) else 0}.get(method, 0)
+    op = _coherent_op(method, shapes, draw(KEEP_V_OR_NOT))
     head = HEADER.pack(b"SHMD", protocol.PROTOCOL_VERSION, method, pick("flags", st.just(0), ANY_BYTE), 1,
                        pick("token", st.just(TOKEN), ANY_TOKEN),
                        pick("layer", GOOD_LAYER, ANY_LAYER),
@@ -102,9 +119,13 @@ def attached_session():
 
 
 def _model_session(handler, session):
-    """The handler's state for a client whose Init ran."""
+    """The handler's state for a client whose Init ran, CACHED rows in each layer's K and V."""
     model = handler.open({}, session.pinned_buffers)
     handler.handle(Request("Init", 0), None, model)
+    rows = torch.randn(1, 2, CACHED, 16, generator=torch.Generator().manual_seed(0))
+    for layer in range(2):
+        for which in ("k", "v"):
+            model.kv.append(layer, which, rows, 0)
     return model
 
 
@@ -156,6 +177,8 @@ AMPLIFIERS = {
     "embedding-rows": (protocol.Method.Embedding, 0, [_desc(0, torch.int64, (1, 8000))]),
     "gate-up-rows": (protocol.Method.BatchLinear, 0b11000, [_desc(0, torch.float32, (1, 200, 64))]),
     "lm-head-batch": (protocol.Method.LMHead, 0, [_desc(0, torch.float32, (200, 1, 64))]),
+    "p-alone-against-cached-v": (protocol.Method.Matmul, matmul_bits(False, "v"),
+                                 [_desc(0, torch.float32, (1, 2, 1600, CACHED))]),
 }
 
 

@@ -95,6 +95,7 @@ def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def turn_rope(x: torch.Tensor, turn: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """One position's RoPE as one product, x [B, H, 1, hd] @ turn [hd, hd], in float32; into `out` as
     `apply_rope` writes it. A decode step's q or k takes one op instead of five."""
+    assert x.shape[-2] == 1, x.shape   # one position: every row turns by the same matrix
     hd = x.shape[-1]
     rows = x.reshape(-1, hd)
     if out is not None and out.dtype == torch.float32 and rows.dtype == torch.float32:

@@ -66,8 +66,8 @@ class KVStore:
         self.bytes = 0
 
     def append(self, layer: int, which: str, rows: torch.Tensor, pos: int) -> torch.Tensor:
-        """Store `rows` (a request view) at `pos` of layer `layer`'s K or V; returns all rows so far (a view
-        on the owned buffer, valid until the next append to it)."""
+        """Store `rows` (a request view, or V's rows of a product of ours) at `pos` of layer `layer`'s K or V;
+        returns all rows so far (a view on the owned buffer, valid until the next append to it)."""
         filled = self.filled[which]
         if not 0 <= layer < len(filled):
             raise ProtocolError(f"layer {layer} out of range [0, {len(filled)})")
@@ -179,7 +179,9 @@ class LinearCompute:
         """`linear`'s results, and the one product [B, S, sum of rows] they were split from where one fused weight
         made them all (else None): for one row (a decode step) the parts lie end to end in it, so the handler
         copies q|k|v or gate|up into the reply in one piece. `keep_v` (a K/V store, a position): v_proj's rows
-        go into its V cache there, in `dtype` as if they had travelled, and are left out of the results."""
+        go into its V cache there, in `dtype` as if they had travelled, and are left out of the results. V's
+        cache grows here, K's at the step's Q*K^T: a step whose Q*K^T is refused leaves V one step ahead (the
+        client's session ends with the error; a new one starts both at pos 0)."""
         self._layer(layer, "BatchLinear")
         cols = self.cols[names[0]]
         if any(self.cols[n] != cols for n in names) or x.dim() != 3 or x.shape[-1] != cols:
@@ -206,7 +208,8 @@ class LinearCompute:
                layer: int = -1, pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:
         """a @ b (or a @ b^T); with `cache` ("k" or "v"), b holds new rows appended to the session's cache
         at `pos` and the product uses every cached row; b None: no new rows (an earlier call kept them: V at
-        the projection), the product uses the cached rows as they are."""
+        the projection), the product uses the cached rows as they are (`pos` unused: a's inner dimension must
+        equal the rows cached, checked with the product's)."""
         assert cache in (None, *CACHES), cache
         cached = cache is not None
         if cached and kv is None:

@@ -1,4 +1,4 @@
-"""The GPU side: serves Init / Embedding / BatchLinear / Matmul / LMHead from one model, through one
+"""The GPU side: serves Init / Embedding / BatchLinear / Matmul / AttentionOutput / LMHead from one model, through one
 method table (`ModelHandler.calls`: name, arity, compute function) and one typed session per client.
 
 Request tensors arrive as views on the client's ring (zero copy: on CUDA the ring is registered
@@ -152,9 +152,8 @@ class ModelHandler(Handler):
 
     @staticmethod
     def _factors(request: Request) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A product's two factors, or one (the other in the K/V cache, kept by an earlier call)."""
-        if len(request.tensors) not in (1, 2):
-            raise ProtocolError(f"{request.method} takes 1 or 2 tensors, got {len(request.tensors)}")
+        """A product's two factors, or one (the other in the K/V cache, kept by an earlier call); the table's
+        arity (1, 2) has been checked."""
         return request.tensors[0], (request.tensors[1] if len(request.tensors) == 2 else None)
 
     def _matmul(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
@@ -176,9 +175,9 @@ class ModelHandler(Handler):
         Call("Init", arity=0, compute=_init),
         Call("Embedding", arity=1, compute=_embedding),
         Call("BatchLinear", arity=1, compute=_batch_linear),
-        Call("Matmul", arity=None, compute=_matmul),   # 2 tensors, or 1 with the other in the K/V cache
+        Call("Matmul", arity=(1, 2), compute=_matmul),   # 2 tensors, or 1 with the other in the K/V cache
         Call("LMHead", arity=1, compute=_lm_head),
-        Call("AttentionOutput", arity=None, compute=_attention_output),
+        Call("AttentionOutput", arity=(1, 2), compute=_attention_output),
     )
 
 

@@ -22,11 +22,15 @@ INIT = "Init"  # opens the session's state; every other call needs it first
 @dataclass(frozen=True)
 class Call:
     """One row of a method table. `compute(handler, session, request, builder)` writes the results into
-    `builder` and may return reply text; `arity` is how many tensors a request carries (None: any)."""
+    `builder` and may return reply text; `arity` is how many tensors a request carries: a count, the counts it
+    may carry (a product with one factor in the K/V cache: 1 or 2), or None (any)."""
 
     name: str
-    arity: int | None
+    arity: int | tuple[int, ...] | None
     compute: Callable
+
+    def takes(self, n: int) -> bool:
+        return self.arity is None or n in (self.arity if isinstance(self.arity, tuple) else (self.arity,))
 
 
 def table(*calls: Call) -> dict[str, Call]:
@@ -69,8 +73,9 @@ class Handler:
                 raise ProtocolError("Init sent twice in one session")
         elif not session.initialised:
             raise ProtocolError(f"{call.name} before Init")
-        if call.arity is not None and len(request.tensors) != call.arity:
-            raise ProtocolError(f"{call.name} takes {call.arity} tensor(s), got {len(request.tensors)}")
+        if not call.takes(len(request.tensors)):
+            counts = " or ".join(map(str, call.arity)) if isinstance(call.arity, tuple) else call.arity
+            raise ProtocolError(f"{call.name} takes {counts} tensor(s), got {len(request.tensors)}")
         text = call.compute(self, session, request, builder)
         if call.name == INIT:
             session.initialised = True

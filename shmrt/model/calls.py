@@ -25,11 +25,11 @@ def projection_bits(names, keep_v: bool = False) -> int:
 
 def projection_names(bits: int) -> list[str]:
     """The projections `bits` name (the KEEP_V bit aside)."""
-    bits &= ~KEEP_V
-    if bits <= 0 or bits >> len(PROJECTIONS):
+    projections = bits & ~KEEP_V
+    if projections <= 0 or projections >> len(PROJECTIONS):
         raise ProtocolError(f"BatchLinear op bits {bits:#x} name no known projection "
-                            f"(expected a non-empty subset of {PROJECTIONS})")
-    return [name for i, name in enumerate(PROJECTIONS) if bits >> i & 1]
+                            f"(expected a non-empty subset of {PROJECTIONS}, and KEEP_V {KEEP_V:#x})")
+    return [name for i, name in enumerate(PROJECTIONS) if projections >> i & 1]
 
 
 def linear_args(bits: int) -> tuple[list[str], bool]:

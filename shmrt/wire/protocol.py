@@ -48,7 +48,8 @@ import torch
 from ..errors import ProtocolError, describe
 
 MAGIC = b"SHMD"
-PROTOCOL_VERSION = 2  # 2: ring attachment is its own control message (Attach); Init is a plain RPC
+PROTOCOL_VERSION = 3  # 2: ring attachment is its own control message (Attach); Init is a plain RPC;
+                      # 3: BatchLinear's KEEP_V bit, P*V with P alone (V's rows kept on the daemon)
 MAX_TENSORS = 8
 MAX_NDIM = 6
 MAX_DIM = 1 << 40
