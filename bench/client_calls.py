@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from shmrt.enclave.llama import EnclaveModel  # noqa: E402
 from shmrt.enclave.ops import RemoteOps  # noqa: E402
+from shmrt.model.calls import replied_projections  # noqa: E402
 from shmrt.model.checkpoint import load_enclave_part, resolve_model  # noqa: E402
 from shmrt.model.config import LlamaConfig  # noqa: E402
 from shmrt.wire import protocol  # noqa: E402
@@ -220,7 +221,7 @@ class CannedOps:
         return self._reply(self.embed)
 
     def linear(self, layer, names, x, keep_v_at=None):
-        return self._reply([self.proj[n] for n in names if keep_v_at is None or n != "v_proj"])
+        return self._reply([self.proj[n] for n in replied_projections(names, keep_v_at is not None)])
 
     def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0):
         return self._reply(self.scores if transpose_b else self.ctx)

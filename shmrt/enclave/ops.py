@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ProtocolError
-from ..model.calls import matmul_bits, projection_bits
+from ..model.calls import matmul_bits, projection_bits, replied_projections
 from ..model.config import LlamaConfig, projection_rows
 from ..wire.scopes import PendingRequest, Reply
 from ..wire.transport import ClientTransport
@@ -28,6 +28,8 @@ class RemoteOps:
         return self.t.request(self.wire_dtype)
 
     def _call(self, method: str, tensors, expect: list[tuple], dtype: torch.dtype, **args) -> Reply:
+        """One RPC; a None among `tensors` is a factor the daemon has in its K/V cache: it does not travel."""
+        tensors = [t for t in tensors if t is not None]
         reply = self.t.call(method, tensors, wire_dtype=self.wire_dtype, **args)
         views = reply.views()
         ok = len(views) == len(expect)
@@ -48,19 +50,19 @@ class RemoteOps:
         there and the reply leaves them out."""
         B, S, _ = x.shape
         keep_v = keep_v_at is not None
-        return self._call("BatchLinear", [x], [(B, S, self.rows[n]) for n in names if not (keep_v and n == "v_proj")],
+        return self._call("BatchLinear", [x], [(B, S, self.rows[n]) for n in replied_projections(names, keep_v)],
                           self.wire_dtype, layer=layer, op=projection_bits(names, keep_v), pos=keep_v_at or 0)
 
     def matmul(self, a, b, *, transpose_b: bool, expect_cols: int, layer: int = -1, cache: str | None = None,
                pos: int = 0) -> Reply:
         """a @ b (b^T); b None: the daemon's cache rows as they are (V kept at the projection)."""
-        return self._call("Matmul", [a] if b is None else [a, b], [tuple(a.shape[:-1]) + (expect_cols,)],
+        return self._call("Matmul", [a, b], [tuple(a.shape[:-1]) + (expect_cols,)],
                           self.wire_dtype, layer=layer, op=matmul_bits(transpose_b, cache), pos=pos)
 
     def attention_output(self, p, v, *, layer: int, cache: str | None = None, pos: int = 0) -> Reply:
         """P*V then o_proj, one call: p [B, Hkv, g*S, T] -> [B, S, D]; v None as in `matmul`."""
         B, S = p.shape[0], p.shape[1] * p.shape[2] // self.cfg.num_attention_heads
-        return self._call("AttentionOutput", [p] if v is None else [p, v], [(B, S, self.cfg.hidden_size)],
+        return self._call("AttentionOutput", [p, v], [(B, S, self.cfg.hidden_size)],
                           self.wire_dtype, layer=layer, op=matmul_bits(False, cache), pos=pos)
 
     def lm_head(self, x: torch.Tensor) -> Reply:

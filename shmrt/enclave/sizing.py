@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model.calls import replied_projections
 from ..model.checkpoint import EnclavePart
 from ..wire.ring import align_up, alignment_for
 from ..wire.scopes import PendingRequest, Reply
@@ -44,7 +45,7 @@ class RecordingOps:
     def _note(self, inputs, outputs: list[tuple]) -> Reply:
         wire = lambda t: self.wire_dtype if t.is_floating_point() else t.dtype  # noqa: E731
         self.calls += 1
-        sent = self._message_bytes([(t.shape, wire(t)) for t in inputs])
+        sent = self._message_bytes([(t.shape, wire(t)) for t in inputs if t is not None])  # None: cached on the daemon
         got = self._message_bytes(outputs)
         self.largest["request"] = max(self.largest["request"], sent)
         self.largest["reply"] = max(self.largest["reply"], got)
@@ -60,15 +61,15 @@ class RecordingOps:
     def linear(self, layer, names, x, keep_v_at=None):
         from ..model.config import projection_rows
         rows = projection_rows(self.cfg)
-        return self._note([x], [((*x.shape[:-1], rows[n]), self.wire_dtype) for n in names
-                                if keep_v_at is None or n != "v_proj"])
+        return self._note([x], [((*x.shape[:-1], rows[n]), self.wire_dtype)
+                                for n in replied_projections(names, keep_v_at is not None)])
 
     def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0):
-        return self._note([t for t in (a, b) if t is not None], [((*a.shape[:-1], expect_cols), self.wire_dtype)])
+        return self._note([a, b], [((*a.shape[:-1], expect_cols), self.wire_dtype)])
 
     def attention_output(self, p, v, *, layer, cache=None, pos=0):
         S = p.shape[1] * p.shape[2] // self.cfg.num_attention_heads
-        return self._note([t for t in (p, v) if t is not None], [((p.shape[0], S, self.cfg.hidden_size), self.wire_dtype)])
+        return self._note([p, v], [((p.shape[0], S, self.cfg.hidden_size), self.wire_dtype)])
 
     def lm_head(self, x):
         return self._note([x], [((x.shape[0], self.cfg.vocab_size), torch.float32)])

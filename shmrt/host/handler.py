@@ -29,8 +29,10 @@ class Call:
     arity: int | tuple[int, ...] | None
     compute: Callable
 
-    def takes(self, n: int) -> bool:
-        return self.arity is None or n in (self.arity if isinstance(self.arity, tuple) else (self.arity,))
+    @property
+    def counts(self) -> tuple[int, ...] | None:
+        """The tensor counts a request may carry (None: any)."""
+        return self.arity if self.arity is None or isinstance(self.arity, tuple) else (self.arity,)
 
 
 def table(*calls: Call) -> dict[str, Call]:
@@ -73,9 +75,9 @@ class Handler:
                 raise ProtocolError("Init sent twice in one session")
         elif not session.initialised:
             raise ProtocolError(f"{call.name} before Init")
-        if not call.takes(len(request.tensors)):
-            counts = " or ".join(map(str, call.arity)) if isinstance(call.arity, tuple) else call.arity
-            raise ProtocolError(f"{call.name} takes {counts} tensor(s), got {len(request.tensors)}")
+        counts = call.counts
+        if counts is not None and len(request.tensors) not in counts:
+            raise ProtocolError(f"{call.name} takes {' or '.join(map(str, counts))} tensor(s), got {len(request.tensors)}")
         text = call.compute(self, session, request, builder)
         if call.name == INIT:
             session.initialised = True

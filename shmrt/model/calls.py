@@ -32,6 +32,11 @@ def projection_names(bits: int) -> list[str]:
     return [name for i, name in enumerate(PROJECTIONS) if projections >> i & 1]
 
 
+def replied_projections(names, keep_v: bool) -> list[str]:
+    """The projections whose rows a BatchLinear reply carries: `names`, less v_proj where KEEP_V keeps its rows."""
+    return [name for name in names if not (keep_v and name == "v_proj")]
+
+
 def linear_args(bits: int) -> tuple[list[str], bool]:
     """op bits -> (projection names, keep_v); KEEP_V without v_proj is a ProtocolError."""
     names = projection_names(bits)
