@@ -132,7 +132,7 @@ def _model_session(handler, session):
 def _start_from_empty_rings(session, rsp) -> None:
     session.expect_seq = 1
     session.req.consumer = Consumer(session.req)
-    session.rsp.producer.head = session.rsp.producer.known_tail = 0
+    session.rsp.producer.head = session.rsp.producer.known_tail = session.rsp.producer.floor = 0
     rsp.native.store(OFF_TAIL, 0)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shmrt.errors import ProtocolError, RingFull, SetupError, TensorTooLarge
-from shmrt.wire.ring import HEADER_BYTES, OFF_TAIL, Ring, read_header
+from shmrt.wire.ring import HEADER_BYTES, OFF_TAIL, VIEWS_KEPT, Ring, align_up, read_header
 
 
 def test_create_sets_mode_0600_unguessable_name_and_owner_unlinks():
@@ -78,6 +78,46 @@ def test_tensor_views_alias_the_ring_bytes_and_are_bounds_checked():
             with pytest.raises(ProtocolError, match="outside ring"):
                 peer.tensor(offset, nbytes, torch.float32, (nbytes // 4,))
         del seen
+
+
+def test_views_are_kept_per_offset_dtype_and_shape():
+    with Ring.create(64 * 1024, "req") as ring:
+        a = ring.tensor(4096, 48, torch.float32, (3, 4))
+        assert ring.tensor(4096, 48, torch.float32, (3, 4)) is a              # made once, handed out again
+        b = ring.tensor(4096, 48, torch.float32, (4, 3))
+        assert b is not a and b.shape == (4, 3) and b.data_ptr() == a.data_ptr()
+        a.copy_(torch.arange(12.0).view(3, 4))
+        for i in range(VIEWS_KEPT + 5):                                       # past the bound: starts over
+            v = ring.tensor(64 * (i + 100), 4, torch.float32, (1,))
+            assert v.data_ptr() == ring.native.address + ring.data_offset + 64 * (i + 100)
+        again = ring.tensor(4096, 48, torch.float32, (3, 4))
+        assert torch.equal(again, torch.arange(12.0).view(3, 4))
+        del a, b, v, again
+
+
+def test_a_message_that_finds_the_ring_empty_starts_a_new_lap():
+    """Offset 0 for every message of an alternating exchange (decode's views and DMA addresses repeat); one
+    that finds an earlier message still held goes after it; the consumer accepts the jumped ends."""
+    cap = 1 << 14
+    with Ring.create(cap, "rsp") as ring, Ring.attach(ring.name, cap) as peer:
+        def send(*sizes):
+            offsets = [ring.producer.reserve(n, timeout=0.1) for n in sizes]
+            return offsets, peer.consumer.accept(ring.producer.publish())
+
+        for i in range(50):                                    # many laps: every message at offset 0
+            first = 100 + 37 * i
+            offsets, entry = send(first, 700)
+            assert offsets == [0, align_up(first, 64)]
+            peer.consumer.release(entry)
+        assert ring.producer.head > 40 * cap
+        (_,), held = send(1000)
+        (second,), entry = send(64)
+        assert second == 1024                                  # the first is still held: no new lap
+        peer.consumer.release(entry)
+        peer.consumer.release(held)
+        assert send(64)[0] == [0]                              # all released again: a new lap
+        with pytest.raises(ProtocolError, match="outside"):    # more than a lap past the rounded tail: refused
+            peer.consumer.accept(align_up(peer.consumer.tail, cap) + cap + 1)
 
 
 def test_too_small_shm_fails_at_startup_with_sizes():
