@@ -57,6 +57,12 @@ def backoff_us() -> tuple[float, ...] | None:
     return values
 
 
+def cuda_graphs() -> bool:
+    """SHMRT_CUDA_GRAPHS=0: a CUDA daemon runs decode-step BatchLinear calls eagerly instead of as CUDA graphs
+    (host/graphs.py); for comparison runs."""
+    return os.environ.get("SHMRT_CUDA_GRAPHS", "1") not in ("", "0")
+
+
 def poison() -> bool:
     """SHMRT_POISON=1: released ring space is overwritten with 0xFF before it is handed back (tests:
     a view kept past its scope then reads NaN instead of plausible stale numbers)."""

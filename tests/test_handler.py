@@ -1,5 +1,7 @@
 """The daemon's method table: one dispatcher enforces each row's arity and Init-first; the model's table
 covers every RPC the wire knows; a session is typed state the daemon closes."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -134,6 +136,7 @@ def test_init_registers_what_the_transport_pins_and_close_releases_it(model_hand
     class FakeRegistration:
         def __init__(self, buffers, log):
             registered.append(list(buffers))
+            self.pointers = []   # nothing registered: no decode graphs either
 
         def release(self):
             released.append(True)
@@ -176,7 +179,7 @@ def test_a_call_waits_for_the_device_once_after_every_result_is_queued_also_when
         def synchronize(self):
             events.append("sync")
 
-    monkeypatch.setattr(daemon, "HostRegistration", lambda buffers, log: None)
+    monkeypatch.setattr(daemon, "HostRegistration", lambda buffers, log: SimpleNamespace(pointers=[]))
     monkeypatch.setattr(model_handler, "cuda", True)
     monkeypatch.setattr(model_handler, "_stream", Stream())
     session = _opened(model_handler)

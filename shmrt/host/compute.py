@@ -41,6 +41,18 @@ def keep(view: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
     return into.copy_(view, non_blocking=True)
 
 
+def write_parts(outs: list[torch.Tensor], joined: torch.Tensor | None, parts: list[torch.Tensor],
+                whole: torch.Tensor | None) -> None:
+    """Queue a BatchLinear's results into its reply buffers: one copy where they lie end to end both in the
+    product and in the reply (one row's q|k|v or gate|up: one DMA on CUDA), else one per part. Non-blocking:
+    the handler waits for the device before the reply is published."""
+    if joined is not None and whole is not None and whole.numel() == joined.numel() == whole.shape[-1]:
+        joined.copy_(whole.view(-1), non_blocking=True)
+        return
+    for out, part in zip(outs, parts):
+        out.copy_(part, non_blocking=True)
+
+
 CACHES = ("k", "v")
 
 
@@ -136,10 +148,10 @@ class LinearCompute:
         self.rows = projection_rows(self.cfg)
         self.cols = projection_cols(self.cfg)
         self._on_cpu = self.device.type == "cpu"
-        self._inputs: list[torch.Tensor | None] = [None, None]   # `_in`'s device buffers, one per input slot
+        self._inputs: list[torch.Tensor | None] = [None, None]   # `to_device`'s buffers, one per input slot
         self._o_proj = [w for (w,) in weights.projections(("o_proj",))]
 
-    def _in(self, t: torch.Tensor, slot: int = 0) -> torch.Tensor:
+    def to_device(self, t: torch.Tensor, slot: int = 0) -> torch.Tensor:
         """A request tensor in the compute dtype on the compute device. On a GPU it is copied (DMA from the
         registered ring) into input slot `slot`'s device buffer, reused call after call instead of allocated
         per call: the handler waits for the device at the end of each call, so the last use is over by the
@@ -173,6 +185,16 @@ class LinearCompute:
         `dtype` (default: the compute dtype), converted once before they are split."""
         return self.products(layer, names, x, max_elements, dtype)[0]
 
+    def linear_rows(self, layer: int, names, x: torch.Tensor, max_elements: int | None = None) -> list[int]:
+        """Check a BatchLinear's arguments (layer, input shape, what the reply can carry): each projection's rows."""
+        self._layer(layer, "BatchLinear")
+        cols = self.cols[names[0]]
+        if any(self.cols[n] != cols for n in names) or x.dim() != 3 or x.shape[-1] != cols:
+            raise ProtocolError(f"BatchLinear {list(names)} expects input [B, S, {cols}], got {tuple(x.shape)}")
+        rows = [self.rows[n] for n in names]
+        check_result_fits((x.shape[0], x.shape[1], sum(rows)), max_elements, "BatchLinear")
+        return rows
+
     def products(self, layer: int, names: list[str] | tuple[str, ...], x: torch.Tensor, max_elements: int | None = None,
                  dtype: torch.dtype | None = None, keep_v: tuple[KVStore, int] | None = None
                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -182,27 +204,34 @@ class LinearCompute:
         go into its V cache there, in `dtype` as if they had travelled, and are left out of the results. V's
         cache grows here, K's at the step's Q*K^T: a step whose Q*K^T is refused leaves V one step ahead (the
         client's session ends with the error; a new one starts both at pos 0)."""
-        self._layer(layer, "BatchLinear")
-        cols = self.cols[names[0]]
-        if any(self.cols[n] != cols for n in names) or x.dim() != 3 or x.shape[-1] != cols:
-            raise ProtocolError(f"BatchLinear {list(names)} expects input [B, S, {cols}], got {tuple(x.shape)}")
-        rows = [self.rows[n] for n in names]
-        check_result_fits((x.shape[0], x.shape[1], sum(rows)), max_elements, "BatchLinear")
-        xd = self._in(x)
-        dtype = dtype or self.dtype
+        rows = self.linear_rows(layer, names, x, max_elements)
+        parts, whole, v = self.project(layer, names, rows, self.to_device(x), dtype or self.dtype, keep_v is not None)
+        if v is not None:
+            self.keep_v_rows(keep_v, layer, v)
+        return parts, whole
+
+    def project(self, layer: int, names, rows: list[int], xd: torch.Tensor, dtype: torch.dtype, drop_v: bool
+                ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """The device math of `products` on an input on the device: (the parts in `dtype`, the fused product they
+        lie in or None, v_proj's part where `drop_v` takes it out of the parts, else None)."""
         weights = self.w.projections(tuple(names))[layer]
         ys = [F.linear(xd, w) for w in weights]
         ys = [y if y.dtype == dtype else y.to(dtype) for y in ys]
         whole = ys[0] if len(ys) < len(rows) else None
         parts = list(whole.split_with_sizes(rows, -1)) if whole is not None else ys
-        if keep_v is not None:
-            kv, pos = keep_v
+        v = None
+        if drop_v:
             i = list(names).index("v_proj")
             v = parts.pop(i)
-            kv.append(layer, "v", v.view(*v.shape[:2], *kv.heads_and_dim).transpose(1, 2), pos)  # [B, Hkv, S, hd]
             if whole is not None:   # the kept part was the last one (q|k|v): the rest leads the product
                 whole = whole[..., :whole.shape[-1] - v.shape[-1]] if i == len(parts) else None
-        return parts, whole
+        return parts, whole, v
+
+    @staticmethod
+    def keep_v_rows(keep_v: tuple[KVStore, int], layer: int, v: torch.Tensor) -> None:
+        """v_proj's rows [B, S, Hkv*hd] into the V cache of `keep_v` (a store, a position)."""
+        kv, pos = keep_v
+        kv.append(layer, "v", v.view(*v.shape[:2], *kv.heads_and_dim).transpose(1, 2), pos)  # [B, Hkv, S, hd]
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor | None, *, transpose_b: bool, cache: str | None = None,
                layer: int = -1, pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:
@@ -234,12 +263,12 @@ class LinearCompute:
             else:
                 cols = b.shape[3]
             check_result_fits((*a.shape[:-1], cols), max_elements, "Matmul")
-            bd = kv.append(layer, cache, b, pos) if cached else self._in(b, slot=1)
+            bd = kv.append(layer, cache, b, pos) if cached else self.to_device(b, slot=1)
         inner_b = bd.shape[-1] if transpose_b else bd.shape[-2]
         if a.shape[-1] != inner_b:
             raise ProtocolError(f"Matmul inner dims differ: {tuple(a.shape)} x {tuple(bd.shape)}"
                                 f"{' transposed' if transpose_b else ''}")
-        ad = self._in(a)
+        ad = self.to_device(a)
         # Scores and probabilities are accumulated in float32 whatever the weights' dtype.
         if self.dtype != torch.float32:
             ad, bd = ad.float(), bd.float()
@@ -270,7 +299,7 @@ class LinearCompute:
         if x.dim() not in (2, 3) or x.shape[-1] != D or (x.dim() == 3 and x.shape[1] != 1):
             raise ProtocolError(f"LMHead expects [B, 1, {D}] or [B, {D}], got {tuple(x.shape)}")
         check_result_fits((x.shape[0], self.cfg.vocab_size), max_elements, "LMHead")
-        logits = F.linear(self._in(x.reshape(x.shape[0], D)), self.w.lm_head)
+        logits = F.linear(self.to_device(x.reshape(x.shape[0], D)), self.w.lm_head)
         return logits if logits.dtype == torch.float32 else logits.float()
 
     def new_kv_store(self, max_bytes: int | None = None) -> KVStore:

@@ -16,7 +16,9 @@ from typing import Callable
 
 import torch
 
-from .compute import KVStore, LinearCompute
+from .. import settings
+from .compute import KVStore, LinearCompute, write_parts
+from .graphs import SessionGraphs
 from ..errors import ProtocolError, SetupError
 from ..model.calls import linear_args, matmul_args
 from ..wire.protocol import dtype_from_name
@@ -59,14 +61,19 @@ def default_kv_quota(device: torch.device) -> int:
 @dataclass
 class ModelSession(HandlerSession):
     """One client's state on the daemon: the dtype its tensors travel in, its K/V store (from Init on),
-    and, on CUDA, the registration of its transport's buffers for DMA (from Init on)."""
+    and, on CUDA, the registration of its transport's buffers for DMA and the decode graphs that copy from and
+    to them (from Init on)."""
 
     wire: torch.dtype
     pinned_buffers: Callable[[], list]
     kv: KVStore | None = None
     registration: HostRegistration | None = None
+    graphs: SessionGraphs | None = None
 
     def close(self) -> None:
+        if self.graphs is not None:   # they hold the rings' addresses: gone before the rings are unregistered
+            self.graphs.close()
+            self.graphs = None
         if self.registration is not None:
             self.registration.release()  # before the transport unmaps what it registered
             self.registration = None
@@ -131,6 +138,9 @@ class ModelHandler(Handler):
         s.kv = self.c.new_kv_store(self.max_kv_bytes)
         if self.cuda:
             s.registration = HostRegistration(s.pinned_buffers(), self.log)
+            if s.registration.pointers and settings.cuda_graphs():
+                starts = [mapped.data_start for mapped in s.pinned_buffers()]
+                s.graphs = SessionGraphs(self.c, self._stream, starts, self.log)
 
     def _embedding(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         self._put(builder, self.c.embedding(request.tensors[0], self._room(builder, s.wire)), s.wire)
@@ -141,14 +151,17 @@ class ModelHandler(Handler):
             names, keep_v = linear_args(request.op)
             args = self._projections[request.op] = (tuple(names), keep_v)
         names, keep_v = args
-        ys, whole = self.c.products(request.layer, names, request.tensors[0], self._room(builder, s.wire), dtype=s.wire,
-                                    keep_v=(s.kv, request.pos) if keep_v else None)
-        outs, joined = builder.alloc_joined([y.shape for y in ys], s.wire)
-        if joined is not None and whole is not None and whole.numel() == joined.numel() == whole.shape[-1]:
-            joined.copy_(whole.view(-1), non_blocking=True)  # one row's q|k|v or gate|up: one copy (one DMA on CUDA)
-        else:
-            for out, y in zip(outs, ys):
-                out.copy_(y, non_blocking=True)
+        x, layer = request.tensors[0], request.layer
+        rows = self.c.linear_rows(layer, names, x, self._room(builder, s.wire))
+        B, S = x.shape[:2]
+        outs, joined = builder.alloc_joined([(B, S, r) for name, r in zip(names, rows)
+                                             if not (keep_v and name == "v_proj")], s.wire)
+        ran, v = s.graphs.linear(layer, names, rows, x, outs, joined, s.wire, keep_v) if s.graphs else (False, None)
+        if not ran:
+            parts, whole, v = self.c.project(layer, names, rows, self.c.to_device(x), s.wire, keep_v)
+            write_parts(outs, joined, parts, whole)
+        if keep_v:
+            self.c.keep_v_rows((s.kv, request.pos), layer, v)
 
     @staticmethod
     def _factors(request: Request) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -142,6 +142,7 @@ class Ring:
         self.owner = owner
         self._mm = mm
         self.native = MappedBuffer(mm)
+        self.native.data_start = self.native.address + HEADER_BYTES
         self.data = memoryview(mm)[HEADER_BYTES:HEADER_BYTES + capacity]
         self.data_offset = HEADER_BYTES  # where the data area starts inside the mapping
         self.producer = Producer(self)

@@ -1,0 +1,99 @@
+"""Decode-step BatchLinear calls as CUDA graphs copying from and to registered rings (host/graphs.py): the
+same bytes as the eager path, graphs really used, and a call at another address run eagerly. GPU only."""
+import pytest
+import torch
+
+from shmrt.host.compute import LinearCompute
+from shmrt.host.daemon import ModelHandler
+from shmrt.host.weights import load_weights
+from shmrt.model.calls import projection_bits
+from shmrt.wire.ring import Ring
+from shmrt.wire.shm_transport import ShmReplyBuilder, ring_view, reserve_view
+from shmrt.wire.transport import Request
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+CALLS = [(["q_proj", "k_proj", "v_proj"], True), (["gate_proj", "up_proj"], False), (["down_proj"], False),
+         (["q_proj", "k_proj", "v_proj"], False)]
+
+
+class Rings:
+    """A client's two rings and the daemon's attachments of them, driven by hand: one call at a time."""
+
+    def __init__(self, capacity=1 << 16):
+        self.req, self.rsp = Ring.create(capacity, "req"), Ring.create(capacity, "rsp")
+        self.d_req, self.d_rsp = Ring.attach(self.req.name, capacity), Ring.attach(self.rsp.name, capacity)
+
+    def pinned(self):
+        return [self.d_req.native, self.d_rsp.native]
+
+    def call(self, handler, session, seq, names, keep_v, x, layer, pos, hold=None):
+        """One BatchLinear: x into the request ring, served, the reply copied out (and released)."""
+        desc, view = reserve_view(self.req, x.shape, x.dtype, 1.0, "x")
+        view.copy_(x)
+        entry = self.d_req.consumer.accept(self.req.producer.publish())
+        builder = ShmReplyBuilder(self.d_rsp, 1.0)
+        handler.handle(Request("BatchLinear", seq, layer, projection_bits(names, keep_v), pos,
+                               [ring_view(self.d_req, desc)]), builder, session)
+        self.d_req.consumer.release(entry)
+        reply = self.rsp.consumer.accept(self.d_rsp.producer.publish())
+        out = [ring_view(self.rsp, d).clone() for d in builder.descs]
+        offsets = [d.offset for d in builder.descs]
+        if hold is None:
+            self.rsp.consumer.release(reply)
+        else:
+            hold.append(reply)
+        return out, offsets
+
+    def close(self):
+        for ring in (self.d_req, self.d_rsp, self.req, self.rsp):
+            ring.close()
+
+
+def _handler(weights):
+    return ModelHandler(LinearCompute(weights, "cuda", torch.float32), "tiny", "0" * 64, log=print)
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+def test_decode_linears_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch, wire):
+    weights = load_weights("tiny", device="cuda")
+    dtype = getattr(torch, wire)
+    D = weights.cfg.hidden_size
+    results = {}
+    for graphs in ("1", "0"):
+        monkeypatch.setenv("SHMRT_CUDA_GRAPHS", graphs)
+        handler, rings = _handler(weights), Rings()
+        try:
+            session = handler.open({"wire_dtype": wire}, rings.pinned)
+            handler.handle(Request("Init", 2), None, session)
+            assert (session.graphs is not None) == (graphs == "1")
+            got, seq, gen = [], 3, torch.Generator().manual_seed(0)
+            for pos in range(6):
+                for layer in range(weights.cfg.num_hidden_layers):
+                    for names, keep_v in CALLS:
+                        x = torch.randn(1, 1, D if names[0] != "down_proj" else weights.cfg.intermediate_size,
+                                        generator=gen).to(dtype)
+                        out, offsets = rings.call(handler, session, seq, names, keep_v, x, layer, pos)
+                        assert offsets[0] == 0                  # the ring was empty: a new lap, the same address
+                        got.append(out)
+                        seq += 1
+            held = []   # a reply kept: the next one lies past it, where no graph reads or writes: eager
+            got.append(rings.call(handler, session, seq, ["down_proj"], False,
+                                  torch.ones(1, 1, weights.cfg.intermediate_size).to(dtype), 0, 0, held)[0])
+            shifted, offsets = rings.call(handler, session, seq + 1, ["down_proj"], False,
+                                          torch.ones(1, 1, weights.cfg.intermediate_size).to(dtype), 0, 0)
+            assert offsets[0] > 0
+            got.append(shifted)
+            v_cache = session.kv.rows(0, "v").cpu()
+            if graphs == "1":
+                assert session.graphs.on and len(session.graphs.graphs) == 4 * weights.cfg.num_hidden_layers
+            results[graphs] = got, v_cache
+            session.close()
+        finally:
+            rings.close()
+    (with_graphs, v_graphs), (eager, v_eager) = results["1"], results["0"]
+    assert len(with_graphs) == len(eager)
+    for a, b in zip(with_graphs, eager):
+        for x, y in zip(a, b):
+            assert x.dtype == dtype and torch.equal(x, y)
+    assert v_graphs.shape[2] == 6 and torch.equal(v_graphs, v_eager)   # V's rows kept at their positions
