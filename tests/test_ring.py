@@ -280,3 +280,15 @@ def test_a_sigbus_outside_the_rings_keeps_its_default_action(run_fault_child):
     for name in proc.stdout.split()[:2]:  # the process died without closing: remove what it left
         if os.path.exists(f"/dev/shm{name}"):
             os.unlink(f"/dev/shm{name}")
+
+
+def test_a_view_made_in_inference_mode_is_not_handed_out_outside_it():
+    with Ring.create(1 << 14, "req") as ring:
+        with torch.inference_mode():
+            inside = ring.tensor(0, 16, torch.float32, (4,))
+            inside.fill_(1.0)
+        outside = ring.tensor(0, 16, torch.float32, (4,))
+        assert outside is not inside and not outside.is_inference()
+        outside.add_(1.0)                                   # in place outside inference mode: allowed on this one
+        assert inside.tolist() == [2.0] * 4                 # the same bytes
+        del inside, outside

@@ -231,6 +231,9 @@ def run_daemon(*, model: str, device: str, dtype: str, endpoint: str, layers: in
         log(f"listening on {endpoint}")
         if ready:
             ready()
-        server.serve()
+        # Nothing here is ever differentiated: without autograd's bookkeeping each torch op dispatches in fewer
+        # steps (a decode call is a handful of small ops, each paid on the daemon's CPU)
+        with torch.inference_mode():
+            server.serve()
         log("stopped")
     return 0

@@ -147,8 +147,8 @@ class Ring:
         self.data_offset = HEADER_BYTES  # where the data area starts inside the mapping
         self.producer = Producer(self)
         self.consumer = Consumer(self, poison)
-        self._typed: dict[torch.dtype, torch.Tensor] = {}  # the data area as one tensor per dtype (tensor())
-        self._views: dict[tuple, torch.Tensor] = {}        # (offset, dtype, shape) -> the view tensor() made
+        self._typed: dict[tuple, torch.Tensor] = {}  # the data area as one tensor per dtype and mode (tensor())
+        self._views: dict[tuple, torch.Tensor] = {}        # (offset, dtype, shape, inference) -> a view tensor() made
         self._closed = False
         self._guard: int | None = None  # the creator's mapping is guarded against SIGBUS (create)
 
@@ -274,22 +274,24 @@ class Ring:
     def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
         """A contiguous `shape` tensor of `dtype` on bytes [offset, offset+nbytes), which the caller has
         matched to the shape (protocol.decode, reserve). Bounds-checked like `view`; an aligned offset (every
-        ring allocation is) is a strided view of one tensor over the whole data area, made once per dtype:
+        ring allocation is) is a strided view of one tensor over the whole data area, made once per dtype (and mode):
         a third of the cost of wrapping a fresh memoryview each time. That view is kept and handed out again
         for the same offset, dtype and shape (a decode step's messages land at the same offsets every call: see
         the lap rule above): a dict lookup instead of a new tensor (~15 us a view in a real call loop on 2
         cores). So views from here are shared: callers change their data, never their metadata in place
         (no `t.resize_()`, `t.t_()`, `t.unsqueeze_()`); `shape` is a tuple."""
-        key = (offset, dtype, shape)
+        # inference mode is part of the key: a view made inside it cannot be written to outside it
+        inference = torch.is_inference_mode_enabled()
+        key = (offset, dtype, shape, inference)
         view = self._views.get(key)
         if view is not None:
             return view
         size = dtype.itemsize
         if offset % size or not (0 <= offset <= self.capacity and 0 <= nbytes <= self.capacity - offset):
             return torch.frombuffer(self.view(offset, nbytes), dtype=dtype).view(shape)
-        base = self._typed.get(dtype)
+        base = self._typed.get((dtype, inference))
         if base is None:
-            base = self._typed[dtype] = torch.frombuffer(self.data, dtype=torch.uint8)[
+            base = self._typed[(dtype, inference)] = torch.frombuffer(self.data, dtype=torch.uint8)[
                 :self.capacity - self.capacity % size].view(dtype)
         strides, step = [], 1
         for d in reversed(shape):
