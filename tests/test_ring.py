@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shmrt.errors import ProtocolError, RingFull, SetupError, TensorTooLarge
-from shmrt.wire.ring import HEADER_BYTES, OFF_TAIL, VIEWS_KEPT, Ring, align_up, read_header
+from shmrt.wire.ring import HEADER_BYTES, LAPS_UNTIL, OFF_TAIL, VIEWS_KEPT, Ring, align_up, read_header
 
 
 def test_create_sets_mode_0600_unguessable_name_and_owner_unlinks():
@@ -118,6 +118,15 @@ def test_a_message_that_finds_the_ring_empty_starts_a_new_lap():
         assert send(64)[0] == [0]                              # all released again: a new lap
         with pytest.raises(ProtocolError, match="outside"):    # more than a lap past the rounded tail: refused
             peer.consumer.accept(align_up(peer.consumer.tail, cap) + cap + 1)
+
+
+def test_positions_past_laps_until_grow_by_bytes_again():
+    """A lap per message would run u64 positions out on a huge ring: far along, messages follow each other."""
+    with Ring.create(1 << 14, "req") as ring:
+        ring.producer.head = ring.producer.known_tail = LAPS_UNTIL + 100
+        ring.native.store(OFF_TAIL, LAPS_UNTIL + 100)   # everything released: below LAPS_UNTIL this starts a lap
+        assert ring.producer.reserve(64, timeout=0.1) == 128
+        assert ring.producer.publish() == LAPS_UNTIL + 192
 
 
 def test_too_small_shm_fails_at_startup_with_sizes():

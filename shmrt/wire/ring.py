@@ -32,6 +32,7 @@ it loads equals its head (every byte released), it moves head to the next multip
 first, so the message's first tensor lies at data offset 0. Calls alternate, so a ring is empty at
 nearly every message, and a decode step's messages land at the same offsets call after call: the views
 on them are made once (`Ring.tensor` keeps them) and a device can copy to and from fixed addresses.
+(Up to position LAPS_UNTIL: a lap per message would run u64 positions out on a huge ring.)
 The producer's room then counts from that lap start (`floor`), and the consumer, which cannot tell
 whether the producer jumped, accepts message ends up to one lap past its tail rounded up to a lap
 (a consumer only needs ends that grow and stay within two laps: the descriptors' offsets are
@@ -99,6 +100,9 @@ SMALL_ALIGN = 64
 LARGE_ALIGN = PAGE_BYTES
 LARGE_TENSOR = 1 << 20  # tensors from 1 MiB up start on a page boundary (DMA-friendly)
 VIEWS_KEPT = 256  # views a ring keeps for reuse (tensor()); past that it starts over
+# Positions grow by a whole lap per message that starts one: from here on messages follow each other again, so
+# positions (u64 on the wire) keep growing by bytes only (a 1 TiB ring would reach 2**64 after 2**24 laps)
+LAPS_UNTIL = 1 << 62
 
 NAME_PREFIX = "/shmrt-"
 NAME_RE = re.compile(r"^/shmrt-[0-9a-f]{32}-(req|rsp)$")
@@ -373,7 +377,7 @@ class Producer:
         """The first reservation of a message: an empty ring starts it at a new lap (data offset 0)."""
         self._in_message = True
         cap = self.ring.capacity
-        if self.head % cap and self._load_tail() == self.head:
+        if self.head % cap and self.head < LAPS_UNTIL and self._load_tail() == self.head:
             self.head = self.floor = align_up(self.head, cap)
 
     def reserve(self, nbytes: int, *, timeout: float, what: str = "tensor") -> int:
