@@ -74,7 +74,7 @@ def test_decode_linears_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch,
                         x = torch.randn(1, 1, D if names[0] != "down_proj" else weights.cfg.intermediate_size,
                                         generator=gen).to(dtype)
                         out, offsets = rings.call(handler, session, seq, names, keep_v, x, layer, pos)
-                        assert offsets[0] == 0                  # the ring was empty: a new lap, the same address
+                        assert offsets[0] in rings.rsp.lap_starts   # the ring was empty: one of two addresses
                         got.append(out)
                         seq += 1
             held = []   # a reply kept: the next one lies past it, where no graph reads or writes: eager

@@ -18,7 +18,7 @@ from shmrt.host.compute import LinearCompute
 from shmrt.model.calls import KEEP_V, matmul_bits
 from shmrt.host.daemon import ModelHandler
 from shmrt.errors import ProtocolError, ShmrtError
-from shmrt.wire.ring import OFF_TAIL, Consumer, Ring
+from shmrt.wire.ring import OFF_TAIL, Consumer, Producer, Ring
 from shmrt.wire.peer import client_info
 from shmrt.wire.shm_transport import ShmServerSession
 from shmrt.wire.transport import Request
@@ -132,7 +132,7 @@ def _model_session(handler, session):
 def _start_from_empty_rings(session, rsp) -> None:
     session.expect_seq = 1
     session.req.consumer = Consumer(session.req)
-    session.rsp.producer.head = session.rsp.producer.known_tail = session.rsp.producer.floor = 0
+    session.rsp.producer = Producer(session.rsp)
     rsp.native.store(OFF_TAIL, 0)
 
 

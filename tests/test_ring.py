@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shmrt.errors import ProtocolError, RingFull, SetupError, TensorTooLarge
+from shmrt.wire.protocol import TensorDesc
 from shmrt.wire.ring import HEADER_BYTES, LAPS_UNTIL, OFF_TAIL, VIEWS_KEPT, Ring, align_up, read_header
 
 
@@ -90,34 +91,66 @@ def test_views_are_kept_per_offset_dtype_and_shape():
         for i in range(VIEWS_KEPT + 5):                                       # past the bound: starts over
             v = ring.tensor(64 * (i + 100), 4, torch.float32, (1,))
             assert v.data_ptr() == ring.native.address + ring.data_offset + 64 * (i + 100)
+        assert len(ring._views) <= VIEWS_KEPT
         again = ring.tensor(4096, 48, torch.float32, (3, 4))
         assert torch.equal(again, torch.arange(12.0).view(3, 4))
+        with pytest.warns(UserWarning, match="resized"):      # an out= of another shape resizes the view ...
+            torch.add(torch.ones(12), 1, out=again)
+        assert ring.tensor(4096, 48, torch.float32, (3, 4)).shape == (3, 4)   # ... which is not handed out again
         del a, b, v, again
 
 
-def test_a_message_that_finds_the_ring_empty_starts_a_new_lap():
-    """Offset 0 for every message of an alternating exchange (decode's views and DMA addresses repeat); one
-    that finds an earlier message still held goes after it; the consumer accepts the jumped ends."""
+def test_a_message_that_finds_the_ring_empty_starts_at_a_lap_start():
+    """Offset 0 and half the ring, alternately, for the messages of an alternating exchange (decode's views
+    and DMA addresses repeat, a stale view of the last call is never the next call's); one that finds an
+    earlier message still held goes after it; the consumer accepts the ends of the moved messages."""
     cap = 1 << 14
     with Ring.create(cap, "rsp") as ring, Ring.attach(ring.name, cap) as peer:
+        assert ring.lap_starts == (0, cap // 2)
+
         def send(*sizes):
             offsets = [ring.producer.reserve(n, timeout=0.1) for n in sizes]
             return offsets, peer.consumer.accept(ring.producer.publish())
 
-        for i in range(50):                                    # many laps: every message at offset 0
+        for i in range(50):                                    # many laps
             first = 100 + 37 * i
             offsets, entry = send(first, 700)
-            assert offsets == [0, align_up(first, 64)]
+            start = (0, cap // 2)[i % 2]
+            assert offsets == [start, start + align_up(first, 64)]
             peer.consumer.release(entry)
-        assert ring.producer.head > 40 * cap
-        (_,), held = send(1000)
+        assert ring.producer.head > 20 * cap                   # half a lap or more per message
+        (held_at,), held = send(1000)
         (second,), entry = send(64)
-        assert second == 1024                                  # the first is still held: no new lap
+        assert second == held_at + 1024                        # the first is still held: right after it
         peer.consumer.release(entry)
         peer.consumer.release(held)
-        assert send(64)[0] == [0]                              # all released again: a new lap
-        with pytest.raises(ProtocolError, match="outside"):    # more than a lap past the rounded tail: refused
-            peer.consumer.accept(align_up(peer.consumer.tail, cap) + cap + 1)
+        assert send(64)[0][0] in ring.lap_starts               # all released again: a lap start
+        with pytest.raises(ProtocolError, match="outside"):    # more than two laps past the tail: refused
+            peer.consumer.accept(peer.consumer.tail + 2 * cap + 1)
+
+
+def test_poison_covers_a_released_message_and_nothing_after_it():
+    """A reply held across the next call, then released: with poison, its bytes turn to 0xFF and those of
+    the next message, which may lie where the first skipped to its lap start, stay intact."""
+    cap = 1 << 14
+    with Ring.create(cap, "rsp") as ring, Ring.attach(ring.name, cap, poison=True) as peer:
+        def send(nbytes, fill):
+            offset = ring.producer.reserve(nbytes, timeout=0.1)
+            ring.view(offset, nbytes)[:] = bytes([fill]) * nbytes
+            desc = TensorDesc(offset, nbytes, torch.uint8, (nbytes,))
+            return desc, peer.consumer.accept(ring.producer.publish(), (desc,))
+
+        for fill in (1, 2, 3):                                 # lap starts used, skipped bytes behind them
+            desc, entry = send(3000, fill)
+            peer.consumer.release(entry)
+        held_desc, held = send(2000, 4)                        # at half the ring, skipping [3000, 8192), held ...
+        next_desc, following = send(7000, 5)                   # ... while the next does not fit after it: it
+        assert (held_desc.offset, next_desc.offset) == (cap // 2, 0)   # wraps onto the skipped bytes
+        peer.consumer.release(held)
+        assert bytes(peer.view(held_desc.offset, held_desc.nbytes)) == b"\xff" * held_desc.nbytes
+        assert bytes(peer.view(next_desc.offset, next_desc.nbytes)) == b"\x05" * next_desc.nbytes
+        peer.consumer.release(following)
+        assert bytes(peer.view(next_desc.offset, next_desc.nbytes)) == b"\xff" * next_desc.nbytes
 
 
 def test_positions_past_laps_until_grow_by_bytes_again():

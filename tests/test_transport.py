@@ -65,8 +65,11 @@ def test_shm_stale_staged_buffer_or_reply_view_raises(echo_daemon):
             buf = req.alloc((64,))
             buf.fill_(1.0)
             t.call("Matmul", [buf]).release()
-        with pytest.raises(StaleView, match="no open request staged"):
-            t.call("Matmul", [buf])             # the request that staged it was sent already
+        with t.request() as req2:               # the next request: its buffers lie in the other half of the ring
+            fresh = req2.alloc((64,))
+            assert fresh.data_ptr() != buf.data_ptr()
+            with pytest.raises(StaleView, match="no open request staged"):
+                t.call("Matmul", [buf])         # the request that staged it was sent already
         with pytest.raises(StaleView, match="after its call was sent"):
             req.alloc((4,))
         with t.call("Matmul", [torch.ones(8)]) as r:

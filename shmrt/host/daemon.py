@@ -138,9 +138,9 @@ class ModelHandler(Handler):
         s.kv = self.c.new_kv_store(self.max_kv_bytes)
         if self.cuda:
             s.registration = HostRegistration(s.pinned_buffers(), self.log)
-            if s.registration.pointers and settings.cuda_graphs():
-                starts = [mapped.data_start for mapped in s.pinned_buffers()]
-                s.graphs = SessionGraphs(self.c, self._stream, starts, self.log)
+            buffers = s.pinned_buffers()
+            if len(buffers) == 2 and len(s.registration.pointers) == 2 and settings.cuda_graphs():
+                s.graphs = SessionGraphs(self.c, self._stream, *(b.message_starts for b in buffers), self.log)
 
     def _embedding(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         self._put(builder, self.c.embedding(request.tensors[0], self._room(builder, s.wire)), s.wire)

@@ -7,8 +7,9 @@ them all at once. It replays fixed addresses: a message that finds its ring empt
 (ring.py), so a decode step's input and reply lie at the same addresses call after call, and the graph's
 copies read and write the rings themselves (registered with cudaHostRegister at Init), with no staging.
 (An earlier try, on branch decode-graphs, staged through pinned buffers: the CPU copies cost what the
-launches saved.) Only calls of one row whose input and reply start their rings' data areas have graphs;
-any other runs eagerly (a client holding a reply moves the next one: no graph per address it lands at).
+launches saved.) Only calls of one row (batch 1, one position) whose input and reply lie at one of their
+rings' lap starts have graphs (two per ring: messages alternate between them); any other runs eagerly (a
+client holding a reply moves the next one: no graph per address it lands at).
 
 One graph per (layer, projections, KEEP_V, input address, dtype and shape, reply addresses), per session:
 graphs hold the session's ring addresses, so they go with the session, dropped before its rings are
@@ -23,7 +24,7 @@ import torch
 
 from .compute import LinearCompute, write_parts
 
-MAX_GRAPHS = 1024  # per session: a decode step needs 3 per layer (4 with the v2.4 calls)
+MAX_GRAPHS = 1024  # per session: a decode step needs 3 per layer (4 with the v2.4 calls), at most twice
 
 
 class LinearGraph:
@@ -65,9 +66,10 @@ class LinearGraph:
 class SessionGraphs:
     """The graphs of one session (module docstring)."""
 
-    def __init__(self, compute: LinearCompute, stream: torch.cuda.Stream, lap_starts: list[int], log):
+    def __init__(self, compute: LinearCompute, stream: torch.cuda.Stream, request_starts, reply_starts, log):
         self.c = compute
-        self.lap_starts = frozenset(lap_starts)   # where the rings' data areas begin (a message's first tensor)
+        # where a message that found its ring empty puts its first tensor, per ring (ring.py's lap starts)
+        self.request_starts, self.reply_starts = frozenset(request_starts), frozenset(reply_starts)
         self.stream = stream
         self.log = log
         self.pool = torch.cuda.graph_pool_handle()   # one pool: the graphs replay one at a time, each call synced
@@ -79,8 +81,8 @@ class SessionGraphs:
         """Replay (capturing on first use) the graph of this call: (True, V's rows or None) if it ran, (False,
         None) where the call is not a graph's (not one row, graphs off or too many shapes): run it eagerly."""
         first_out = joined if joined is not None else outs[0]
-        if not self.on or x.dim() != 3 or x.shape[1] != 1 or x.data_ptr() not in self.lap_starts \
-                or first_out.data_ptr() not in self.lap_starts:
+        if not self.on or x.dim() != 3 or x.shape[:2] != (1, 1) or x.data_ptr() not in self.request_starts \
+                or first_out.data_ptr() not in self.reply_starts:
             return False, None
         key = (layer, names, drop_v, dtype, x.data_ptr(), x.dtype, tuple(x.shape),
                joined.data_ptr() if joined is not None else tuple(o.data_ptr() for o in outs))

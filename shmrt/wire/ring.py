@@ -27,19 +27,23 @@ Positions (head, tail) are byte counters that only grow; a position maps to the 
 offset `pos % capacity`. An allocation never straddles the end: if it does not fit before
 the end, the producer skips to the next lap (the skipped bytes count as used).
 
-A message that finds the ring empty starts a new lap: when the producer begins a message and the tail
-it loads equals its head (every byte released), it moves head to the next multiple of the capacity
-first, so the message's first tensor lies at data offset 0. Calls alternate, so a ring is empty at
-nearly every message, and a decode step's messages land at the same offsets call after call: the views
-on them are made once (`Ring.tensor` keeps them) and a device can copy to and from fixed addresses.
-(Up to position LAPS_UNTIL: a lap per message would run u64 positions out on a huge ring.)
-The producer's room then counts from that lap start (`floor`), and the consumer, which cannot tell
-whether the producer jumped, accepts message ends up to one lap past its tail rounded up to a lap
-(a consumer only needs ends that grow and stay within two laps: the descriptors' offsets are
-checked against the capacity on their own).
+A message that finds the ring empty starts at a lap start: when the producer begins a message and the
+tail it loads equals its head (every byte released), it moves head on to the next position whose data
+offset is 0 or, every other time, half the capacity (`lap_starts`), so the message's first tensor lies
+there. Calls alternate, so a ring is empty at nearly every message, and a decode step's messages land at
+two sets of offsets, call after call: the views on them are made once (`Ring.tensor` keeps them) and a
+device can copy to and from fixed addresses. Alternating halves keeps lifetime bugs loud: a view kept past
+its release reads poison (tests) through the next call, which lands in the other half, and a request
+buffer of the last call is not one the next call staged (scopes.py's StaleView). (Up to position
+LAPS_UNTIL: a lap per message would run u64 positions out on a huge ring.) The producer's room then counts
+from that start (`floor`); the skipped bytes held nothing. The consumer, which cannot tell whether the
+producer moved on, accepts message ends up to two laps past its tail (one of skipping, one of message: a
+consumer only needs ends that grow and stay bounded; the descriptors' offsets are checked against the
+capacity on their own), and poisons the bytes its messages' descriptors name, not position ranges (the
+skipped ones may hold a later message already).
 
-Poison (tests, `SHMRT_POISON=1`): whoever releases space overwrites it with 0xFF bytes (NaN as a
-float, -1 as an id) before the tail store hands it back, so a view kept past its release reads
+Poison (tests, `SHMRT_POISON=1`): whoever releases a message overwrites the bytes its tensors took with 0xFF
+(NaN as a float, -1 as an id) before the tail store hands them back, so a view kept past its release reads
 poison instead of plausible stale numbers.
 
 Write-order rule: the producer (1) writes tensor bytes into [head, new_head), (2) release-stores
@@ -146,7 +150,9 @@ class Ring:
         self.owner = owner
         self._mm = mm
         self.native = MappedBuffer(mm)
-        self.native.data_start = self.native.address + HEADER_BYTES
+        # where a message that finds the ring empty starts (data offsets): the start, and half-way (64-aligned)
+        self.lap_starts = (0, capacity // 2 // SMALL_ALIGN * SMALL_ALIGN) if capacity >= 2 * SMALL_ALIGN else (0,)
+        self.native.message_starts = tuple(self.native.address + HEADER_BYTES + s for s in self.lap_starts)
         self.data = memoryview(mm)[HEADER_BYTES:HEADER_BYTES + capacity]
         self.data_offset = HEADER_BYTES  # where the data area starts inside the mapping
         self.producer = Producer(self)
@@ -288,7 +294,7 @@ class Ring:
         inference = torch.is_inference_mode_enabled()
         key = (offset, dtype, shape, inference)
         view = self._views.get(key)
-        if view is not None:
+        if view is not None and view.shape == shape:   # (an `out=` of another shape would have resized it)
             return view
         size = dtype.itemsize
         if offset % size or not (0 <= offset <= self.capacity and 0 <= nbytes <= self.capacity - offset):
@@ -347,6 +353,7 @@ class Producer:
         self.known_tail = 0  # private: last validated tail
         self.floor = 0       # private: where the last message that found the ring empty began (a lap start)
         self._in_message = False  # a tensor of the message being built was reserved (publish() ends it)
+        self._next_start = 0      # which of the ring's lap starts (data offsets) such a message goes to next
 
     def _load_tail(self) -> int:
         tail = self.ring.native.load(OFF_TAIL)  # one load, validated before any use
@@ -374,11 +381,13 @@ class Producer:
         return self.head + (offset - lap_offset), offset
 
     def _begin_message(self) -> None:
-        """The first reservation of a message: an empty ring starts it at a new lap (data offset 0)."""
+        """The first reservation of a message: an empty ring starts it at the next of its lap starts."""
         self._in_message = True
-        cap = self.ring.capacity
-        if self.head % cap and self.head < LAPS_UNTIL and self._load_tail() == self.head:
-            self.head = self.floor = align_up(self.head, cap)
+        if self.head < LAPS_UNTIL and self._load_tail() == self.head:
+            starts = self.ring.lap_starts
+            target = starts[self._next_start]
+            self._next_start = (self._next_start + 1) % len(starts)
+            self.head = self.floor = self.head + (target - self.head % self.ring.capacity) % self.ring.capacity
 
     def reserve(self, nbytes: int, *, timeout: float, what: str = "tensor") -> int:
         """Reserve `nbytes` and return its data offset; waits for the consumer up to `timeout` s."""
@@ -433,39 +442,34 @@ class Consumer:
         self.tail = 0           # private: bytes released so far
         self._outstanding: collections.deque[list] = collections.deque()  # [end, done]
 
-    def accept(self, end: int) -> list:
+    def accept(self, end: int, tensors=()) -> list:
         """Validate a message's end position (from its doorbell) and track it until released. It may lie up
-        to a lap past the tail rounded up to a lap: a message that found the ring empty starts a new lap."""
-        cap = self.ring.capacity
-        if not (self.accepted_end <= end <= align_up(self.tail, cap) + cap):
-            raise ProtocolError(
-                f"ring {self.ring.name}: message end {end} outside [{self.accepted_end}, "
-                f"{align_up(self.tail, cap) + cap}]")
+        to two laps past the tail: a message that found the ring empty starts at a lap start up to a lap on.
+        `tensors`: the message's descriptors (validated; offset and nbytes each), poisoned at release."""
+        bound = self.tail + 2 * self.ring.capacity
+        if not (self.accepted_end <= end <= bound):
+            raise ProtocolError(f"ring {self.ring.name}: message end {end} outside [{self.accepted_end}, {bound}]")
         self.accepted_end = end
-        entry = [end, False]
+        entry = [end, False, tensors]
         self._outstanding.append(entry)
         return entry
 
     def release(self, entry: list) -> None:
         """Mark a message done; publish tail over the completed prefix (FIFO order)."""
         entry[1] = True
+        if self.poison:
+            self._poison(entry[2])
         old_tail = self.tail
         while self._outstanding and self._outstanding[0][1]:
             self.tail = self._outstanding.popleft()[0]
         if self.tail != old_tail:
-            if self.poison:
-                self._poison(old_tail, self.tail)
             self.ring.native.store(OFF_TAIL, self.tail)
 
-    def _poison(self, start: int, end: int) -> None:
-        """Overwrite positions [start, end) of the data area with 0xFF (split where the lap wraps)."""
-        cap = self.ring.capacity
+    def _poison(self, tensors) -> None:
+        """Overwrite each descriptor's bytes in the data area with 0xFF (validated: inside the ring)."""
         base = self.ring.native.address + self.ring.data_offset
-        while start < end:
-            offset = start % cap
-            n = min(end - start, cap - offset)
-            ctypes.memset(base + offset, 0xFF, n)
-            start += n
+        for desc in tensors:
+            ctypes.memset(base + desc.offset, 0xFF, desc.nbytes)
 
     @property
     def outstanding(self) -> int:

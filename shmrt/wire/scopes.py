@@ -12,10 +12,14 @@ it is released. So a view lives exactly as long as the scope that owns it, and t
         v = reply.take(2)                      # an owned copy: may outlive the block
 
 - A sealed request's buffer given to a later call raises `StaleView` (the transport checks every
-  tensor that points into its request ring against the request being sent).
+  tensor that points into its request ring against the request being sent). On shm, messages that find
+  their ring empty alternate between two offsets (ring.py), so the last call's buffers are never the next
+  call's; two calls on the same offsets come back, and a buffer kept that long aliases a buffer that call
+  staged: then it is the parity tests (values against transformers) that catch it.
 - After a reply is released, `view()`/`take()` raise `StaleView`; a view taken earlier and kept
   anyway reads poison in tests (`SHMRT_POISON=1`: the releasing side overwrites released ring
-  space with 0xFF bytes, NaN as a float), so a retained alias fails loudly instead of silently.
+  space with 0xFF bytes, NaN as a float) until a message two calls on lands there, so a retained alias
+  fails loudly instead of silently.
 """
 from __future__ import annotations
 

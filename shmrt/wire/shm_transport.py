@@ -225,7 +225,7 @@ class ShmClient(ClientTransport):
         bell = self._decode_reply(raw, seq, self.rsp.capacity)
         if bell.method != Method[method]:
             raise ProtocolError(f"reply method {bell.method.name}, expected {method}")
-        entry = self.rsp.consumer.accept(bell.ring_end)
+        entry = self.rsp.consumer.accept(bell.ring_end, bell.tensors)
         out = [ring_view(self.rsp, d) for d in bell.tensors]
         stats.t_decoded = now_ns()
         stats.payload_sent = sum(d.nbytes for d in descs)
@@ -362,7 +362,7 @@ class ShmServerSession(ServerSession):
         release = None
         views = []
         if self.req is not None and bell.method != Method.Close:
-            entry = self.req.consumer.accept(bell.ring_end)
+            entry = self.req.consumer.accept(bell.ring_end, bell.tensors)
             views = [ring_view(self.req, d) for d in bell.tensors]
             release = lambda: self.req.consumer.release(entry)  # noqa: E731
         return Request(bell.method.name, bell.seq, bell.layer, bell.op, bell.pos, views, bell.text, release)

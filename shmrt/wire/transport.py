@@ -292,9 +292,10 @@ class ServerSession:
         raise NotImplementedError
 
     def pinned_buffers(self) -> list:
-        """Mappings the compute device may register for DMA (cudaHostRegister): [] where there are none. Each
-        has `address`, `nbytes` and `data_start`: the address of a message's first tensor when it lands at the
-        start of its ring (a decode step's do, call after call: the daemon's CUDA graphs copy from and to there)."""
+        """Mappings the compute device may register for DMA (cudaHostRegister): [] where there are none; the
+        request side's first. Each has `address`, `nbytes` and `message_starts`: where the first tensor of a
+        message that found its ring empty lies (a decode step's messages do, call after call: the daemon's CUDA
+        graphs copy from and to there)."""
         return []
 
     # A transport whose doorbells can travel outside ZeroMQ (shm's ring headers) overrides these four.
