@@ -245,3 +245,42 @@ def test_a_fused_projection_reaches_the_ring_whole_or_in_parts(model_handler, mo
             v = (x @ model_handler.c.w.projection(1, ["v_proj"]).t()).view(1, S, 2, 16).transpose(1, 2)
             assert torch.allclose(session.kv.rows(1, "v"), v, rtol=0, atol=1e-6)
         del got
+
+
+def test_a_batch_linear_the_session_graphs_ran_is_not_computed_again_and_keeps_its_v_rows(model_handler):
+    """The CUDA graph branch without a GPU: where the session's graphs ran a call, the handler neither computes
+    it eagerly nor loses V's rows (they go into the cache at `pos`); where they did not, it computes eagerly."""
+    from shmrt.model.calls import projection_bits
+    cfg = model_handler.c.cfg
+    kv_rows = cfg.num_key_value_heads * cfg.head_dim
+    seen = []
+
+    class Graphs:
+        ran = True
+
+        def linear(self, layer, names, rows, x, outs, joined, dtype, drop_v):
+            seen.append((layer, names, rows, tuple(x.shape), [tuple(o.shape) for o in outs], dtype, drop_v))
+            if not self.ran:
+                return False, None
+            for out in outs:
+                out.fill_(7.0)
+            return True, torch.full((1, 1, kv_rows), 3.0)
+
+    session = _opened(model_handler)
+    session.graphs = Graphs()
+    x = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    qkv = projection_bits(["q_proj", "k_proj", "v_proj"], keep_v=True)
+    builder = Builder()
+    model_handler.handle(Request("BatchLinear", 2, layer=1, op=qkv, pos=0, tensors=[x]), builder, session)
+    q_rows, k_rows = cfg.num_attention_heads * cfg.head_dim, kv_rows
+    assert seen == [(1, ("q_proj", "k_proj", "v_proj"), [q_rows, k_rows, kv_rows], (1, 1, cfg.hidden_size),
+                     [(1, 1, q_rows), (1, 1, k_rows)], torch.float32, True)]
+    assert all(torch.equal(t, torch.full_like(t, 7.0)) for t in builder.tensors)    # the graph's, untouched
+    assert torch.equal(session.kv.rows(1, "v"), torch.full((1, cfg.num_key_value_heads, 1, cfg.head_dim), 3.0))
+    session.graphs.ran = False
+    builder = Builder()
+    model_handler.handle(Request("BatchLinear", 3, layer=1, op=qkv, pos=1, tensors=[x]), builder, session)
+    weight = model_handler.c.w.layers[1].fused[("q_proj", "k_proj", "v_proj")]
+    expected = x @ weight.t()
+    assert torch.allclose(torch.cat(builder.tensors, -1), expected[..., :q_rows + k_rows], rtol=0, atol=1e-6)
+    assert torch.allclose(session.kv.rows(1, "v")[:, :, 1].flatten(), expected[0, 0, q_rows + k_rows:], atol=1e-6)
