@@ -20,7 +20,7 @@ from .. import settings
 from .compute import KVStore, LinearCompute, write_parts
 from .graphs import SessionGraphs
 from ..errors import ProtocolError, SetupError
-from ..model.calls import linear_args, matmul_args
+from ..model.calls import linear_args, matmul_args, replied_projections
 from ..wire.protocol import dtype_from_name
 from .handler import Call, Handler, HandlerSession, table
 from .server import Server
@@ -137,8 +137,8 @@ class ModelHandler(Handler):
         # The session's state; the enclave has its own half of the model already.
         s.kv = self.c.new_kv_store(self.max_kv_bytes)
         if self.cuda:
-            s.registration = HostRegistration(s.pinned_buffers(), self.log)
             buffers = s.pinned_buffers()
+            s.registration = HostRegistration(buffers, self.log)
             if len(buffers) == 2 and len(s.registration.pointers) == 2 and settings.cuda_graphs():
                 s.graphs = SessionGraphs(self.c, self._stream, *(b.message_starts for b in buffers), self.log)
 
@@ -154,8 +154,8 @@ class ModelHandler(Handler):
         x, layer = request.tensors[0], request.layer
         rows = self.c.linear_rows(layer, names, x, self._room(builder, s.wire))
         B, S = x.shape[:2]
-        outs, joined = builder.alloc_joined([(B, S, r) for name, r in zip(names, rows)
-                                             if not (keep_v and name == "v_proj")], s.wire)
+        replied = [(B, S, self.c.rows[n]) for n in replied_projections(names, keep_v)]
+        outs, joined = builder.alloc_joined(replied, s.wire)
         ran, v = s.graphs.linear(layer, names, rows, x, outs, joined, s.wire, keep_v) if s.graphs else (False, None)
         if not ran:
             parts, whole, v = self.c.project(layer, names, rows, self.c.to_device(x), s.wire, keep_v)

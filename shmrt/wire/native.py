@@ -71,7 +71,7 @@ class MappedBuffer:
     def __init__(self, buf):
         self._buf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         self.nbytes = len(self._buf)
-        self.message_starts = (self.address,)   # where a message's first tensor may lie at a call's fixed address (Ring sets them)
+        self.message_starts: tuple[int, ...] = ()   # addresses a message's first tensor returns to (Ring sets them)
         self._word_out = ffi.new("uint64_t *")
         self._take_out = ffi.new("uint64_t[2]")
 

@@ -284,12 +284,12 @@ class Ring:
     def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
         """A contiguous `shape` tensor of `dtype` on bytes [offset, offset+nbytes), which the caller has
         matched to the shape (protocol.decode, reserve). Bounds-checked like `view`; an aligned offset (every
-        ring allocation is) is a strided view of one tensor over the whole data area, made once per dtype (and mode):
-        a third of the cost of wrapping a fresh memoryview each time. That view is kept and handed out again
-        for the same offset, dtype and shape (a decode step's messages land at the same offsets every call: see
-        the lap rule above): a dict lookup instead of a new tensor (~15 us a view in a real call loop on 2
-        cores). So views from here are shared: callers change their data, never their metadata in place
-        (no `t.resize_()`, `t.t_()`, `t.unsqueeze_()`); `shape` is a tuple."""
+        ring allocation is) is a strided view of one tensor over the whole data area (made once per dtype and
+        inference mode): a third of the cost of wrapping a fresh memoryview each time. That view is kept and
+        handed out again for the same offset, dtype and shape (a decode step's messages land at the same offsets
+        call after call: the lap rule above): a dict lookup instead of a new tensor (~15 us a view in a real call
+        loop on 2 cores). So views from here are shared: callers change their data, never their metadata in
+        place (`t.t_()`, `t.unsqueeze_()`; a view an `out=` resized is made again); `shape` is a tuple."""
         # inference mode is part of the key: a view made inside it cannot be written to outside it
         inference = torch.is_inference_mode_enabled()
         key = (offset, dtype, shape, inference)
@@ -440,7 +440,7 @@ class Consumer:
         self.poison = poison
         self.accepted_end = 0   # private: end position of the last accepted message
         self.tail = 0           # private: bytes released so far
-        self._outstanding: collections.deque[list] = collections.deque()  # [end, done]
+        self._outstanding: collections.deque[list] = collections.deque()  # [end, done, descriptors]
 
     def accept(self, end: int, tensors=()) -> list:
         """Validate a message's end position (from its doorbell) and track it until released. It may lie up
