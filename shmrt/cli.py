@@ -42,8 +42,10 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
                    help="how each call is signalled: shm (through the rings' headers; the shm transport's "
                         "default) or zmq (a ZeroMQ message per call, as v2.4; msgpack's only way)")
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--calls", default="fused", choices=["fused", "v2.4"],
-                   help="fused: P*V and o_proj as one call (5 per layer); v2.4: its six calls per layer")
+    p.add_argument("--calls", default="fewest", choices=["fewest", "fused", "v2.4"],
+                   help="fewest: with K/V on the daemon 4 calls per layer (the projections, RoPE with the enclave's "
+                        "tables and Q*K^T as one call), else fused's 5; fused: P*V and o_proj as one call (5 per "
+                        "layer); v2.4: its six calls per layer")
     p.add_argument("--kv-cache", default="daemon", choices=["daemon", "client"],
                    help="where K/V live between steps (client: sent in full each step, as v2.4)")
     src = p.add_mutually_exclusive_group()

@@ -231,3 +231,48 @@ def test_keep_v_bits_name_v_proj():
         linear_args(projection_bits(["q_proj"]) | KEEP_V)
     with pytest.raises(ProtocolError, match="name no known projection"):
         linear_args(KEEP_V)
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_attention_scores_are_the_three_calls_they_replace(compute, S):
+    """AttentionScores = BatchLinear q|k|v keeping V, the enclave's RoPE on q and k, Matmul QK^T against the K
+    cache: the same scores (a prefill, then a step), and the same K and V rows kept."""
+    from shmrt.enclave.llama import rope_tables
+    from shmrt.model.config import rope_inv_freq
+    cfg = compute.cfg
+    H, Hkv, hd, g = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.groups
+    inv_freq, scaling = rope_inv_freq(cfg)
+    gen = torch.Generator().manual_seed(10 + S)
+    x = torch.randn(1, 4 + S, cfg.hidden_size, generator=gen)
+    one, three = compute.new_kv_store(), compute.new_kv_store()
+    for start, length in ((0, 4), (4, S)):
+        step = x[:, start:start + length]
+        rope = rope_tables(inv_freq, start, length, scaling, hd ** -0.5)
+        got = compute.attention_scores(1, step, rope.packed.clone(), pos=start, kv=one)
+        (q, k), _ = compute.products(1, ["q_proj", "k_proj", "v_proj"], step, keep_v=(three, start))
+        q = rope.q(q.view(1, length, H, hd).transpose(1, 2))
+        k = rope.k(k.view(1, length, Hkv, hd).transpose(1, 2))
+        expect = compute.matmul(q.reshape(1, Hkv, g * length, hd), k, transpose_b=True, cache="k", layer=1,
+                                pos=start, kv=three)
+        assert got.shape == (1, Hkv, g * length, start + length) and torch.allclose(got, expect, rtol=0, atol=1e-5)
+    for which in ("k", "v"):
+        assert torch.allclose(one.rows(1, which), three.rows(1, which), rtol=0, atol=1e-6)
+
+
+def test_attention_scores_refuse_what_they_cannot_compute(compute):
+    x = torch.randn(1, 2, compute.cfg.hidden_size)
+    tables = torch.zeros(4, 2, compute.cfg.head_dim)
+    with pytest.raises(ProtocolError, match="has not got"):
+        compute.attention_scores(0, x, tables, pos=0, kv=None)
+    kv = compute.new_kv_store()
+    for bad in (tables[:3], torch.zeros(4, 3, compute.cfg.head_dim), tables.to(torch.int32)):
+        with pytest.raises(ProtocolError, match=r"RoPE tables \[4, 2, 16\]"):
+            compute.attention_scores(0, x, bad, pos=0, kv=kv)
+    with pytest.raises(ProtocolError, match="out of range"):
+        compute.attention_scores(2, x, tables, pos=0, kv=kv)
+    with pytest.raises(ProtocolError, match="holds 0 positions, request says pos 3"):
+        compute.attention_scores(0, x, tables, pos=3, kv=kv)
+    from shmrt.errors import TensorTooLarge
+    with pytest.raises(TensorTooLarge):
+        compute.attention_scores(0, x, tables, pos=0, kv=kv, max_elements=7)
+    assert kv.filled == {"k": [0, 0], "v": [0, 0]}   # nothing kept by a refused call

@@ -94,7 +94,8 @@ def model_handler():
 def test_the_model_table_has_one_row_per_rpc_with_its_arity(model_handler):
     assert set(model_handler.calls) == set(RPC_METHODS)
     assert {n: c.arity for n, c in model_handler.calls.items()} == \
-        {"Init": 0, "Embedding": 1, "BatchLinear": 1, "Matmul": (1, 2), "LMHead": 1, "AttentionOutput": (1, 2)}
+        {"Init": 0, "Embedding": 1, "BatchLinear": 1, "Matmul": (1, 2), "LMHead": 1, "AttentionOutput": (1, 2),
+         "AttentionScores": 2}
     assert set(EchoHandler.calls) == set(RPC_METHODS) and EchoHandler.calls["Matmul"].arity is None
 
 

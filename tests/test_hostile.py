@@ -40,14 +40,15 @@ ITEM = {1: 4, 2: 2, 3: 2, 4: 8, 5: 4}
 CACHED = 5
 PLAUSIBLE = {2: [[(1, 5)]], 3: [[(1, 5, 64)], [(1, 5, 176)]],
              4: [[(1, 2, 10, 16), (1, 2, 5, 16)], [(1, 2, 10, 5), (1, 2, 5, 16)], [(1, 2, 10, 16)], [(1, 2, 10, 5)]],
-             5: [[(1, 1, 64)], [(1, 64)]], 6: [[(1, 2, 10, 5)], [(1, 2, 10, 5), (1, 2, 5, 16)]]}
+             5: [[(1, 1, 64)], [(1, 64)]], 6: [[(1, 2, 10, 5)], [(1, 2, 10, 5), (1, 2, 5, 16)]],
+             7: [[(1, 5, 64), (4, 5, 16)], [(1, 1, 64), (4, 1, 16)]]}   # AttentionScores: x, RoPE tables
 
 
 # Strategies built once, not inside each example: hypothesis validates every strategy it meets for the
 # first time, and building them per draw was about a third of the fuzz test's time.
 HOSTILE_FIELDS = st.sampled_from(["none", "method", "layer", "op", "pos", "ring_end", "dtype", "shape",
                                   "nbytes", "offset", "count", "flags", "token"])
-GOOD_METHOD, ANY_BYTE = st.sampled_from([2, 3, 4, 5, 6]), st.integers(0, 255)
+GOOD_METHOD, ANY_BYTE = st.sampled_from([2, 3, 4, 5, 6, 7]), st.integers(0, 255)
 KEEP_V_OR_NOT = st.sampled_from([0, KEEP_V])
 PLAUSIBLE_FOR = {m: st.sampled_from(PLAUSIBLE.get(m, [[(3,)]])) for m in range(256)}
 ANY_SHAPE = st.lists(st.one_of(st.integers(0, 64), st.integers(-2**63, 2**63 - 1)), max_size=6)
@@ -102,7 +103,7 @@ def doorbells(draw):
                        pick("token", st.just(TOKEN), ANY_TOKEN),
                        pick("layer", GOOD_LAYER, ANY_LAYER),
                        pick("op", st.just(op), ANY_OP),
-                       pick("pos", st.just(0), ANY_POS),
+                       pick("pos", st.just(CACHED if method == 7 else 0), ANY_POS),   # 7 appends after the cached rows
                        pick("ring_end", st.just(min(offset, CAP)), u64), 0, len(shapes), 0)
     return head + descs
 

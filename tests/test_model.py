@@ -13,13 +13,13 @@ from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import load_enclave_part, resolve_model
 
 
-def local_model(path, kv_cache="daemon", calls="fused"):
+def local_model(path, kv_cache="daemon", calls="fewest"):
     w = load_weights(str(path))
     compute = LinearCompute(w, "cpu", torch.float32)
     return EnclaveModel(load_enclave_part(w.source), LocalOps(compute), kv_cache, calls)
 
 
-@pytest.mark.parametrize("calls", ["fused", "v2.4"])
+@pytest.mark.parametrize("calls", ["fewest", "fused", "v2.4"])
 @pytest.mark.parametrize("name", ["gqa-tied-llama3", "untied-mha-legacy", "sharded-gqa"])
 def test_prefill_logits_match_transformers(checkpoints, name, calls):
     path, hf = checkpoints[name]
@@ -30,7 +30,7 @@ def test_prefill_logits_match_transformers(checkpoints, name, calls):
     check_close(f"{name}/{calls}", got, ref, 1e-5)
 
 
-@pytest.mark.parametrize("calls", ["fused", "v2.4"])
+@pytest.mark.parametrize("calls", ["fewest", "fused", "v2.4"])
 @pytest.mark.parametrize("kv_cache", ["client", "daemon"])
 def test_greedy_generation_matches_transformers(checkpoints, kv_cache, calls):
     path, hf = checkpoints["gqa-tied-llama3"]

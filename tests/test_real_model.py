@@ -97,7 +97,7 @@ def test_smollm2_matches_transformers(reference, daemon, prompt, transport, kv, 
             got = generate(c.model, ids, NEW_TOKENS, Sampler())
     name = f"smollm2/{prompt}/{transport}/kv-{kv}/{wire}"
     if transport == "shm":
-        per_forward = 30 * (5 if c.calls == "fused" else 6) + 2
+        per_forward = 30 * (4 if c.model.scores_in_one else 5 if c.model.fused else 6) + 2
         ring = ring_mib * 2**20
         prefill = sum(s.payload_sent for s in calls[1:1 + per_forward]) / ring
         run = sum(s.payload_sent for s in calls) / ring

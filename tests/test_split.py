@@ -132,20 +132,26 @@ def test_client_without_daemon_fails_within_timeout_naming_endpoint(tmp_path):
     assert r.returncode == 2 and ep in r.stderr and "Traceback" not in r.stderr
 
 
-def test_shm_activations_are_written_into_the_ring_once(model_daemon):
-    """Every BatchLinear input and the QK^T operands are produced in place in the request ring: no copy in."""
+@pytest.mark.parametrize("calls", ["fused", "fewest"])
+def test_shm_activations_are_written_into_the_ring_once(model_daemon, calls):
+    """Every BatchLinear input and the QK^T operands (fewest: x and the RoPE tables) are produced in place in the
+    request ring: no copy in."""
     d = model_daemon("tiny")
-    calls = []
+    log = []
     ids = random_ids(32, 512, seed=15)
-    with EnclaveClient(endpoint=d.endpoint, transport="shm", timeout=30, prompt_tokens=32, total_tokens=32) as c:
-        c.transport.observers.append(calls.append)
+    with EnclaveClient(endpoint=d.endpoint, transport="shm", timeout=30, prompt_tokens=32, total_tokens=32,
+                       calls=calls) as c:
+        c.transport.observers.append(log.append)
         with torch.inference_mode():
             generate(c.model, ids, 0, Sampler())
-    linear = [s for s in calls if s.method == "BatchLinear"]
-    scores = [s for s in calls if s.method == "Matmul"]
-    assert len(linear) == 2 * 3 and all(s.copy_in_ns == 0 and s.payload_sent > 0 for s in linear)
-    assert len(scores) == 2 and all(s.copy_in_ns == 0 for s in scores)   # Q and new K rows, in place
+    linear = [s for s in log if s.method == "BatchLinear"]
+    scores = [s for s in log if s.method == ("Matmul" if calls == "fused" else "AttentionScores")]
+    assert len(linear) == 2 * (3 if calls == "fused" else 2) and all(s.copy_in_ns == 0 and s.payload_sent > 0
+                                                                     for s in linear)
+    assert len(scores) == 2 and all(s.copy_in_ns == 0 for s in scores)   # Q and new K rows (or x, tables), in place
+    if calls == "fewest":   # x [1, 32, D] in the wire dtype and the tables [4, 32, hd] in float32
+        assert all(s.payload_sent == 32 * (c.cfg.hidden_size + 4 * c.cfg.head_dim) * 4 for s in scores)
     # P*V + o_proj: P is written in place and is all it sends (V's rows stayed on the daemon at the projection)
-    fused = [s for s in calls if s.method == "AttentionOutput"]
+    fused = [s for s in log if s.method == "AttentionOutput"]
     heads = c.cfg.num_attention_heads
     assert len(fused) == 2 and all(s.copy_in_ns == 0 and s.payload_sent == heads * 32 * 32 * 4 for s in fused)

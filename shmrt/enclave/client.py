@@ -29,7 +29,7 @@ class EnclaveClient:
     def __init__(self, *, endpoint: str, model: str | ModelSource = "tiny", transport: str = "shm", wire_dtype: str = "float32",
                  kv_cache: str = "daemon", timeout: float | None = None, log_path: str | None = None,
                  prompt_tokens: int = 1, total_tokens: int = 1, ring_mib: float | None = None,
-                 enclave: bool = False, run_info: dict | None = None, calls: str = "fused",
+                 enclave: bool = False, run_info: dict | None = None, calls: str = "fewest",
                  doorbell: str | None = None):
         if wire_dtype not in WIRE_DTYPES:
             raise ModelError(f"--wire-dtype {wire_dtype!r}: expected one of {list(WIRE_DTYPES)}")

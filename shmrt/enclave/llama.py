@@ -20,13 +20,17 @@ import torch.nn.functional as F
 
 from ..errors import ProtocolError
 from ..model.checkpoint import EnclavePart
+from ..model.rope import ROPE_TABLES, apply_rope
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 O = ["o_proj"]
 GATE_UP = ["gate_proj", "up_proj"]
 DOWN = ["down_proj"]
 KV_PLACEMENTS = ("client", "daemon")
-CALL_SETS = ("fused", "v2.4")   # fused: P*V and o_proj travel as one call (5 per layer); v2.4: six
+# How a layer's work travels. fewest: with the K/V cache on the daemon, the projections, RoPE (our tables) and
+# Q*K^T are one call, and P*V with o_proj another (4 calls per layer; with K/V on the client, fused's 5);
+# fused: P*V and o_proj travel as one call (5 per layer); v2.4: its six.
+CALL_SETS = ("fewest", "fused", "v2.4")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,13 +51,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 class Rope(NamedTuple):
     """RoPE tables of one forward, [S, 2, hd/2]: a head's two halves side by side. `sin` carries
     rotate_half's sign (its first half negated); q's tables carry the attention scale 1/sqrt(hd) too, so
-    Q*K^T arrives scaled and the softmax needs no pass of its own. One position (a decode step) has the
-    same rotation as one [hd, hd] matrix too (`turn_q`, `turn_k`): a head's RoPE is then one product."""
+    Q*K^T arrives scaled and the softmax needs no pass of its own. `packed` holds all four as they travel
+    to a daemon that applies them (model/rope.py's layout; the others are views of it). One position (a
+    decode step) has the same rotation as one [hd, hd] matrix too (`turn_q`, `turn_k`): a head's RoPE is
+    then one product."""
 
     cos_q: torch.Tensor
     sin_q: torch.Tensor
     cos_k: torch.Tensor
     sin_k: torch.Tensor
+    packed: torch.Tensor
     turn_q: torch.Tensor | None = None
     turn_k: torch.Tensor | None = None
 
@@ -74,10 +81,12 @@ def rope_tables(inv_freq: torch.Tensor, start: int, length: int, scaling: float,
     freqs = positions[:, None] * inv_freq[None, :]            # [S, hd/2]
     cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
     cos, sin = torch.stack((cos, cos), dim=1), torch.stack((-sin, sin), dim=1)  # [S, 2, hd/2]
+    packed = torch.stack((cos * q_scale, sin * q_scale, cos, sin))               # [4, S, 2, hd/2]
+    tables = (*packed.unbind(0), packed.view(ROPE_TABLES, length, -1))
     if length != 1:
-        return Rope(cos * q_scale, sin * q_scale, cos, sin)
+        return Rope(*tables)
     turn = rotation(cos.flatten(), sin.flatten())
-    return Rope(cos * q_scale, sin * q_scale, cos, sin, turn * q_scale, turn)
+    return Rope(*tables, turn * q_scale, turn)
 
 
 def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -103,18 +112,6 @@ def turn_rope(x: torch.Tensor, turn: torch.Tensor, out: torch.Tensor | None = No
         return out
     y = (rows.float() @ turn).view(x.shape)
     return y if out is None else out.copy_(y)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, H, S, hd] -> x*cos + rotate_half(x)*sin in float32 (cos, sin: [S, 2, hd/2] of `rope_tables`);
-    written into `out` when given: in place if it is float32, else rounded once into it."""
-    halves = x.unflatten(-1, (2, -1))                          # [B, H, S, 2, hd/2]
-    direct = out is not None and out.dtype == torch.float32
-    y = torch.mul(halves, cos, out=out.unflatten(-1, (2, -1)) if direct else None)
-    y.addcmul_(halves.flip(-2), sin)                           # the halves swapped: rotate_half
-    if direct:
-        return out
-    return y.flatten(-2) if out is None else out.copy_(y.flatten(-2))
 
 
 def causal_mask(start: int, S: int, device=None) -> torch.Tensor | None:
@@ -148,9 +145,10 @@ def check_finite(t: torch.Tensor, method: str, layer: int) -> torch.Tensor:
 class EnclaveModel:
     """The enclave's half of a LLaMA: holds norms and RoPE, drives `ops` for the rest."""
 
-    def __init__(self, part: EnclavePart, ops, kv_cache: str = "daemon", calls: str = "fused"):
+    def __init__(self, part: EnclavePart, ops, kv_cache: str = "daemon", calls: str = "fewest"):
         assert kv_cache in KV_PLACEMENTS and calls in CALL_SETS, (kv_cache, calls)
-        self.fused = calls == "fused"
+        self.fused = calls != "v2.4"                                    # P*V and o_proj in one call
+        self.scores_in_one = calls == "fewest" and kv_cache == "daemon"  # projections, RoPE, Q*K^T in one call
         self.cfg = cfg = part.cfg
         self.norms = part.norms                 # [2L+1, D] float32, from the enclave's own checkpoint copy
         self.layer_norms = [(part.norms[2 * i], part.norms[2 * i + 1]) for i in range(cfg.num_hidden_layers)]
@@ -195,19 +193,27 @@ class EnclaveModel:
         eps = cfg.rms_norm_eps
         input_norm, post_attention_norm = self.layer_norms[layer]
         on_daemon = self.kv_cache == "daemon"
-        with ops.request() as req:
-            x = rms_norm(h, input_norm, eps, out=req.alloc((B, S, D)))
-            # with the cache on the daemon, V's rows stay there (we do nothing to V): the reply is q, k
-            qkv = ops.linear(layer, QKV, x, keep_v_at=start if on_daemon else None)
-        with ops.request() as req:
-            with qkv:
-                q, k = qkv.view(0), qkv.view(1)
-                # q (and k, when only new rows travel) feed the next call: rotate them straight into it
-                q = rope.q(q.view(B, S, H, hd).transpose(1, 2), out=req.alloc((B, H, S, hd)))
-                k_out = req.alloc((B, Hkv, S, hd)) if on_daemon else None
-                k = rope.k(k.view(B, S, Hkv, hd).transpose(1, 2), out=k_out)
-                v = None if on_daemon else qkv.take(2).view(B, S, Hkv, hd).transpose(1, 2).contiguous()  # [B, Hkv, S, hd]
-            o = self._attention(layer, q, k, v, start, mask)                                   # a reply
+        if self.scores_in_one:
+            # One call: q|k|v of x, q and k rotated with our tables, K's and V's rows kept, Q*K^T over every row.
+            with ops.request() as req:
+                x = rms_norm(h, input_norm, eps, out=req.alloc((B, S, D)))
+                tables = req.alloc(rope.packed.shape, torch.float32).copy_(rope.packed)
+                scores = ops.attention_scores(layer, x, tables, pos=start)
+            o = self._weigh(layer, scores, B, S, start, mask, None, dict(layer=layer, cache="v", pos=start))
+        else:
+            with ops.request() as req:
+                x = rms_norm(h, input_norm, eps, out=req.alloc((B, S, D)))
+                # with the cache on the daemon, V's rows stay there (we do nothing to V): the reply is q, k
+                qkv = ops.linear(layer, QKV, x, keep_v_at=start if on_daemon else None)
+            with ops.request() as req:
+                with qkv:
+                    q, k = qkv.view(0), qkv.view(1)
+                    # q (and k, when only new rows travel) feed the next call: rotate them straight into it
+                    q = rope.q(q.view(B, S, H, hd).transpose(1, 2), out=req.alloc((B, H, S, hd)))
+                    k_out = req.alloc((B, Hkv, S, hd)) if on_daemon else None
+                    k = rope.k(k.view(B, S, Hkv, hd).transpose(1, 2), out=k_out)
+                    v = None if on_daemon else qkv.take(2).view(B, S, Hkv, hd).transpose(1, 2).contiguous()
+                o = self._attention(layer, q, k, v, start, mask)                               # a reply
         if not self.fused:                                      # v2.4's calls: P*V came back, o_proj is one more
             with ops.request() as req:
                 with o:
@@ -229,12 +235,10 @@ class EnclaveModel:
                          "BatchLinear down_proj", layer)
 
     def _attention(self, layer: int, q, k, v, start: int, mask):
-        """Q*K^T, causal softmax, then P*V and o_proj in one call (fused: the reply is [B, S, D]) or P*V
-        alone (v2.4: the reply is [B, Hkv, g*S, hd]); q (and k) are staged in the open request; v is None
-        with the cache on the daemon (its rows were kept at the projection)."""
+        """Q*K^T, then `_weigh`; q (and k) are staged in the open request; v is None with the cache on the
+        daemon (its rows were kept at the projection)."""
         B, H, S, hd = q.shape
         Hkv = k.shape[1]
-        T = start + S
         qg = q.view(B, Hkv, (H // Hkv) * S, hd)                # heads of a KV group stacked along rows
         if self.kv_cache == "client":
             keys = k if self.k_cache[layer] is None else torch.cat([self.k_cache[layer], k], dim=2)
@@ -246,13 +250,19 @@ class EnclaveModel:
             keys, values = k, None                              # K's new rows travel; V's stayed on the daemon
             score_call = dict(transpose_b=True, layer=layer, cache="k", pos=start)
             ctx_call = dict(transpose_b=False, layer=layer, cache="v", pos=start)
-        scores = self.ops.matmul(qg, keys, expect_cols=T, **score_call)
+        scores = self.ops.matmul(qg, keys, expect_cols=start + S, **score_call)
+        return self._weigh(layer, scores, B, S, start, mask, values, ctx_call)
+
+    def _weigh(self, layer: int, scores, B: int, S: int, start: int, mask, values, ctx_call: dict):
+        """Causal softmax of `scores` (a reply: [B, Hkv, g*S, T], scaled) straight into the next request, then P*V
+        and o_proj in one call (fused: the reply is [B, S, D]) or P*V alone (v2.4: [B, Hkv, g*S, hd])."""
+        H, T = self.cfg.num_attention_heads, start + S
         with self.ops.request() as req:
             with scores:
                 s = scores.view(0)
                 probs = req.alloc(s.shape)                     # written in place: no extra copy
                 causal_softmax(s.view(B, H, S, T), mask, probs.view(B, H, S, T))
             if self.fused:
-                ctx_call.pop("transpose_b")
+                ctx_call.pop("transpose_b", None)
                 return self.ops.attention_output(probs, values, **{"layer": layer, **ctx_call})
-            return self.ops.matmul(probs, values, expect_cols=hd, **ctx_call)
+            return self.ops.matmul(probs, values, expect_cols=self.cfg.head_dim, **ctx_call)

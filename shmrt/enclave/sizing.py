@@ -42,8 +42,9 @@ class RecordingOps:
             total = align_up(total, alignment_for(n)) + n
         return total
 
-    def _note(self, inputs, outputs: list[tuple]) -> Reply:
-        wire = lambda t: self.wire_dtype if t.is_floating_point() else t.dtype  # noqa: E731
+    def _note(self, inputs, outputs: list[tuple], as_staged: tuple = ()) -> Reply:
+        """`as_staged`: inputs staged in a dtype of their own (RoPE tables: float32), which they travel in."""
+        wire = lambda t: self.wire_dtype if t.is_floating_point() and all(t is not a for a in as_staged) else t.dtype  # noqa: E731
         self.calls += 1
         sent = self._message_bytes([(t.shape, wire(t)) for t in inputs if t is not None])  # None: cached on the daemon
         got = self._message_bytes(outputs)
@@ -67,6 +68,12 @@ class RecordingOps:
     def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0):
         return self._note([a, b], [((*a.shape[:-1], expect_cols), self.wire_dtype)])
 
+    def attention_scores(self, layer, x, tables, *, pos):
+        B, S, _ = x.shape
+        cfg = self.cfg
+        return self._note([x, tables], [((B, cfg.num_key_value_heads, cfg.groups * S, pos + S), self.wire_dtype)],
+                          as_staged=(tables,))
+
     def attention_output(self, p, v, *, layer, cache=None, pos=0):
         S = p.shape[1] * p.shape[2] // self.cfg.num_attention_heads
         return self._note([p, v], [((p.shape[0], S, self.cfg.hidden_size), self.wire_dtype)])
@@ -76,7 +83,7 @@ class RecordingOps:
 
 
 def ring_bytes_for(part: EnclavePart, prompt_tokens: int, total_tokens: int, wire_dtype: torch.dtype,
-                   kv_cache: str, batch: int = 1, calls: str = "fused") -> int:
+                   kv_cache: str, batch: int = 1, calls: str = "fewest") -> int:
     """Ring size per direction for a prefill of `prompt_tokens` and decode steps up to `total_tokens`."""
     cfg = part.cfg.with_layers(1)                           # every layer sends the same messages
     one_layer = EnclavePart(cfg, part.norms[:3], part.inv_freq, part.attention_scaling, part.digest)

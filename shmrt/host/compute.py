@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from ..model.config import LlamaConfig
 from ..errors import ModelError, ProtocolError, TensorTooLarge
 from ..model.config import projection_cols, projection_rows
+from ..model.rope import ROPE_TABLES, apply_rope
 from .weights import LlamaWeights
+
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def check_result_fits(shape, max_elements: int | None, what: str) -> None:
@@ -139,6 +142,15 @@ class KVStore:
         return grown
 
 
+def grouped_product(a: torch.Tensor, b: torch.Tensor, transpose_b: bool) -> torch.Tensor:
+    """a @ b (or b^T) over [B, Hkv, rows, inner] factors on one device, in float32 whatever their dtype (scores
+    and probabilities accumulate in float32): one bmm over B*Hkv (what matmul would do, without its expand and
+    reshape steps: flattening the two leading dims of the cache's slice is a view)."""
+    a, b = a.float(), b.float()
+    out = torch.bmm(a.flatten(0, 1), (b.transpose(-1, -2) if transpose_b else b).flatten(0, 1))
+    return out.view(a.shape[0], a.shape[1], out.shape[1], out.shape[2])
+
+
 class LinearCompute:
     def __init__(self, weights: LlamaWeights, device: str, dtype: torch.dtype):
         self.w = weights
@@ -148,20 +160,21 @@ class LinearCompute:
         self.rows = projection_rows(self.cfg)
         self.cols = projection_cols(self.cfg)
         self._on_cpu = self.device.type == "cpu"
-        self._inputs: list[torch.Tensor | None] = [None, None]   # `to_device`'s buffers, one per input slot
+        self._inputs: list[torch.Tensor | None] = [None] * 3   # `to_device`'s buffers, one per input slot
         self._o_proj = [w for (w,) in weights.projections(("o_proj",))]
 
-    def to_device(self, t: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """A request tensor in the compute dtype on the compute device. On a GPU it is copied (DMA from the
-        registered ring) into input slot `slot`'s device buffer, reused call after call instead of allocated
-        per call: the handler waits for the device at the end of each call, so the last use is over by the
-        next; the inputs of one call take different slots."""
+    def to_device(self, t: torch.Tensor, slot: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A request tensor in `dtype` (default: the compute dtype) on the compute device. On a GPU it is copied
+        (DMA from the registered ring) into input slot `slot`'s device buffer, reused call after call instead of
+        allocated per call: the handler waits for the device at the end of each call, so the last use is over by
+        the next; the inputs of one call take different slots."""
+        dtype = dtype or self.dtype
         if self._on_cpu:   # request tensors are CPU tensors: nothing to move
-            return t if t.dtype == self.dtype else t.to(self.dtype)
+            return t if t.dtype == dtype else t.to(dtype)
         n = t.numel()
         buffer = self._inputs[slot]
-        if buffer is None or buffer.numel() < n:
-            buffer = self._inputs[slot] = torch.empty(n, device=self.device, dtype=self.dtype)
+        if buffer is None or buffer.numel() < n or buffer.dtype != dtype:
+            buffer = self._inputs[slot] = torch.empty(n, device=self.device, dtype=dtype)
         return buffer[:n].view(t.shape).copy_(t, non_blocking=True)
 
     def _layer(self, layer: int, what: str) -> None:
@@ -268,15 +281,31 @@ class LinearCompute:
         if a.shape[-1] != inner_b:
             raise ProtocolError(f"Matmul inner dims differ: {tuple(a.shape)} x {tuple(bd.shape)}"
                                 f"{' transposed' if transpose_b else ''}")
-        ad = self.to_device(a)
-        # Scores and probabilities are accumulated in float32 whatever the weights' dtype.
-        if self.dtype != torch.float32:
-            ad, bd = ad.float(), bd.float()
-        bd = bd.transpose(-1, -2) if transpose_b else bd
-        # [B, Hkv, rows, inner] x [B, Hkv, inner, cols] as one bmm over B*Hkv (what matmul would do, without
-        # its expand and reshape steps: flattening the two leading dims of the cache's slice is a view)
-        out = torch.bmm(ad.flatten(0, 1), bd.flatten(0, 1))
-        return out.view(a.shape[0], a.shape[1], out.shape[1], out.shape[2])
+        return grouped_product(self.to_device(a), bd, transpose_b)
+
+    def attention_scores(self, layer: int, x: torch.Tensor, tables: torch.Tensor, *, pos: int, kv: KVStore | None,
+                         max_elements: int | None = None) -> torch.Tensor:
+        """q|k|v of x [B, S, D]; q and k rotated with the enclave's RoPE `tables` [4, S, hd] (model/rope.py: its
+        own tables, the daemon only does the arithmetic); K's and V's rows kept in the cache at `pos`; then Q*K^T
+        over every kept row: [B, Hkv, g*S, pos + S], query heads of a KV group stacked along rows, in float32
+        (as Matmul's). The three calls BatchLinear q|k|v (KEEP_V), the client's RoPE and Matmul QK^T as one."""
+        cfg = self.cfg
+        H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if kv is None:
+            raise ProtocolError("AttentionScores keeps K/V rows in the daemon's cache, which this session has not got")
+        rows = self.linear_rows(layer, QKV, x)
+        B, S = x.shape[:2]
+        if tables.shape != (ROPE_TABLES, S, hd) or not tables.is_floating_point():
+            raise ProtocolError(f"AttentionScores expects RoPE tables [{ROPE_TABLES}, {S}, {hd}] of a floating dtype "
+                                f"for input {tuple(x.shape)}, got {tuple(tables.shape)} {tables.dtype}")
+        check_result_fits((B, Hkv, (H // Hkv) * S, pos + S), max_elements, "AttentionScores")
+        (q, k, v), _, _ = self.project(layer, QKV, rows, self.to_device(x), torch.float32, drop_v=False)
+        cos_q, sin_q, cos_k, sin_k = self.to_device(tables, slot=2, dtype=torch.float32).unbind(0)
+        q = apply_rope(q.view(B, S, H, hd).transpose(1, 2), cos_q, sin_q)       # [B, H, S, hd]
+        k = apply_rope(k.view(B, S, Hkv, hd).transpose(1, 2), cos_k, sin_k)     # [B, Hkv, S, hd]
+        keys = kv.append(layer, "k", k, pos)
+        self.keep_v_rows((kv, pos), layer, v)
+        return grouped_product(q.reshape(B, Hkv, (H // Hkv) * S, hd), keys, transpose_b=True)
 
     def attention_output(self, p: torch.Tensor, v: torch.Tensor | None, *, layer: int, cache: str | None = None,
                          pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The GPU side: serves Init / Embedding / BatchLinear / Matmul / AttentionOutput / LMHead from one model, through one
-method table (`ModelHandler.calls`: name, arity, compute function) and one typed session per client.
+"""The GPU side: serves Init / Embedding / BatchLinear / Matmul / AttentionScores / AttentionOutput / LMHead from one
+model, through one method table (`ModelHandler.calls`: name, arity, compute function) and one typed session per
+client.
 
 Request tensors arrive as views on the client's ring (zero copy: on CUDA the ring is registered
 with cudaHostRegister once per session, so `.to(device)` is DMA straight from it); results are
@@ -181,6 +182,13 @@ class ModelHandler(Handler):
         self._put(builder, self.c.attention_output(p, v, layer=request.layer, cache=cache, pos=request.pos, kv=s.kv,
                                                    max_elements=self._room(builder, s.wire)), s.wire)
 
+    def _attention_scores(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
+        if request.op:
+            raise ProtocolError(f"AttentionScores takes no op bits, got {request.op:#x}")
+        x, tables = request.tensors
+        self._put(builder, self.c.attention_scores(request.layer, x, tables, pos=request.pos, kv=s.kv,
+                                                   max_elements=self._room(builder, s.wire)), s.wire)
+
     def _lm_head(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         self._put(builder, self.c.lm_head(request.tensors[0], self._room(builder, torch.float32)), torch.float32)
 
@@ -191,6 +199,7 @@ class ModelHandler(Handler):
         Call("Matmul", arity=(1, 2), compute=_matmul),   # 2 tensors, or 1 with the other in the K/V cache
         Call("LMHead", arity=1, compute=_lm_head),
         Call("AttentionOutput", arity=(1, 2), compute=_attention_output),
+        Call("AttentionScores", arity=2, compute=_attention_scores),   # x and the enclave's RoPE tables
     )
 
 

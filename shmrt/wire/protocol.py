@@ -48,8 +48,9 @@ import torch
 from ..errors import ProtocolError, describe
 
 MAGIC = b"SHMD"
-PROTOCOL_VERSION = 3  # 2: ring attachment is its own control message (Attach); Init is a plain RPC;
-                      # 3: BatchLinear's KEEP_V bit, P*V with P alone (V's rows kept on the daemon)
+PROTOCOL_VERSION = 4  # 2: ring attachment is its own control message (Attach); Init is a plain RPC;
+                      # 3: BatchLinear's KEEP_V bit, P*V with P alone (V's rows kept on the daemon);
+                      # 4: AttentionScores
 MAX_TENSORS = 8
 MAX_NDIM = 6
 MAX_DIM = 1 << 40
@@ -73,6 +74,7 @@ class Method(enum.IntEnum):
     Matmul = 4
     LMHead = 5
     AttentionOutput = 6   # P*V and o_proj fused (the v2.4 call set uses Matmul + BatchLinear instead)
+    AttentionScores = 7   # q|k|v, RoPE with the enclave's tables, K/V kept, Q*K^T (the fewest call set)
     Hello = 16   # control: opens a session, returns the model config (not a logged RPC)
     Close = 17   # control: ends a session, the daemon detaches its rings
     Error = 18   # reply only: text says what went wrong

@@ -31,8 +31,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--decode-threads", type=int, default=1,
                    help="e2e: the client's torch threads while decoding (default 1, as `shmrt run`; 0: torch's default); the floor uses it "
                         "too where the daemon's half runs on a GPU (on a CPU both halves share the threads)")
-    p.add_argument("--calls", default="fused", choices=["fused", "v2.4"],
-                   help="e2e: P*V and o_proj fused (5 calls per layer) or v2.4's six")
+    p.add_argument("--calls", default="fewest", choices=["fewest", "fused", "v2.4"],
+                   help="e2e: fewest (4 calls per layer with K/V on the daemon, else 5), fused (P*V and o_proj as "
+                        "one call: 5) or v2.4's six")
 
 
 def machine_name(device: str) -> str:

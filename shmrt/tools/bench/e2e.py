@@ -53,7 +53,7 @@ TRANSPORT_LABELS = {"msgpack": ("msgpack", "zmq"), "shm": ("shm", "shm"), "shm-z
 
 
 def measure_transport(endpoint: str, source, label: str, wire: str, kv: str, prompt: int, new: int, repeats: int,
-                      log_path: str, calls: str = "fused", decode_threads: int | None = None) -> list[dict]:
+                      log_path: str, calls: str = "fewest", decode_threads: int | None = None) -> list[dict]:
     transport, doorbell = TRANSPORT_LABELS[label]
     ids = torch.randint(0, source.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     with EnclaveClient(endpoint=endpoint, model=source, transport=transport, wire_dtype=wire, kv_cache=kv, timeout=600,
@@ -67,7 +67,7 @@ def measure_transport(endpoint: str, source, label: str, wire: str, kv: str, pro
 
 
 def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: str, prompt: int, new: int,
-                  repeats: int, weights=None, calls: str = "fused", decode_threads: int | None = None) -> dict:
+                  repeats: int, weights=None, calls: str = "fewest", decode_threads: int | None = None) -> dict:
     w = weights or load_weights(model, layers=layers, dtype=COMPUTE_DTYPES[dtype], device=device)
     compute = LinearCompute(w, device, COMPUTE_DTYPES[dtype])
     wire_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[wire]
