@@ -1,5 +1,6 @@
-"""Decode-step BatchLinear calls as CUDA graphs copying from and to registered rings (host/graphs.py): the
-same bytes as the eager path, graphs really used, and a call at another address run eagerly. GPU only."""
+"""Decode-step BatchLinear and AttentionScores calls as CUDA graphs copying from (and to) registered rings
+(host/graphs.py): the same bytes as the eager path, graphs really used, and a call at another address run eagerly.
+GPU only."""
 import pytest
 import torch
 
@@ -29,12 +30,20 @@ class Rings:
 
     def call(self, handler, session, seq, names, keep_v, x, layer, pos, hold=None):
         """One BatchLinear: x into the request ring, served, the reply copied out (and released)."""
-        desc, view = reserve_view(self.req, x.shape, x.dtype, 1.0, "x")
-        view.copy_(x)
+        return self.serve(handler, session, Request("BatchLinear", seq, layer, projection_bits(names, keep_v), pos),
+                          [x], hold)
+
+    def serve(self, handler, session, request, tensors, hold=None):
+        """`request` with `tensors` put into the request ring, served, the reply copied out (and released)."""
+        descs = []
+        for t in tensors:
+            desc, view = reserve_view(self.req, t.shape, t.dtype, 1.0, "input")
+            view.copy_(t)
+            descs.append(desc)
         entry = self.d_req.consumer.accept(self.req.producer.publish())
         builder = ShmReplyBuilder(self.d_rsp, 1.0)
-        handler.handle(Request("BatchLinear", seq, layer, projection_bits(names, keep_v), pos,
-                               [ring_view(self.d_req, desc)]), builder, session)
+        request.tensors = [ring_view(self.d_req, d) for d in descs]
+        handler.handle(request, builder, session)
         self.d_req.consumer.release(entry)
         reply = self.rsp.consumer.accept(self.d_rsp.producer.publish())
         out = [ring_view(self.rsp, d).clone() for d in builder.descs]
@@ -97,3 +106,40 @@ def test_decode_linears_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch,
         for x, y in zip(a, b):
             assert x.dtype == dtype and torch.equal(x, y)
     assert v_graphs.shape[2] == 6 and torch.equal(v_graphs, v_eager)   # V's rows kept at their positions
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+def test_attention_scores_rotate_in_a_graph_with_the_eager_paths_bytes(monkeypatch, wire):
+    """AttentionScores' copies in, q|k|v and RoPE replayed; K/V kept and Q*K^T eagerly: the same scores and cache
+    rows, step after step, as with graphs off."""
+    from shmrt.enclave.llama import rope_tables
+    from shmrt.model.config import rope_inv_freq
+    weights = load_weights("tiny", device="cuda")
+    cfg, dtype = weights.cfg, getattr(torch, wire)
+    inv_freq, scaling = rope_inv_freq(cfg)
+    results = {}
+    for graphs in ("1", "0"):
+        monkeypatch.setenv("SHMRT_CUDA_GRAPHS", graphs)
+        handler, rings = _handler(weights), Rings()
+        try:
+            session = handler.open({"wire_dtype": wire}, rings.pinned)
+            handler.handle(Request("Init", 2), None, session)
+            got, seq, gen = [], 3, torch.Generator().manual_seed(1)
+            for pos in range(6):
+                tables = rope_tables(inv_freq, pos, 1, scaling, cfg.head_dim ** -0.5).packed
+                for layer in range(cfg.num_hidden_layers):
+                    x = torch.randn(1, 1, cfg.hidden_size, generator=gen).to(dtype)
+                    out, _ = rings.serve(handler, session, Request("AttentionScores", seq, layer, 0, pos), [x, tables])
+                    assert out[0].shape == (1, cfg.num_key_value_heads, cfg.groups, pos + 1)
+                    got.append(out[0])
+                    seq += 1
+            if graphs == "1":
+                # one per layer and lap start its input met (messages alternate between two)
+                assert session.graphs.on and cfg.num_hidden_layers <= len(session.graphs.graphs) <= 2 * cfg.num_hidden_layers
+            results[graphs] = got, [session.kv.rows(1, w).cpu() for w in ("k", "v")]
+            session.close()
+        finally:
+            rings.close()
+    (with_graphs, cache_graphs), (eager, cache_eager) = results["1"], results["0"]
+    assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(with_graphs, eager))
+    assert all(a.shape[2] == 6 and torch.equal(a, b) for a, b in zip(cache_graphs, cache_eager))

@@ -285,3 +285,38 @@ def test_a_batch_linear_the_session_graphs_ran_is_not_computed_again_and_keeps_i
     expected = x @ weight.t()
     assert torch.allclose(torch.cat(builder.tensors, -1), expected[..., :q_rows + k_rows], rtol=0, atol=1e-6)
     assert torch.allclose(session.kv.rows(1, "v")[:, :, 1].flatten(), expected[0, 0, q_rows + k_rows:], atol=1e-6)
+
+
+def test_attention_scores_the_session_graphs_rotated_keep_their_rows_and_score_against_the_cache(model_handler):
+    """The CUDA graph branch of AttentionScores without a GPU: where the session's graphs gave q, k and v, the
+    handler keeps those K and V rows at `pos` and multiplies that q with the K cache; where they did not, it
+    computes the call eagerly."""
+    cfg = model_handler.c.cfg
+    Hkv, hd, g = cfg.num_key_value_heads, cfg.head_dim, cfg.groups
+    seen = []
+
+    class Graphs:
+        def __init__(self):
+            self.out = None
+
+        def rotation(self, layer, rows, x, tables):
+            seen.append((layer, tuple(x.shape), tuple(tables.shape)))
+            return self.out
+
+    session = _opened(model_handler)
+    session.graphs = Graphs()
+    gen = torch.Generator().manual_seed(3)
+    x, tables = torch.randn(1, 1, cfg.hidden_size, generator=gen), torch.randn(4, 1, hd, generator=gen)
+    builder = Builder()
+    model_handler.handle(Request("AttentionScores", 2, layer=1, pos=0, tensors=[x, tables]), builder, session)
+    expected = model_handler.c.attention_scores(1, x, tables, pos=0, kv=model_handler.c.new_kv_store())
+    assert seen == [(1, (1, 1, cfg.hidden_size), (4, 1, hd))] and torch.allclose(builder.tensors[0], expected, atol=1e-6)
+    q, k, v = torch.randn(1, Hkv, g, hd, generator=gen), torch.randn(1, Hkv, 1, hd, generator=gen), \
+        torch.randn(1, 1, Hkv * hd, generator=gen)
+    session.graphs.out = (q, k, v)
+    builder = Builder()
+    model_handler.handle(Request("AttentionScores", 3, layer=1, pos=1, tensors=[x, tables]), builder, session)
+    keys = session.kv.rows(1, "k")
+    assert keys.shape[2] == 2 and torch.equal(keys[:, :, 1:], k)
+    assert torch.equal(session.kv.rows(1, "v")[:, :, 1].flatten(), v.flatten())
+    assert torch.allclose(builder.tensors[0], q @ keys.transpose(-1, -2), atol=1e-6)

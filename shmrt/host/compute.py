@@ -288,24 +288,46 @@ class LinearCompute:
         """q|k|v of x [B, S, D]; q and k rotated with the enclave's RoPE `tables` [4, S, hd] (model/rope.py: its
         own tables, the daemon only does the arithmetic); K's and V's rows kept in the cache at `pos`; then Q*K^T
         over every kept row: [B, Hkv, g*S, pos + S], query heads of a KV group stacked along rows, in float32
-        (as Matmul's). The three calls BatchLinear q|k|v (KEEP_V), the client's RoPE and Matmul QK^T as one."""
+        (as Matmul's). The three calls BatchLinear q|k|v (KEEP_V), the client's RoPE and Matmul QK^T as one.
+        In three steps, so a CUDA daemon can replay the middle one as a graph: `scores_rows` (the checks),
+        `rotated_qkv` (device math on inputs on the device), `keep_and_score` (the cache, the product)."""
+        rows = self.scores_rows(layer, x, tables, pos, kv, max_elements)
+        rotated = self.rotated_qkv(layer, rows, self.to_device(x), self.to_device(tables, 2, torch.float32))
+        return self.keep_and_score(layer, *rotated, pos, kv)
+
+    def scores_rows(self, layer: int, x: torch.Tensor, tables: torch.Tensor, pos: int, kv: KVStore | None,
+                    max_elements: int | None) -> list[int]:
+        """Check AttentionScores' arguments (the cache's position is checked where rows are kept): q|k|v's rows."""
         cfg = self.cfg
-        H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         if kv is None:
             raise ProtocolError("AttentionScores keeps K/V rows in the daemon's cache, which this session has not got")
         rows = self.linear_rows(layer, QKV, x)
         B, S = x.shape[:2]
-        if tables.shape != (ROPE_TABLES, S, hd) or not tables.is_floating_point():
-            raise ProtocolError(f"AttentionScores expects RoPE tables [{ROPE_TABLES}, {S}, {hd}] of a floating dtype "
-                                f"for input {tuple(x.shape)}, got {tuple(tables.shape)} {tables.dtype}")
-        check_result_fits((B, Hkv, (H // Hkv) * S, pos + S), max_elements, "AttentionScores")
-        (q, k, v), _, _ = self.project(layer, QKV, rows, self.to_device(x), torch.float32, drop_v=False)
-        cos_q, sin_q, cos_k, sin_k = self.to_device(tables, slot=2, dtype=torch.float32).unbind(0)
+        if tables.shape != (ROPE_TABLES, S, cfg.head_dim) or not tables.is_floating_point():
+            raise ProtocolError(f"AttentionScores expects RoPE tables [{ROPE_TABLES}, {S}, {cfg.head_dim}] of a "
+                                f"floating dtype for input {tuple(x.shape)}, got {tuple(tables.shape)} {tables.dtype}")
+        check_result_fits((B, cfg.num_key_value_heads, cfg.groups * S, pos + S), max_elements, "AttentionScores")
+        return rows
+
+    def rotated_qkv(self, layer: int, rows: list[int], xd: torch.Tensor, tables: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q|k|v of xd [B, S, D] on the device, in float32, q and k rotated with `tables` (float32, on the device):
+        (q [B, Hkv, g*S, hd], k [B, Hkv, S, hd], v [B, S, Hkv*hd])."""
+        cfg = self.cfg
+        H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        B, S = xd.shape[:2]
+        (q, k, v), _, _ = self.project(layer, QKV, rows, xd, torch.float32, drop_v=False)
+        cos_q, sin_q, cos_k, sin_k = tables.unbind(0)
         q = apply_rope(q.view(B, S, H, hd).transpose(1, 2), cos_q, sin_q)       # [B, H, S, hd]
         k = apply_rope(k.view(B, S, Hkv, hd).transpose(1, 2), cos_k, sin_k)     # [B, Hkv, S, hd]
+        return q.reshape(B, Hkv, cfg.groups * S, hd), k, v
+
+    def keep_and_score(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int,
+                       kv: KVStore) -> torch.Tensor:
+        """K's and V's new rows into the cache at `pos`, then q against every K row kept."""
         keys = kv.append(layer, "k", k, pos)
         self.keep_v_rows((kv, pos), layer, v)
-        return grouped_product(q.reshape(B, Hkv, (H // Hkv) * S, hd), keys, transpose_b=True)
+        return grouped_product(q, keys, transpose_b=True)
 
     def attention_output(self, p: torch.Tensor, v: torch.Tensor | None, *, layer: int, cache: str | None = None,
                          pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:

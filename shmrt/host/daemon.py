@@ -185,9 +185,12 @@ class ModelHandler(Handler):
     def _attention_scores(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         if request.op:
             raise ProtocolError(f"AttentionScores takes no op bits, got {request.op:#x}")
-        x, tables = request.tensors
-        self._put(builder, self.c.attention_scores(request.layer, x, tables, pos=request.pos, kv=s.kv,
-                                                   max_elements=self._room(builder, s.wire)), s.wire)
+        x, tables, layer = *request.tensors, request.layer
+        rows = self.c.scores_rows(layer, x, tables, request.pos, s.kv, self._room(builder, s.wire))
+        rotated = s.graphs.rotation(layer, rows, x, tables) if s.graphs else None
+        if rotated is None:
+            rotated = self.c.rotated_qkv(layer, rows, self.c.to_device(x), self.c.to_device(tables, 2, torch.float32))
+        self._put(builder, self.c.keep_and_score(layer, *rotated, request.pos, s.kv), s.wire)
 
     def _lm_head(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         self._put(builder, self.c.lm_head(request.tensors[0], self._room(builder, torch.float32)), torch.float32)

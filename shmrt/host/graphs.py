@@ -1,22 +1,27 @@
-"""A decode step's BatchLinear calls as CUDA graphs that copy straight from the request ring and into the
-response ring (CUDA daemons only).
+"""A decode step's calls as CUDA graphs that copy straight from the request ring (and, for BatchLinear, into the
+response ring) (CUDA daemons only).
 
 Eager, a decode-shaped BatchLinear is ~8 torch ops on the daemon's CPU (the copy in, the product, its split,
 the copy out, ...), each a dispatch and a launch, while the GPU works a few microseconds. A graph launches
-them all at once. It replays fixed addresses: a message that finds its ring empty starts at data offset 0
-(ring.py), so a decode step's input and reply lie at the same addresses call after call, and the graph's
-copies read and write the rings themselves (registered with cudaHostRegister at Init), with no staging.
-(An earlier try, on branch decode-graphs, staged through pinned buffers: the CPU copies cost what the
-launches saved.) Only calls of one row (batch 1, one position) whose input and reply lie at one of their
-rings' lap starts have graphs (two per ring: messages alternate between them); any other runs eagerly (a
-client holding a reply moves the next one: no graph per address it lands at).
+them all at once. It replays fixed addresses: a message that finds its ring empty starts at one of two lap
+starts (ring.py), so a decode step's input and reply lie at the same addresses call after call, and the
+graph's copies read and write the rings themselves (registered with cudaHostRegister at Init), with no
+staging. (An earlier try, on branch decode-graphs, staged through pinned buffers: the CPU copies cost what
+the launches saved.) Only calls of one row (batch 1, one position) whose input (and BatchLinear's reply) lie
+at a lap start have graphs; any other runs eagerly (a client holding a reply moves the next one: no graph
+per address it lands at).
 
-One graph per (layer, projections, KEEP_V, input address, dtype and shape, reply addresses), per session:
-graphs hold the session's ring addresses, so they go with the session, dropped before its rings are
+- BatchLinear: one graph per (layer, projections, KEEP_V, input address, dtype and shape, reply addresses):
+  the copy in, the products, the copy out. V's rows (KEEP_V) come out of the graph in a buffer of its own and
+  go into the cache eagerly (their position moves every step).
+- AttentionScores: one graph per (layer, input and tables addresses and dtypes): the copies in, q|k|v, RoPE;
+  K's and V's rows into the cache, Q*K^T over every kept row (its length grows each step) and the copy out
+  run eagerly after the replay.
+
+Graphs hold the session's ring addresses, so they go with the session, dropped before its rings are
 unregistered and unmapped. Arguments are checked by the eager path's code before a graph is looked up
-(`linear_rows`, the reply's reservation); V's rows (KEEP_V) come out of the graph in a buffer of its own
-and go into the cache eagerly (their position moves every step). A capture that fails turns graphs off
-for the session, with one log line, and the call runs eagerly.
+(`linear_rows`, `scores_rows`, the reply's reservation). A capture that fails turns graphs off for the
+session, with one log line, and the call runs eagerly.
 """
 from __future__ import annotations
 
@@ -24,26 +29,17 @@ import torch
 
 from .compute import LinearCompute, write_parts
 
-MAX_GRAPHS = 1024  # per session: a decode step needs 3 per layer (4 with the v2.4 calls), at most twice
+MAX_GRAPHS = 1024  # per session: a decode step needs at most 4 per layer (the v2.4 calls), each at most twice
 
 
-class LinearGraph:
-    """One BatchLinear replayed: ring input -> device -> products -> ring reply; `v` holds V's rows (KEEP_V)."""
+class CapturedCall:
+    """One call's device work replayed: `body()` reads the rings (DMA from the registered request ring) and
+    returns what the call's eager rest needs (device tensors the graph owns, rewritten by each replay; or None)."""
 
-    def __init__(self, c: LinearCompute, layer: int, names: tuple[str, ...], rows: list[int], x: torch.Tensor,
-                 outs: list[torch.Tensor], joined: torch.Tensor | None, dtype: torch.dtype, drop_v: bool, pool,
-                 stream: torch.cuda.Stream):
-        xd = torch.empty(x.shape, dtype=c.dtype, device=c.device)   # the graph's own input buffer
-
-        def body() -> torch.Tensor | None:
-            xd.copy_(x, non_blocking=True)   # DMA from the registered request ring
-            parts, whole, v = c.project(layer, names, rows, xd, dtype, drop_v)
-            write_parts(outs, joined, parts, whole)   # DMA into the registered response ring
-            return v
-
+    def __init__(self, body, keep, pool, stream: torch.cuda.Stream, device: torch.device):
         # One eager run on a side stream first (cuBLAS picks its kernels and workspace outside the capture); it
         # computes this call's results, which the replay below writes again.
-        side = torch.cuda.Stream(c.device)
+        side = torch.cuda.Stream(device)
         side.wait_stream(stream)
         with torch.cuda.stream(side):
             body()
@@ -52,15 +48,43 @@ class LinearGraph:
         with torch.cuda.stream(side):   # capture_begin/end directly: torch.cuda.graph() would gc.collect() each time
             self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
-                self.v = body()
+                self.outputs = body()
             finally:
                 self.graph.capture_end()
         stream.wait_stream(side)
-        self._keep = (xd, x, outs, joined)   # what the graph reads and writes lives as long as it does
+        self._keep = keep   # what the graph reads and writes lives as long as it does
 
-    def replay(self) -> torch.Tensor | None:
+    def replay(self):
         self.graph.replay()
-        return self.v
+        return self.outputs
+
+
+def linear_body(c: LinearCompute, layer: int, names: tuple[str, ...], rows: list[int], x: torch.Tensor,
+                outs: list[torch.Tensor], joined: torch.Tensor | None, dtype: torch.dtype, drop_v: bool):
+    """BatchLinear: ring input -> device -> products -> ring reply; returns V's rows (KEEP_V) or None."""
+    xd = torch.empty(x.shape, dtype=c.dtype, device=c.device)   # the graph's own input buffer
+
+    def body() -> torch.Tensor | None:
+        xd.copy_(x, non_blocking=True)   # DMA from the registered request ring
+        parts, whole, v = c.project(layer, names, rows, xd, dtype, drop_v)
+        write_parts(outs, joined, parts, whole)   # DMA into the registered response ring
+        return v
+
+    return body, (xd, x, outs, joined)
+
+
+def rotation_body(c: LinearCompute, layer: int, rows: list[int], x: torch.Tensor, tables: torch.Tensor):
+    """AttentionScores up to the cache: ring input and RoPE tables -> device -> q|k|v, q and k rotated. The rest
+    (rows kept at a position that moves every step, Q*K^T over a length that grows) runs eagerly."""
+    xd = torch.empty(x.shape, dtype=c.dtype, device=c.device)
+    td = torch.empty(tables.shape, dtype=torch.float32, device=c.device)
+
+    def body():
+        xd.copy_(x, non_blocking=True)
+        td.copy_(tables, non_blocking=True)
+        return c.rotated_qkv(layer, rows, xd, td)
+
+    return body, (xd, td, x, tables)
 
 
 class SessionGraphs:
@@ -73,7 +97,7 @@ class SessionGraphs:
         self.stream = stream
         self.log = log
         self.pool = torch.cuda.graph_pool_handle()   # one pool: the graphs replay one at a time, each call synced
-        self.graphs: dict[tuple, LinearGraph] = {}
+        self.graphs: dict[tuple, CapturedCall] = {}
         self.on = True
 
     def linear(self, layer: int, names: tuple[str, ...], rows: list[int], x: torch.Tensor, outs: list[torch.Tensor],
@@ -84,22 +108,37 @@ class SessionGraphs:
         if not self.on or x.dim() != 3 or x.shape[:2] != (1, 1) or x.data_ptr() not in self.request_starts \
                 or first_out.data_ptr() not in self.reply_starts:
             return False, None
-        key = (layer, names, drop_v, dtype, x.data_ptr(), x.dtype, tuple(x.shape),
+        key = ("BatchLinear", layer, names, drop_v, dtype, x.data_ptr(), x.dtype, tuple(x.shape),
                joined.data_ptr() if joined is not None else tuple(o.data_ptr() for o in outs))
+        graph = self._graph(key, lambda: linear_body(self.c, layer, names, rows, x, outs, joined, dtype, drop_v))
+        return (False, None) if graph is None else (True, graph.replay())
+
+    def rotation(self, layer: int, rows: list[int], x: torch.Tensor, tables: torch.Tensor):
+        """AttentionScores' q, k (rotated) and v on the device from a replayed graph (`rotation_body`), or None
+        where the call is not a graph's (as `linear`): run it eagerly."""
+        if not self.on or x.dim() != 3 or x.shape[:2] != (1, 1) or x.data_ptr() not in self.request_starts:
+            return None
+        key = ("AttentionScores", layer, x.data_ptr(), x.dtype, tuple(x.shape), tables.data_ptr(), tables.dtype,
+               tuple(tables.shape))
+        graph = self._graph(key, lambda: rotation_body(self.c, layer, rows, x, tables))
+        return None if graph is None else graph.replay()
+
+    def _graph(self, key: tuple, make_body) -> CapturedCall | None:
+        """The graph of `key`, captured on first use; None if graphs are off or a capture failed just now."""
         graph = self.graphs.get(key)
         if graph is None:
             if len(self.graphs) >= MAX_GRAPHS:
-                return False, None
+                return None
             try:
-                graph = LinearGraph(self.c, layer, names, rows, x, outs, joined, dtype, drop_v, self.pool, self.stream)
+                graph = CapturedCall(*make_body(), self.pool, self.stream, self.c.device)
             except Exception as exc:  # noqa: BLE001 - any capture failure: eager is always right
                 self.on = False
                 self.log(f"CUDA graphs off for this session (capture failed: {str(exc).splitlines()[0]}); "
                          "decode calls run eagerly")
                 torch.cuda.synchronize(self.c.device)
-                return False, None
+                return None
             self.graphs[key] = graph
-        return True, graph.replay()
+        return graph
 
     def close(self) -> None:
         self.graphs.clear()
