@@ -220,6 +220,8 @@ def test_a_product_without_new_rows_needs_a_kept_cache(compute):
     with pytest.raises(ProtocolError, match="does not match the V cache"):
         compute.matmul(torch.randn(2, 2, 2, 3), None, transpose_b=False, cache="v", layer=0, kv=kv)
     with pytest.raises(ProtocolError, match="inner dims differ"):
+        compute.matmul(torch.randn(1, 2, 2, 2), None, transpose_b=False, cache="v", layer=0, kv=kv)
+    with pytest.raises(ProtocolError, match="4 rows wide over the V cache of layer 0, which has room for 3"):
         compute.matmul(torch.randn(1, 2, 2, 4), None, transpose_b=False, cache="v", layer=0, kv=kv)
 
 

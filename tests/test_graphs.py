@@ -7,7 +7,7 @@ import torch
 from shmrt.host.compute import LinearCompute
 from shmrt.host.daemon import ModelHandler
 from shmrt.host.weights import load_weights
-from shmrt.model.calls import projection_bits
+from shmrt.model.calls import matmul_bits, projection_bits
 from shmrt.wire.ring import Ring
 from shmrt.wire.shm_transport import ShmReplyBuilder, ring_view, reserve_view
 from shmrt.wire.transport import Request
@@ -44,6 +44,7 @@ class Rings:
         builder = ShmReplyBuilder(self.d_rsp, 1.0)
         request.tensors = [ring_view(self.d_req, d) for d in descs]
         handler.handle(request, builder, session)
+        request.tensors = []   # views on a ring this test unmaps: none left for a failure report to print
         self.d_req.consumer.release(entry)
         reply = self.rsp.consumer.accept(self.d_rsp.producer.publish())
         out = [ring_view(self.rsp, d).clone() for d in builder.descs]
@@ -108,16 +109,22 @@ def test_decode_linears_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch,
     assert v_graphs.shape[2] == 6 and torch.equal(v_graphs, v_eager)   # V's rows kept at their positions
 
 
+@pytest.mark.parametrize("step", [1, 8])
 @pytest.mark.parametrize("wire", ["float32", "bfloat16"])
-def test_attention_scores_rotate_in_a_graph_with_the_eager_paths_bytes(monkeypatch, wire):
-    """AttentionScores' copies in, q|k|v and RoPE replayed; K/V kept and Q*K^T eagerly: the same scores and cache
-    rows, step after step, as with graphs off."""
+def test_attention_calls_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch, wire, step):
+    """Decode steps of AttentionScores then AttentionOutput (P alone). Unpadded (step 1): AttentionScores' copies
+    in, q|k|v and RoPE replayed, the rest eager. Padded to a multiple of `step` (model/calls.py): both calls
+    replayed whole, K/V rows kept by the graph at the step's position, a new graph when the width moves on. The
+    same replies and cache rows, step after step, as with graphs off."""
     from shmrt.enclave.llama import rope_tables
+    from shmrt.model.calls import padded_width
     from shmrt.model.config import rope_inv_freq
     weights = load_weights("tiny", device="cuda")
     cfg, dtype = weights.cfg, getattr(torch, wire)
     inv_freq, scaling = rope_inv_freq(cfg)
+    Hkv, g = cfg.num_key_value_heads, cfg.groups
     results = {}
+    monkeypatch.setattr("shmrt.host.graphs.SCORE_WIDTH_STEP", 8)   # the step the daemon replays
     for graphs in ("1", "0"):
         monkeypatch.setenv("SHMRT_CUDA_GRAPHS", graphs)
         handler, rings = _handler(weights), Rings()
@@ -125,21 +132,30 @@ def test_attention_scores_rotate_in_a_graph_with_the_eager_paths_bytes(monkeypat
             session = handler.open({"wire_dtype": wire}, rings.pinned)
             handler.handle(Request("Init", 2), None, session)
             got, seq, gen = [], 3, torch.Generator().manual_seed(1)
-            for pos in range(6):
+            for pos in range(12):                       # with step 8: widths 8 and 16, a new graph at pos 8
+                width = padded_width(pos + 1, step)
                 tables = rope_tables(inv_freq, pos, 1, scaling, cfg.head_dim ** -0.5).packed
                 for layer in range(cfg.num_hidden_layers):
                     x = torch.randn(1, 1, cfg.hidden_size, generator=gen).to(dtype)
-                    out, _ = rings.serve(handler, session, Request("AttentionScores", seq, layer, 0, pos), [x, tables])
-                    assert out[0].shape == (1, cfg.num_key_value_heads, cfg.groups, pos + 1)
-                    got.append(out[0])
-                    seq += 1
+                    request = Request("AttentionScores", seq, layer, width if step > 1 else 0, pos)
+                    (scores,), _ = rings.serve(handler, session, request, [x, tables])
+                    assert scores.shape == (1, Hkv, g, width) and not scores[..., pos + 1:].any()   # zero rows
+                    p = torch.zeros(1, Hkv, g, width)
+                    p[..., :pos + 1] = torch.softmax(scores[..., :pos + 1].float(), -1)
+                    (out,), _ = rings.serve(handler, session, Request("AttentionOutput", seq + 1, layer,
+                                                                      matmul_bits(False, "v"), pos), [p.to(dtype)])
+                    got += [scores, out]
+                    seq += 2
             if graphs == "1":
-                # one per layer and lap start its input met (messages alternate between two)
-                assert session.graphs.on and cfg.num_hidden_layers <= len(session.graphs.graphs) <= 2 * cfg.num_hidden_layers
+                kinds = {key[0] for key in session.graphs.graphs}   # unpadded: P 8 wide once (pos 7) is a graph's too
+                assert session.graphs.on and kinds == {"AttentionScores", "AttentionOutput"}
+                if step > 1:   # one graph per layer, kind and lap start met, for the current width only
+                    assert len(session.graphs.graphs) <= 2 * 2 * cfg.num_hidden_layers
+                    assert all(key[-1] == 16 for key in session.graphs.graphs if key[0] == "AttentionScores")
             results[graphs] = got, [session.kv.rows(1, w).cpu() for w in ("k", "v")]
             session.close()
         finally:
             rings.close()
     (with_graphs, cache_graphs), (eager, cache_eager) = results["1"], results["0"]
     assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(with_graphs, eager))
-    assert all(a.shape[2] == 6 and torch.equal(a, b) for a, b in zip(cache_graphs, cache_eager))
+    assert all(a.shape[2] == 12 and torch.equal(a, b) for a, b in zip(cache_graphs, cache_eager))

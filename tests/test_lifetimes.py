@@ -14,17 +14,20 @@ from shmrt.enclave.generate import decode_one, prefill
 from shmrt.errors import PeerError, ProtocolError
 
 # The bug: the K/V cache holds request memory instead of an owned copy. Round 1 kept the view itself (on a
-# CPU daemon `.to(device)` is a no-op); here the store adopts a prefill's rows as the layer's buffer.
+# CPU daemon `.to(device)` is a no-op); here the store adopts a prefill's rows as the layer's buffer. Only K's
+# rows of the `fused` call set come from the request (Matmul QK^T); with `fewest` the daemon computes K and V
+# itself and no cache row was ever request memory, so these runs use `fused`.
 ALIASING_DAEMON = """
 import sys
 import shmrt.host.compute as compute
-reserve = compute.KVStore._reserve
-def adopt(self, layer, which, rows, total):  # at pos 0 the request's rows become the layer's buffer
-    if total > rows.shape[2]:
-        return reserve(self, layer, which, rows, total)
+append = compute.KVStore.append
+def adopt(self, layer, which, rows, pos, width=0):  # at pos 0 the request's rows become the layer's buffer
+    if pos:
+        return append(self, layer, which, rows, pos, width)
+    self.place(layer, which, tuple(rows.shape), pos, width)
     self.buffers[which][layer] = rows
     return rows
-compute.KVStore._reserve = adopt
+compute.KVStore.append = adopt
 from shmrt.cli import main
 sys.exit(main(["daemon", *sys.argv[1:]]))
 """
@@ -47,7 +50,7 @@ def start_daemon(tmp_path, model_path, *, aliasing: bool, poison: bool):
 def greedy(endpoint, model, ids, new, ring_mib=1 / 16):
     """Greedy tokens and the logits [new, V] that chose them (prefill, then a decode step per token)."""
     with EnclaveClient(endpoint=endpoint, model=str(model), transport="shm", kv_cache="daemon", timeout=30, ring_mib=ring_mib,
-                       prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + new) as c:
+                       prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + new, calls="fused") as c:
         with torch.inference_mode():
             logits = [prefill(c.model, ids)]
             for _ in range(new - 1):

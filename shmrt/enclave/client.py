@@ -12,6 +12,7 @@ import os
 import torch
 
 from .. import settings
+from ..model.calls import score_width_step
 from ..model.checkpoint import ModelSource, load_enclave_part, resolve_model
 from ..model.config import LlamaConfig
 from ..errors import ModelError
@@ -98,7 +99,10 @@ class EnclaveClient:
             self.transport.observers.append(self.perflog)
         self.transport.call("Init").release()
         ops = RemoteOps(self.transport, self.cfg, self.wire)
-        self.model = EnclaveModel(self.part, ops, self.kv_cache, self.calls)
+        # How wide a decode step's scores travel: the daemon's hint, bounded (model/calls.py); it changes message
+        # sizes only, never a value we compute.
+        self.model = EnclaveModel(self.part, ops, self.kv_cache, self.calls,
+                                  score_step=score_width_step(info.get("score_width_step")))
 
     def close(self) -> None:
         if self.perflog is not None:

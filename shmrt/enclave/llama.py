@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ProtocolError
+from ..model.calls import padded_width
 from ..model.checkpoint import EnclavePart
 from ..model.rope import ROPE_TABLES, apply_rope
 
@@ -145,8 +146,9 @@ def check_finite(t: torch.Tensor, method: str, layer: int) -> torch.Tensor:
 class EnclaveModel:
     """The enclave's half of a LLaMA: holds norms and RoPE, drives `ops` for the rest."""
 
-    def __init__(self, part: EnclavePart, ops, kv_cache: str = "daemon", calls: str = "fewest"):
+    def __init__(self, part: EnclavePart, ops, kv_cache: str = "daemon", calls: str = "fewest", score_step: int = 1):
         assert kv_cache in KV_PLACEMENTS and calls in CALL_SETS, (kv_cache, calls)
+        self.score_step = score_step   # a decode step's scores padded to a multiple of it (model/calls.py)
         self.fused = calls != "v2.4"                                    # P*V and o_proj in one call
         self.scores_in_one = calls == "fewest" and kv_cache == "daemon"  # projections, RoPE, Q*K^T in one call
         self.cfg = cfg = part.cfg
@@ -195,11 +197,15 @@ class EnclaveModel:
         on_daemon = self.kv_cache == "daemon"
         if self.scores_in_one:
             # One call: q|k|v of x, q and k rotated with our tables, K's and V's rows kept, Q*K^T over every row.
+            # A decode step's scores padded (model/calls.py): one shape for many steps, a graph on a CUDA daemon
+            # (the width is named even where it is start + 1: the step that fills a width exactly is one of them).
+            padded = S == 1 and self.score_step > 1
+            width = min(padded_width(start + 1, self.score_step), cfg.max_position_embeddings) if padded else start + S
             with ops.request() as req:
                 x = rms_norm(h, input_norm, eps, out=req.alloc((B, S, D)))
                 tables = req.alloc(rope.packed.shape, torch.float32).copy_(rope.packed)
-                scores = ops.attention_scores(layer, x, tables, pos=start)
-            o = self._weigh(layer, scores, B, S, start, mask, None, dict(layer=layer, cache="v", pos=start))
+                scores = ops.attention_scores(layer, x, tables, pos=start, width=width if padded else 0)
+            o = self._weigh(layer, scores, B, S, start, mask, None, dict(layer=layer, cache="v", pos=start), width)
         else:
             with ops.request() as req:
                 x = rms_norm(h, input_norm, eps, out=req.alloc((B, S, D)))
@@ -253,15 +259,21 @@ class EnclaveModel:
         scores = self.ops.matmul(qg, keys, expect_cols=start + S, **score_call)
         return self._weigh(layer, scores, B, S, start, mask, values, ctx_call)
 
-    def _weigh(self, layer: int, scores, B: int, S: int, start: int, mask, values, ctx_call: dict):
-        """Causal softmax of `scores` (a reply: [B, Hkv, g*S, T], scaled) straight into the next request, then P*V
-        and o_proj in one call (fused: the reply is [B, S, D]) or P*V alone (v2.4: [B, Hkv, g*S, hd])."""
+    def _weigh(self, layer: int, scores, B: int, S: int, start: int, mask, values, ctx_call: dict,
+               width: int | None = None):
+        """Causal softmax of `scores` (a reply: [B, Hkv, g*S, T], scaled; `width` columns where padded, the first
+        T meaning something, whatever the daemon put past them) straight into the next request (as wide, zeros
+        past T), then P*V and o_proj in one call (fused: the reply is [B, S, D]) or P*V alone (v2.4: [B, Hkv,
+        g*S, hd])."""
         H, T = self.cfg.num_attention_heads, start + S
+        W = width or T
         with self.ops.request() as req:
             with scores:
                 s = scores.view(0)
                 probs = req.alloc(s.shape)                     # written in place: no extra copy
-                causal_softmax(s.view(B, H, S, T), mask, probs.view(B, H, S, T))
+                if W != T:   # padding: no weight. Written into the reply we hold, so the softmax runs on whole rows
+                    s.view(B, H, S, W)[..., T:].fill_(float("-inf"))   # (a strided one took ~1.7x as long)
+                causal_softmax(s.view(B, H, S, W), mask, probs.view(B, H, S, W))
             if self.fused:
                 ctx_call.pop("transpose_b", None)
                 return self.ops.attention_output(probs, values, **{"layer": layer, **ctx_call})

@@ -59,13 +59,15 @@ class RemoteOps:
         return self._call("Matmul", [a, b], [tuple(a.shape[:-1]) + (expect_cols,)],
                           self.wire_dtype, layer=layer, op=matmul_bits(transpose_b, cache), pos=pos)
 
-    def attention_scores(self, layer: int, x: torch.Tensor, tables: torch.Tensor, *, pos: int) -> Reply:
+    def attention_scores(self, layer: int, x: torch.Tensor, tables: torch.Tensor, *, pos: int, width: int = 0) -> Reply:
         """q|k|v of x [B, S, D], q and k rotated with our RoPE `tables` (model/rope.py), K's and V's rows kept in
-        the daemon's cache at `pos`, then Q*K^T over every kept row, one call: [B, Hkv, g*S, pos + S]."""
+        the daemon's cache at `pos`, then Q*K^T over every kept row, one call: [B, Hkv, g*S, pos + S], or `width`
+        columns (model/calls.py: padded, products with zero rows past pos + S)."""
         B, S, _ = x.shape
         cfg = self.cfg
-        return self._call("AttentionScores", [x, tables], [(B, cfg.num_key_value_heads, cfg.groups * S, pos + S)],
-                          self.wire_dtype, layer=layer, pos=pos)
+        return self._call("AttentionScores", [x, tables],
+                          [(B, cfg.num_key_value_heads, cfg.groups * S, width or pos + S)],
+                          self.wire_dtype, layer=layer, op=width, pos=pos)
 
     def attention_output(self, p, v, *, layer: int, cache: str | None = None, pos: int = 0) -> Reply:
         """P*V then o_proj, one call: p [B, Hkv, g*S, T] -> [B, S, D]; v None as in `matmul`."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.calls import replied_projections
+from ..model.calls import MAX_SCORE_WIDTH_STEP, replied_projections
 from ..model.checkpoint import EnclavePart
 from ..wire.ring import align_up, alignment_for
 from ..wire.scopes import PendingRequest, Reply
@@ -68,10 +68,10 @@ class RecordingOps:
     def matmul(self, a, b, *, transpose_b, expect_cols, layer=-1, cache=None, pos=0):
         return self._note([a, b], [((*a.shape[:-1], expect_cols), self.wire_dtype)])
 
-    def attention_scores(self, layer, x, tables, *, pos):
+    def attention_scores(self, layer, x, tables, *, pos, width=0):
         B, S, _ = x.shape
         cfg = self.cfg
-        return self._note([x, tables], [((B, cfg.num_key_value_heads, cfg.groups * S, pos + S), self.wire_dtype)],
+        return self._note([x, tables], [((B, cfg.num_key_value_heads, cfg.groups * S, width or pos + S), self.wire_dtype)],
                           as_staged=(tables,))
 
     def attention_output(self, p, v, *, layer, cache=None, pos=0):
@@ -88,7 +88,7 @@ def ring_bytes_for(part: EnclavePart, prompt_tokens: int, total_tokens: int, wir
     cfg = part.cfg.with_layers(1)                           # every layer sends the same messages
     one_layer = EnclavePart(cfg, part.norms[:3], part.inv_freq, part.attention_scaling, part.digest)
     ops = RecordingOps(cfg, wire_dtype)
-    model = EnclaveModel(one_layer, ops, kv_cache, calls)
+    model = EnclaveModel(one_layer, ops, kv_cache, calls, score_step=MAX_SCORE_WIDTH_STEP)  # the widest padding
     ids = torch.zeros((batch, prompt_tokens), dtype=torch.int64)
     model.forward(ids, 0)                                   # the prefill
     last = max(total_tokens - 1, prompt_tokens)

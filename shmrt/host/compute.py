@@ -68,6 +68,10 @@ class KVStore:
     take (their capacity), checked against the session's quota before anything is allocated; no buffer
     grows past its share of the quota (quota / layers / 2) unless the rows it must hold need it, so
     headroom in one layer never makes another layer's rows not fit.
+
+    Rows past `filled` are zeros (buffers are allocated zeroed; a restart at pos 0 zeroes what the earlier
+    sequence left): a padded product (`width` rows, model/calls.py's score widths) reads them, and zero V rows
+    times zero probabilities add nothing.
     """
 
     def __init__(self, cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, max_bytes: int | None = None):
@@ -80,46 +84,68 @@ class KVStore:
         self.max_bytes = max_bytes  # the session's quota (a client chooses its batch and ring size)
         self.bytes = 0
 
-    def append(self, layer: int, which: str, rows: torch.Tensor, pos: int) -> torch.Tensor:
+    def append(self, layer: int, which: str, rows: torch.Tensor, pos: int, width: int = 0) -> torch.Tensor:
         """Store `rows` (a request view, or V's rows of a product of ours) at `pos` of layer `layer`'s K or V;
-        returns all rows so far (a view on the owned buffer, valid until the next append to it)."""
+        returns all rows so far, or the first `width` rows where that is more (a view on the owned buffer, valid
+        until the next append to it)."""
+        buffer = self.place(layer, which, tuple(rows.shape), pos, width)
+        total = pos + rows.shape[2]
+        keep(rows, buffer[:, :, pos:total])
+        return buffer[:, :, :max(total, width)]
+
+    def place(self, layer: int, which: str, shape: tuple, pos: int, width: int = 0, commit: bool = True) -> torch.Tensor:
+        """Make room for rows of `shape` [B, Hkv, S, hd] at `pos` of layer `layer`'s K or V (and for `width` rows
+        in all, where a padded product reads that many) and count them as kept (unless not `commit`: then
+        `commit()` once they are): the buffer, whose rows [pos, pos + S) the caller fills (`append`, or a CUDA
+        graph's copy). Everything is checked first."""
         filled = self.filled[which]
         if not 0 <= layer < len(filled):
             raise ProtocolError(f"layer {layer} out of range [0, {len(filled)})")
         have = 0 if pos == 0 else filled[layer]  # pos 0 restarts the layer
         if pos != have:
             raise ProtocolError(f"{which.upper()} cache of layer {layer} holds {have} positions, request says pos {pos}")
-        if (rows.shape[1], rows.shape[3]) != self.heads_and_dim:
-            raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} are not [B, {self.heads_and_dim[0]}, S, "
+        if len(shape) != 4 or (shape[1], shape[3]) != self.heads_and_dim:
+            raise ProtocolError(f"{which.upper()} rows {shape} are not [B, {self.heads_and_dim[0]}, S, "
                                 f"{self.heads_and_dim[1]}] (KV heads, head dim of this model)")
-        total = pos + rows.shape[2]
-        if total > self.max_positions:
-            raise ModelError(f"sequence would reach {total} positions, the model allows {self.max_positions}")
+        total = pos + shape[2]
+        if max(total, width) > self.max_positions:
+            raise ModelError(f"sequence would reach {max(total, width)} positions, the model allows {self.max_positions}")
         buffer = self.buffers[which][layer]
-        if have and buffer.shape[0] != rows.shape[0]:
-            raise ProtocolError(f"{which.upper()} rows {tuple(rows.shape)} do not match the cache "
+        if have and buffer.shape[0] != shape[0]:
+            raise ProtocolError(f"{which.upper()} rows {shape} do not match the cache "
                                 f"{tuple(buffer[:, :, :have].shape)}")
-        buffer = self._reserve(layer, which, rows, total)
-        keep(rows, buffer[:, :, pos:total])
-        filled[layer] = total
-        return buffer[:, :, :total]
+        buffer = self._reserve(layer, which, shape[0], pos, max(total, width))
+        if pos == 0 and filled[layer] > total:   # a restart: what the earlier sequence kept past it goes back to zeros
+            buffer[:, :, total:filled[layer]].zero_()
+        if commit:
+            filled[layer] = total
+        return buffer
 
-    def rows(self, layer: int, which: str) -> torch.Tensor:
-        """Every row of layer `layer`'s K or V kept so far (a view on the owned buffer, valid until the next
-        append to it): for a product whose new rows were kept by an earlier call (V, at the projection)."""
+    def commit(self, layer: int, which: str, total: int) -> None:
+        """Rows up to `total` of a `place(..., commit=False)` are in the buffer now."""
+        self.filled[which][layer] = total
+
+    def rows(self, layer: int, which: str, width: int = 0) -> torch.Tensor:
+        """Every row of layer `layer`'s K or V kept so far, or its first `width` rows where that is more (zeros
+        past the kept ones; at most the buffer's rows): a view on the owned buffer, valid until the next append to
+        it; for a product whose new rows were kept by an earlier call (V, at the projection)."""
         filled = self.filled[which]
         if not 0 <= layer < len(filled):
             raise ProtocolError(f"layer {layer} out of range [0, {len(filled)})")
         if not filled[layer]:
             raise ProtocolError(f"{which.upper()} cache of layer {layer} is empty, and the request brings no rows")
-        return self.buffers[which][layer][:, :, :filled[layer]]
-
-    def _reserve(self, layer: int, which: str, rows: torch.Tensor, total: int) -> torch.Tensor:
-        """Layer `layer`'s buffer for `which` with room for `total` rows of `rows`' batch: the one it has, or
-        a larger one (quota checked first) that holds the rows kept so far (the `total - S` before `rows`)."""
         buffer = self.buffers[which][layer]
-        batch, (heads, dim) = rows.shape[0], self.heads_and_dim
-        if buffer is not None and buffer.shape[0] == batch and buffer.shape[2] >= total:
+        if width > buffer.shape[2]:
+            raise ProtocolError(f"a product {width} rows wide over the {which.upper()} cache of layer {layer}, which "
+                                f"has room for {buffer.shape[2]} (a padded width must be one its scores had)")
+        return buffer[:, :, :max(filled[layer], width)]
+
+    def _reserve(self, layer: int, which: str, batch: int, kept: int, need: int) -> torch.Tensor:
+        """Layer `layer`'s buffer for `which` with room for `need` rows of `batch`: the one it has, or a larger
+        zeroed one (quota checked first) that holds the `kept` rows kept so far."""
+        buffer = self.buffers[which][layer]
+        heads, dim = self.heads_and_dim
+        if buffer is not None and buffer.shape[0] == batch and buffer.shape[2] >= need:
             return buffer
         old_bytes = 0 if buffer is None else buffer.numel() * buffer.element_size()
         capacity = 0 if buffer is None or buffer.shape[0] != batch else buffer.shape[2]
@@ -127,14 +153,13 @@ class KVStore:
         limit = self.max_positions
         if self.max_bytes is not None and row_bytes:
             others = self.bytes - old_bytes
-            if others + total * row_bytes > self.max_bytes:
-                raise ModelError(f"this session's K/V cache would reach {(others + total * row_bytes) / 2**20:.2f} MiB, "
+            if others + need * row_bytes > self.max_bytes:
+                raise ModelError(f"this session's K/V cache would reach {(others + need * row_bytes) / 2**20:.2f} MiB, "
                                  f"more than the daemon allows per session ({self.max_bytes / 2**20:.2f} MiB, "
                                  "--max-kv-mib): use a shorter sequence or batch, or raise --max-kv-mib on the daemon")
             share = self.max_bytes // (2 * len(self.filled[which]) * row_bytes)
-            limit = min(limit, (self.max_bytes - others) // row_bytes, max(share, total))
-        grown = torch.empty((batch, heads, min(max(total, 2 * capacity), limit), dim), device=self.device, dtype=self.dtype)
-        kept = total - rows.shape[2]
+            limit = min(limit, (self.max_bytes - others) // row_bytes, max(share, need))
+        grown = torch.zeros((batch, heads, min(max(need, 2 * capacity), limit), dim), device=self.device, dtype=self.dtype)
         if kept:  # owned rows into the larger owned buffer (device to device)
             grown[:, :, :kept] = buffer[:, :, :kept]
         self.buffers[which][layer] = grown
@@ -241,17 +266,24 @@ class LinearCompute:
         return parts, whole, v
 
     @staticmethod
-    def keep_v_rows(keep_v: tuple[KVStore, int], layer: int, v: torch.Tensor) -> None:
+    def keep_v_rows(keep_v: tuple[KVStore, int], layer: int, v: torch.Tensor, width: int = 0) -> None:
         """v_proj's rows [B, S, Hkv*hd] into the V cache of `keep_v` (a store, a position)."""
         kv, pos = keep_v
-        kv.append(layer, "v", v.view(*v.shape[:2], *kv.heads_and_dim).transpose(1, 2), pos)  # [B, Hkv, S, hd]
+        kv.append(layer, "v", v.view(*v.shape[:2], *kv.heads_and_dim).transpose(1, 2), pos, width)  # [B, Hkv, S, hd]
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor | None, *, transpose_b: bool, cache: str | None = None,
                layer: int = -1, pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:
         """a @ b (or a @ b^T); with `cache` ("k" or "v"), b holds new rows appended to the session's cache
         at `pos` and the product uses every cached row; b None: no new rows (an earlier call kept them: V at
         the projection), the product uses the cached rows as they are (`pos` unused: a's inner dimension must
-        equal the rows cached, checked with the product's)."""
+        equal the rows cached, or a padded width past them: model/calls.py, checked with the product's)."""
+        bd = self.factor(a, b, transpose_b=transpose_b, cache=cache, layer=layer, pos=pos, kv=kv,
+                         max_elements=max_elements)
+        return grouped_product(self.to_device(a), bd, transpose_b)
+
+    def factor(self, a: torch.Tensor, b: torch.Tensor | None, *, transpose_b: bool, cache: str | None, layer: int,
+               pos: int, kv: KVStore | None, max_elements: int | None) -> torch.Tensor:
+        """`matmul`'s checks, and its second factor on the device (new rows kept first, where they come)."""
         assert cache in (None, *CACHES), cache
         cached = cache is not None
         if cached and kv is None:
@@ -262,7 +294,7 @@ class LinearCompute:
                                     "but the request names no cache")
             if a.dim() != 4:
                 raise ProtocolError(f"Matmul expects a [B, Hkv, rows, cols] tensor, got {tuple(a.shape)}")
-            bd = kv.rows(layer, cache)
+            bd = kv.rows(layer, cache, width=0 if transpose_b else a.shape[-1])   # P may be padded (model/calls.py)
             if a.shape[:2] != bd.shape[:2]:
                 raise ProtocolError(f"Matmul {tuple(a.shape)} does not match the {cache.upper()} cache "
                                     f"{tuple(bd.shape)} of layer {layer}")
@@ -281,22 +313,23 @@ class LinearCompute:
         if a.shape[-1] != inner_b:
             raise ProtocolError(f"Matmul inner dims differ: {tuple(a.shape)} x {tuple(bd.shape)}"
                                 f"{' transposed' if transpose_b else ''}")
-        return grouped_product(self.to_device(a), bd, transpose_b)
+        return bd
 
     def attention_scores(self, layer: int, x: torch.Tensor, tables: torch.Tensor, *, pos: int, kv: KVStore | None,
-                         max_elements: int | None = None) -> torch.Tensor:
+                         width: int = 0, max_elements: int | None = None) -> torch.Tensor:
         """q|k|v of x [B, S, D]; q and k rotated with the enclave's RoPE `tables` [4, S, hd] (model/rope.py: its
         own tables, the daemon only does the arithmetic); K's and V's rows kept in the cache at `pos`; then Q*K^T
-        over every kept row: [B, Hkv, g*S, pos + S], query heads of a KV group stacked along rows, in float32
-        (as Matmul's). The three calls BatchLinear q|k|v (KEEP_V), the client's RoPE and Matmul QK^T as one.
-        In three steps, so a CUDA daemon can replay the middle one as a graph: `scores_rows` (the checks),
-        `rotated_qkv` (device math on inputs on the device), `keep_and_score` (the cache, the product)."""
-        rows = self.scores_rows(layer, x, tables, pos, kv, max_elements)
+        over every kept row: [B, Hkv, g*S, W], query heads of a KV group stacked along rows, in float32 (as
+        Matmul's). W = pos + S, or `width` (model/calls.py: a padded width; the columns past pos + S are
+        products with zero rows). The three calls BatchLinear q|k|v (KEEP_V), the client's RoPE and Matmul QK^T
+        as one. In three steps, so a CUDA daemon can replay the middle one as a graph: `scores_rows` (the
+        checks), `rotated_qkv` (device math on inputs on the device), `keep_and_score` (the cache, the product)."""
+        rows = self.scores_rows(layer, x, tables, pos, kv, width, max_elements)
         rotated = self.rotated_qkv(layer, rows, self.to_device(x), self.to_device(tables, 2, torch.float32))
-        return self.keep_and_score(layer, *rotated, pos, kv)
+        return self.keep_and_score(layer, *rotated, pos, kv, width)
 
     def scores_rows(self, layer: int, x: torch.Tensor, tables: torch.Tensor, pos: int, kv: KVStore | None,
-                    max_elements: int | None) -> list[int]:
+                    width: int, max_elements: int | None) -> list[int]:
         """Check AttentionScores' arguments (the cache's position is checked where rows are kept): q|k|v's rows."""
         cfg = self.cfg
         if kv is None:
@@ -306,7 +339,11 @@ class LinearCompute:
         if tables.shape != (ROPE_TABLES, S, cfg.head_dim) or not tables.is_floating_point():
             raise ProtocolError(f"AttentionScores expects RoPE tables [{ROPE_TABLES}, {S}, {cfg.head_dim}] of a "
                                 f"floating dtype for input {tuple(x.shape)}, got {tuple(tables.shape)} {tables.dtype}")
-        check_result_fits((B, cfg.num_key_value_heads, cfg.groups * S, pos + S), max_elements, "AttentionScores")
+        if width and not pos + S <= width <= cfg.max_position_embeddings:
+            raise ProtocolError(f"AttentionScores width {width}: expected 0 or from pos + S = {pos + S} to the model's "
+                                f"{cfg.max_position_embeddings} positions")
+        check_result_fits((B, cfg.num_key_value_heads, cfg.groups * S, max(pos + S, width)), max_elements,
+                          "AttentionScores")
         return rows
 
     def rotated_qkv(self, layer: int, rows: list[int], xd: torch.Tensor, tables: torch.Tensor
@@ -323,24 +360,36 @@ class LinearCompute:
         return q.reshape(B, Hkv, cfg.groups * S, hd), k, v
 
     def keep_and_score(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int,
-                       kv: KVStore) -> torch.Tensor:
-        """K's and V's new rows into the cache at `pos`, then q against every K row kept."""
-        keys = kv.append(layer, "k", k, pos)
-        self.keep_v_rows((kv, pos), layer, v)
+                       kv: KVStore, width: int = 0) -> torch.Tensor:
+        """K's and V's new rows into the cache at `pos` (room for `width` rows in both), then q against every K row
+        kept (the first `width` where that is more)."""
+        keys = kv.append(layer, "k", k, pos, width)
+        self.keep_v_rows((kv, pos), layer, v, width)
         return grouped_product(q, keys, transpose_b=True)
 
     def attention_output(self, p: torch.Tensor, v: torch.Tensor | None, *, layer: int, cache: str | None = None,
                          pos: int = 0, kv: KVStore | None = None, max_elements: int | None = None) -> torch.Tensor:
         """P*V and o_proj in one call (only a reshape lies between them): p [B, Hkv, g*S, T] (query heads
-        of a KV group stacked along rows), v [B, Hkv, T or new rows, hd] or None (kept at the projection)
-        -> [B, S, D]."""
-        H, Hkv, hd = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
+        of a KV group stacked along rows), v [B, Hkv, T or new rows, hd] or None (kept at the projection; P may
+        then be padded past the kept rows: model/calls.py) -> [B, S, D]. `output_factor` (the checks, V on the
+        device), then `output_product`: a CUDA daemon replays the second as a graph."""
+        vd = self.output_factor(p, v, layer=layer, cache=cache, pos=pos, kv=kv, max_elements=max_elements)
+        return self.output_product(layer, self.to_device(p), vd)
+
+    def output_factor(self, p: torch.Tensor, v: torch.Tensor | None, *, layer: int, cache: str | None, pos: int,
+                      kv: KVStore | None, max_elements: int | None) -> torch.Tensor:
+        H, Hkv = self.cfg.num_attention_heads, self.cfg.num_key_value_heads
         if p.dim() != 4 or p.shape[1] != Hkv or p.shape[2] % (H // Hkv):
             raise ProtocolError(f"AttentionOutput expects P [B, {Hkv}, {H // Hkv}*S, T], got {tuple(p.shape)}")
         self._layer(layer, "AttentionOutput")
-        B, S = p.shape[0], p.shape[2] // (H // Hkv)
-        check_result_fits((B, S, self.cfg.hidden_size), max_elements, "AttentionOutput")
-        ctx = self.matmul(p, v, transpose_b=False, cache=cache, layer=layer, pos=pos, kv=kv)   # [B, Hkv, g*S, hd]
+        check_result_fits((p.shape[0], p.shape[2] // (H // Hkv), self.cfg.hidden_size), max_elements, "AttentionOutput")
+        return self.factor(p, v, transpose_b=False, cache=cache, layer=layer, pos=pos, kv=kv, max_elements=None)
+
+    def output_product(self, layer: int, pd: torch.Tensor, vd: torch.Tensor) -> torch.Tensor:
+        """P*V (both on the device, checked) then o_proj: [B, S, D]."""
+        H, hd = self.cfg.num_attention_heads, self.cfg.head_dim
+        B, S = pd.shape[0], pd.shape[2] // (H // self.cfg.num_key_value_heads)
+        ctx = grouped_product(pd, vd, transpose_b=False)   # [B, Hkv, g*S, hd]
         # [B, H, S, hd] -> [B, S, H*hd]; with one row (decode) the transpose moves a size-1 dim: a view
         ctx = ctx.view(B, S, H * hd) if S == 1 else ctx.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd)
         return F.linear(ctx if ctx.dtype == self.dtype else ctx.to(self.dtype), self._o_proj[layer])

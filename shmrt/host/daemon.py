@@ -19,7 +19,7 @@ import torch
 
 from .. import settings
 from .compute import KVStore, LinearCompute, write_parts
-from .graphs import SessionGraphs
+from .graphs import SCORE_WIDTH_STEP, SessionGraphs
 from ..errors import ProtocolError, SetupError
 from ..model.calls import linear_args, matmul_args, replied_projections
 from ..wire.protocol import dtype_from_name
@@ -98,8 +98,10 @@ class ModelHandler(Handler):
     def hello(self) -> dict:
         # The client computes with nothing of this: it checks `digest` against its own copy of the model
         # and takes the rest as labels for its log.
+        # `score_width_step` is a hint (model/calls.py): where decode steps run as graphs, padded scores keep one shape.
         return {"model": self.model_name, "digest": self.digest, "device": str(self.c.device),
-                "dtype": str(self.c.dtype).replace("torch.", "")}
+                "dtype": str(self.c.dtype).replace("torch.", ""),
+                "score_width_step": SCORE_WIDTH_STEP if self.cuda and settings.cuda_graphs() else 1}
 
     def open(self, client_info: dict, pinned_buffers) -> ModelSession:
         wire = dtype_from_name(client_info.get("wire_dtype", "float32"), "wire_dtype")
@@ -179,18 +181,25 @@ class ModelHandler(Handler):
     def _attention_output(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         _, cache = matmul_args(request.op)
         p, v = self._factors(request)
-        self._put(builder, self.c.attention_output(p, v, layer=request.layer, cache=cache, pos=request.pos, kv=s.kv,
-                                                   max_elements=self._room(builder, s.wire)), s.wire)
+        vd = self.c.output_factor(p, v, layer=request.layer, cache=cache, pos=request.pos, kv=s.kv,
+                                  max_elements=self._room(builder, s.wire))
+        out = builder.alloc((p.shape[0], p.shape[2] // self.c.cfg.groups, self.c.cfg.hidden_size), s.wire)
+        if v is None and s.graphs and s.graphs.output(request.layer, p, vd, out):
+            return
+        out.copy_(self.c.output_product(request.layer, self.c.to_device(p), vd), non_blocking=True)
 
     def _attention_scores(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
-        if request.op:
-            raise ProtocolError(f"AttentionScores takes no op bits, got {request.op:#x}")
-        x, tables, layer = *request.tensors, request.layer
-        rows = self.c.scores_rows(layer, x, tables, request.pos, s.kv, self._room(builder, s.wire))
+        x, tables, layer, pos, width = *request.tensors, request.layer, request.pos, request.op
+        rows = self.c.scores_rows(layer, x, tables, pos, s.kv, width, self._room(builder, s.wire))
+        cfg = self.c.cfg
+        B, S = x.shape[:2]
+        out = builder.alloc((B, cfg.num_key_value_heads, cfg.groups * S, width or pos + S), s.wire)
+        if s.graphs and s.graphs.scores(layer, rows, x, tables, pos, width, s.kv, out):
+            return
         rotated = s.graphs.rotation(layer, rows, x, tables) if s.graphs else None
         if rotated is None:
             rotated = self.c.rotated_qkv(layer, rows, self.c.to_device(x), self.c.to_device(tables, 2, torch.float32))
-        self._put(builder, self.c.keep_and_score(layer, *rotated, request.pos, s.kv), s.wire)
+        out.copy_(self.c.keep_and_score(layer, *rotated, pos, s.kv, width), non_blocking=True)
 
     def _lm_head(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         self._put(builder, self.c.lm_head(request.tensors[0], self._room(builder, torch.float32)), torch.float32)

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import torch
 
-from .compute import LinearCompute, write_parts
+from .compute import LinearCompute, grouped_product, write_parts
 
+# The step a CUDA daemon asks clients to pad decode scores to (Hello's score_width_step, model/calls.py): a graph
+# per layer and width serves this many steps; the client's softmax reads at most this many columns more.
+SCORE_WIDTH_STEP = 256
 MAX_GRAPHS = 1024  # per session: a decode step needs at most 4 per layer (the v2.4 calls), each at most twice
 
 
@@ -87,6 +90,41 @@ def rotation_body(c: LinearCompute, layer: int, rows: list[int], x: torch.Tensor
     return body, (xd, td, x, tables)
 
 
+def scores_body(c: LinearCompute, layer: int, rows: list[int], x: torch.Tensor, tables: torch.Tensor,
+                position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, width: int, out: torch.Tensor):
+    """AttentionScores at a padded width (model/calls.py), all of it: ring input, tables and the step's position
+    (pinned: written before each replay) -> device -> q|k|v, RoPE -> K's and V's rows into the cache buffers at
+    that position (index_copy_: the position is data, not an address) -> Q*K^T over the first `width` rows ->
+    the ring reply. The buffers' addresses and the width are fixed for the graph's life (both in its key)."""
+    xd = torch.empty(x.shape, dtype=c.dtype, device=c.device)
+    td = torch.empty(tables.shape, dtype=torch.float32, device=c.device)
+    at = torch.empty(1, dtype=torch.int64, device=c.device)
+    heads = c.cfg.num_key_value_heads, c.cfg.head_dim
+
+    def body() -> None:
+        xd.copy_(x, non_blocking=True)
+        td.copy_(tables, non_blocking=True)
+        at.copy_(position, non_blocking=True)
+        q, k, v = c.rotated_qkv(layer, rows, xd, td)
+        keys.index_copy_(2, at, k.to(keys.dtype))
+        values.index_copy_(2, at, v.view(1, 1, *heads).transpose(1, 2).to(values.dtype))
+        out.copy_(grouped_product(q, keys[:, :, :width], transpose_b=True), non_blocking=True)
+
+    return body, (xd, td, at, x, tables, position, keys, values, out)
+
+
+def output_body(c: LinearCompute, layer: int, p: torch.Tensor, vd: torch.Tensor, out: torch.Tensor):
+    """AttentionOutput with P alone (V kept on the daemon) at a padded width: ring P -> device -> P*V over the
+    first rows of the V buffer (`vd`, a fixed view) -> o_proj -> the ring reply."""
+    pd = torch.empty(p.shape, dtype=c.dtype, device=c.device)
+
+    def body() -> None:
+        pd.copy_(p, non_blocking=True)
+        out.copy_(c.output_product(layer, pd, vd), non_blocking=True)
+
+    return body, (pd, p, vd, out)
+
+
 class SessionGraphs:
     """The graphs of one session (module docstring)."""
 
@@ -97,7 +135,10 @@ class SessionGraphs:
         self.stream = stream
         self.log = log
         self.pool = torch.cuda.graph_pool_handle()   # one pool: the graphs replay one at a time, each call synced
+        self.position = torch.zeros(1, dtype=torch.int64, pin_memory=True)   # a padded step's position (scores)
+        self.width_step = SCORE_WIDTH_STEP
         self.graphs: dict[tuple, CapturedCall] = {}
+        self.latest: dict[tuple, tuple] = {}   # a family's graph (`_graph`)
         self.on = True
 
     def linear(self, layer: int, names: tuple[str, ...], rows: list[int], x: torch.Tensor, outs: list[torch.Tensor],
@@ -123,10 +164,53 @@ class SessionGraphs:
         graph = self._graph(key, lambda: rotation_body(self.c, layer, rows, x, tables))
         return None if graph is None else graph.replay()
 
-    def _graph(self, key: tuple, make_body) -> CapturedCall | None:
-        """The graph of `key`, captured on first use; None if graphs are off or a capture failed just now."""
+    def scores(self, layer: int, rows: list[int], x: torch.Tensor, tables: torch.Tensor, pos: int, width: int, kv,
+               out: torch.Tensor) -> bool:
+        """A padded AttentionScores (`width`, a multiple of the step we asked for) replayed whole (`scores_body`):
+        True if it ran (its rows are kept then), False where it is not a graph's (unpadded, not one row, not at lap
+        starts, graphs off): eager."""
+        if not self.on or not width or width % self.width_step or x.shape[:2] != (1, 1) \
+                or x.data_ptr() not in self.request_starts or out.data_ptr() not in self.reply_starts:
+            return False
+        shape = (1, *kv.heads_and_dim[:1], 1, kv.heads_and_dim[1])
+        keys = kv.place(layer, "k", shape, pos, width, commit=False)   # checked, room made; counted once run
+        values = kv.place(layer, "v", shape, pos, width, commit=False)
+        family = ("AttentionScores", layer, x.data_ptr(), x.dtype, tuple(x.shape), tables.data_ptr(), tables.dtype,
+                  out.data_ptr(), out.dtype)
+        self.position[0] = pos   # before a capture too: its first, eager run keeps this step's rows
+        graph = self._graph((*family, keys.data_ptr(), values.data_ptr(), width),
+                            lambda: scores_body(self.c, layer, rows, x, tables, self.position, keys, values, width, out),
+                            family)
+        if graph is None:
+            return False
+        graph.replay()
+        kv.commit(layer, "k", pos + 1)
+        kv.commit(layer, "v", pos + 1)
+        return True
+
+    def output(self, layer: int, p: torch.Tensor, vd: torch.Tensor, out: torch.Tensor) -> bool:
+        """AttentionOutput with P alone replayed (`output_body`): True if it ran, False where it is not a graph's
+        (as `scores`: a P whose width is not a multiple of the step would need a graph per step)."""
+        if not self.on or p.shape[0] != 1 or p.shape[2] != self.c.cfg.groups or p.shape[3] % self.width_step \
+                or p.data_ptr() not in self.request_starts or out.data_ptr() not in self.reply_starts:
+            return False
+        family = ("AttentionOutput", layer, p.data_ptr(), p.dtype, out.data_ptr(), out.dtype)
+        graph = self._graph((*family, tuple(p.shape), vd.data_ptr(), tuple(vd.shape)),
+                            lambda: output_body(self.c, layer, p, vd, out), family)
+        if graph is None:
+            return False
+        graph.replay()
+        return True
+
+    def _graph(self, key: tuple, make_body, family: tuple | None = None) -> CapturedCall | None:
+        """The graph of `key`, captured on first use; None if graphs are off or a capture failed just now. A
+        `family` has one graph at a time: a padded call's graph for a new width (or a grown cache buffer)
+        replaces the one for the old, which no step will use again (and which holds the old buffer)."""
         graph = self.graphs.get(key)
         if graph is None:
+            stale = self.latest.pop(family, None) if family is not None else None
+            if stale is not None:
+                del self.graphs[stale]
             if len(self.graphs) >= MAX_GRAPHS:
                 return None
             try:
@@ -138,7 +222,10 @@ class SessionGraphs:
                 torch.cuda.synchronize(self.c.device)
                 return None
             self.graphs[key] = graph
+            if family is not None:
+                self.latest[family] = key
         return graph
 
     def close(self) -> None:
         self.graphs.clear()
+        self.latest.clear()

@@ -54,8 +54,8 @@ class LocalOps:
         return self._out([self.c.matmul(self._wire(a), self._wire(b), transpose_b=transpose_b, cache=cache,
                                         layer=layer, pos=pos, kv=self.kv)])
 
-    def attention_scores(self, layer, x, tables, *, pos) -> Reply:
-        return self._out([self.c.attention_scores(layer, self._wire(x), tables, pos=pos, kv=self.kv)])
+    def attention_scores(self, layer, x, tables, *, pos, width=0) -> Reply:
+        return self._out([self.c.attention_scores(layer, self._wire(x), tables, pos=pos, kv=self.kv, width=width)])
 
     def attention_output(self, p, v, *, layer, cache=None, pos=0) -> Reply:
         return self._out([self.c.attention_output(self._wire(p), self._wire(v), layer=layer, cache=cache, pos=pos,

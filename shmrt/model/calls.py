@@ -78,3 +78,25 @@ def call_label(method: str, bits: int) -> str:
     except ProtocolError:
         pass
     return method
+
+
+# ---- AttentionScores: `op` is the scores' width W, 0 for pos + S (every kept row, nothing more). A client may
+# pad a decode step's width up to a multiple of the `score_width_step` the daemon names at Hello (a hint: only
+# speed depends on it): Q*K^T and P*V then keep one shape for many steps, and a CUDA daemon replays them as
+# graphs. Columns past pos + S are products with the cache's zero rows; the client's softmax leaves them out and
+# its P for AttentionOutput is as wide, zeros past pos + S.
+
+MAX_SCORE_WIDTH_STEP = 1024
+
+
+def score_width_step(hint) -> int:
+    """The Hello's `score_width_step` as the client uses it: a power of two up to MAX_SCORE_WIDTH_STEP, else 1 (no
+    padding): the host's word decides how wide messages are, never what they mean."""
+    if type(hint) is int and 1 <= hint <= MAX_SCORE_WIDTH_STEP and not hint & (hint - 1):
+        return hint
+    return 1
+
+
+def padded_width(length: int, step: int) -> int:
+    """`length` rounded up to a multiple of `step`."""
+    return -(-length // step) * step

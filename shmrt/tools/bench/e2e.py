@@ -14,7 +14,7 @@ import torch
 
 from ...enclave.client import EnclaveClient
 from ...host.compute import LinearCompute
-from ...host.daemon import COMPUTE_DTYPES
+from ...host.daemon import COMPUTE_DTYPES, ModelHandler
 from ...enclave.generate import Sampler, generate
 from ...enclave.llama import EnclaveModel
 from ...host.local_ops import LocalOps
@@ -71,7 +71,9 @@ def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: st
     w = weights or load_weights(model, layers=layers, dtype=COMPUTE_DTYPES[dtype], device=device)
     compute = LinearCompute(w, device, COMPUTE_DTYPES[dtype])
     wire_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[wire]
-    m = EnclaveModel(load_enclave_part(w.source), LocalOps(compute, wire_dtype), kv, calls)
+    # the same ops as the split: decode scores as wide as a daemon on this device would ask for
+    step = ModelHandler(compute, model, "").hello()["score_width_step"]
+    m = EnclaveModel(load_enclave_part(w.source), LocalOps(compute, wire_dtype), kv, calls, score_step=step)
     ids = torch.randint(0, w.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     with torch.inference_mode():
         # its K/V store restarts at pos 0, as the daemon's does; the client's decode threads apply where the
