@@ -26,8 +26,8 @@ if [ -z "${SKIP_PROBES:-}" ]; then
 fi
 [ -n "${SKIP_MICRO:-}" ] || timeout 240 python3 -m shmrt bench --suite micro --sizes 4KiB,16KiB,64KiB,1MiB,10MiB \
   --out /tmp/res/micro 2>&1 | tr '\r' '\n' | tail -8 | tee $OUT/micro.txt
-# RUNS: space-separated CALLS:TRANSPORTS pairs, e.g. "fused:shm,shm-zmqbell,msgpack v2.4:shm" (the floor always runs)
-for run in ${RUNS:-fused:shm,shm-zmqbell,msgpack}; do
+# RUNS: space-separated CALLS:TRANSPORTS pairs, e.g. "fewest:shm,shm-zmqbell,msgpack fused:shm v2.4:shm" (the floor always runs)
+for run in ${RUNS:-fewest:shm,shm-zmqbell,msgpack fused:shm}; do
   calls=${run%%:*}; transports=${run#*:}
   timeout ${BENCH_TIMEOUT:-420} python3 -m shmrt bench --suite e2e --model llama3.2-1b --device cuda --prompts 1024 \
     --new-tokens 32 --transports "$transports" --wire-dtypes float32 --kv-caches daemon --calls "$calls" \

@@ -1,6 +1,8 @@
 """Decode-step BatchLinear and AttentionScores calls as CUDA graphs copying from (and to) registered rings
 (host/graphs.py): the same bytes as the eager path, graphs really used, and a call at another address run eagerly.
 GPU only."""
+import contextlib
+
 import pytest
 import torch
 
@@ -64,6 +66,20 @@ def _handler(weights):
     return ModelHandler(LinearCompute(weights, "cuda", torch.float32), "tiny", "0" * 64, log=print)
 
 
+@contextlib.contextmanager
+def opened(monkeypatch, weights, wire: str, graphs: str):
+    """(handler, rings, session): a session over a fresh pair of rings, Init run, graphs on ("1") or off ("0")."""
+    monkeypatch.setenv("SHMRT_CUDA_GRAPHS", graphs)
+    handler, rings = _handler(weights), Rings()
+    try:
+        session = handler.open({"wire_dtype": wire}, rings.pinned)
+        handler.handle(Request("Init", 2), None, session)
+        yield handler, rings, session
+        session.close()   # graphs and registration first: they hold the rings' addresses
+    finally:
+        rings.close()
+
+
 @pytest.mark.parametrize("wire", ["float32", "bfloat16"])
 def test_decode_linears_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch, wire):
     weights = load_weights("tiny", device="cuda")
@@ -71,11 +87,7 @@ def test_decode_linears_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch,
     D = weights.cfg.hidden_size
     results = {}
     for graphs in ("1", "0"):
-        monkeypatch.setenv("SHMRT_CUDA_GRAPHS", graphs)
-        handler, rings = _handler(weights), Rings()
-        try:
-            session = handler.open({"wire_dtype": wire}, rings.pinned)
-            handler.handle(Request("Init", 2), None, session)
+        with opened(monkeypatch, weights, wire, graphs) as (handler, rings, session):
             assert (session.graphs is not None) == (graphs == "1")
             got, seq, gen = [], 3, torch.Generator().manual_seed(0)
             for pos in range(6):
@@ -98,9 +110,6 @@ def test_decode_linears_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch,
             if graphs == "1":
                 assert session.graphs.on and len(session.graphs.graphs) == 4 * weights.cfg.num_hidden_layers
             results[graphs] = got, v_cache
-            session.close()
-        finally:
-            rings.close()
     (with_graphs, v_graphs), (eager, v_eager) = results["1"], results["0"]
     assert len(with_graphs) == len(eager)
     for a, b in zip(with_graphs, eager):
@@ -126,11 +135,7 @@ def test_attention_calls_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch
     results = {}
     monkeypatch.setattr("shmrt.host.graphs.SCORE_WIDTH_STEP", 8)   # the step the daemon replays
     for graphs in ("1", "0"):
-        monkeypatch.setenv("SHMRT_CUDA_GRAPHS", graphs)
-        handler, rings = _handler(weights), Rings()
-        try:
-            session = handler.open({"wire_dtype": wire}, rings.pinned)
-            handler.handle(Request("Init", 2), None, session)
+        with opened(monkeypatch, weights, wire, graphs) as (handler, rings, session):
             got, seq, gen = [], 3, torch.Generator().manual_seed(1)
             for pos in range(12):                       # with step 8: widths 8 and 16, a new graph at pos 8
                 width = padded_width(pos + 1, step)
@@ -153,9 +158,6 @@ def test_attention_calls_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch
                     assert len(session.graphs.graphs) <= 2 * 2 * cfg.num_hidden_layers
                     assert all(key[-1] == 16 for key in session.graphs.graphs if key[0] == "AttentionScores")
             results[graphs] = got, [session.kv.rows(1, w).cpu() for w in ("k", "v")]
-            session.close()
-        finally:
-            rings.close()
     (with_graphs, cache_graphs), (eager, cache_eager) = results["1"], results["0"]
     assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(with_graphs, eager))
     assert all(a.shape[2] == 12 and torch.equal(a, b) for a, b in zip(cache_graphs, cache_eager))
