@@ -267,13 +267,17 @@ def test_attention_scores_refuse_what_they_cannot_compute(compute):
     with pytest.raises(ProtocolError, match="has not got"):
         compute.attention_scores(0, x, tables, pos=0, kv=None)
     kv = compute.new_kv_store()
-    for bad in (tables[:3], torch.zeros(4, 3, compute.cfg.head_dim), tables.to(torch.int32)):
+    for bad in (tables[:3], torch.zeros(4, 3, compute.cfg.head_dim), tables.to(torch.int32),
+                tables.to(torch.bfloat16)):   # float32 only (model/rope.py), whatever the wire dtype
         with pytest.raises(ProtocolError, match=r"RoPE tables \[4, 2, 16\]"):
             compute.attention_scores(0, x, bad, pos=0, kv=kv)
     with pytest.raises(ProtocolError, match="out of range"):
         compute.attention_scores(2, x, tables, pos=0, kv=kv)
     with pytest.raises(ProtocolError, match="holds 0 positions, request says pos 3"):
         compute.attention_scores(0, x, tables, pos=3, kv=kv)
+    for width in (1, compute.cfg.max_position_embeddings + 1):   # short of pos + S, or past the model
+        with pytest.raises(ProtocolError, match=f"AttentionScores width {width}"):
+            compute.attention_scores(0, x, tables, pos=0, kv=kv, width=width)
     from shmrt.errors import TensorTooLarge
     with pytest.raises(TensorTooLarge):
         compute.attention_scores(0, x, tables, pos=0, kv=kv, max_elements=7)

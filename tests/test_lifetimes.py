@@ -47,10 +47,10 @@ def start_daemon(tmp_path, model_path, *, aliasing: bool, poison: bool):
     return proc, endpoint
 
 
-def greedy(endpoint, model, ids, new, ring_mib=1 / 16):
+def greedy(endpoint, model, ids, new, ring_mib=1 / 16, calls="fused"):
     """Greedy tokens and the logits [new, V] that chose them (prefill, then a decode step per token)."""
     with EnclaveClient(endpoint=endpoint, model=str(model), transport="shm", kv_cache="daemon", timeout=30, ring_mib=ring_mib,
-                       prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + new, calls="fused") as c:
+                       prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + new, calls=calls) as c:
         with torch.inference_mode():
             logits = [prefill(c.model, ids)]
             for _ in range(new - 1):
@@ -75,9 +75,10 @@ def test_poison_catches_a_kv_cache_that_aliases_the_ring(tmp_path, reference, al
     path, ids, ref, ref_logits = reference
     proc, endpoint = start_daemon(tmp_path, path, aliasing=aliasing, poison=poison)
     try:
-        if not aliasing:
-            tokens, logits = greedy(endpoint, path, ids, 8)                # the shipped daemon: right, poisoned
-            assert tokens == ref and torch.allclose(logits, ref_logits, rtol=0, atol=1e-4)
+        if not aliasing:   # the shipped daemon: right, poisoned, with the default calls and the ones above
+            for calls in ("fewest", "fused"):
+                tokens, logits = greedy(endpoint, path, ids, 8, calls=calls)
+                assert tokens == ref and torch.allclose(logits, ref_logits, rtol=0, atol=1e-4), calls
         elif poison:
             # The cache aliases released, poisoned ring space: the next step reads NaN and stops loudly.
             with pytest.raises((ProtocolError, PeerError), match="non-finite|out of range"):

@@ -13,10 +13,10 @@ from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import load_enclave_part, resolve_model
 
 
-def local_model(path, kv_cache="daemon", calls="fewest"):
+def local_model(path, kv_cache="daemon", calls="fewest", score_step=1):
     w = load_weights(str(path))
     compute = LinearCompute(w, "cpu", torch.float32)
-    return EnclaveModel(load_enclave_part(w.source), LocalOps(compute), kv_cache, calls)
+    return EnclaveModel(load_enclave_part(w.source), LocalOps(compute), kv_cache, calls, score_step=score_step)
 
 
 @pytest.mark.parametrize("calls", ["fewest", "fused", "v2.4"])
@@ -39,6 +39,28 @@ def test_greedy_generation_matches_transformers(checkpoints, kv_cache, calls):
         ref = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, 20:].tolist()
     got = generate(local_model(path, kv_cache, calls), ids, 8, Sampler()).tokens
     assert got == ref
+
+
+@pytest.mark.parametrize("step", [8, 256])
+def test_padded_decode_scores_give_transformers_tokens_also_after_a_restart(checkpoints, step):
+    """Decode scores padded to a multiple of `step` (model/calls.py: the K/V store's zero rows, -inf over the padding
+    in the reply, P as wide): transformers' tokens; then a shorter sequence from pos 0 in the same K/V store (whose
+    rows past the new ones must be zeros again) and one that starts with a single, padded, position."""
+    path, hf = checkpoints["gqa-tied-llama3"]
+    model = local_model(path, score_step=step)
+    for n, seed in ((20, 2), (3, 4), (1, 6)):
+        ids = random_ids(n, 320, seed=seed)
+        with torch.no_grad():
+            ref = hf.generate(ids, max_new_tokens=12, do_sample=False)[0, n:].tolist()
+        assert generate(model, ids, 12, Sampler()).tokens == ref, (n, step)
+
+
+def test_the_daemons_score_width_step_is_a_bounded_power_of_two_or_nothing():
+    from shmrt.model.calls import MAX_SCORE_WIDTH_STEP, padded_width, score_width_step
+    assert [score_width_step(h) for h in (256, 1, MAX_SCORE_WIDTH_STEP)] == [256, 1, MAX_SCORE_WIDTH_STEP]
+    for hostile in (None, 0, -256, 3, 96, 2 * MAX_SCORE_WIDTH_STEP, 1 << 40, 256.0, "256", True, [256]):
+        assert score_width_step(hostile) == 1, hostile
+    assert [padded_width(n, 8) for n in (1, 8, 9)] == [8, 8, 16] and padded_width(5, 1) == 5
 
 
 @pytest.mark.parametrize("kv_cache", ["client", "daemon"])

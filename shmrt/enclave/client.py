@@ -100,9 +100,9 @@ class EnclaveClient:
         self.transport.call("Init").release()
         ops = RemoteOps(self.transport, self.cfg, self.wire)
         # How wide a decode step's scores travel: the daemon's hint, bounded (model/calls.py); it changes message
-        # sizes only, never a value we compute.
-        self.model = EnclaveModel(self.part, ops, self.kv_cache, self.calls,
-                                  score_step=score_width_step(info.get("score_width_step")))
+        # sizes only, never a value we compute. Only shm's rings give a daemon the fixed addresses its graphs need.
+        step = score_width_step(info.get("score_width_step")) if self.transport_name == "shm" else 1
+        self.model = EnclaveModel(self.part, ops, self.kv_cache, self.calls, score_step=step)
 
     def close(self) -> None:
         if self.perflog is not None:

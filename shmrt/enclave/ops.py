@@ -27,10 +27,12 @@ class RemoteOps:
         """The inputs of the next call, written in place (views on the request ring for shm)."""
         return self.t.request(self.wire_dtype)
 
-    def _call(self, method: str, tensors, expect: list[tuple], dtype: torch.dtype, **args) -> Reply:
-        """One RPC; a None among `tensors` is a factor the daemon has in its K/V cache: it does not travel."""
+    def _call(self, method: str, tensors, expect: list[tuple], dtype: torch.dtype, *, convert: bool = True,
+              **args) -> Reply:
+        """One RPC; a None among `tensors` is a factor the daemon has in its K/V cache: it does not travel.
+        `convert` False: every tensor travels in its own dtype (the caller made them what they must be)."""
         tensors = [t for t in tensors if t is not None]
-        reply = self.t.call(method, tensors, wire_dtype=self.wire_dtype, **args)
+        reply = self.t.call(method, tensors, wire_dtype=self.wire_dtype if convert else None, **args)
         views = reply.views()
         ok = len(views) == len(expect)
         for t, shape in zip(views, expect):
@@ -65,9 +67,13 @@ class RemoteOps:
         columns (model/calls.py: padded, products with zero rows past pos + S)."""
         B, S, _ = x.shape
         cfg = self.cfg
+        # x in the wire dtype, the tables in float32 whatever it is (model/rope.py), on every transport: none
+        # converts them (msgpack would round the tables to the wire dtype)
+        x = x if x.dtype == self.wire_dtype else x.to(self.wire_dtype)
+        tables = tables if tables.dtype == torch.float32 else tables.float()
         return self._call("AttentionScores", [x, tables],
                           [(B, cfg.num_key_value_heads, cfg.groups * S, width or pos + S)],
-                          self.wire_dtype, layer=layer, op=width, pos=pos)
+                          self.wire_dtype, convert=False, layer=layer, op=width, pos=pos)
 
     def attention_output(self, p, v, *, layer: int, cache: str | None = None, pos: int = 0) -> Reply:
         """P*V then o_proj, one call: p [B, Hkv, g*S, T] -> [B, S, D]; v None as in `matmul`."""

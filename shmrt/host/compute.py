@@ -70,8 +70,9 @@ class KVStore:
     headroom in one layer never makes another layer's rows not fit.
 
     Rows past `filled` are zeros (buffers are allocated zeroed; a restart at pos 0 zeroes what the earlier
-    sequence left): a padded product (`width` rows, model/calls.py's score widths) reads them, and zero V rows
-    times zero probabilities add nothing.
+    sequence left). A padded product (`width` rows, model/calls.py's score widths) reads them: the client gives
+    their scores no weight (-inf before its softmax, zeros in P), and zeros, unlike rows an earlier sequence
+    left, cannot be NaN or Inf (which times a zero probability would still be NaN).
     """
 
     def __init__(self, cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, max_bytes: int | None = None):
@@ -115,15 +116,18 @@ class KVStore:
             raise ProtocolError(f"{which.upper()} rows {shape} do not match the cache "
                                 f"{tuple(buffer[:, :, :have].shape)}")
         buffer = self._reserve(layer, which, shape[0], pos, max(total, width))
-        if pos == 0 and filled[layer] > total:   # a restart: what the earlier sequence kept past it goes back to zeros
-            buffer[:, :, total:filled[layer]].zero_()
         if commit:
-            filled[layer] = total
+            self.commit(layer, which, total)
         return buffer
 
     def commit(self, layer: int, which: str, total: int) -> None:
-        """Rows up to `total` of a `place(..., commit=False)` are in the buffer now."""
-        self.filled[which][layer] = total
+        """Count rows up to `total` as kept (`place` does, unless told not to: then this, once they are in the
+        buffer; a caller placing K and V checks both before either changes). A restart, fewer rows than the
+        earlier sequence kept, zeroes what that sequence left past them."""
+        filled = self.filled[which]
+        if filled[layer] > total:
+            self.buffers[which][layer][:, :, total:filled[layer]].zero_()
+        filled[layer] = total
 
     def rows(self, layer: int, which: str, width: int = 0) -> torch.Tensor:
         """Every row of layer `layer`'s K or V kept so far, or its first `width` rows where that is more (zeros
@@ -322,8 +326,9 @@ class LinearCompute:
         over every kept row: [B, Hkv, g*S, W], query heads of a KV group stacked along rows, in float32 (as
         Matmul's). W = pos + S, or `width` (model/calls.py: a padded width; the columns past pos + S are
         products with zero rows). The three calls BatchLinear q|k|v (KEEP_V), the client's RoPE and Matmul QK^T
-        as one. In three steps, so a CUDA daemon can replay the middle one as a graph: `scores_rows` (the
-        checks), `rotated_qkv` (device math on inputs on the device), `keep_and_score` (the cache, the product)."""
+        as one. In three steps, so a CUDA daemon can replay the last two as graphs (`host/graphs.py`: the second
+        alone where the width is not padded): `scores_rows` (the checks), `rotated_qkv` (device math on inputs on
+        the device), `keep_and_score` (the cache, the product)."""
         rows = self.scores_rows(layer, x, tables, pos, kv, width, max_elements)
         rotated = self.rotated_qkv(layer, rows, self.to_device(x), self.to_device(tables, 2, torch.float32))
         return self.keep_and_score(layer, *rotated, pos, kv, width)
@@ -336,9 +341,9 @@ class LinearCompute:
             raise ProtocolError("AttentionScores keeps K/V rows in the daemon's cache, which this session has not got")
         rows = self.linear_rows(layer, QKV, x)
         B, S = x.shape[:2]
-        if tables.shape != (ROPE_TABLES, S, cfg.head_dim) or not tables.is_floating_point():
-            raise ProtocolError(f"AttentionScores expects RoPE tables [{ROPE_TABLES}, {S}, {cfg.head_dim}] of a "
-                                f"floating dtype for input {tuple(x.shape)}, got {tuple(tables.shape)} {tables.dtype}")
+        if tables.shape != (ROPE_TABLES, S, cfg.head_dim) or tables.dtype != torch.float32:
+            raise ProtocolError(f"AttentionScores expects RoPE tables [{ROPE_TABLES}, {S}, {cfg.head_dim}] in "
+                                f"float32 for input {tuple(x.shape)}, got {tuple(tables.shape)} {tables.dtype}")
         if width and not pos + S <= width <= cfg.max_position_embeddings:
             raise ProtocolError(f"AttentionScores width {width}: expected 0 or from pos + S = {pos + S} to the model's "
                                 f"{cfg.max_position_embeddings} positions")

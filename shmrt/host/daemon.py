@@ -98,7 +98,8 @@ class ModelHandler(Handler):
     def hello(self) -> dict:
         # The client computes with nothing of this: it checks `digest` against its own copy of the model
         # and takes the rest as labels for its log.
-        # `score_width_step` is a hint (model/calls.py): where decode steps run as graphs, padded scores keep one shape.
+        # `score_width_step` is a hint (model/calls.py): where this daemon replays decode steps as graphs (CUDA, shm
+        # sessions whose rings it registered), padded scores keep one shape; shm clients follow it, others pad nothing.
         return {"model": self.model_name, "digest": self.digest, "device": str(self.c.device),
                 "dtype": str(self.c.dtype).replace("torch.", ""),
                 "score_width_step": SCORE_WIDTH_STEP if self.cuda and settings.cuda_graphs() else 1}

@@ -1,5 +1,5 @@
-"""A decode step's calls as CUDA graphs that copy straight from the request ring (and, for BatchLinear, into the
-response ring) (CUDA daemons only).
+"""A decode step's calls as CUDA graphs that copy straight from the request ring and into the response ring
+(CUDA daemons only).
 
 Eager, a decode-shaped BatchLinear is ~8 torch ops on the daemon's CPU (the copy in, the product, its split,
 the copy out, ...), each a dispatch and a launch, while the GPU works a few microseconds. A graph launches
@@ -7,21 +7,25 @@ them all at once. It replays fixed addresses: a message that finds its ring empt
 starts (ring.py), so a decode step's input and reply lie at the same addresses call after call, and the
 graph's copies read and write the rings themselves (registered with cudaHostRegister at Init), with no
 staging. (An earlier try, on branch decode-graphs, staged through pinned buffers: the CPU copies cost what
-the launches saved.) Only calls of one row (batch 1, one position) whose input (and BatchLinear's reply) lie
-at a lap start have graphs; any other runs eagerly (a client holding a reply moves the next one: no graph
-per address it lands at).
+the launches saved.) Only calls of one row (batch 1, one position) whose tensors lie at their rings' lap
+starts have graphs; any other runs eagerly (a client holding a reply moves the next one: no graph per
+address it lands at).
 
 - BatchLinear: one graph per (layer, projections, KEEP_V, input address, dtype and shape, reply addresses):
   the copy in, the products, the copy out. V's rows (KEEP_V) come out of the graph in a buffer of its own and
   go into the cache eagerly (their position moves every step).
-- AttentionScores: one graph per (layer, input and tables addresses and dtypes): the copies in, q|k|v, RoPE;
-  K's and V's rows into the cache, Q*K^T over every kept row (its length grows each step) and the copy out
-  run eagerly after the replay.
+- AttentionScores and AttentionOutput at a padded width (a multiple of SCORE_WIDTH_STEP, model/calls.py):
+  the whole call, K's and V's rows kept by index_copy_ at the step's position, which the graph reads from a
+  pinned word written before each replay. One graph per family (layer, the tensors' addresses and dtypes) at
+  a time: a new width or a grown cache buffer replaces it, and a graph holding a K/V buffer the store has let
+  go is dropped (it would keep that memory past the session's quota).
+- AttentionScores unpadded: the copies in, q|k|v and RoPE; the cache and Q*K^T (whose length grows every
+  step) eagerly after the replay.
 
 Graphs hold the session's ring addresses, so they go with the session, dropped before its rings are
 unregistered and unmapped. Arguments are checked by the eager path's code before a graph is looked up
-(`linear_rows`, `scores_rows`, the reply's reservation). A capture that fails turns graphs off for the
-session, with one log line, and the call runs eagerly.
+(`linear_rows`, `scores_rows`, `output_factor`, K/V `place`, the reply's reservation). A capture that fails
+turns graphs off for the session, with one log line, and the call runs eagerly.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import torch
 from .compute import LinearCompute, grouped_product, write_parts
 
 # The step a CUDA daemon asks clients to pad decode scores to (Hello's score_width_step, model/calls.py): a graph
-# per layer and width serves this many steps; the client's softmax reads at most this many columns more.
+# per layer and width serves this many steps; the client's softmax reads at most this many columns less one more.
 SCORE_WIDTH_STEP = 256
 MAX_GRAPHS = 1024  # per session: a decode step needs at most 4 per layer (the v2.4 calls), each at most twice
 
@@ -139,6 +143,7 @@ class SessionGraphs:
         self.width_step = SCORE_WIDTH_STEP
         self.graphs: dict[tuple, CapturedCall] = {}
         self.latest: dict[tuple, tuple] = {}   # a family's graph (`_graph`)
+        self.holds: dict[int, dict[tuple, frozenset]] = {}   # per layer: a padded graph's key -> K/V buffers it holds
         self.on = True
 
     def linear(self, layer: int, names: tuple[str, ...], rows: list[int], x: torch.Tensor, outs: list[torch.Tensor],
@@ -175,14 +180,16 @@ class SessionGraphs:
         shape = (1, *kv.heads_and_dim[:1], 1, kv.heads_and_dim[1])
         keys = kv.place(layer, "k", shape, pos, width, commit=False)   # checked, room made; counted once run
         values = kv.place(layer, "v", shape, pos, width, commit=False)
+        self._drop_holding_others(layer, {keys.data_ptr(), values.data_ptr()})
         family = ("AttentionScores", layer, x.data_ptr(), x.dtype, tuple(x.shape), tables.data_ptr(), tables.dtype,
                   out.data_ptr(), out.dtype)
         self.position[0] = pos   # before a capture too: its first, eager run keeps this step's rows
-        graph = self._graph((*family, keys.data_ptr(), values.data_ptr(), width),
-                            lambda: scores_body(self.c, layer, rows, x, tables, self.position, keys, values, width, out),
-                            family)
+        key = (*family, keys.data_ptr(), values.data_ptr(), width)
+        graph = self._graph(key, lambda: scores_body(self.c, layer, rows, x, tables, self.position, keys, values,
+                                                     width, out), family)
         if graph is None:
             return False
+        self.holds.setdefault(layer, {})[key] = frozenset((keys.data_ptr(), values.data_ptr()))
         graph.replay()
         kv.commit(layer, "k", pos + 1)
         kv.commit(layer, "v", pos + 1)
@@ -194,13 +201,27 @@ class SessionGraphs:
         if not self.on or p.shape[0] != 1 or p.shape[2] != self.c.cfg.groups or p.shape[3] % self.width_step \
                 or p.data_ptr() not in self.request_starts or out.data_ptr() not in self.reply_starts:
             return False
+        self._drop_holding_others(layer, {vd.data_ptr()}, kind="AttentionOutput")
         family = ("AttentionOutput", layer, p.data_ptr(), p.dtype, out.data_ptr(), out.dtype)
-        graph = self._graph((*family, tuple(p.shape), vd.data_ptr(), tuple(vd.shape)),
-                            lambda: output_body(self.c, layer, p, vd, out), family)
+        key = (*family, tuple(p.shape), vd.data_ptr(), tuple(vd.shape))
+        graph = self._graph(key, lambda: output_body(self.c, layer, p, vd, out), family)
         if graph is None:
             return False
+        self.holds.setdefault(layer, {})[key] = frozenset((vd.data_ptr(),))
         graph.replay()
         return True
+
+    def _drop_holding_others(self, layer: int, current: set[int], kind: str | None = None) -> None:
+        """Drop layer `layer`'s padded graphs (of `kind`, or any) that hold a K/V buffer other than `current`
+        (the store's now): the store has let it go, and a graph must not keep it alive past the session's
+        quota (a client could otherwise pin one old buffer per family: dtypes, lap starts)."""
+        held_here = self.holds.get(layer, {})
+        for key in [k for k, held in held_here.items() if (kind is None or k[0] == kind) and not held <= current]:
+            del held_here[key]
+            self.graphs.pop(key, None)
+            family = next((f for f, k in self.latest.items() if k == key), None)
+            if family is not None:
+                del self.latest[family]
 
     def _graph(self, key: tuple, make_body, family: tuple | None = None) -> CapturedCall | None:
         """The graph of `key`, captured on first use; None if graphs are off or a capture failed just now. A
@@ -211,6 +232,7 @@ class SessionGraphs:
             stale = self.latest.pop(family, None) if family is not None else None
             if stale is not None:
                 del self.graphs[stale]
+                self.holds.get(stale[1], {}).pop(stale, None)
             if len(self.graphs) >= MAX_GRAPHS:
                 return None
             try:
@@ -229,3 +251,4 @@ class SessionGraphs:
     def close(self) -> None:
         self.graphs.clear()
         self.latest.clear()
+        self.holds.clear()
