@@ -158,8 +158,8 @@ def test_attention_calls_replay_as_graphs_with_the_eager_paths_bytes(monkeypatch
                     assert len(session.graphs.graphs) <= 2 * 2 * cfg.num_hidden_layers
                     assert all(key[-1] == 16 for key in session.graphs.graphs if key[0] == "AttentionScores")
                     kept = {b.data_ptr() for w in ("k", "v") for b in session.kv.buffers[w]}   # the store's buffers
-                    assert all(held <= kept for layer_holds in session.graphs.holds.values()
-                               for held in layer_holds.values())   # no graph keeps one the store let go
+                    assert all(held <= kept for families in session.graphs.families.values()
+                               for _, held in families.values())   # no graph keeps one the store let go
             results[graphs] = got, [session.kv.rows(1, w).cpu() for w in ("k", "v")]
     (with_graphs, cache_graphs), (eager, cache_eager) = results["1"], results["0"]
     assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(with_graphs, eager))

@@ -100,21 +100,18 @@ def scores_body(c: LinearCompute, layer: int, rows: list[int], x: torch.Tensor, 
     (pinned: written before each replay) -> device -> q|k|v, RoPE -> K's and V's rows into the cache buffers at
     that position (index_copy_: the position is data, not an address) -> Q*K^T over the first `width` rows ->
     the ring reply. The buffers' addresses and the width are fixed for the graph's life (both in its key)."""
-    xd = torch.empty(x.shape, dtype=c.dtype, device=c.device)
-    td = torch.empty(tables.shape, dtype=torch.float32, device=c.device)
+    rotate, inputs = rotation_body(c, layer, rows, x, tables)
     at = torch.empty(1, dtype=torch.int64, device=c.device)
     heads = c.cfg.num_key_value_heads, c.cfg.head_dim
 
     def body() -> None:
-        xd.copy_(x, non_blocking=True)
-        td.copy_(tables, non_blocking=True)
         at.copy_(position, non_blocking=True)
-        q, k, v = c.rotated_qkv(layer, rows, xd, td)
+        q, k, v = rotate()
         keys.index_copy_(2, at, k.to(keys.dtype))
         values.index_copy_(2, at, v.view(1, 1, *heads).transpose(1, 2).to(values.dtype))
         out.copy_(grouped_product(q, keys[:, :, :width], transpose_b=True), non_blocking=True)
 
-    return body, (xd, td, at, x, tables, position, keys, values, out)
+    return body, (*inputs, at, position, keys, values, out)
 
 
 def output_body(c: LinearCompute, layer: int, p: torch.Tensor, vd: torch.Tensor, out: torch.Tensor):
@@ -142,8 +139,9 @@ class SessionGraphs:
         self.position = torch.zeros(1, dtype=torch.int64, pin_memory=True)   # a padded step's position (scores)
         self.width_step = SCORE_WIDTH_STEP
         self.graphs: dict[tuple, CapturedCall] = {}
-        self.latest: dict[tuple, tuple] = {}   # a family's graph (`_graph`)
-        self.holds: dict[int, dict[tuple, frozenset]] = {}   # per layer: a padded graph's key -> K/V buffers it holds
+        # per layer: a padded call's family (kind, layer, its tensors' addresses and dtypes) -> the key of its one
+        # graph and the addresses of the K/V buffers that graph holds (`_graph`, `_drop_holding_others`)
+        self.families: dict[int, dict[tuple, tuple[tuple, frozenset]]] = {}
         self.on = True
 
     def linear(self, layer: int, names: tuple[str, ...], rows: list[int], x: torch.Tensor, outs: list[torch.Tensor],
@@ -180,16 +178,15 @@ class SessionGraphs:
         shape = (1, *kv.heads_and_dim[:1], 1, kv.heads_and_dim[1])
         keys = kv.place(layer, "k", shape, pos, width, commit=False)   # checked, room made; counted once run
         values = kv.place(layer, "v", shape, pos, width, commit=False)
-        self._drop_holding_others(layer, {keys.data_ptr(), values.data_ptr()})
+        held = frozenset((keys.data_ptr(), values.data_ptr()))
+        self._drop_holding_others(layer, held)
         family = ("AttentionScores", layer, x.data_ptr(), x.dtype, tuple(x.shape), tables.data_ptr(), tables.dtype,
                   out.data_ptr(), out.dtype)
         self.position[0] = pos   # before a capture too: its first, eager run keeps this step's rows
-        key = (*family, keys.data_ptr(), values.data_ptr(), width)
-        graph = self._graph(key, lambda: scores_body(self.c, layer, rows, x, tables, self.position, keys, values,
-                                                     width, out), family)
+        graph = self._graph((*family, keys.data_ptr(), values.data_ptr(), width), lambda: scores_body(
+            self.c, layer, rows, x, tables, self.position, keys, values, width, out), family, held)
         if graph is None:
             return False
-        self.holds.setdefault(layer, {})[key] = frozenset((keys.data_ptr(), values.data_ptr()))
         graph.replay()
         kv.commit(layer, "k", pos + 1)
         kv.commit(layer, "v", pos + 1)
@@ -201,38 +198,37 @@ class SessionGraphs:
         if not self.on or p.shape[0] != 1 or p.shape[2] != self.c.cfg.groups or p.shape[3] % self.width_step \
                 or p.data_ptr() not in self.request_starts or out.data_ptr() not in self.reply_starts:
             return False
-        self._drop_holding_others(layer, {vd.data_ptr()}, kind="AttentionOutput")
+        held = frozenset((vd.data_ptr(),))
+        self._drop_holding_others(layer, held, kind="AttentionOutput")
         family = ("AttentionOutput", layer, p.data_ptr(), p.dtype, out.data_ptr(), out.dtype)
-        key = (*family, tuple(p.shape), vd.data_ptr(), tuple(vd.shape))
-        graph = self._graph(key, lambda: output_body(self.c, layer, p, vd, out), family)
+        graph = self._graph((*family, tuple(p.shape), vd.data_ptr(), tuple(vd.shape)),
+                            lambda: output_body(self.c, layer, p, vd, out), family, held)
         if graph is None:
             return False
-        self.holds.setdefault(layer, {})[key] = frozenset((vd.data_ptr(),))
         graph.replay()
         return True
 
-    def _drop_holding_others(self, layer: int, current: set[int], kind: str | None = None) -> None:
+    def _drop_holding_others(self, layer: int, current: frozenset, kind: str | None = None) -> None:
         """Drop layer `layer`'s padded graphs (of `kind`, or any) that hold a K/V buffer other than `current`
         (the store's now): the store has let it go, and a graph must not keep it alive past the session's
         quota (a client could otherwise pin one old buffer per family: dtypes, lap starts)."""
-        held_here = self.holds.get(layer, {})
-        for key in [k for k, held in held_here.items() if (kind is None or k[0] == kind) and not held <= current]:
-            del held_here[key]
-            self.graphs.pop(key, None)
-            family = next((f for f, k in self.latest.items() if k == key), None)
-            if family is not None:
-                del self.latest[family]
+        for family, (_, held) in list(self.families.get(layer, {}).items()):
+            if (kind is None or family[0] == kind) and not held <= current:
+                self._drop(family)
 
-    def _graph(self, key: tuple, make_body, family: tuple | None = None) -> CapturedCall | None:
+    def _drop(self, family: tuple) -> None:
+        key, _ = self.families[family[1]].pop(family)
+        del self.graphs[key]
+
+    def _graph(self, key: tuple, make_body, family: tuple | None = None, held: frozenset = frozenset()
+               ) -> CapturedCall | None:
         """The graph of `key`, captured on first use; None if graphs are off or a capture failed just now. A
-        `family` has one graph at a time: a padded call's graph for a new width (or a grown cache buffer)
-        replaces the one for the old, which no step will use again (and which holds the old buffer)."""
+        `family` (a padded call's; `held`: the K/V buffers its graph holds) has one graph at a time: one for a new
+        width or a grown cache buffer replaces the old, which no step will use again."""
         graph = self.graphs.get(key)
         if graph is None:
-            stale = self.latest.pop(family, None) if family is not None else None
-            if stale is not None:
-                del self.graphs[stale]
-                self.holds.get(stale[1], {}).pop(stale, None)
+            if family is not None and family in self.families.get(family[1], {}):
+                self._drop(family)
             if len(self.graphs) >= MAX_GRAPHS:
                 return None
             try:
@@ -245,10 +241,9 @@ class SessionGraphs:
                 return None
             self.graphs[key] = graph
             if family is not None:
-                self.latest[family] = key
+                self.families.setdefault(family[1], {})[family] = (key, held)
         return graph
 
     def close(self) -> None:
         self.graphs.clear()
-        self.latest.clear()
-        self.holds.clear()
+        self.families.clear()
