@@ -98,7 +98,9 @@ int shmrt_wait_any(const uint64_t *words, const uint64_t *seen, uint32_t n, int 
         uint64_t waited = waited_ns + here;
         if (waited < b->spin_ns) {
             cpu_relax();
-            if (spins % 256 == 0 && sleep_on(fd, 0)) return (int)n;
+            /* a socket to look at: every 256 spins (a zero-timeout ppoll). Without one, nothing: sleep_on(-1, 0)
+               is a nanosleep, which deschedules the spinner just when it means to see the word change at once */
+            if (fd >= 0 && spins % 256 == 0 && sleep_on(fd, 0)) return (int)n;
         } else if (waited < b->yield_ns) {
             sched_yield();
             if (sleep_on(fd, 0)) return (int)n;
