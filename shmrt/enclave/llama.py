@@ -1,8 +1,9 @@
 """LLaMA forward as the enclave runs it: norms, RoPE, causal softmax, SiLU*up, residuals.
 
 Everything with a weight matrix (embedding, projections, Q*K^T, P*V, LM head) goes through an
-`ops` object: `RemoteOps` sends it to the daemon over a transport, `LocalOps` computes it
-in-process (the reference and the compute floor). The math lives here once.
+`ops` object: `RemoteOps` sends it to the daemon over a transport (or, for the bench's floor, hands it to the
+daemon's handler in-process: host/inprocess.py), `LocalOps` computes it in-process (the tests' reference). The
+math lives here once.
 
 Zero copy, with lifetimes the types enforce (wire/scopes.py): every large input of a call is written
 once, straight into `req.alloc(...)` of the `ops.request()` that sends it (for shm a view on the

@@ -88,6 +88,34 @@ def reserve_view(ring: Ring, shape, dtype: torch.dtype, timeout: float, what: st
     return desc, ring_view(ring, desc)
 
 
+def in_ring(ring: Ring, t: torch.Tensor) -> bool:
+    """Whether `t`'s first byte lies in `ring`'s mapping."""
+    base = ring.native.address
+    return base <= t.data_ptr() < base + ring.native.nbytes
+
+
+def describe_input(ring: Ring, t: torch.Tensor, staged: TensorDesc | None, wire_dtype, timeout: float
+                   ) -> tuple[TensorDesc, int]:
+    """Descriptor for a call's input `t` in request ring `ring` (the caller is its producer) and the ns its copy
+    took: no copy if this call's request staged it there (`staged`); else one copy in (the C helper's memcpy,
+    timed) or one converting copy (torch, when the wire dtype differs)."""
+    if staged is not None and staged.nbytes == t.numel() * t.element_size() and staged.dtype == t.dtype \
+            and t.is_contiguous():
+        return TensorDesc(staged.offset, staged.nbytes, t.dtype, tuple(t.shape)), 0  # a view of it, any shape
+    dtype = wire_dtype if wire_dtype is not None and t.is_floating_point() else t.dtype
+    t = t.detach().cpu()
+    nbytes = t.numel() * dtype.itemsize
+    offset = ring.producer.reserve(nbytes, timeout=timeout)
+    desc = TensorDesc(offset, nbytes, dtype, tuple(t.shape))
+    if not nbytes:
+        return desc, 0
+    if dtype == t.dtype:
+        return desc, ring.native.copy_in(ring.data_offset + offset, t.contiguous()).ns
+    start = now_ns()
+    ring_view(ring, desc).copy_(t)
+    return desc, now_ns() - start
+
+
 def close_rings(*rings: Ring | None) -> None:
     for ring in rings:
         if ring is not None:
@@ -173,28 +201,7 @@ class ShmClient(ClientTransport):
         return reserve_view(self.req, shape, dtype, self.timeout, "staged tensor")[::-1]
 
     def _in_request_memory(self, t: torch.Tensor) -> bool:
-        base = self.req.native.address
-        return base <= t.data_ptr() < base + self.req.native.nbytes
-
-    def _describe(self, t: torch.Tensor, staged: TensorDesc | None, wire_dtype) -> tuple[TensorDesc, int]:
-        """Descriptor for `t` in the request ring: no copy if this call's request staged it there; else
-        one copy in (the C helper's memcpy, timed) or one converting copy (torch, when the wire dtype
-        differs)."""
-        if staged is not None and staged.nbytes == t.numel() * t.element_size() and staged.dtype == t.dtype \
-                and t.is_contiguous():
-            return TensorDesc(staged.offset, staged.nbytes, t.dtype, tuple(t.shape)), 0  # a view of it, any shape
-        dtype = wire_dtype if wire_dtype is not None and t.is_floating_point() else t.dtype
-        t = t.detach().cpu()
-        nbytes = t.numel() * dtype.itemsize
-        offset = self.req.producer.reserve(nbytes, timeout=self.timeout)
-        desc = TensorDesc(offset, nbytes, dtype, tuple(t.shape))
-        if not nbytes:
-            return desc, 0
-        if dtype == t.dtype:
-            return desc, self.req.native.copy_in(self.req.data_offset + offset, t.contiguous()).ns
-        start = now_ns()
-        ring_view(self.req, desc).copy_(t)
-        return desc, now_ns() - start
+        return in_ring(self.req, t)
 
     def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
              wire_dtype=None) -> Reply:
@@ -202,7 +209,7 @@ class ShmClient(ClientTransport):
         stats = CallStats(method, self.name, layer, t_start=now_ns(), op=op)
         descs = []
         for t, staged in zip(tensors, self._claim_inputs(method, tensors)):
-            desc, copy_ns = self._describe(t, staged, wire_dtype)
+            desc, copy_ns = describe_input(self.req, t, staged, wire_dtype, self.timeout)
             descs.append(desc)
             stats.copy_in_ns += copy_ns
         ring_end = self.req.producer.publish()

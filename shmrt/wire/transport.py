@@ -58,14 +58,58 @@ def endpoint_kind(endpoint: str) -> str:
 
 # ---- client side
 
-class ClientTransport:
-    """A DEALER socket to the daemon plus the request/response encoding of one transport."""
+class Caller:
+    """What a model's ops call through: `request()` opens the next call's inputs (buffers the caller fills in
+    place), `call()` makes the call and returns its `Reply`. A transport (below), or the daemon's handler driven
+    in-process (host/inprocess.py: the bench's floor)."""
 
     name = "?"
+
+    def __init__(self):
+        self.observers: list = []  # called with each RPC's CallStats
+        self._pending: PendingRequest | None = None
+
+    def request(self, dtype: torch.dtype = torch.float32) -> PendingRequest:
+        """Open the inputs of the next call; the next `call()` sends and seals them."""
+        assert self._pending is None or self._pending.sealed, "a request is already being built"
+        self._pending = PendingRequest(self._alloc_input, self._in_request_memory, dtype)
+        return self._pending
+
+    def _alloc_input(self, shape: tuple, dtype: torch.dtype):
+        """A buffer for one input of the next call -> (tensor, the record `call` recognises it by)."""
+        return torch.empty(shape, dtype=dtype), None
+
+    def _in_request_memory(self, t: torch.Tensor) -> bool:
+        return False
+
+    def _claim_inputs(self, method: str, tensors) -> list:
+        """Each input's staged record (or None: memory of the caller's, copied in); seals the request."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            pending = PendingRequest(self._alloc_input, self._in_request_memory)
+        try:
+            return [pending.claim(t, method) for t in tensors]
+        finally:
+            pending.seal()
+
+    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
+             wire_dtype: torch.dtype | None = None) -> Reply:
+        """One RPC. Floating tensors are converted to `wire_dtype` on their way in (timed as Serialize)."""
+        raise NotImplementedError
+
+    def _notify(self, stats: CallStats) -> None:
+        for observer in self.observers:
+            observer(stats)
+
+
+class ClientTransport(Caller):
+    """A DEALER socket to the daemon plus the request/response encoding of one transport."""
+
     DOORBELLS = ("zmq",)  # how this transport can signal a call; the first is its default
 
     def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False, max_reply_bytes: int | None = None,
                  doorbell: str | None = None):
+        super().__init__()
         if doorbell is not None and doorbell not in self.DOORBELLS:
             raise SetupError(f"--doorbell {doorbell}: the {self.name} transport rings over "
                              f"{' or '.join(self.DOORBELLS)} (the shm doorbell needs --transport shm)")
@@ -75,7 +119,6 @@ class ClientTransport:
         self.enclave = enclave
         self.token = secrets.token_bytes(16)
         self.seq = 0
-        self.observers: list = []  # called with each RPC's CallStats
         self._ctx = zmq.Context.instance()
         # Our own routing id (a leading zero byte is reserved by ZeroMQ): a socket re-opened with a new
         # message-size limit (limit_replies) keeps its session on the daemon's ROUTER (ROUTER_HANDOVER).
@@ -83,7 +126,6 @@ class ClientTransport:
         self.max_message = self.message_limit(max_reply_bytes)
         self._sock = self._open_socket()
         self._closed = False
-        self._pending: PendingRequest | None = None
         self.ring_bytes = 0  # shared memory this session holds (for the log), set by open_session()
 
     @property
@@ -118,40 +160,12 @@ class ClientTransport:
             self._sock.close(linger=0)
             self._sock = self._open_socket()
 
-    # Subclasses implement these four.
+    # Subclasses implement these (and `call`).
     def hello(self, client_info: dict) -> dict:
         raise NotImplementedError
 
     def open_session(self, ring_bytes: int) -> None:
         """Allocate per-session resources (rings) once the model config is known; nothing by default."""
-
-    def request(self, dtype: torch.dtype = torch.float32) -> PendingRequest:
-        """Open the inputs of the next call; the next `call()` sends and seals them."""
-        assert self._pending is None or self._pending.sealed, "a request is already being built"
-        self._pending = PendingRequest(self._alloc_input, self._in_request_memory, dtype)
-        return self._pending
-
-    def _alloc_input(self, shape: tuple, dtype: torch.dtype):
-        """A buffer for one input of the next call -> (tensor, record `_describe` recognises)."""
-        return torch.empty(shape, dtype=dtype), None
-
-    def _in_request_memory(self, t: torch.Tensor) -> bool:
-        return False
-
-    def _claim_inputs(self, method: str, tensors) -> list:
-        """Each input's staged record (or None: memory of the caller's, copied in); seals the request."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            pending = PendingRequest(self._alloc_input, self._in_request_memory)
-        try:
-            return [pending.claim(t, method) for t in tensors]
-        finally:
-            pending.seal()
-
-    def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
-             wire_dtype: torch.dtype | None = None) -> Reply:
-        """One RPC. Floating tensors are converted to `wire_dtype` on their way in (timed as Serialize)."""
-        raise NotImplementedError
 
     # Shared plumbing.
     def _next_seq(self) -> int:
@@ -175,10 +189,6 @@ class ClientTransport:
     def _no_answer(self) -> PeerTimeout:
         return PeerTimeout(f"the daemon at {self.endpoint} did not answer within {self.timeout:.0f} s "
                            "(is it running? pass --timeout to wait longer)")
-
-    def _notify(self, stats: CallStats) -> None:
-        for observer in self.observers:
-            observer(stats)
 
     def _while_waiting(self) -> None:
         """A call's bell is rung: observers with an `idle()` (the perf log formats its rows there) do their

@@ -1,6 +1,6 @@
 """End-to-end suite: prefill S random tokens then M decoded tokens, per transport, wire dtype and
-K/V placement, with the daemon in its own process; the compute floor (the same enclave and daemon
-ops in one process, no transport) measured in the same run.
+K/V placement, with the daemon in its own process; the compute floor (the same enclave model and daemon
+handler in one process, through the same rings, with no transport: host/inprocess.py) measured in the same run.
 
 Each round is one `generate` (the same loop `shmrt run` uses); where the time goes comes from each
 run's sidecar through shmrt.tools.breakdown (transport, enclave and daemon per phase).
@@ -13,11 +13,13 @@ import statistics
 import torch
 
 from ...enclave.client import EnclaveClient
-from ...host.compute import LinearCompute
-from ...host.daemon import COMPUTE_DTYPES, ModelHandler
 from ...enclave.generate import Sampler, generate
 from ...enclave.llama import EnclaveModel
-from ...host.local_ops import LocalOps
+from ...enclave.ops import RemoteOps
+from ...enclave.sizing import ring_bytes_for
+from ...host.compute import LinearCompute
+from ...host.daemon import COMPUTE_DTYPES, ModelHandler
+from ...host.inprocess import InProcessCaller
 from ...host.weights import load_weights
 from ...model.checkpoint import load_enclave_part
 from ..breakdown import by_phase
@@ -69,13 +71,15 @@ def measure_transport(endpoint: str, source, label: str, wire: str, kv: str, pro
 def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: str, prompt: int, new: int,
                   repeats: int, weights=None, calls: str = "fewest", decode_threads: int | None = None) -> dict:
     w = weights or load_weights(model, layers=layers, dtype=COMPUTE_DTYPES[dtype], device=device)
-    compute = LinearCompute(w, device, COMPUTE_DTYPES[dtype])
+    handler = ModelHandler(LinearCompute(w, device, COMPUTE_DTYPES[dtype]), model, "", log=lambda m: None)
     wire_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[wire]
-    # the same ops as the split: decode scores as wide as a daemon on this device would ask for
-    step = ModelHandler(compute, model, "").hello()["score_width_step"]
-    m = EnclaveModel(load_enclave_part(w.source), LocalOps(compute, wire_dtype), kv, calls, score_step=step)
+    part = load_enclave_part(w.source)
     ids = torch.randint(0, w.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
-    with torch.inference_mode():
+    # The split's own ops, rings, graphs and padded scores, with the transport taken out (host/inprocess.py)
+    ring = ring_bytes_for(part, prompt, prompt + new + 1, wire_dtype, kv, calls=calls)
+    with InProcessCaller(handler, wire_dtype, ring) as caller, torch.inference_mode():
+        m = EnclaveModel(part, RemoteOps(caller, w.cfg, wire_dtype), kv, calls,
+                         score_step=handler.hello()["score_width_step"])
         # its K/V store restarts at pos 0, as the daemon's does; the client's decode threads apply where the
         # daemon's half runs on a GPU (on a CPU both halves share torch's threads: the floor keeps them all)
         runs = _rounds(m, ids, new, repeats, decode_threads=decode_threads if device.startswith("cuda") else None)

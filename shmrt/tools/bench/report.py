@@ -46,7 +46,7 @@ def run_e2e(args, out: pathlib.Path, machine: str, progress) -> list[dict]:
                                 "daemon_s": ph["daemon_s"], **{f"stage_{st}_s": ph[f"{st}_s"] for st in STAGES},
                                 "calls": ph["calls"],
                                 "sent_bytes": ph["sent_bytes"], "recv_bytes": ph["recv_bytes"], "log": log})
-    # The floor: the same ops in this process, no transport (daemon stopped, so it has the cores).
+    # The floor: the same ops and rings in this process, no transport (daemon stopped, so it has the cores).
     weights = load_weights(model, layers=args.layers, dtype=COMPUTE_DTYPES[args.dtype], device=args.device)
     floors = {}
     for prompt, wire, kv in sorted({(p, w, k) for p, _, w, k in configs}):
@@ -130,7 +130,8 @@ def write_results(records: list[dict], out: pathlib.Path, machine: str) -> None:
         e2e = [r for r in records if r["suite"] == "e2e"]
         lines += [f"## e2e: {e2e[0]['model']} on {e2e[0]['device']} ({e2e[0]['dtype']})", "",
                   "median of the repeats after a warm-up; transport / enclave / daemon split from the sidecar; "
-                  "floor = the same enclave and daemon ops in one process with no transport.", ""] + _e2e_table(records)
+                  "floor = the same enclave model and daemon handler in one process, through the same rings (and, on "
+                  "CUDA, the same graphs), with no transport.", ""] + _e2e_table(records)
         plot_e2e(e2e, out)
         lines += ["", "![e2e breakdown](e2e.png)"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
