@@ -1,11 +1,13 @@
 """Both transports, two processes, real sockets and rings: bit-exact round trips and failures."""
 import random
+import time
 import re
 
 import pytest
 import torch
 
 from shmrt.errors import PeerError, PeerTimeout, SetupError, StaleView, TensorTooLarge
+from shmrt.host.handler import EchoHandler
 from shmrt.wire.peer import client_info
 from shmrt.wire.registry import client_transport as make_client_transport
 from shmrt.wire.transport import check_endpoint
@@ -260,3 +262,58 @@ def test_observers_do_their_bookkeeping_while_a_call_is_out(echo_daemon, transpo
     assert [kind for kind, _ in events] == ["idle", "call"] * 3
     for (_, idle_ns), (_, stats) in zip(events[::2], events[1::2]):
         assert stats.t_sent <= idle_ns <= stats.t_replied
+
+
+class LateCopies(EchoHandler):
+    """An echo handler whose copies complete only in `settle`, as a CUDA daemon's DMA does at its synchronize."""
+
+    overlaps_device = True
+
+    def __init__(self):
+        self.pending = []
+
+    def handle(self, request, builder, session, settle=True):
+        if request.method == "Init":
+            return super().handle(request, builder, session, settle)
+        for t in request.tensors:   # views on the request ring: read when the "device" gets to them
+            out = builder.alloc(t.shape, t.dtype)
+            out.fill_(float("nan"))
+            self.pending.append((out, t))
+        if settle:
+            self.settle(session)
+        return "late"
+
+    def settle(self, session):
+        time.sleep(0.003)   # the device still at work
+        for out, t in self.pending:
+            out.copy_(t)
+        self.pending.clear()
+
+
+def _serve_late_copies(endpoint):
+    from shmrt.host.server import Server
+    with Server(endpoint, LateCopies(), log=lambda m: None) as server:
+        server.serve()
+
+
+@pytest.mark.parametrize("transport,doorbell", [("shm", "shm"), ("shm", "zmq"), ("msgpack", None)])
+def test_a_reply_is_sent_after_the_handler_settles_and_its_work_time_counts_the_wait(endpoint, transport, doorbell):
+    """A daemon that overlaps a device (CUDA: copies queued, one synchronize) has its shm reply's doorbell encoded
+    while the copies run: the request must stay unreleased (released memory is poisoned: NaN) and the reply unsent
+    until the handler settled, and the reply's work time covers that wait."""
+    from conftest import CHILDREN
+    proc = CHILDREN.Process(target=_serve_late_copies, args=(endpoint,), daemon=True)
+    proc.start()
+    try:
+        with make_client_transport(transport, endpoint, timeout=10, doorbell=doorbell) as t:
+            t.hello(client_info())
+            t.open_session(1 << 16)
+            t.call("Init").release()
+            for i in range(40):   # through the rings' wrap
+                x = torch.randn(1000 + 37 * i)
+                with t.call("Matmul", [x]) as r:
+                    assert torch.equal(r.view(0), x) and r.text == "late"
+                    assert r.stats.work_ns >= 3_000_000
+    finally:
+        proc.terminate()
+        proc.join(5)

@@ -92,6 +92,7 @@ class ModelHandler(Handler):
         # Every copy and product of a call is queued on this stream (the daemon uses no other): one wait on it
         # per call, one call into torch (torch.cuda.synchronize(device) enters and leaves a device context too).
         self._stream = torch.cuda.current_stream(compute.device) if self.cuda else None
+        self.overlaps_device = self.cuda
         self.max_kv_bytes = max_kv_bytes if max_kv_bytes is not None else default_kv_quota(compute.device)
         self._projections: dict[int, tuple[tuple[str, ...], bool]] = {}  # BatchLinear op bits -> (names, keep_v)
 
@@ -110,19 +111,27 @@ class ModelHandler(Handler):
             raise ProtocolError(f"wire_dtype {wire} is not a floating type")
         return ModelSession(wire, pinned_buffers)
 
-    def handle(self, request: Request, builder: ReplyBuilder, session: ModelSession) -> str:
-        """The dispatcher's work, then on CUDA one wait for the device, also when the call failed.
+    def handle(self, request: Request, builder: ReplyBuilder, session: ModelSession, settle: bool = True) -> str:
+        """The dispatcher's work, then on CUDA one wait for the device (`settle`), also when the call failed.
 
         Every copy of the call is queued non-blocking: request views -> device (DMA from the registered
-        request ring), device -> reply buffers (DMA into the response ring). The server releases the
-        request (the client may overwrite it) and publishes the reply as soon as this returns, so no DMA
-        may still be reading the one or writing the other by then: one synchronize per call, not one per
-        result."""
+        request ring), device -> reply buffers (DMA into the response ring). The request may be released (the
+        client overwrites it) and the reply published only once no DMA reads the one or writes the other: one
+        synchronize per call, not one per result. The server asks for it (`settle` False) after it has encoded
+        the reply's doorbell, which names where the results lie, not what they hold: that work overlaps the
+        device's."""
+        done = False
         try:
-            return super().handle(request, builder, session)
+            text = super().handle(request, builder, session)
+            done = True
+            return text
         finally:
-            if self._stream is not None:
-                self._stream.synchronize()
+            if settle or not done:
+                self.settle(session)
+
+    def settle(self, session: ModelSession) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
 
     @staticmethod
     def _put(builder: ReplyBuilder, result: torch.Tensor, dtype: torch.dtype) -> None:

@@ -56,6 +56,9 @@ class Handler:
     """What the daemon serves: `calls` (the method table), what Hello answers, the per-session state."""
 
     calls: dict[str, Call] = {}
+    # True where `handle(settle=False)` can return before its copies are done (a CUDA daemon): the server then
+    # encodes the reply's doorbell meanwhile. Elsewhere there is nothing to overlap, and it encodes after.
+    overlaps_device: bool = False
 
     def hello(self) -> dict:
         return {}
@@ -65,8 +68,10 @@ class Handler:
         device may register for DMA ([] where there are none; ask at Init, once they exist)."""
         return HandlerSession()
 
-    def handle(self, request: Request, builder: ReplyBuilder, session: HandlerSession) -> str:
-        """The one dispatcher: table row, Init first and once, arity, then the row's compute."""
+    def handle(self, request: Request, builder: ReplyBuilder, session: HandlerSession, settle: bool = True) -> str:
+        """The one dispatcher: table row, Init first and once, arity, then the row's compute. `settle` False: a
+        device may still be reading the request's tensors and writing the reply's when this returns (not after
+        an error): the caller calls `settle` before it releases the one or sends the other."""
         call = self.calls.get(request.method)
         if call is None:
             raise ProtocolError(f"method {request.method} is not served here (expected one of {list(self.calls)})")
@@ -82,6 +87,9 @@ class Handler:
         if call.name == INIT:
             session.initialised = True
         return text or ""
+
+    def settle(self, session: HandlerSession) -> None:
+        """Return once nothing of the last call still reads its request or writes its reply (a device's copies)."""
 
 
 def _no_state(handler, session, request, builder) -> None:

@@ -247,10 +247,20 @@ class Server:
                 return (transport.encode_reply(request, None) if request.answer else None), None
             builder = transport.reply_builder()
             t0 = now_ns()
-            text = self.handler.handle(request, builder, session.model)
+            ahead = None
+            try:
+                text = self.handler.handle(request, builder, session.model, settle=False)
+                # A device may still be copying (CUDA): a reply that only names where its results lie is encoded
+                # meanwhile; the request is released and the reply sent once the handler has settled.
+                if self.handler.overlaps_device:
+                    ahead = transport.encode_reply_ahead(request, builder, text)
+            finally:
+                self.handler.settle(session.model)
             work_ns = now_ns() - t0
             request.release()
-            return transport.encode_reply(request, builder, work_ns=work_ns, text=text or ""), None
+            if ahead is not None:
+                return transport.finish_reply(ahead, work_ns), None
+            return transport.encode_reply(request, builder, work_ns=work_ns, text=text), None
         except ShmrtError as exc:
             message = str(exc)
         except Exception as exc:  # a bug or a hostile input we did not foresee: never crash the daemon

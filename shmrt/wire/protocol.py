@@ -65,6 +65,9 @@ KNOWN_FLAGS = FLAG_ERROR
 _HEADER = struct.Struct("<4sHBBQ16siIqQQHH4x")
 _DESC = struct.Struct("<QQBB6x6q")
 assert _HEADER.size == 72 and _DESC.size == 72
+_WORK_NS = struct.Struct("<Q")
+WORK_NS_AT = struct.calcsize(_HEADER.format[:_HEADER.format.index("QHH")])   # the header's work_ns field
+assert WORK_NS_AT == 56
 
 
 class Method(enum.IntEnum):
@@ -175,6 +178,11 @@ def encode(bell: Doorbell) -> bytes:
         parts.append(_DESC_BY_NDIM[len(shape)].pack(offset, nbytes, DTYPE_CODE[dtype], len(shape), *shape))
     parts.append(raw_text)
     return b"".join(parts)
+
+
+def set_work_ns(record: bytearray, work_ns: int) -> None:
+    """Write `work_ns` into an encoded doorbell (a reply encoded before its daemon work was known)."""
+    _WORK_NS.pack_into(record, WORK_NS_AT, work_ns)
 
 
 def encoded_size(ntensors: int, text_len: int = 0) -> int:

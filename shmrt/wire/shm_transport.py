@@ -406,11 +406,24 @@ class ShmServerSession(ServerSession):
 
     def encode_reply(self, request: Request, builder: ShmReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
         ring_end = self.rsp.producer.publish() if self.rsp is not None and not request.control else 0
+        return self._reply(request, builder, ring_end, work_ns, text)
+
+    def _reply(self, request: Request, builder: ShmReplyBuilder | None, ring_end: int, work_ns: int, text: str) -> bytes:
         descs = tuple(builder.descs) if builder else ()
-        if self.bell_out is not None:
+        if text and self.bell_out is not None:
             text = fit_text(text, MAX_RECORD - protocol.encoded_size(len(descs)))
         return protocol.encode(Doorbell(Method[request.method], request.seq, self.token, ring_end=ring_end,
                                         work_ns=work_ns, tensors=descs, text=text))
+
+    def encode_reply_ahead(self, request: Request, builder: ShmReplyBuilder, text: str = "") -> bytearray:
+        """The reply names offsets in the response ring, which its reservations fixed: encoded while a device
+        may still be copying results there. `finish_reply` publishes the ring's head once they are written."""
+        return bytearray(self._reply(request, builder, self.rsp.producer.head, 0, text))
+
+    def finish_reply(self, ahead: bytearray, work_ns: int) -> bytes:
+        self.rsp.producer.publish()
+        protocol.set_work_ns(ahead, work_ns)
+        return bytes(ahead)
 
     def encode_error(self, seq: int, message: str) -> bytes:
         return encode_error(self.token, seq, message, MAX_RECORD if self.bell_out is not None else None)

@@ -298,6 +298,15 @@ class ServerSession:
     def encode_reply(self, request: Request, builder: ReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
         raise NotImplementedError
 
+    def encode_reply_ahead(self, request: Request, builder: ReplyBuilder, text: str = ""):
+        """A transport whose reply names where its tensors lie (not their bytes) encodes it here, while a device
+        may still be writing them; `finish_reply` completes it once the handler settled. None: this transport
+        carries the bytes themselves, so `encode_reply` runs after."""
+        return None
+
+    def finish_reply(self, ahead, work_ns: int) -> bytes:
+        raise NotImplementedError
+
     def encode_error(self, seq: int, message: str) -> bytes:
         raise NotImplementedError
 
