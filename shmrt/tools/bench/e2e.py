@@ -24,6 +24,7 @@ from ...host.weights import load_weights
 from ...model.checkpoint import load_enclave_part
 from ..breakdown import by_phase
 from ..perflog import read_sidecar
+from ..process import freeze_heap
 
 
 def sidecar_phases(path: str) -> list[dict]:
@@ -80,6 +81,7 @@ def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: st
     with InProcessCaller(handler, wire_dtype, ring) as caller, torch.inference_mode():
         m = EnclaveModel(part, RemoteOps(caller, w.cfg, wire_dtype), kv, calls,
                          score_step=handler.hello()["score_width_step"])
+        freeze_heap()   # as both sides of a split run do once set up
         # its K/V store restarts at pos 0, as the daemon's does; the client's decode threads apply where the
         # daemon's half runs on a GPU (on a CPU both halves share torch's threads: the floor keeps them all)
         runs = _rounds(m, ids, new, repeats, decode_threads=decode_threads if device.startswith("cuda") else None)
