@@ -282,3 +282,20 @@ def test_attention_scores_refuse_what_they_cannot_compute(compute):
     with pytest.raises(TensorTooLarge):
         compute.attention_scores(0, x, tables, pos=0, kv=kv, max_elements=7)
     assert kv.filled == {"k": [0, 0], "v": [0, 0]}   # nothing kept by a refused call
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (2, 3)])
+def test_embedding_rows_are_the_tables_as_copies_and_ids_outside_the_vocabulary_are_refused(compute, shape):
+    """One id (a decode step) takes its own path: the same row, a copy (a caller adds into it), the same refusals."""
+    V = compute.cfg.vocab_size
+    ids = torch.randint(0, V, shape, dtype=torch.int64)
+    rows = compute.embedding(ids)
+    assert torch.equal(rows, torch.nn.functional.embedding(ids, compute.w.embed))
+    rows.add_(1.0)
+    assert torch.equal(compute.embedding(ids), torch.nn.functional.embedding(ids, compute.w.embed))
+    for bad in (-1, V, 2**40):
+        hostile = ids.clone()
+        hostile.view(-1)[-1] = bad
+        with pytest.raises(ModelError, match="token id out of range"):
+            compute.embedding(hostile)
+    assert compute.embedding(ids.to(torch.int32)).shape == (*shape, compute.cfg.hidden_size)

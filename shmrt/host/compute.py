@@ -214,6 +214,11 @@ class LinearCompute:
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
             raise ProtocolError(f"Embedding expects int64 ids [B, S], got {ids.dtype} {tuple(ids.shape)}")
         check_result_fits((*ids.shape, self.cfg.hidden_size), max_elements, "Embedding")
+        if ids.numel() == 1:   # a decode step: the id read once and checked, its row copied (no ids sent to a device)
+            token = int(ids.view(-1)[0])
+            if not 0 <= token < self.cfg.vocab_size:
+                raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): {token}")
+            return self.w.embed[token].view(*ids.shape, -1).clone()
         ids = ids.to(torch.int64, copy=True)  # private copy first, then validate (no double fetch)
         if ids.numel():
             low, high = (int(v) for v in torch.aminmax(ids))

@@ -137,6 +137,7 @@ class SessionGraphs:
         self.log = log
         self.pool = torch.cuda.graph_pool_handle()   # one pool: the graphs replay one at a time, each call synced
         self.position = torch.zeros(1, dtype=torch.int64, pin_memory=True)   # a padded step's position (scores)
+        self._position_word = self.position.numpy()   # written through numpy: a tensor's setitem costs ~5 us
         self.width_step = SCORE_WIDTH_STEP
         self.graphs: dict[tuple, CapturedCall] = {}
         # per layer: a padded call's family (kind, layer, its tensors' addresses and dtypes) -> the key of its one
@@ -182,7 +183,7 @@ class SessionGraphs:
         self._drop_holding_others(layer, held)
         family = ("AttentionScores", layer, x.data_ptr(), x.dtype, tuple(x.shape), tables.data_ptr(), tables.dtype,
                   out.data_ptr(), out.dtype)
-        self.position[0] = pos   # before a capture too: its first, eager run keeps this step's rows
+        self._position_word[0] = pos   # before a capture too: its first, eager run keeps this step's rows
         graph = self._graph((*family, keys.data_ptr(), values.data_ptr(), width), lambda: scores_body(
             self.c, layer, rows, x, tables, self.position, keys, values, width, out), family, held)
         if graph is None:
