@@ -25,7 +25,8 @@ address it lands at).
 Graphs hold the session's ring addresses, so they go with the session, dropped before its rings are
 unregistered and unmapped. Arguments are checked by the eager path's code before a graph is looked up
 (`linear_rows`, `scores_rows`, `output_factor`, K/V `place`, the reply's reservation). A capture that fails
-turns graphs off for the session, with one log line, and the call runs eagerly.
+turns graphs off for the session, with one log line, and the call runs eagerly. (The tests run these routes on a
+CPU too, with a capture that runs the body again on replay: tests/test_graph_routes.py.)
 """
 from __future__ import annotations
 
@@ -129,14 +130,20 @@ def output_body(c: LinearCompute, layer: int, p: torch.Tensor, vd: torch.Tensor,
 class SessionGraphs:
     """The graphs of one session (module docstring)."""
 
-    def __init__(self, compute: LinearCompute, stream: torch.cuda.Stream, request_starts, reply_starts, log):
+    def __init__(self, compute: LinearCompute, stream: torch.cuda.Stream | None, request_starts, reply_starts, log,
+                 capture=CapturedCall):
         self.c = compute
         # where a message that found its ring empty puts its first tensor, per ring (ring.py's lap starts)
         self.request_starts, self.reply_starts = frozenset(request_starts), frozenset(reply_starts)
         self.stream = stream
         self.log = log
-        self.pool = torch.cuda.graph_pool_handle()   # one pool: the graphs replay one at a time, each call synced
-        self.position = torch.zeros(1, dtype=torch.int64, pin_memory=True)   # a padded step's position (scores)
+        # `capture(body, keep, pool, stream, device)` makes a replayable call: CapturedCall (CUDA); the tests' CPU
+        # stand-in runs the body again on replay (it reads and writes the memory the graph would)
+        self.capture = capture
+        cuda = compute.device.type == "cuda"
+        # one pool: the graphs replay one at a time, each call synced
+        self.pool = torch.cuda.graph_pool_handle() if cuda else None
+        self.position = torch.zeros(1, dtype=torch.int64, pin_memory=cuda)   # a padded step's position (scores)
         self._position_word = self.position.numpy()   # written through numpy: a tensor's setitem costs ~5 us
         self.width_step = SCORE_WIDTH_STEP
         self.graphs: dict[tuple, CapturedCall] = {}
@@ -233,12 +240,13 @@ class SessionGraphs:
             if len(self.graphs) >= MAX_GRAPHS:
                 return None
             try:
-                graph = CapturedCall(*make_body(), self.pool, self.stream, self.c.device)
+                graph = self.capture(*make_body(), self.pool, self.stream, self.c.device)
             except Exception as exc:  # noqa: BLE001 - any capture failure: eager is always right
                 self.on = False
                 self.log(f"CUDA graphs off for this session (capture failed: {str(exc).splitlines()[0]}); "
                          "decode calls run eagerly")
-                torch.cuda.synchronize(self.c.device)
+                if self.pool is not None:
+                    torch.cuda.synchronize(self.c.device)
                 return None
             self.graphs[key] = graph
             if family is not None:
