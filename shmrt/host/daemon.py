@@ -28,7 +28,7 @@ from .server import Server
 from ..wire.transport import ReplyBuilder, Request
 from ..model.checkpoint import model_digest, resolve_model
 from .weights import load_weights
-from ..tools.process import freeze_heap
+from ..tools.heap import freeze_heap
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -265,7 +265,7 @@ def run_daemon(*, model: str, device: str, dtype: str, endpoint: str, layers: in
             ready()
         # Nothing here is ever differentiated: without autograd's bookkeeping each torch op dispatches in fewer
         # steps (a decode call is a handful of small ops, each paid on the daemon's CPU)
-        freeze_heap()   # the weights and imports, out of the collector's walks (tools/process.py)
+        freeze_heap()   # the weights and imports, out of the collector's walks (tools/heap.py)
         with torch.inference_mode():
             server.serve()
         log("stopped")

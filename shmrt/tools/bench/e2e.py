@@ -24,7 +24,7 @@ from ...host.weights import load_weights
 from ...model.checkpoint import load_enclave_part
 from ..breakdown import by_phase
 from ..perflog import read_sidecar
-from ..process import freeze_heap
+from ..heap import freeze_heap
 
 
 def sidecar_phases(path: str) -> list[dict]:
