@@ -1,4 +1,4 @@
-"""The daemon's per-call cost, in process: `ModelHandler.handle` and the floor's `LocalOps` for decode-shaped
+"""The daemon's per-call cost, in process: `ModelHandler.handle` and the tests' reference `LocalOps` for decode-shaped
 requests (one token, a K/V cache of --context positions), per method, in microseconds per call.
 
 No transport, no client: request tensors are plain CPU tensors and the reply buffers slices of one
@@ -120,7 +120,7 @@ def bench_handler(compute: LinearCompute, wire: torch.dtype, context: int, steps
 
 def bench_floor(compute: LinearCompute, wire: torch.dtype, context: int, steps: int, warmup: int,
                 gap_us: float = 0) -> dict:
-    """The same calls through LocalOps (bench e2e's compute floor)."""
+    """The same calls through LocalOps (no rings: bench e2e's floor until session 11, now host/inprocess.py)."""
     cfg = compute.cfg
     ops = LocalOps(compute, wire)
     x = inputs(cfg, wire, context + warmup + steps + 1)

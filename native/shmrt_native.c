@@ -99,7 +99,8 @@ int shmrt_wait_any(const uint64_t *words, const uint64_t *seen, uint32_t n, int 
         if (waited < b->spin_ns) {
             cpu_relax();
             /* a socket to look at: every 256 spins (a zero-timeout ppoll). Without one, nothing: sleep_on(-1, 0)
-               is a nanosleep, which deschedules the spinner just when it means to see the word change at once */
+               is a nanosleep, which deschedules the spinner just when it means to see the word change at once.
+               (The yield phase keeps it: there handing the core to the other side is the point, on few cores.) */
             if (fd >= 0 && spins % 256 == 0 && sleep_on(fd, 0)) return (int)n;
         } else if (waited < b->yield_ns) {
             sched_yield();

@@ -172,6 +172,7 @@ def cmd_client(args, endpoint: str, prepared=None) -> int:
     import torch
     from .enclave.client import EnclaveClient
     from .enclave.generate import Sampler, generate
+    from .tools.heap import freeze_heap
     from .wire.native import set_fault_program
 
     set_fault_program(f"shmrt {args.command}")  # a ring the host shrinks ends us with this program's error line
@@ -183,6 +184,7 @@ def cmd_client(args, endpoint: str, prepared=None) -> int:
                        prompt_tokens=ids.shape[1], total_tokens=ids.shape[1] + args.max_new_tokens,
                        ring_mib=args.ring_mib, enclave=enclave, calls=args.calls, doorbell=args.doorbell) as client:
         client.transport.observers.append(collected.append)
+        freeze_heap()   # the model, the tokenizer, the imports: out of the collector's walks (tools/heap.py)
         progress = None if args.quiet or args.max_new_tokens < 16 else _decode_progress
         sampler = Sampler(args.temperature, args.top_p, args.sample_seed)
         stop = tok.eos_token_id if tok is not None else None

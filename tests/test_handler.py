@@ -196,6 +196,17 @@ def test_a_call_waits_for_the_device_once_after_every_result_is_queued_also_when
     with pytest.raises(ProtocolError, match="layer 5 out of range"):
         model_handler.handle(Request("BatchLinear", 3, layer=5, op=qkv, tensors=[x]), LoggingBuilder(), session)
     assert events == ["sync"]
+    # the server's way (settle=False): it settles itself, after it has encoded the reply; so no wait here, also
+    # when the call fails (the server's `finally` settles then)
+    assert model_handler.overlaps_device is False   # set at construction: this one was built for a CPU
+    events.clear()
+    model_handler.handle(Request("BatchLinear", 4, layer=1, op=qkv, tensors=[x]), LoggingBuilder(), session, settle=False)
+    with pytest.raises(ProtocolError, match="layer 5 out of range"):
+        model_handler.handle(Request("BatchLinear", 5, layer=5, op=qkv, tensors=[x]), LoggingBuilder(), session,
+                             settle=False)
+    assert events == ["alloc"] * 3
+    model_handler.settle(session)
+    assert events == ["alloc"] * 3 + ["sync"]
 
 
 def test_results_travel_in_the_sessions_wire_dtype(model_handler):

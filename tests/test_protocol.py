@@ -148,3 +148,44 @@ def test_fast_path_accepts_exactly_what_the_field_checks_accept(data, capacity):
             protocol.decode(raw, capacity=capacity)
     else:
         assert protocol.decode(raw, capacity=capacity).tensors == (expected,)
+
+
+def test_a_work_time_written_into_an_encoded_doorbell_is_the_one_decoded():
+    d = TensorDesc(4096, 16, torch.float32, (2, 2))
+    record = bytearray(protocol.encode(Doorbell(Method.BatchLinear, 7, b"t" * 16, ring_end=4160, tensors=(d,),
+                                                text="x")))
+    protocol.set_work_ns(record, 123_456_789)
+    bell = protocol.decode(bytes(record), capacity=1 << 20)
+    assert bell == Doorbell(Method.BatchLinear, 7, b"t" * 16, ring_end=4160, work_ns=123_456_789, tensors=(d,),
+                            text="x")
+
+
+@pytest.mark.parametrize("doorbell", ["shm", "zmq"])
+@pytest.mark.parametrize("text", ["", "short", "é" * 3000])
+def test_a_reply_encoded_ahead_and_finished_is_the_reply_encoded_after(doorbell, text):
+    """The server's two ways to encode a reply (wire/shm_transport.py) give the same bytes: the same ring end (the
+    head the reservations reached), the work time, the text cut to a shm doorbell's slot on a character boundary."""
+    from shmrt.wire.bell import BellOut
+    from shmrt.wire.ring import Ring
+    from shmrt.wire.shm_transport import ShmServerSession
+    from shmrt.wire.transport import Request
+    records, heads = [], []
+    for ahead in (True, False):
+        with Ring.create(1 << 16, "rsp") as ring:
+            session = ShmServerSession(b"k" * 16)
+            session.rsp = ring
+            session.bell_out = BellOut(ring) if doorbell == "shm" else None
+            builder = session.reply_builder()
+            builder.alloc((3, 5), torch.float32)
+            builder.alloc_joined([(1, 1, 64), (1, 1, 16)], torch.float32)
+            request = Request("BatchLinear", 9)
+            if ahead:
+                records.append(session.finish_reply(session.encode_reply_ahead(request, builder, text), 4242))
+            else:
+                records.append(session.encode_reply(request, builder, work_ns=4242, text=text))
+            heads.append(ring.producer.head)
+            session.rsp = session.bell_out = None   # the ring is closed by its `with`
+    assert records[0] == records[1] and heads[0] == heads[1]
+    bell = protocol.decode(records[0], capacity=1 << 16)
+    assert bell.work_ns == 4242 and bell.ring_end == heads[0] and len(bell.tensors) == 3
+    assert text.startswith(bell.text) and (bell.text == text or doorbell == "shm")

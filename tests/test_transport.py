@@ -1,7 +1,7 @@
 """Both transports, two processes, real sockets and rings: bit-exact round trips and failures."""
 import random
-import time
 import re
+import time
 
 import pytest
 import torch
@@ -296,24 +296,28 @@ def _serve_late_copies(endpoint):
         server.serve()
 
 
-@pytest.mark.parametrize("transport,doorbell", [("shm", "shm"), ("shm", "zmq"), ("msgpack", None)])
-def test_a_reply_is_sent_after_the_handler_settles_and_its_work_time_counts_the_wait(endpoint, transport, doorbell):
-    """A daemon that overlaps a device (CUDA: copies queued, one synchronize) has its shm reply's doorbell encoded
-    while the copies run: the request must stay unreleased (released memory is poisoned: NaN) and the reply unsent
-    until the handler settled, and the reply's work time covers that wait."""
+@pytest.fixture
+def late_copies_daemon(endpoint):
     from conftest import CHILDREN
     proc = CHILDREN.Process(target=_serve_late_copies, args=(endpoint,), daemon=True)
     proc.start()
-    try:
-        with make_client_transport(transport, endpoint, timeout=10, doorbell=doorbell) as t:
-            t.hello(client_info())
-            t.open_session(1 << 16)
-            t.call("Init").release()
-            for i in range(40):   # through the rings' wrap
-                x = torch.randn(1000 + 37 * i)
-                with t.call("Matmul", [x]) as r:
-                    assert torch.equal(r.view(0), x) and r.text == "late"
-                    assert r.stats.work_ns >= 3_000_000
-    finally:
-        proc.terminate()
-        proc.join(5)
+    yield endpoint
+    proc.terminate()
+    proc.join(5)
+
+
+@pytest.mark.parametrize("transport,doorbell", [("shm", "shm"), ("shm", "zmq"), ("msgpack", None)])
+def test_a_reply_is_sent_after_the_handler_settles_and_its_work_time_counts_the_wait(late_copies_daemon, transport,
+                                                                                     doorbell):
+    """A daemon that overlaps a device (CUDA: copies queued, one synchronize) has its shm reply's doorbell encoded
+    while the copies run: the request must stay unreleased (released memory is poisoned: NaN) and the reply unsent
+    until the handler settled, and the reply's work time covers that wait."""
+    with make_client_transport(transport, late_copies_daemon, timeout=10, doorbell=doorbell) as t:
+        t.hello(client_info())
+        t.open_session(1 << 16)
+        t.call("Init").release()
+        for i in range(40):   # through the rings' wrap
+            x = torch.randn(1000 + 37 * i)
+            with t.call("Matmul", [x]) as r:
+                assert torch.equal(r.view(0), x) and r.text == "late"
+                assert r.stats.work_ns >= 3_000_000

@@ -20,7 +20,6 @@ from .llama import CALL_SETS, KV_PLACEMENTS, EnclaveModel
 from .ops import RemoteOps
 from .sizing import ring_bytes_for
 from ..tools.perflog import PerfLog
-from ..tools.heap import freeze_heap
 from ..wire.peer import client_info
 from ..wire.registry import client_transport
 
@@ -104,7 +103,6 @@ class EnclaveClient:
         # sizes only, never a value we compute. Only shm's rings give a daemon the fixed addresses its graphs need.
         step = score_width_step(info.get("score_width_step")) if self.transport_name == "shm" else 1
         self.model = EnclaveModel(self.part, ops, self.kv_cache, self.calls, score_step=step)
-        freeze_heap()   # the model, a tokenizer, the imports: out of the collector's walks (tools/heap.py)
 
     def close(self) -> None:
         if self.perflog is not None:

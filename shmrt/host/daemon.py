@@ -118,16 +118,13 @@ class ModelHandler(Handler):
         Every copy of the call is queued non-blocking: request views -> device (DMA from the registered
         request ring), device -> reply buffers (DMA into the response ring). The request may be released (the
         client overwrites it) and the reply published only once no DMA reads the one or writes the other: one
-        synchronize per call, not one per result. The server asks for it (`settle` False) after it has encoded
-        the reply's doorbell, which names where the results lie, not what they hold: that work overlaps the
-        device's."""
-        done = False
+        synchronize per call, not one per result. The server asks for it itself (`settle` False: then it settles,
+        also after an error) once it has encoded the reply's doorbell, which names where the results lie, not what
+        they hold: that work overlaps the device's."""
         try:
-            text = super().handle(request, builder, session)
-            done = True
-            return text
+            return super().handle(request, builder, session)
         finally:
-            if settle or not done:
+            if settle:
                 self.settle(session)
 
     def settle(self, session: ModelSession) -> None:
@@ -260,12 +257,12 @@ def run_daemon(*, model: str, device: str, dtype: str, endpoint: str, layers: in
             server.stopping = True
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        freeze_heap()   # the weights and imports, out of the collector's walks (tools/heap.py): before a client comes
         log(f"listening on {endpoint}")
         if ready:
             ready()
         # Nothing here is ever differentiated: without autograd's bookkeeping each torch op dispatches in fewer
         # steps (a decode call is a handful of small ops, each paid on the daemon's CPU)
-        freeze_heap()   # the weights and imports, out of the collector's walks (tools/heap.py)
         with torch.inference_mode():
             server.serve()
         log("stopped")

@@ -140,10 +140,10 @@ class SessionGraphs:
         # `capture(body, keep, pool, stream, device)` makes a replayable call: CapturedCall (CUDA); the tests' CPU
         # stand-in runs the body again on replay (it reads and writes the memory the graph would)
         self.capture = capture
-        cuda = compute.device.type == "cuda"
+        self.cuda = compute.device.type == "cuda"
         # one pool: the graphs replay one at a time, each call synced
-        self.pool = torch.cuda.graph_pool_handle() if cuda else None
-        self.position = torch.zeros(1, dtype=torch.int64, pin_memory=cuda)   # a padded step's position (scores)
+        self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
+        self.position = torch.zeros(1, dtype=torch.int64, pin_memory=self.cuda)   # a padded step's position (scores)
         self._position_word = self.position.numpy()   # written through numpy: a tensor's setitem costs ~5 us
         self.width_step = SCORE_WIDTH_STEP
         self.graphs: dict[tuple, CapturedCall] = {}
@@ -245,7 +245,7 @@ class SessionGraphs:
                 self.on = False
                 self.log(f"CUDA graphs off for this session (capture failed: {str(exc).splitlines()[0]}); "
                          "decode calls run eagerly")
-                if self.pool is not None:
+                if self.cuda:
                     torch.cuda.synchronize(self.c.device)
                 return None
             self.graphs[key] = graph

@@ -70,8 +70,8 @@ class Handler:
 
     def handle(self, request: Request, builder: ReplyBuilder, session: HandlerSession, settle: bool = True) -> str:
         """The one dispatcher: table row, Init first and once, arity, then the row's compute. `settle` False: a
-        device may still be reading the request's tensors and writing the reply's when this returns (not after
-        an error): the caller calls `settle` before it releases the one or sends the other."""
+        device may still be reading the request's tensors and writing the reply's when this returns or raises:
+        the caller calls `settle` before it releases the one or sends the other."""
         call = self.calls.get(request.method)
         if call is None:
             raise ProtocolError(f"method {request.method} is not served here (expected one of {list(self.calls)})")

@@ -1,6 +1,7 @@
-"""The daemon's compute driven in-process, with no transport: the reference for tests and the compute
-floor of the bench. It has the interface of the enclave's `RemoteOps`, so `EnclaveModel` runs on it
-unchanged; it lives on the host side because it holds the whole model."""
+"""The daemon's compute driven in-process, with no transport and no rings: the reference the tests compare
+against. It has the interface of the enclave's `RemoteOps`, so `EnclaveModel` runs on it unchanged; it lives on
+the host side because it holds the whole model. (The bench's floor is inprocess.py: the split's own handler,
+rings and CUDA graphs.)"""
 from __future__ import annotations
 
 import torch

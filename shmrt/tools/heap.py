@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import gc
 
+_heap_frozen = False
+
 
 def freeze_heap() -> None:
     """Once set up (imports, the model loaded, the session open): collect, then take every object alive now out of
     the cyclic collector's reach (gc.freeze). Torch and a model leave ~200k of them, and a full collection walks
     them all: ~150 ms on 2 cores, which then landed in the middle of a decode step (on both sides: in a daemon's
     call loop one in ~2000 calls, and the mean call time doubled). Younger objects are collected as before. Once
-    per process (the first setup's objects are the bulk; a process that sets up again, a test run, keeps the
-    collector's normal course for what it makes later)."""
+    per process, called by the entry points (`shmrt daemon`, `shmrt client` and `run`, the bench), not by the
+    classes they use: a test run keeps the collector's normal course."""
     global _heap_frozen
     if not _heap_frozen:
         _heap_frozen = True
         gc.collect()
         gc.freeze()
-
-
-_heap_frozen = False

@@ -66,8 +66,8 @@ _HEADER = struct.Struct("<4sHBBQ16siIqQQHH4x")
 _DESC = struct.Struct("<QQBB6x6q")
 assert _HEADER.size == 72 and _DESC.size == 72
 _WORK_NS = struct.Struct("<Q")
-WORK_NS_AT = struct.calcsize(_HEADER.format[:_HEADER.format.index("QHH")])   # the header's work_ns field
-assert WORK_NS_AT == 56
+WORK_NS_AT = 56   # the header's work_ns field (layout above)
+assert struct.calcsize("<4sHBBQ16siIqQ") == WORK_NS_AT
 
 
 class Method(enum.IntEnum):

@@ -122,12 +122,41 @@ def close_rings(*rings: Ring | None) -> None:
             ring.close()
 
 
+def create_rings(capacity: int) -> tuple[Ring, Ring]:
+    """A client's request and response rings (it owns both); none left behind if the second cannot be made."""
+    req = Ring.create(capacity, "req", poison=settings.poison())
+    try:
+        return req, Ring.create(capacity, "rsp", poison=settings.poison())
+    except BaseException:
+        close_rings(req)
+        raise
+
+
+def accept_views(ring: Ring, end: int, descs) -> tuple[list[torch.Tensor], object]:
+    """A message's tensors as views on `ring` (its consumer's side), tracked until the returned release() runs."""
+    entry = ring.consumer.accept(end, descs)
+    return [ring_view(ring, d) for d in descs], lambda: ring.consumer.release(entry)
+
+
+class RequestRingInputs:
+    """A caller's inputs staged in its request ring `self.req` (reservations wait up to `self.timeout` seconds)."""
+
+    req: Ring | None
+    timeout: float
+
+    def _alloc_input(self, shape: tuple, dtype: torch.dtype):
+        return reserve_view(self.req, shape, dtype, self.timeout, "staged tensor")[::-1]
+
+    def _in_request_memory(self, t: torch.Tensor) -> bool:
+        return in_ring(self.req, t)
+
+
 def _raise_if_error(bell: Doorbell, endpoint: str) -> None:
     if bell.is_error or bell.method == Method.Error:
         raise PeerError(f"daemon at {endpoint}: {printable(bell.text)}")
 
 
-class ShmClient(ClientTransport):
+class ShmClient(RequestRingInputs, ClientTransport):
     name = NAME
     DOORBELLS = DOORBELLS
 
@@ -180,13 +209,7 @@ class ShmClient(ClientTransport):
         """Create both rings (this side owns them), then Attach: the daemon maps them by name."""
         assert self.req is None, "session already open"
         capacity = align_up(ring_bytes, PAGE_BYTES)
-        self.req = Ring.create(capacity, "req", poison=settings.poison())
-        try:
-            self.rsp = Ring.create(capacity, "rsp", poison=settings.poison())
-        except BaseException:
-            close_rings(self.req)
-            self.req = None
-            raise
+        self.req, self.rsp = create_rings(capacity)
         self.ring_bytes = capacity
         self._control(Method.Attach, json.dumps({"req": self.req.name, "rsp": self.rsp.name, "capacity": capacity,
                                                  "doorbell": self.doorbell}))
@@ -196,12 +219,6 @@ class ShmClient(ClientTransport):
             precise_sleeps()
 
     # ---- calls
-
-    def _alloc_input(self, shape: tuple, dtype: torch.dtype):
-        return reserve_view(self.req, shape, dtype, self.timeout, "staged tensor")[::-1]
-
-    def _in_request_memory(self, t: torch.Tensor) -> bool:
-        return in_ring(self.req, t)
 
     def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
              wire_dtype=None) -> Reply:
@@ -232,8 +249,7 @@ class ShmClient(ClientTransport):
         bell = self._decode_reply(raw, seq, self.rsp.capacity)
         if bell.method != Method[method]:
             raise ProtocolError(f"reply method {bell.method.name}, expected {method}")
-        entry = self.rsp.consumer.accept(bell.ring_end, bell.tensors)
-        out = [ring_view(self.rsp, d) for d in bell.tensors]
+        out, release = accept_views(self.rsp, bell.ring_end, bell.tensors)
         stats.t_decoded = now_ns()
         stats.payload_sent = sum(d.nbytes for d in descs)
         stats.payload_recv = sum(d.nbytes for d in bell.tensors)
@@ -241,7 +257,7 @@ class ShmClient(ClientTransport):
         stats.recv_bytes = stats.payload_recv + len(raw)
         stats.work_ns = bell.work_ns
         self._notify(stats)
-        return Reply(out, stats, bell.text, release=lambda: self.rsp.consumer.release(entry))
+        return Reply(out, stats, bell.text, release=release)
 
     def _await_bell(self, seq: int) -> bytes:
         """The reply record of call `seq` from the response ring's doorbell. Waits spinning, then yielding,
@@ -369,9 +385,7 @@ class ShmServerSession(ServerSession):
         release = None
         views = []
         if self.req is not None and bell.method != Method.Close:
-            entry = self.req.consumer.accept(bell.ring_end, bell.tensors)
-            views = [ring_view(self.req, d) for d in bell.tensors]
-            release = lambda: self.req.consumer.release(entry)  # noqa: E731
+            views, release = accept_views(self.req, bell.ring_end, bell.tensors)
         return Request(bell.method.name, bell.seq, bell.layer, bell.op, bell.pos, views, bell.text, release)
 
     def _wake(self, payload: bytes) -> Request:
@@ -415,15 +429,18 @@ class ShmServerSession(ServerSession):
         return protocol.encode(Doorbell(Method[request.method], request.seq, self.token, ring_end=ring_end,
                                         work_ns=work_ns, tensors=descs, text=text))
 
-    def encode_reply_ahead(self, request: Request, builder: ShmReplyBuilder, text: str = "") -> bytearray:
+    def encode_reply_ahead(self, request: Request, builder: ShmReplyBuilder, text: str = "") -> tuple[bytearray, int]:
         """The reply names offsets in the response ring, which its reservations fixed: encoded while a device
         may still be copying results there. `finish_reply` publishes the ring's head once they are written."""
-        return bytearray(self._reply(request, builder, self.rsp.producer.head, 0, text))
+        ring_end = self.rsp.producer.head
+        return bytearray(self._reply(request, builder, ring_end, 0, text)), ring_end
 
-    def finish_reply(self, ahead: bytearray, work_ns: int) -> bytes:
-        self.rsp.producer.publish()
-        protocol.set_work_ns(ahead, work_ns)
-        return bytes(ahead)
+    def finish_reply(self, ahead: tuple[bytearray, int], work_ns: int) -> bytes:
+        record, ring_end = ahead
+        published = self.rsp.producer.publish()
+        assert published == ring_end, (published, ring_end)   # nothing reserved between the two
+        protocol.set_work_ns(record, work_ns)
+        return bytes(record)
 
     def encode_error(self, seq: int, message: str) -> bytes:
         return encode_error(self.token, seq, message, MAX_RECORD if self.bell_out is not None else None)

@@ -62,6 +62,7 @@ def measure_transport(endpoint: str, source, label: str, wire: str, kv: str, pro
     with EnclaveClient(endpoint=endpoint, model=source, transport=transport, wire_dtype=wire, kv_cache=kv, timeout=600,
                        log_path=log_path, prompt_tokens=prompt, total_tokens=prompt + new + 1,
                        run_info={"bench": True}, calls=calls, doorbell=doorbell) as c, torch.inference_mode():
+        freeze_heap()   # as `shmrt client` does once set up
         _rounds(c.model, ids, new, repeats, c.perflog.on_phase, decode_threads)
     phases = sidecar_phases(log_path + ".jsonl")
     return [_median_by([p for p in phases if p["phase"] == ph], "wall_s") | {
@@ -81,7 +82,7 @@ def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: st
     with InProcessCaller(handler, wire_dtype, ring) as caller, torch.inference_mode():
         m = EnclaveModel(part, RemoteOps(caller, w.cfg, wire_dtype), kv, calls,
                          score_step=handler.hello()["score_width_step"])
-        freeze_heap()   # as both sides of a split run do once set up
+        freeze_heap()   # as both sides of a split run do once set up (the first call in a process counts)
         # its K/V store restarts at pos 0, as the daemon's does; the client's decode threads apply where the
         # daemon's half runs on a GPU (on a CPU both halves share torch's threads: the floor keeps them all)
         runs = _rounds(m, ids, new, repeats, decode_threads=decode_threads if device.startswith("cuda") else None)
