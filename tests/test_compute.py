@@ -299,3 +299,14 @@ def test_embedding_rows_are_the_tables_as_copies_and_ids_outside_the_vocabulary_
         with pytest.raises(ModelError, match="token id out of range"):
             compute.embedding(hostile)
     assert compute.embedding(ids.to(torch.int32)).shape == (*shape, compute.cfg.hidden_size)
+
+
+@pytest.mark.parametrize("width,slices", [(256, 16), (1280, 16), (48, 4)])
+def test_p_times_v_in_slices_of_its_width_equals_one_product(width, slices):
+    """CUDA daemons take P*V of a decode step in slices of its width (host/compute.py); on the cache's slice of a
+    larger buffer, as the daemon's V rows are."""
+    gen = torch.Generator().manual_seed(width)
+    p = torch.softmax(torch.randn(1, 8, 4, width, generator=gen), -1)
+    v = torch.randn(1, 8, width + 100, 64, generator=gen)[:, :, :width]
+    from shmrt.host.compute import split_inner_product
+    torch.testing.assert_close(split_inner_product(p, v, slices), torch.matmul(p, v), rtol=1e-5, atol=1e-6)

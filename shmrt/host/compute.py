@@ -171,13 +171,33 @@ class KVStore:
         return grown
 
 
+# P*V of a decode step on CUDA: its inner dimension (the scores' width) in this many slices (`split_inner_product`)
+INNER_SLICES = 16
+
+
 def grouped_product(a: torch.Tensor, b: torch.Tensor, transpose_b: bool) -> torch.Tensor:
     """a @ b (or b^T) over [B, Hkv, rows, inner] factors on one device, in float32 whatever their dtype (scores
     and probabilities accumulate in float32): one bmm over B*Hkv (what matmul would do, without its expand and
-    reshape steps: flattening the two leading dims of the cache's slice is a view)."""
+    reshape steps: flattening the two leading dims of the cache's slice is a view). On CUDA, P*V of a decode step
+    (a few rows, a width of hundreds or more) takes `split_inner_product`."""
     a, b = a.float(), b.float()
+    if not transpose_b and a.is_cuda and a.shape[2] <= 16 and a.shape[3] >= 16 * INNER_SLICES \
+            and not a.shape[3] % INNER_SLICES:
+        return split_inner_product(a, b, INNER_SLICES)
     out = torch.bmm(a.flatten(0, 1), (b.transpose(-1, -2) if transpose_b else b).flatten(0, 1))
     return out.view(a.shape[0], a.shape[1], out.shape[1], out.shape[2])
+
+
+def split_inner_product(a: torch.Tensor, b: torch.Tensor, slices: int) -> torch.Tensor:
+    """a @ b for a [B, H, rows, T] and b [B, H, T, d] with `slices` dividing T: the products of T/slices columns
+    each, then their sum. cuBLAS's kernel for few rows against a long T walks all of T in one block per output tile:
+    P*V took 40 us a layer at T = 1280 on an H200 (torch.profiler, session 11); in 16 slices, one batched product
+    and a sum, ~2 (bench/results/h200-llama3.2-1b-session11/graph-launch-probe.txt). Float32 sums in another order:
+    equal up to rounding."""
+    B, H, rows, T = a.shape
+    parts = torch.matmul(a.reshape(B, H, rows, slices, T // slices).transpose(2, 3),
+                         b.reshape(B, H, slices, T // slices, b.shape[-1]))   # [B, H, slices, rows, d]
+    return parts.sum(2)
 
 
 class LinearCompute:
