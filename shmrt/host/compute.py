@@ -171,8 +171,10 @@ class KVStore:
         return grown
 
 
-# P*V of a decode step on CUDA: its inner dimension (the scores' width) in this many slices (`split_inner_product`)
+# P*V of a decode step on CUDA (at most SPLIT_MAX_ROWS rows: a KV group's query heads for one position): its inner
+# dimension, the scores' width, in this many slices (`split_inner_product`)
 INNER_SLICES = 16
+SPLIT_MAX_ROWS = 16
 
 
 def grouped_product(a: torch.Tensor, b: torch.Tensor, transpose_b: bool) -> torch.Tensor:
@@ -181,7 +183,7 @@ def grouped_product(a: torch.Tensor, b: torch.Tensor, transpose_b: bool) -> torc
     reshape steps: flattening the two leading dims of the cache's slice is a view). On CUDA, P*V of a decode step
     (a few rows, a width of hundreds or more) takes `split_inner_product`."""
     a, b = a.float(), b.float()
-    if not transpose_b and a.is_cuda and a.shape[2] <= 16 and a.shape[3] >= 16 * INNER_SLICES \
+    if not transpose_b and a.is_cuda and a.shape[2] <= SPLIT_MAX_ROWS and a.shape[3] >= 16 * INNER_SLICES \
             and not a.shape[3] % INNER_SLICES:
         return split_inner_product(a, b, INNER_SLICES)
     out = torch.bmm(a.flatten(0, 1), (b.transpose(-1, -2) if transpose_b else b).flatten(0, 1))

@@ -21,10 +21,11 @@ from ...host.compute import LinearCompute
 from ...host.daemon import COMPUTE_DTYPES, ModelHandler
 from ...host.inprocess import InProcessCaller
 from ...host.weights import load_weights
+from ...model.calls import score_width_step
 from ...model.checkpoint import load_enclave_part
 from ..breakdown import by_phase
-from ..perflog import read_sidecar
 from ..heap import freeze_heap
+from ..perflog import read_sidecar
 
 
 def sidecar_phases(path: str) -> list[dict]:
@@ -80,8 +81,9 @@ def measure_floor(model: str, device: str, dtype: str, layers, wire: str, kv: st
     # The split's own ops, rings, graphs and padded scores, with the transport taken out (host/inprocess.py)
     ring = ring_bytes_for(part, prompt, prompt + new + 1, wire_dtype, kv, calls=calls)
     with InProcessCaller(handler, wire_dtype, ring) as caller, torch.inference_mode():
+        # decode scores padded as a shm client of this daemon pads them (the Hello hint, read the client's way)
         m = EnclaveModel(part, RemoteOps(caller, w.cfg, wire_dtype), kv, calls,
-                         score_step=handler.hello()["score_width_step"])
+                         score_step=score_width_step(handler.hello().get("score_width_step")))
         freeze_heap()   # as both sides of a split run do once set up (the first call in a process counts)
         # its K/V store restarts at pos 0, as the daemon's does; the client's decode threads apply where the
         # daemon's half runs on a GPU (on a CPU both halves share torch's threads: the floor keeps them all)
