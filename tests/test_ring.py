@@ -129,6 +129,25 @@ def test_a_message_that_finds_the_ring_empty_starts_at_a_lap_start():
             peer.consumer.accept(peer.consumer.tail + 2 * cap + 1)
 
 
+def test_a_message_whose_first_tensor_fits_only_from_the_lap_start_goes_there():
+    """An empty ring holds any tensor up to its capacity: a message due at the half-way lap start whose first
+    tensor would run past the end starts at offset 0 instead (it was refused as too large for the ring), and the
+    alternation goes on after it."""
+    cap = 1 << 16
+    with Ring.create(cap, "rsp") as ring, Ring.attach(ring.name, cap) as peer:
+        def send(n):
+            offset = ring.producer.reserve(n, timeout=0.1)
+            peer.consumer.release(peer.consumer.accept(ring.producer.publish()))
+            return offset
+
+        assert send(64) == 0                                   # the next message is due at cap // 2
+        assert send(cap // 2 + 4096) == 0                      # more than half the ring: from the lap's start
+        assert send(cap) == 0                                  # the whole ring
+        assert [send(64) for _ in range(3)] == [cap // 2, 0, cap // 2]
+        with pytest.raises(TensorTooLarge, match="--ring-mib"):
+            send(cap + 64)
+
+
 def test_poison_covers_a_released_message_and_nothing_after_it():
     """A reply held across the next call, then released: with poison, its bytes turn to 0xFF and those of
     the next message, which may lie where the first skipped to its lap start, stay intact."""

@@ -380,14 +380,21 @@ class Producer:
             return self.head + (cap - lap_offset), 0
         return self.head + (offset - lap_offset), offset
 
-    def _begin_message(self) -> None:
-        """The first reservation of a message: an empty ring starts it at the next of its lap starts."""
+    def _begin_message(self, nbytes: int, alignment: int) -> bool:
+        """The first reservation of a message (its first tensor: `nbytes`): an empty ring starts it at the next of
+        its lap starts, or at the lap's beginning where that tensor would not fit between the half and the end
+        (the whole ring is free). True if the ring was empty."""
         self._in_message = True
         if self.head < LAPS_UNTIL and self._load_tail() == self.head:
+            cap = self.ring.capacity
             starts = self.ring.lap_starts
             target = starts[self._next_start]
             self._next_start = (self._next_start + 1) % len(starts)
-            self.head = self.floor = self.head + (target - self.head % self.ring.capacity) % self.ring.capacity
+            if align_up(target, alignment) + nbytes > cap:
+                target = 0
+            self.head = self.floor = self.head + (target - self.head % cap) % cap
+            return True
+        return False
 
     def reserve(self, nbytes: int, *, timeout: float, what: str = "tensor") -> int:
         """Reserve `nbytes` and return its data offset; waits for the consumer up to `timeout` s."""
@@ -397,8 +404,12 @@ class Producer:
             need, have = format_bytes_alike(nbytes, cap)
             raise TensorTooLarge(
                 f"{what} of {need} does not fit ring {self.ring.name} of {have}: pass a larger --ring-mib")
-        if not self._in_message:
-            self._begin_message()
+        if not self._in_message and self._begin_message(nbytes, alignment):
+            # Found empty: every byte from the lap start on is free (the tail was loaded just now; no second load)
+            start, offset = self._placement(nbytes, alignment)
+            if start + nbytes - self.floor <= cap:
+                self.head = start + nbytes
+                return offset
         deadline = None
         delay = 1e-6
         while True:
