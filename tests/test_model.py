@@ -110,6 +110,8 @@ def test_one_position_rope_as_a_product_matches_transformers(out_dtype, position
     k = torch.randn(2, 1, 2 * hd, generator=g).view(2, 1, 2, hd).transpose(1, 2)
     one = rope_tables(inv_freq, position, 1, 1.25, scale)
     assert one.turn_q is not None and rope_tables(inv_freq, position, 2, 1.25, scale).turn_q is None
+    bare = rope_tables(inv_freq, position, 1, 1.25, scale, turns=False)   # a daemon applies them: tables alone
+    assert bare.turn_q is None and bare.turn_k is None and torch.equal(bare.packed, one.packed)
     freqs = position * inv_freq
     emb = torch.cat((freqs, freqs))[None, None, :]
     ref_q, ref_k = apply_rotary_pos_emb(q, k, emb.cos() * 1.25, emb.sin() * 1.25)
