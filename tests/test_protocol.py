@@ -32,6 +32,30 @@ def test_zero_d_and_empty_tensors_round_trip():
     assert protocol.decode(protocol.encode(b), capacity=CAP).tensors == b.tensors
 
 
+def test_records_are_the_documented_layout_for_every_ndim_and_count():
+    """encode packs header and descriptors in one struct per sequence of ndims: byte for byte the layout of the
+    module docstring (a header, then per tensor offset, nbytes, dtype code, ndim, the dims and zeros past them)."""
+    import random
+    rng = random.Random(5)
+    for count in range(protocol.MAX_TENSORS + 1):
+        for _ in range(6):
+            descs = []
+            for i in range(count):
+                shape = tuple(rng.randint(1, 9) for _ in range(rng.randint(0, protocol.MAX_NDIM)))
+                dtype = rng.choice([torch.float32, torch.bfloat16, torch.int64])
+                descs.append(TensorDesc(64 * i, dtype.itemsize * math.prod(shape), dtype, shape))
+            b = bell(tensors=tuple(descs), text=rng.choice(["", "x", "héllo"]))
+            raw = protocol.encode(b)
+            text = b.text.encode()
+            expected = protocol._HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, b.method, b.flags, b.seq, b.token,
+                                             b.layer, b.op, b.pos, b.ring_end, b.work_ns, count, len(text))
+            for d in descs:
+                dims = d.shape + (0,) * (protocol.MAX_NDIM - len(d.shape))
+                expected += protocol._DESC.pack(d.offset, d.nbytes, protocol.DTYPE_CODE[d.dtype], len(d.shape), *dims)
+            assert raw == expected + text
+            assert protocol.decode(raw, capacity=CAP) == b
+
+
 def patch(raw: bytes, offset: int, fmt: str, value) -> bytes:
     raw = bytearray(raw)
     struct.pack_into(fmt, raw, offset, value)

@@ -321,3 +321,21 @@ def test_a_reply_is_sent_after_the_handler_settles_and_its_work_time_counts_the_
             with t.call("Matmul", [x]) as r:
                 assert torch.equal(r.view(0), x) and r.text == "late"
                 assert r.stats.work_ns >= 3_000_000
+
+
+def test_a_staged_input_is_described_where_it_lies_in_the_shape_it_is_sent_in():
+    """describe_input: the staged buffer itself (its record as staged, no copy), a view of it in another shape (the
+    same bytes, that shape), and anything else (another dtype: one converting copy to a new place)."""
+    from shmrt.wire.ring import Ring
+    from shmrt.wire.shm_transport import describe_input, reserve_view
+    with Ring.create(1 << 16, "req") as ring:
+        desc, staged = reserve_view(ring, (1, 1, 64), torch.float32, 1.0, "x")
+        staged.copy_(torch.arange(64.0).view(1, 1, 64))
+        assert describe_input(ring, staged, desc, None, 1.0) == (desc, 0)
+        as_rows, copied = describe_input(ring, staged.view(4, 16), desc, None, 1.0)
+        assert (as_rows.offset, as_rows.nbytes, as_rows.shape, copied) == (desc.offset, desc.nbytes, (4, 16), 0)
+        halved, _ = describe_input(ring, staged, desc, torch.bfloat16, 1.0)   # the staged desc holds float32
+        assert halved == desc                                                  # staged: sent as it lies
+        other, _ = describe_input(ring, staged.to(torch.float64), desc, torch.float32, 1.0)
+        assert other.offset != desc.offset and other.dtype == torch.float32 and other.shape == (1, 1, 64)
+        assert torch.equal(ring.tensor(other.offset, other.nbytes, torch.float32, other.shape), staged)

@@ -157,9 +157,21 @@ class Doorbell(NamedTuple):
 
 # ---- encoding
 
-# One descriptor struct per ndim: the shape packs as given and the unused dims are pad bytes (zeros).
-_DESC_BY_NDIM = tuple(struct.Struct(f"<QQBB6x{n}q{8 * (MAX_NDIM - n)}x") for n in range(MAX_NDIM + 1))
-assert all(s.size == _DESC.size for s in _DESC_BY_NDIM)
+# One descriptor format per ndim: the shape packs as given and the unused dims are pad bytes (zeros).
+_DESC_FORMATS = tuple(f"QQBB6x{n}q{8 * (MAX_NDIM - n)}x" for n in range(MAX_NDIM + 1))
+assert all(struct.calcsize("<" + f) == _DESC.size for f in _DESC_FORMATS)
+# Header and descriptors as one struct per sequence of tensor ndims (a call's are few and repeat): one pack a record
+_RECORD_BY_NDIMS: dict[tuple[int, ...], struct.Struct] = {}
+
+
+def _record_struct(ndims: tuple[int, ...]) -> struct.Struct:
+    packer = _RECORD_BY_NDIMS.get(ndims)
+    if packer is None:
+        assert len(ndims) <= MAX_TENSORS and max(ndims, default=0) <= MAX_NDIM, ndims
+        packer = struct.Struct(_HEADER.format + "".join(_DESC_FORMATS[n] for n in ndims))
+        if len(_RECORD_BY_NDIMS) < 256:
+            _RECORD_BY_NDIMS[ndims] = packer
+    return packer
 
 
 def encode(bell: Doorbell) -> bytes:
@@ -168,16 +180,14 @@ def encode(bell: Doorbell) -> bytes:
     assert len(tensors) <= MAX_TENSORS, len(tensors)
     assert len(raw_text) <= MAX_TEXT, len(raw_text)
     assert len(token) == TOKEN_BYTES, token
-    head = _HEADER.pack(MAGIC, PROTOCOL_VERSION, method, flags, seq, token, layer, op, pos, ring_end, work_ns,
-                        len(tensors), len(raw_text))
+    fields = [MAGIC, PROTOCOL_VERSION, method, flags, seq, token, layer, op, pos, ring_end, work_ns,
+              len(tensors), len(raw_text)]
     if not tensors:
-        return head + raw_text
-    parts = [head]
+        return _HEADER.pack(*fields) + raw_text
     for offset, nbytes, dtype, shape in tensors:
-        assert len(shape) <= MAX_NDIM, shape
-        parts.append(_DESC_BY_NDIM[len(shape)].pack(offset, nbytes, DTYPE_CODE[dtype], len(shape), *shape))
-    parts.append(raw_text)
-    return b"".join(parts)
+        fields += (offset, nbytes, DTYPE_CODE[dtype], len(shape), *shape)
+    record = _record_struct(tuple(len(t.shape) for t in tensors)).pack(*fields)
+    return record + raw_text if raw_text else record
 
 
 def set_work_ns(record: bytearray, work_ns: int) -> None:

@@ -99,9 +99,11 @@ def describe_input(ring: Ring, t: torch.Tensor, staged: TensorDesc | None, wire_
     """Descriptor for a call's input `t` in request ring `ring` (the caller is its producer) and the ns its copy
     took: no copy if this call's request staged it there (`staged`); else one copy in (the C helper's memcpy,
     timed) or one converting copy (torch, when the wire dtype differs)."""
-    if staged is not None and staged.nbytes == t.numel() * t.element_size() and staged.dtype == t.dtype \
-            and t.is_contiguous():
-        return TensorDesc(staged.offset, staged.nbytes, t.dtype, tuple(t.shape)), 0  # a view of it, any shape
+    if staged is not None and t.dtype == staged.dtype and t.is_contiguous():
+        if t.shape == staged.shape:
+            return staged, 0   # the buffer as it was staged (the common case: one comparison)
+        if staged.nbytes == t.numel() * t.element_size():
+            return TensorDesc(staged.offset, staged.nbytes, t.dtype, tuple(t.shape)), 0  # a view of it, any shape
     dtype = wire_dtype if wire_dtype is not None and t.is_floating_point() else t.dtype
     t = t.detach().cpu()
     nbytes = t.numel() * dtype.itemsize
