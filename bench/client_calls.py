@@ -229,6 +229,9 @@ class CannedOps:
     def attention_output(self, p, v, *, layer, cache=None, pos=0):
         return self._reply(self.attn_out)
 
+    def attention_scores(self, layer, x, tables, *, pos, width=0):
+        return self._reply(self.scores)
+
     def lm_head(self, x):
         return self._reply(self.logits)
 
@@ -238,7 +241,7 @@ class TimedOps:
 
     def __init__(self, ops):
         self.ops, self.ns = ops, 0
-        for name in ("embedding", "linear", "matmul", "attention_output", "lm_head"):
+        for name in ("embedding", "linear", "matmul", "attention_output", "attention_scores", "lm_head"):
             setattr(self, name, self._timed(getattr(ops, name)))
 
     def _timed(self, fn):
