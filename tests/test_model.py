@@ -125,6 +125,21 @@ def test_one_position_rope_as_a_product_matches_transformers(out_dtype, position
         assert torch.allclose(got_of.__func__(elementwise, x), got_of(x), rtol=0, atol=1e-5)
 
 
+def test_a_decode_steps_rope_tables_from_a_block_are_the_tables_of_its_position():
+    """With the scores in one call, decode steps slice their tables out of a block made for ROPE_BLOCK positions:
+    bit for bit the tables of that one position, across block boundaries and far positions."""
+    from shmrt.enclave.llama import ROPE_BLOCK, EnclaveModel, rope_tables
+    from shmrt.model.checkpoint import load_enclave_part, resolve_model
+    model = EnclaveModel(load_enclave_part(resolve_model("tiny")), ops=None)
+    assert model.scores_in_one
+    for start in (0, 1, ROPE_BLOCK - 1, ROPE_BLOCK, ROPE_BLOCK + 1, 5 * ROPE_BLOCK + 17, 1, 100_000):
+        got = model._rope(start, 1)
+        want = rope_tables(model.inv_freq, start, 1, model.attention_scaling, model.scale, turns=False)
+        assert got.turn_q is None and got.packed.shape == want.packed.shape == (4, 1, model.cfg.head_dim)
+        for a, b in zip(got, want):
+            assert (a is None and b is None) or torch.equal(a, b), start
+
+
 def test_config_parsing_errors_are_clear(tmp_path):
     with pytest.raises(ModelError, match="unknown preset"):
         LlamaConfig.from_name("huge")

@@ -30,7 +30,8 @@ the end, the producer skips to the next lap (the skipped bytes count as used).
 A message that finds the ring empty starts at a lap start: when the producer begins a message and the
 tail it loads equals its head (every byte released), it moves head on to the next position whose data
 offset is 0 or, every other time, half the capacity (`lap_starts`), so the message's first tensor lies
-there. Calls alternate, so a ring is empty at nearly every message, and a decode step's messages land at
+there (at 0 where that tensor would not fit between the half and the end: an empty ring holds any tensor up
+to its capacity). Calls alternate, so a ring is empty at nearly every message, and a decode step's messages land at
 two sets of offsets, call after call: the views on them are made once (`Ring.tensor` keeps them) and a
 device can copy to and from fixed addresses. Alternating halves keeps lifetime bugs loud: a view kept past
 its release reads poison (tests) through the next call, which lands in the other half, and a request
