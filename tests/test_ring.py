@@ -143,9 +143,50 @@ def test_a_message_whose_first_tensor_fits_only_from_the_lap_start_goes_there():
         assert send(64) == 0                                   # the next message is due at cap // 2
         assert send(cap // 2 + 4096) == 0                      # more than half the ring: from the lap's start
         assert send(cap) == 0                                  # the whole ring
-        assert [send(64) for _ in range(3)] == [cap // 2, 0, cap // 2]
+        assert [send(64) for _ in range(3)] == [cap // 2, 0, cap // 2]   # the half was still next
         with pytest.raises(TensorTooLarge, match="--ring-mib"):
             send(cap + 64)
+
+
+def test_a_first_tensor_that_waited_for_a_held_message_starts_over_at_the_lap_start():
+    """A message that found the ring in use goes after the held one; if its first tensor fits only an empty ring,
+    it waits, and once the consumer has released everything it starts at the lap's start (it was refused as too
+    large for the ring the moment the ring emptied)."""
+    import threading
+    cap = 1 << 16
+    with Ring.create(cap, "rsp") as ring, Ring.attach(ring.name, cap) as peer:
+        ring.producer.reserve(100, timeout=0.1)
+        held = peer.consumer.accept(ring.producer.publish())
+        threading.Timer(0.05, peer.consumer.release, (held,)).start()
+        assert ring.producer.reserve(cap, timeout=2.0) == 0
+        peer.consumer.release(peer.consumer.accept(ring.producer.publish()))
+
+
+def test_a_message_that_cannot_fit_from_where_it_began_is_refused_at_once():
+    """Nothing but the message itself left in the ring: waiting cannot make room, so it is TensorTooLarge now (it
+    was RingFull after the whole timeout, blaming the consumer)."""
+    import time
+    cap = 1 << 16
+    with Ring.create(cap, "rsp") as ring, Ring.attach(ring.name, cap) as peer:
+        ring.producer.reserve(64, timeout=0.1)
+        peer.consumer.release(peer.consumer.accept(ring.producer.publish()))   # the next message is due at cap // 2
+        assert ring.producer.reserve(64, timeout=0.1) == cap // 2
+        started = time.monotonic()
+        with pytest.raises(TensorTooLarge, match="plus the rest of its message"):
+            ring.producer.reserve(cap // 2 + 4096, timeout=5.0)
+        assert time.monotonic() - started < 1.0
+
+
+def test_a_tail_past_what_was_published_is_a_protocol_error():
+    """The consumer may release only published messages: a tail at the head of a message still being built (whose
+    bytes the next reservation would then reuse) is a scribbled header."""
+    with Ring.create(1 << 14, "req") as ring:
+        ring.producer.reserve(100, timeout=0.1)
+        ring.producer.publish()
+        ring.producer.reserve(100, timeout=0.1)                # a message being built, not published
+        ring.native.store(OFF_TAIL, ring.producer.head)
+        with pytest.raises(ProtocolError, match="tail"):
+            ring.producer.reserve(100, timeout=0.1)
 
 
 def test_poison_covers_a_released_message_and_nothing_after_it():
@@ -175,7 +216,7 @@ def test_poison_covers_a_released_message_and_nothing_after_it():
 def test_positions_past_laps_until_grow_by_bytes_again():
     """A lap per message would run u64 positions out on a huge ring: far along, messages follow each other."""
     with Ring.create(1 << 14, "req") as ring:
-        ring.producer.head = ring.producer.known_tail = LAPS_UNTIL + 100
+        ring.producer.head = ring.producer.known_tail = ring.producer.published = LAPS_UNTIL + 100
         ring.native.store(OFF_TAIL, LAPS_UNTIL + 100)   # everything released: below LAPS_UNTIL this starts a lap
         assert ring.producer.reserve(64, timeout=0.1) == 128
         assert ring.producer.publish() == LAPS_UNTIL + 192

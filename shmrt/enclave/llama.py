@@ -48,7 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
         y = F.rms_norm(x, weight.shape, weight, eps)
         return y if out is None else out.copy_(y)
     direct = out is not None and out.dtype == torch.float32
-    if direct and x.is_contiguous() and weight.dtype == torch.float32:
+    if direct and x.is_contiguous() and weight.dtype == torch.float32 and out.shape == x.shape:
         # numpy views of the same memory: three numpy calls cost ~1 us each where torch's cost 3-5 (dispatch)
         row, into = x.numpy(), out.numpy()
         scale = (float(np.vdot(row, row)) / row.size + eps) ** -0.5

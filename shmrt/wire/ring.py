@@ -35,7 +35,8 @@ to its capacity). Calls alternate, so a ring is empty at nearly every message, a
 two sets of offsets, call after call: the views on them are made once (`Ring.tensor` keeps them) and a
 device can copy to and from fixed addresses. Alternating halves keeps lifetime bugs loud: a view kept past
 its release reads poison (tests) through the next call, which lands in the other half, and a request
-buffer of the last call is not one the next call staged (scopes.py's StaleView). (Up to position
+buffer of the last call is not one the next call staged (scopes.py's StaleView); the exception is a message
+that had to start at 0 for its size, which shares its start with the message before it. (Up to position
 LAPS_UNTIL: a lap per message would run u64 positions out on a huge ring.) The producer's room then counts
 from that start (`floor`); the skipped bytes held nothing. The consumer, which cannot tell whether the
 producer moved on, accepts message ends up to two laps past its tail (one of skipping, one of message: a
@@ -353,14 +354,16 @@ class Producer:
         self.head = 0        # private: bytes ever reserved
         self.known_tail = 0  # private: last validated tail
         self.floor = 0       # private: where the last message that found the ring empty began (a lap start)
+        self.published = 0   # private: head at the last publish; a consumer cannot have released past it
         self._in_message = False  # a tensor of the message being built was reserved (publish() ends it)
+        self._message_start = 0   # where the message being built begins
         self._next_start = 0      # which of the ring's lap starts (data offsets) such a message goes to next
 
     def _load_tail(self) -> int:
         tail = self.ring.native.load(OFF_TAIL)  # one load, validated before any use
-        if not (self.known_tail <= tail <= self.head):
-            raise ProtocolError(
-                f"ring {self.ring.name}: consumer tail {tail} outside [{self.known_tail}, {self.head}] "
+        if not (self.known_tail <= tail <= self.published):   # never past what was published: a message being
+            raise ProtocolError(                                  # built is not the consumer's to release
+                f"ring {self.ring.name}: consumer tail {tail} outside [{self.known_tail}, {self.published}] "
                 "(peer corrupted the ring header)")
         self.known_tail = tail
         return tail
@@ -383,19 +386,26 @@ class Producer:
 
     def _begin_message(self, nbytes: int, alignment: int) -> bool:
         """The first reservation of a message (its first tensor: `nbytes`): an empty ring starts it at the next of
-        its lap starts, or at the lap's beginning where that tensor would not fit between the half and the end
-        (the whole ring is free). True if the ring was empty."""
+        its lap starts (`_to_lap_start`). True if the ring was empty."""
         self._in_message = True
+        self._message_start = self.head
         if self.head < LAPS_UNTIL and self._load_tail() == self.head:
-            cap = self.ring.capacity
-            starts = self.ring.lap_starts
-            target = starts[self._next_start]
-            self._next_start = (self._next_start + 1) % len(starts)
-            if align_up(target, alignment) + nbytes > cap:
-                target = 0
-            self.head = self.floor = self.head + (target - self.head % cap) % cap
+            self._to_lap_start(nbytes, alignment)
             return True
         return False
+
+    def _to_lap_start(self, nbytes: int, alignment: int) -> None:
+        """Every byte released: move head to the next lap start, or to the lap's beginning where the first tensor
+        would not fit between the half and the end (an empty ring holds any tensor up to its capacity; the half is
+        then still next, so only this message shares its start with the one before)."""
+        cap = self.ring.capacity
+        starts = self.ring.lap_starts
+        target = starts[self._next_start]
+        if align_up(target, alignment) + nbytes > cap:
+            target = 0
+        else:
+            self._next_start = (self._next_start + 1) % len(starts)
+        self.head = self.floor = self._message_start = self.head + (target - self.head % cap) % cap
 
     def reserve(self, nbytes: int, *, timeout: float, what: str = "tensor") -> int:
         """Reserve `nbytes` and return its data offset; waits for the consumer up to `timeout` s."""
@@ -406,11 +416,10 @@ class Producer:
             raise TensorTooLarge(
                 f"{what} of {need} does not fit ring {self.ring.name} of {have}: pass a larger --ring-mib")
         if not self._in_message and self._begin_message(nbytes, alignment):
-            # Found empty: every byte from the lap start on is free (the tail was loaded just now; no second load)
+            # Found empty, and at a lap start the first tensor fits: its room comes from the tail loaded just now
             start, offset = self._placement(nbytes, alignment)
-            if start + nbytes - self.floor <= cap:
-                self.head = start + nbytes
-                return offset
+            self.head = start + nbytes
+            return offset
         deadline = None
         delay = 1e-6
         while True:
@@ -420,8 +429,12 @@ class Producer:
             if end - released <= cap:
                 self.head = end
                 return offset
-            if released == self.head:
-                # Ring is empty and the message still does not fit: it never will.
+            if released >= self._message_start:
+                # Nothing but this message is left in the ring: waiting cannot make room. Its first tensor, which
+                # found the ring in use and saw it empty while it waited, starts over at a lap start.
+                if self.head == self._message_start and self.floor != self.head and self.head < LAPS_UNTIL:
+                    self._to_lap_start(nbytes, alignment)
+                    continue
                 need, have = format_bytes_alike(nbytes, cap)
                 raise TensorTooLarge(
                     f"{what} of {need} plus the rest of its message does not fit ring "
@@ -440,6 +453,7 @@ class Producer:
     def publish(self) -> int:
         """Release-store head after the data is written; returns the message's end position."""
         self._in_message = False
+        self.published = self.head
         self.ring.native.store(OFF_HEAD, self.head)
         return self.head
 

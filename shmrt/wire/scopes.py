@@ -14,7 +14,8 @@ it is released. So a view lives exactly as long as the scope that owns it, and t
 - A sealed request's buffer given to a later call raises `StaleView` (the transport checks every
   tensor that points into its request ring against the request being sent). On shm, messages that find
   their ring empty alternate between two offsets (ring.py), so the last call's buffers are never the next
-  call's; two calls on the same offsets come back, and a buffer kept that long aliases a buffer that call
+  call's (but for a message too large for the half-way start: it starts where the one before it did); two calls on
+  the same offsets come back, and a buffer kept that long aliases a buffer that call
   staged: then it is the parity tests (values against transformers) that catch it.
 - After a reply is released, `view()`/`take()` raise `StaleView`; a view taken earlier and kept
   anyway reads poison in tests (`SHMRT_POISON=1`: the releasing side overwrites released ring
