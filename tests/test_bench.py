@@ -81,9 +81,21 @@ def test_ab_summary_gives_each_variants_medians_and_its_wins_against_the_first(t
         write(f"new-{round_}", new, 11)
     out = subprocess.run([sys.executable, "bench/ab_summary.py", str(tmp_path), "old", "new"], capture_output=True,
                          text=True, check=True).stdout.splitlines()
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out[2:]}
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")] for line in out[2:])}
     assert rows["old"][2] == "31.00" and rows["new"][2] == "28.00"       # medians of 30,32,31 and 27,33,28
-    assert rows["new"][8] == "11.00" and rows["new"][-1].strip(" |") == "2/3"
+    assert rows["new"][8] == "11.00" and rows["new"][10] == "2/3"
+    # its ms/token over its floor (15 ms a token), round by round differences (-3, +1, -3), the sign test's p
+    assert rows["new"][11:14] == ["1.87", "-3.00", "1.00"] and rows["old"][11:14] == ["2.07", "", ""]
+
+
+def test_the_sign_test_of_ab_summary():
+    sys.path.insert(0, "bench")
+    try:
+        from ab_summary import sign_test
+    finally:
+        sys.path.remove("bench")
+    assert sign_test(3, 3) == 0.25 and sign_test(0, 3) == 0.25 and sign_test(4, 9) == 1.0
+    assert abs(sign_test(9, 10) - 22 / 1024) < 1e-12 and sign_test(0, 0) == 1.0
 
 
 def test_daemon_calls_times_every_method_through_the_handler_and_the_floor(tmp_path):
