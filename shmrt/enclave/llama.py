@@ -96,12 +96,16 @@ def rope_tables(inv_freq: torch.Tensor, start: int, length: int, scaling: float,
     freqs = positions[:, None] * inv_freq[None, :]            # [S, hd/2]
     cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
     cos, sin = torch.stack((cos, cos), dim=1), torch.stack((-sin, sin), dim=1)  # [S, 2, hd/2]
-    packed = torch.stack((cos * q_scale, sin * q_scale, cos, sin))               # [4, S, 2, hd/2]
-    tables = (*packed.unbind(0), packed.view(ROPE_TABLES, length, -1))
+    tables = _tables(torch.stack((cos * q_scale, sin * q_scale, cos, sin)))      # from [4, S, 2, hd/2]
     if length != 1 or not turns:
         return Rope(*tables)
     turn = rotation(cos.flatten(), sin.flatten())
     return Rope(*tables, turn * q_scale, turn)
+
+
+def _tables(stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rope's four tables and `packed` from the four stacked [4, S, 2, hd/2] (views of it)."""
+    return (*stacked.unbind(0), stacked.view(ROPE_TABLES, stacked.shape[1], -1))
 
 
 def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -171,7 +175,7 @@ class EnclaveModel:
         self.inv_freq = part.inv_freq           # [hd/2]
         self.attention_scaling = part.attention_scaling
         self.ops = ops
-        self._rope_block: tuple[int, torch.Tensor] | None = None   # (first position, packed tables): `_rope`
+        self._rope_block: tuple[int, torch.Tensor] | None = None   # (first position, [4, block, 2, hd/2]): `_rope`
         self.kv_cache = kv_cache
         self.scale = cfg.head_dim ** -0.5
         self.reset()
@@ -212,9 +216,8 @@ class EnclaveModel:
         first = start - start % ROPE_BLOCK
         if self._rope_block is None or self._rope_block[0] != first:
             block = rope_tables(self.inv_freq, first, ROPE_BLOCK, self.attention_scaling, self.scale, turns=False)
-            self._rope_block = (first, block.packed)
-        packed = self._rope_block[1][:, start - first:start - first + 1]                 # [4, 1, hd]
-        return Rope(*packed.view(ROPE_TABLES, 1, 2, -1).unbind(0), packed)
+            self._rope_block = (first, block.packed.view(ROPE_TABLES, ROPE_BLOCK, 2, -1))
+        return Rope(*_tables(self._rope_block[1][:, start - first:start - first + 1]))
 
     def _block(self, layer: int, h: torch.Tensor, start: int, rope: Rope, mask) -> None:
         """One decoder layer; adds both residuals into h [B, S, D] in place."""

@@ -415,17 +415,15 @@ class Producer:
             need, have = format_bytes_alike(nbytes, cap)
             raise TensorTooLarge(
                 f"{what} of {need} does not fit ring {self.ring.name} of {have}: pass a larger --ring-mib")
-        if not self._in_message and self._begin_message(nbytes, alignment):
-            # Found empty, and at a lap start the first tensor fits: its room comes from the tail loaded just now
-            start, offset = self._placement(nbytes, alignment)
-            self.head = start + nbytes
-            return offset
+        # A message that found the ring empty has all of it from its lap start (the tail was loaded just now)
+        found_empty = not self._in_message and self._begin_message(nbytes, alignment)
         deadline = None
         delay = 1e-6
         while True:
             start, offset = self._placement(nbytes, alignment)
             end = start + nbytes
-            released = self._released_to()
+            released = self.floor if found_empty else self._released_to()
+            found_empty = False
             if end - released <= cap:
                 self.head = end
                 return offset
