@@ -156,6 +156,148 @@ int shmrt_store_fence_load(uint8_t *base, uint64_t base_len, uint64_t store_off,
     return SHMRT_OK;
 }
 
+/* ---- doorbell records in C (see the header; protocol.py's docstring has the layout) */
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "doorbell records are little-endian: this helper writes and reads them in host order"
+#endif
+
+static uint64_t get_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static uint32_t get_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint16_t get_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static void put_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static void put_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+
+/* Header field offsets (protocol.py's _HEADER) and a descriptor's (its _DESC). */
+enum { H_MAGIC = 0, H_VERSION = 4, H_METHOD = 6, H_FLAGS = 7, H_SEQ = 8, H_TOKEN = 16, H_LAYER = 32, H_OP = 36,
+       H_POS = 40, H_RING_END = 48, H_WORK_NS = 56, H_NTENSORS = 64, H_TEXT_LEN = 66,
+       D_OFFSET = 0, D_NBYTES = 8, D_DTYPE = 16, D_NDIM = 17, D_DIMS = 24 };
+
+int shmrt_bell_post_words(const shmrt_bell *bell, const uint64_t *words, const char *text, uint64_t text_len,
+                          uint64_t *flag, uint64_t *length) {
+    uint64_t ntensors = words[8];
+    if (ntensors > SHMRT_MAX_TENSORS || text_len > 0xffff) return SHMRT_E_BOUNDS;
+    uint64_t n = SHMRT_HEADER_BYTES + ntensors * SHMRT_DESC_BYTES + text_len;
+    if (!in_bounds(bell->base_len, bell->slot_off, bell->slot_cap) || bell->slot_cap < 8 || n > bell->slot_cap - 8
+        || !in_bounds(bell->base_len, bell->seq_off, 8) || !in_bounds(bell->base_len, bell->flag_off, 8))
+        return SHMRT_E_BOUNDS;
+    uint8_t *base = bell->base;
+    if (((uintptr_t)(base + bell->slot_off)) % 8 || ((uintptr_t)(base + bell->seq_off)) % 8
+        || ((uintptr_t)(base + bell->flag_off)) % 8) return SHMRT_E_ALIGN;
+    /* Our own slot (we are this ring's producer): written in place, then published by the seq store. */
+    uint8_t *r = base + bell->slot_off + 8;
+    memset(r, 0, (size_t)(n - text_len));   /* padding and the dims past ndim are zeros */
+    memcpy(r + H_MAGIC, bell->codec->magic, 4);
+    put_u16(r + H_VERSION, bell->codec->version);
+    r[H_METHOD] = (uint8_t)words[0];
+    r[H_FLAGS] = (uint8_t)words[1];
+    put_u64(r + H_SEQ, words[2]);
+    memcpy(r + H_TOKEN, bell->token, 16);
+    put_u32(r + H_LAYER, (uint32_t)words[3]);
+    put_u32(r + H_OP, (uint32_t)words[4]);
+    put_u64(r + H_POS, words[5]);
+    put_u64(r + H_RING_END, words[6]);
+    put_u64(r + H_WORK_NS, words[7]);
+    put_u16(r + H_NTENSORS, (uint16_t)ntensors);
+    put_u16(r + H_TEXT_LEN, (uint16_t)text_len);
+    for (uint64_t i = 0; i < ntensors; i++) {
+        const uint64_t *d = words + SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS;
+        uint8_t *o = r + SHMRT_HEADER_BYTES + i * SHMRT_DESC_BYTES;
+        uint64_t ndim = d[3];
+        if (ndim > SHMRT_MAX_NDIM) return SHMRT_E_BOUNDS;   /* before anything is published: the seq is untouched */
+        put_u64(o + D_OFFSET, d[0]);
+        put_u64(o + D_NBYTES, d[1]);
+        o[D_DTYPE] = (uint8_t)d[2];
+        o[D_NDIM] = (uint8_t)ndim;
+        for (uint64_t j = 0; j < ndim; j++) put_u64(o + D_DIMS + 8 * j, d[4 + j]);
+    }
+    if (text_len) memcpy(r + n - text_len, text, (size_t)text_len);
+    put_u64(base + bell->slot_off, n);
+    *length = n;
+    atomic_store_explicit((_Atomic uint64_t *)(base + bell->seq_off), words[2], memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst);
+    *flag = atomic_load_explicit((const _Atomic uint64_t *)(base + bell->flag_off), memory_order_acquire);
+    return SHMRT_OK;
+}
+
+int shmrt_record_check(const shmrt_codec *c, const uint8_t *rec, uint64_t n, const uint8_t *token,
+                       uint64_t expect_seq, uint32_t expect_method, uint64_t capacity, uint64_t *out) {
+    if (n < SHMRT_HEADER_BYTES || memcmp(rec + H_MAGIC, c->magic, 4) || get_u16(rec + H_VERSION) != c->version)
+        return SHMRT_E_SLOW;
+    uint8_t method = rec[H_METHOD];
+    if (!c->rpc[method] || (expect_method && method != expect_method) || rec[H_FLAGS]) return SHMRT_E_SLOW;
+    if (get_u64(rec + H_SEQ) != expect_seq || memcmp(rec + H_TOKEN, token, 16)) return SHMRT_E_SLOW;
+    int32_t layer = (int32_t)get_u32(rec + H_LAYER);
+    int64_t pos = (int64_t)get_u64(rec + H_POS);
+    uint64_t ntensors = get_u16(rec + H_NTENSORS), text_len = get_u16(rec + H_TEXT_LEN);
+    if (layer < -1 || pos < 0 || ntensors > SHMRT_MAX_TENSORS
+        || n != SHMRT_HEADER_BYTES + ntensors * SHMRT_DESC_BYTES + text_len) return SHMRT_E_SLOW;
+    out[0] = method;
+    out[1] = 0;
+    out[2] = expect_seq;
+    out[3] = (uint64_t)(int64_t)layer;
+    out[4] = get_u32(rec + H_OP);
+    out[5] = (uint64_t)pos;
+    out[6] = get_u64(rec + H_RING_END);
+    out[7] = get_u64(rec + H_WORK_NS);
+    out[8] = ntensors;
+    out[9] = text_len;
+    for (uint64_t i = 0; i < ntensors; i++) {
+        const uint8_t *d = rec + SHMRT_HEADER_BYTES + i * SHMRT_DESC_BYTES;
+        uint64_t *o = out + SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS;
+        uint64_t offset = get_u64(d + D_OFFSET), nbytes = get_u64(d + D_NBYTES);
+        uint8_t code = d[D_DTYPE], ndim = d[D_NDIM];
+        uint64_t itemsize = c->itemsize[code];
+        if (!itemsize || ndim > SHMRT_MAX_NDIM) return SHMRT_E_SLOW;
+        /* Every dim in [1, max_dim] and their product too (a zero dim, zero elements: the slow path), */
+        /* checked as it grows so that it cannot overflow; the dims past ndim zero. */
+        uint64_t elements = 1;
+        for (unsigned j = 0; j < SHMRT_MAX_NDIM; j++) {
+            uint64_t dim = get_u64(d + D_DIMS + 8 * j);
+            o[4 + j] = dim;
+            if (j >= ndim) {
+                if (dim) return SHMRT_E_SLOW;
+                continue;
+            }
+            if (dim == 0 || dim > c->max_dim || elements > c->max_dim / dim) return SHMRT_E_SLOW;
+            elements *= dim;
+        }
+        /* elements <= max_dim (2^40) and itemsize <= 255: the product cannot overflow */
+        if (nbytes != elements * itemsize || offset % c->align || !in_bounds(capacity, offset, nbytes))
+            return SHMRT_E_SLOW;
+        o[0] = offset;
+        o[1] = nbytes;
+        o[2] = code;
+        o[3] = ndim;
+    }
+    return SHMRT_OK;
+}
+
+int shmrt_bell_take_record(shmrt_bell *bell, uint64_t expect_seq, uint32_t expect_method, uint64_t *out) {
+    uint64_t seq, length;
+    int rc = shmrt_bell_take(bell->base, bell->base_len, bell->seq_off, bell->seen, bell->slot_off, bell->slot_cap,
+                             &seq, &length, bell->record, bell->record_cap);
+    if (rc != SHMRT_OK) return rc;
+    bell->taken_seq = seq;
+    bell->taken_length = length;
+    if (seq == bell->seen) return SHMRT_E_NONE;
+    if (seq != expect_seq || length > bell->record_cap || length > bell->slot_cap - 8) return SHMRT_E_SLOW;
+    bell->seen = seq;
+    return shmrt_record_check(bell->codec, bell->record, length, bell->token, expect_seq, expect_method,
+                              bell->capacity, out);
+}
+
+int shmrt_bell_await_record(shmrt_bell *bell, uint64_t expect_seq, uint32_t expect_method, const shmrt_backoff *b,
+                            uint64_t waited_ns, uint64_t budget_ns, uint64_t *out) {
+    if (!in_bounds(bell->base_len, bell->seq_off, 8)) return SHMRT_E_BOUNDS;
+    uint64_t word = (uint64_t)(uintptr_t)(bell->base + bell->seq_off);
+    uint64_t seen = bell->seen;
+    int rc = shmrt_wait_any(&word, &seen, 1, -1, b, waited_ns, budget_ns);
+    if (rc < 0) return rc;
+    return shmrt_bell_take_record(bell, expect_seq, expect_method, out);
+}
+
 int shmrt_set_timer_slack(uint64_t ns) {
     return prctl(PR_SET_TIMERSLACK, (unsigned long)ns, 0, 0, 0) == 0 ? SHMRT_OK : SHMRT_E_SYS;
 }

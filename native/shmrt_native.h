@@ -11,6 +11,8 @@
  *   SHMRT_E_FULL        -3  the fault guard's table has no free slot
  *   SHMRT_E_SYS         -4  a system call failed (errno says which)
  *   SHMRT_E_TIMEOUT     -5  a wait's budget ran out with no word changed
+ *   SHMRT_E_SLOW        -6  a doorbell record off the fast path: Python's decoder judges it
+ *   SHMRT_E_NONE        -7  no new doorbell record was rung
  *
  * Fault guard: a process that maps a ring it created registers the mapping here. If the host
  * shrinks that segment, the next access to a page past the new end raises SIGBUS; the handler
@@ -99,6 +101,75 @@ int shmrt_bell_take(const uint8_t *base, uint64_t base_len, uint64_t seq_off, ui
 /* at base+load_off into *out. */
 int shmrt_store_fence_load(uint8_t *base, uint64_t base_len, uint64_t store_off, uint64_t value,
                            uint64_t load_off, uint64_t *out);
+
+/* ---- doorbell records in C (the fast path; shmrt/wire/protocol.py documents the layout and fills */
+/* shmrt_codec from its constants, bell.py drives these). A record the fast path accepts is fully */
+/* validated here; one it does not (an Error, a control message, a zero-sized tensor, anything */
+/* malformed) is SHMRT_E_SLOW: Python's decoder judges the private copy, names what is wrong, or accepts */
+/* the rare legal case. The fast path accepts a strict subset of what protocol.decode accepts. */
+#define SHMRT_E_SLOW -6
+#define SHMRT_E_NONE -7
+#define SHMRT_HEADER_BYTES 72
+#define SHMRT_DESC_BYTES 72
+#define SHMRT_MAX_TENSORS 8
+#define SHMRT_MAX_NDIM 6
+#define SHMRT_DESC_WORDS 10
+#define SHMRT_HEAD_WORDS 10
+#define SHMRT_RECORD_WORDS 90
+
+/* What protocol.py says a record may hold. */
+typedef struct {
+    uint8_t magic[4];
+    uint16_t version;
+    uint8_t rpc[256];        /* 1 where a method code is a model RPC (the fast path's methods) */
+    uint8_t itemsize[256];   /* bytes per element by dtype code; 0: not a dtype */
+    uint64_t max_dim;        /* elements of one tensor at most */
+    uint64_t align;          /* descriptor offsets are multiples of it */
+} shmrt_codec;
+
+/* A record as words: [0..10) method, flags, seq, layer (two's complement), op, pos, ring_end, work_ns, */
+/* ntensors, text_len; then per tensor SHMRT_DESC_WORDS: offset, nbytes, dtype code, ndim, 6 dims. */
+
+/* One side of one ring's doorbell, set up once: the slot, the seq word and (posting) the asleep word. */
+typedef struct {
+    uint8_t *base;
+    uint64_t base_len;
+    uint64_t seq_off;
+    uint64_t slot_off;
+    uint64_t slot_cap;
+    uint64_t flag_off;        /* writer: the consumer's asleep word */
+    const shmrt_codec *codec;
+    const uint8_t *token;     /* the session's 16 bytes: written (writer), required (reader) */
+    uint64_t capacity;        /* reader: the sender's ring data bytes (offsets are checked against it) */
+    uint8_t *record;          /* reader: private memory a record is copied into, record_cap bytes */
+    uint64_t record_cap;
+    uint64_t seen;            /* reader: the last seq taken */
+    uint64_t taken_seq;       /* reader: what the last take loaded (for Python's slow path) */
+    uint64_t taken_length;
+} shmrt_bell;
+
+/* Encode a record from words (as above; ntensors descriptors follow the header words) with the bell's token */
+/* and text into its slot, release-store its seq (words[2]), fence, load the asleep word into *flag. */
+/* *length: the record's bytes. SHMRT_E_BOUNDS where it does not fit the slot. */
+int shmrt_bell_post_words(const shmrt_bell *bell, const uint64_t *words, const char *text, uint64_t text_len,
+                          uint64_t *flag, uint64_t *length);
+
+/* Check a record of n bytes (a private copy) on the fast path: the session's token, seq expect_seq, */
+/* method expect_method (0: any model RPC), flags 0, every descriptor inside `capacity`. SHMRT_OK with */
+/* out (SHMRT_RECORD_WORDS) filled, or SHMRT_E_SLOW. */
+int shmrt_record_check(const shmrt_codec *c, const uint8_t *rec, uint64_t n, const uint8_t *token,
+                       uint64_t expect_seq, uint32_t expect_method, uint64_t capacity, uint64_t *out);
+
+/* Take the next record if one was rung: SHMRT_E_NONE (the seq word is still `seen`); SHMRT_OK (seq */
+/* expect_seq, the record copied and checked: out filled, seen updated); SHMRT_E_SLOW (anything else: */
+/* taken_seq, taken_length and, where the length fits, the copy in record tell Python what came; seen is */
+/* updated where the seq was expect_seq and the record fit). Each shared word is loaded once. */
+int shmrt_bell_take_record(shmrt_bell *bell, uint64_t expect_seq, uint32_t expect_method, uint64_t *out);
+
+/* Wait for the next record as shmrt_wait_any waits (one word, no descriptor), then take it as */
+/* shmrt_bell_take_record. SHMRT_E_TIMEOUT when budget_ns passed with nothing rung. */
+int shmrt_bell_await_record(shmrt_bell *bell, uint64_t expect_seq, uint32_t expect_method, const shmrt_backoff *b,
+                            uint64_t waited_ns, uint64_t budget_ns, uint64_t *out);
 
 /* Timer slack of the calling thread in ns (prctl PR_SET_TIMERSLACK): short sleeps end on time. */
 int shmrt_set_timer_slack(uint64_t ns);

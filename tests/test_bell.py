@@ -1,6 +1,7 @@
 """The shared-memory doorbell (bell.py) and the word waiter under it (native.WordWaiter), on real
 shared memory: each side's ring mapped as the client and the daemon map it, and a second process
 (plain Python, no shmrt: a writer as foreign as the host) where crossing processes matters."""
+import math
 import os
 import struct
 import subprocess
@@ -9,8 +10,11 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, strategies as st
 
+from test_untrusted import FUZZ, _mutate_doorbell, doorbell_mutation
 from shmrt.errors import ProtocolError
+from shmrt.wire import protocol
 from shmrt.wire.bell import MAX_RECORD, BellIn, BellOut
 from shmrt.wire.native import Backoff, WordWaiter
 from shmrt.wire.ring import BELL_SLOT_BYTES, OFF_ASLEEP, OFF_BELL_SEQ, OFF_BELL_SLOT, Ring
@@ -241,3 +245,103 @@ def test_after_a_long_wait_the_next_one_sleeps_instead_of_spinning(ring_pair):
     assert sleeping * 4 < spinning and sleeping < 8   # (on a loaded machine the spinner gets less than a core)
     consumer.native.store(OFF_BELL_SEQ, 3)
     assert waiter.wait(0, int(1e9)) == 0 and not waiter.last_wait_long          # a short one: spinning again
+
+
+# ---- records encoded, taken and checked in C (the fast path): what protocol.py encodes and accepts, no more
+
+TOKEN = bytes(range(16))
+RING_CAP = 1 << 20   # the capacity descriptors are checked against
+
+
+def _descs(shapes, dtype=None):
+    import torch
+    out, offset = [], 0
+    for i, shape in enumerate(shapes):
+        dt = dtype or [torch.float32, torch.bfloat16, torch.int64, torch.float16, torch.int32][i % 5]
+        nbytes = dt.itemsize * math.prod(shape)
+        out.append(protocol.TensorDesc(offset, nbytes, dt, tuple(shape)))
+        offset += -(-nbytes // 64) * 64
+    return tuple(out)
+
+
+CALLS = [  # (method, layer, op, pos, ring_end, tensor shapes)
+    (protocol.Method.Init, -1, 0, 0, 0, []),
+    (protocol.Method.BatchLinear, 0, 7, 1023, 4096, [(1, 1, 2048)]),
+    (protocol.Method.AttentionScores, 15, 1280, 2**40, 2**63 - 1, [(1, 1, 2048), (4, 1, 64)]),
+    (protocol.Method.Matmul, 2**31 - 1, 2**32 - 1, 5, 64, [(1,), (2, 3, 4, 5, 6, 7), ()]),
+    (protocol.Method.LMHead, 3, 0, 0, 128, [(1, 1)] * protocol.MAX_TENSORS),
+]
+
+
+@pytest.mark.parametrize("call", CALLS, ids=[c[0].name for c in CALLS])
+def test_a_call_posted_in_c_is_byte_for_byte_what_protocol_encodes_and_taken_as_it_decodes(ring_pair, call):
+    producer, consumer = ring_pair
+    method, layer, op, pos, ring_end, shapes = call
+    descs = _descs(shapes)
+    expected = protocol.encode(protocol.Doorbell(method, 9, TOKEN, layer, op, pos, ring_end, tensors=descs))
+    asleep, length = BellOut(producer, TOKEN).post_call(method, 9, layer, op, pos, ring_end, descs)
+    assert (asleep, length) == (False, len(expected))
+    slot = bytes(producer.mapping[OFF_BELL_SLOT:OFF_BELL_SLOT + 8 + length])
+    assert slot == struct.pack("<Q", length) + expected
+    got = BellIn(consumer, TOKEN, RING_CAP).take_checked(9)
+    assert got == protocol.decode(expected, capacity=RING_CAP, token=TOKEN, expect_seq=9)
+    assert type(got) is protocol.Doorbell and all(type(d) is protocol.TensorDesc for d in got.tensors)
+
+
+def test_the_fast_path_hands_anything_but_this_sessions_next_rpc_to_protocol_decode(ring_pair):
+    producer, consumer = ring_pair
+    out, bell_in = BellOut(producer), BellIn(consumer, TOKEN, RING_CAP)
+    fast = protocol.Doorbell(protocol.Method.BatchLinear, 1, TOKEN, 0, tensors=_descs([(1, 8)]), text="ok")
+    slow = [fast._replace(token=bytes(16)), fast._replace(method=protocol.Method.Error, flags=protocol.FLAG_ERROR),
+            fast._replace(method=protocol.Method.Close), fast._replace(tensors=_descs([(0, 8)])),
+            fast._replace(seq=2)]
+    for seq, bell in enumerate([fast, *slow], start=1):
+        record = protocol.encode(bell._replace(seq=seq + (bell.seq == 2)))
+        out.post(record, seq)
+        got = bell_in.take_checked(seq)
+        assert got == (bell._replace(seq=seq) if bell is fast else record), bell
+    assert bell_in.seen == len(slow) + 1
+
+
+def test_a_record_text_that_is_not_utf8_is_a_protocol_error_on_the_fast_path(ring_pair):
+    producer, consumer = ring_pair
+    record = bytearray(protocol.encode(protocol.Doorbell(protocol.Method.Init, 1, TOKEN, text="ab")))
+    record[-1] = 0xFF
+    BellOut(producer).post(bytes(record), 1)
+    with pytest.raises(ProtocolError, match="not valid UTF-8"):
+        BellIn(consumer, TOKEN, RING_CAP).take_checked(1)
+
+
+@st.composite
+def hostile_records(draw):
+    """A record of this session's next call (any method, tensors of any legal shape, some with a zero dim), then
+    one mutation of test_untrusted's (a header or descriptor field, text, bytes, or none)."""
+    import torch
+    method = draw(st.sampled_from(list(protocol.Method)))
+    shapes = draw(st.lists(st.lists(st.integers(0, 9), max_size=protocol.MAX_NDIM), max_size=protocol.MAX_TENSORS))
+    dtype = draw(st.sampled_from([torch.float32, torch.int64, torch.bfloat16]))
+    text = draw(st.sampled_from(["", "x", "ü" * 3]))
+    record = protocol.encode(protocol.Doorbell(method, 5, TOKEN, draw(st.integers(-1, 40)), draw(st.integers(0, 2**32 - 1)),
+                                               draw(st.integers(0, 2**20)), draw(st.integers(0, 2**64 - 1)),
+                                               tensors=_descs(shapes, dtype), text=text))
+    return _mutate_doorbell(record, draw(doorbell_mutation()))[:MAX_RECORD]
+
+
+@FUZZ
+@given(record=hostile_records(), capacity=st.sampled_from([0, 64, 4096, RING_CAP]))
+def test_the_fast_path_accepts_a_strict_subset_of_what_protocol_decode_accepts(record, capacity):
+    with Ring.create(CAP, "rsp") as producer:
+        BellOut(producer).post(record, 5)
+        got = BellIn(producer, TOKEN, capacity).take_checked(5)
+    try:
+        decoded = protocol.decode(record, capacity=capacity, token=TOKEN, expect_seq=5)
+    except ProtocolError:
+        decoded = None
+    if type(got) is bytes:
+        assert got == record
+    else:
+        assert got == decoded, "the C fast path accepted a record protocol.decode refuses, or read it otherwise"
+        assert decoded.method.name in protocol.RPC_METHODS and not decoded.flags
+    fast_case = (decoded is not None and decoded.method.name in protocol.RPC_METHODS and not decoded.flags
+                 and all(math.prod(d.shape) for d in decoded.tensors))
+    assert (type(got) is protocol.Doorbell) == fast_case, "a plain record of a model RPC left the fast path"

@@ -14,6 +14,7 @@ import torch
 from conftest import CHILDREN, shm_segments, shmrt_argv
 from shmrt.tools.process import DaemonProcess
 from shmrt.errors import PeerError, PeerTimeout, SetupError
+from shmrt.wire.bell import BellOut
 from shmrt.wire.peer import client_info
 from shmrt.wire.registry import client_transport as make_client_transport
 from shmrt.wire.ring import OFF_ASLEEP
@@ -246,6 +247,7 @@ def test_wrong_session_token_is_refused(model_daemon):
         t.open_session(1 << 20)
         t.call("Init").release()
         t.token = b"\x00" * 16
+        t._bell_out = BellOut(t.req, t.token)   # the shm doorbell's requests carry the token its BellOut was given
         with pytest.raises(PeerError, match="token does not match"):
             t.call("LMHead", [torch.zeros(1, 64)])
 

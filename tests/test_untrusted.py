@@ -414,11 +414,13 @@ class SlotResponder:
         self.rsp = Ring.attach(t.rsp.name, t.rsp.capacity)
         self.reply_out = BellOut(self.rsp)
 
-    def post(self, record: bytes, seq: int) -> bool:
+    def post_call(self, method: int, seq: int, layer: int, op: int, pos: int, ring_end: int, tensors):
+        record = protocol.encode(protocol.Doorbell(protocol.Method(method), seq, self.t.token, layer, op, pos, ring_end,
+                                                   tensors=tuple(tensors)))
         raw, (kind, *arg) = self.state["reply"](record)
         if kind == "wake":
             self.t.req.native.store(OFF_ASLEEP, 1)
-        wake = self.request_out.post(record, seq)
+        wake = self.request_out.post_call(method, seq, layer, op, pos, ring_end, tensors)
         if kind == "wake":
             self.t.req.native.store(OFF_ASLEEP, 0)
         if kind == "socket":

@@ -5,13 +5,16 @@ session control (Hello, Attach, Close, errors outside a call) and wakes a daemon
 Per ring (ring.py's header: `bell seq`, `asleep`, the bell slot), the ring's producer rings and its
 consumer answers the door:
 
-  post (producer)   write [length u64][record] into the slot, release-store the record's seq into
-                    `bell seq`, full fence, load the consumer's `asleep` word: 1 means send a Wake
-                    over ZeroMQ (the consumer is blocked there).
+  post (producer)   write [length u64][record] into the slot (a client's request is encoded there, in C,
+                    from its fields), release-store the record's seq into `bell seq`, full fence, load
+                    the consumer's `asleep` word: 1 means send a Wake over ZeroMQ (the consumer is
+                    blocked there).
   take (consumer)   acquire-load `bell seq`; unchanged: nothing new. Else copy the length and then the
-                    record out once (one C call); the seq must be the one it expects (any other value:
-                    ProtocolError, the peer scribbled the word, never a wait that outlives --timeout), the
-                    length at most a record's, and protocol.decode validates the copy.
+                    record out once; the seq must be the one it expects (any other value: ProtocolError,
+                    the peer scribbled the word, never a wait that outlives --timeout), the length at most a
+                    record's, and the copy is validated: in the same C call where it is the session's next
+                    model RPC with every field in its common range (the fast path: a strict subset of what
+                    protocol.decode accepts), else by protocol.decode, which names what is wrong.
   sleep (consumer)  store asleep=1, full fence, load `bell seq` once more: a bell that came meanwhile is
                     served, not slept through; asleep=0 on waking. Both sides store, fence, then load
                     the other's word, so either the producer sees asleep=1 and sends a Wake or the
@@ -27,45 +30,103 @@ covers that: the worst it can do is a record that fails validation.
 from __future__ import annotations
 
 from ..errors import ProtocolError
+from . import protocol
+from .native import (DESC_WORDS, HEAD_WORDS, NONE, RECORD_LAYOUT, SLOW, TIMEOUT, TOOK, NativeBell, WordWaiter,
+                     record_codec)
+from .protocol import Doorbell
 from .ring import BELL_SLOT_BYTES, OFF_ASLEEP, OFF_BELL_SEQ, OFF_BELL_SLOT, Ring
 
 MAX_RECORD = BELL_SLOT_BYTES - 8  # bytes of one doorbell record (the slot's first word is its length)
+# What the C helper's fast path accepts (a record of a model RPC, every field as protocol.decode's fast path wants
+# it): protocol.py's constants. Anything else it hands to protocol.decode, which names what is wrong.
+assert RECORD_LAYOUT == (protocol.encoded_size(0), protocol.encoded_size(1) - protocol.encoded_size(0),
+                         protocol.MAX_TENSORS, protocol.MAX_NDIM), "the C helper's record layout is not protocol.py's"
+assert (HEAD_WORDS, DESC_WORDS) == (protocol.HEAD_WORDS, protocol.DESC_WORDS)
+_CODEC = record_codec(protocol.MAGIC, protocol.PROTOCOL_VERSION, [protocol.Method[m].value for m in protocol.RPC_METHODS],
+                      {code: dt.itemsize for code, (_, dt) in protocol.DTYPES.items()}, protocol.MAX_DIM,
+                      protocol.RING_ALIGN)
 
 
 class BellOut:
     """The producer's side of one ring's doorbell."""
 
-    def __init__(self, ring: Ring):
+    def __init__(self, ring: Ring, token: bytes = bytes(protocol.TOKEN_BYTES)):
         self.ring = ring
+        self._native = NativeBell(ring.native, _CODEC, seq_off=OFF_BELL_SEQ, slot_off=OFF_BELL_SLOT,
+                                  slot_cap=BELL_SLOT_BYTES, flag_off=OFF_ASLEEP, token=token)
 
     def post(self, record: bytes, seq: int) -> bool:
         """Publish `record` as doorbell `seq`; True if the consumer sleeps on ZeroMQ (send it a Wake)."""
         assert len(record) <= MAX_RECORD, len(record)
         return self.ring.native.post_bell(OFF_BELL_SLOT, BELL_SLOT_BYTES, record, OFF_BELL_SEQ, seq, OFF_ASLEEP) != 0
 
+    def post_call(self, method: int, seq: int, layer: int, op: int, pos: int, ring_end: int, tensors
+                  ) -> tuple[bool, int]:
+        """Encode a request of this session (its token) straight into the slot and publish it, in one C call:
+        (whether the consumer sleeps on ZeroMQ, the record's bytes)."""
+        return self._native.post(protocol.to_words(method, seq, layer, op, pos, ring_end, tensors))
+
 
 class BellIn:
-    """The consumer's side of one ring's doorbell: the last seq it took, and the word to wait on."""
+    """The consumer's side of one ring's doorbell: the last seq it took, and the word to wait on. Records of the
+    session's model RPCs are taken and checked in one C call (`take_checked`, `await_checked`); any other comes
+    back as its private copy for protocol.decode."""
 
-    def __init__(self, ring: Ring):
+    def __init__(self, ring: Ring, token: bytes = bytes(protocol.TOKEN_BYTES), capacity: int = 0):
         self.ring = ring
-        self.seen = 0  # the creator zeroes `bell seq`; records start at the session's first RPC
+        self.token = token
         self.address = ring.native.word_address(OFF_BELL_SEQ)
-        self._record = ring.native.record_buffer(MAX_RECORD)
+        # `bell seq` starts at 0 (the creator zeroes it); records start at the session's first RPC
+        self._native = NativeBell(ring.native, _CODEC, seq_off=OFF_BELL_SEQ, slot_off=OFF_BELL_SLOT,
+                                  slot_cap=BELL_SLOT_BYTES, token=token, capacity=capacity, record_cap=MAX_RECORD)
+
+    @property
+    def seen(self) -> int:
+        return self._native.seen
 
     def take(self, expect_seq: int) -> bytes | None:
-        """The next record if it has been posted (a private copy), else None. One C call loads the seq word
-        and the length once each and copies the record once; all three are validated here, on the copies."""
-        seq, length, record = self.ring.native.take_bell(OFF_BELL_SEQ, self.seen, OFF_BELL_SLOT, BELL_SLOT_BYTES,
-                                                         self._record)
-        if seq == self.seen:
+        """The next record if it has been posted (a private copy, seq word and length validated), else None."""
+        return None if self._native.take(expect_seq, 0) == NONE else self._copy(expect_seq)
+
+    def take_checked(self, expect_seq: int, method: int = 0) -> Doorbell | bytes | None:
+        """The next record: None if none was posted; a Doorbell if it is call `expect_seq` of `method` (0: any
+        model RPC) with this session's token, checked in C; else its private copy (bytes) for protocol.decode. One
+        C call loads the seq word and the length once each, copies the record once and checks the copy."""
+        rc = self._native.take(expect_seq, method)
+        return None if rc == NONE else self._record(rc, expect_seq)
+
+    def await_checked(self, expect_seq: int, method: int, waiter: WordWaiter, waited_ns: int, budget_ns: int
+                      ) -> Doorbell | bytes | None:
+        """`take_checked` once the seq word changes, waiting up to `budget_ns` on `waiter`'s backoff (None: it
+        did not change)."""
+        rc = self._native.await_record(expect_seq, method, waiter.policy(), waited_ns, budget_ns)
+        if rc in (TIMEOUT, NONE):
             return None
+        return self._record(rc, expect_seq)
+
+    def _record(self, rc: int, expect_seq: int) -> Doorbell | bytes:
+        """What a take that found a new seq word brought: the checked Doorbell, or the copy (`_copy`)."""
+        if rc != TOOK:
+            assert rc == SLOW, rc
+            return self._copy(expect_seq)
+        words = self._native.checked()
+        text = ""
+        if words[9]:
+            try:
+                text = self._native.text(protocol.encoded_size(words[8]), words[9]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("doorbell text is not valid UTF-8") from None
+        return protocol.from_words(words, self.token, text)
+
+    def _copy(self, expect_seq: int) -> bytes:
+        """The last take's private copy, validated as far as its seq word and length go (the rest is
+        protocol.decode's)."""
+        seq, length, record = self._native.taken()
         if seq != expect_seq:
             raise ProtocolError(f"ring {self.ring.name}: doorbell sequence word {seq}, expected {self.seen} "
                                 f"(nothing new) or {expect_seq} (the next call): the peer scribbled the ring header")
-        if length > MAX_RECORD:
+        if length > MAX_RECORD or record is None:
             raise ProtocolError(f"ring {self.ring.name}: doorbell record length {length}, expected at most {MAX_RECORD}")
-        self.seen = seq
         return record
 
     def sleep(self, asleep: bool) -> bool:

@@ -1,4 +1,4 @@
-"""The only module that touches cffi: timed copies and header-word atomics from the C helper.
+"""The only module that touches cffi: timed copies, header-word atomics, the doorbell's waits and records.
 
 Every buffer is checked (contiguous, writable where written, large enough) before
 `ffi.from_buffer`, and every C return code is mapped to an exception here, in one place.
@@ -49,8 +49,8 @@ def _check_rc(rc: int, what: str) -> None:
         raise SetupError(f"{what}: more than {lib.SHMRT_FAULT_SLOTS} rings mapped by one process")
     if rc == lib.SHMRT_E_SYS:
         raise SetupError(f"{what}: {os.strerror(ffi.errno)}")
-    if rc == lib.SHMRT_E_TIMEOUT:
-        raise AssertionError(f"{what}: a wait's timeout is not an error; the caller handles it")
+    if rc in (lib.SHMRT_E_TIMEOUT, lib.SHMRT_E_SLOW, lib.SHMRT_E_NONE):
+        raise AssertionError(f"{what}: return code {rc} is an answer, not an error; the caller handles it")
     raise AssertionError(f"unknown return code {rc} from {what}")
 
 
@@ -73,7 +73,6 @@ class MappedBuffer:
         self.nbytes = len(self._buf)
         self.message_starts: tuple[int, ...] = ()   # addresses a message's first tensor returns to (Ring sets them)
         self._word_out = ffi.new("uint64_t *")
-        self._take_out = ffi.new("uint64_t[2]")
 
     def copy_in(self, offset: int, src: torch.Tensor) -> Span:
         """Copy `src`'s bytes to [offset, offset + src.nbytes) of the mapping."""
@@ -123,20 +122,6 @@ class MappedBuffer:
                                       seq_off, seq, flag_off, flag), "posting a doorbell")
         return int(flag[0])
 
-    def take_bell(self, seq_off: int, seen: int, slot_off: int, slot_cap: int, out) -> tuple[int, int, bytes]:
-        """One doorbell take (see shmrt_bell_take): (the seq word, the record's length, the record copied into
-        `out` (a `record_buffer`) as bytes: empty when the seq is `seen` or the length does not fit)."""
-        words = self._take_out
-        _check_rc(lib.shmrt_bell_take(self._buf, self.nbytes, seq_off, seen, slot_off, slot_cap, words, words + 1,
-                                      out, len(out)), "taking a doorbell")
-        seq, length = int(words[0]), int(words[1])
-        return seq, length, ffi.buffer(out, length)[:] if seq != seen and length <= len(out) else b""
-
-    @staticmethod
-    def record_buffer(nbytes: int):
-        """Private memory a doorbell record is copied into (`take_bell`)."""
-        return ffi.new("uint8_t[]", nbytes)
-
     def store_fence_load(self, store_off: int, value: int, load_off: int) -> int:
         out = self._word_out
         _check_rc(lib.shmrt_store_fence_load(self._buf, self.nbytes, store_off, value, load_off, out),
@@ -147,6 +132,89 @@ class MappedBuffer:
         if self._buf is not None:
             ffi.release(self._buf)
             self._buf = None
+
+
+# ---- doorbell records encoded, posted, taken and checked in C (bell.py drives these)
+
+RECORD_WORDS = lib.SHMRT_RECORD_WORDS
+HEAD_WORDS = lib.SHMRT_HEAD_WORDS
+DESC_WORDS = lib.SHMRT_DESC_WORDS
+# header bytes, descriptor bytes, tensors and dims at most: what the C helper's record layout assumes
+RECORD_LAYOUT = (lib.SHMRT_HEADER_BYTES, lib.SHMRT_DESC_BYTES, lib.SHMRT_MAX_TENSORS, lib.SHMRT_MAX_NDIM)
+TOOK, SLOW, NONE, TIMEOUT = lib.SHMRT_OK, lib.SHMRT_E_SLOW, lib.SHMRT_E_NONE, lib.SHMRT_E_TIMEOUT
+
+
+def record_codec(magic: bytes, version: int, rpc_codes, itemsizes: dict[int, int], max_dim: int, align: int):
+    """What a record may hold, for the C helper's fast path (shmrt_codec): protocol.py's constants."""
+    c = ffi.new("shmrt_codec *")
+    c.magic = list(magic)
+    c.version = version
+    for code in rpc_codes:
+        c.rpc[code] = 1
+    for code, size in itemsizes.items():
+        c.itemsize[code] = size
+    c.max_dim, c.align = max_dim, align
+    return c
+
+
+class NativeBell:
+    """One side of one ring's doorbell as the C helper sees it (shmrt_bell): set up once, then one C call a
+    post (`post`) or a take (`take`, `await_record`). `words` holds the record a take checked (RECORD_WORDS,
+    the header's layout) or the one a post encodes. The mapping must outlive it (bell.py drops it first)."""
+
+    def __init__(self, buf: MappedBuffer, codec, *, seq_off: int, slot_off: int, slot_cap: int, flag_off: int = 0,
+                 token: bytes = bytes(16), capacity: int = 0, record_cap: int = 0):
+        b = ffi.new("shmrt_bell *")
+        self._token = ffi.new("uint8_t[16]", list(token))
+        self._record = ffi.new("uint8_t[]", max(record_cap, 1))
+        self._codec = codec   # cdata the struct points at: alive as long as it is
+        b.base, b.base_len, b.seq_off, b.slot_off, b.slot_cap = buf._buf, buf.nbytes, seq_off, slot_off, slot_cap
+        b.flag_off, b.codec, b.token, b.capacity = flag_off, codec, self._token, capacity
+        b.record, b.record_cap = self._record, record_cap
+        self.c = b
+        self.words = ffi.new("uint64_t[]", RECORD_WORDS)
+        self._out = ffi.new("uint64_t[2]")
+
+    def post(self, words: list[int], text: bytes = b"") -> tuple[bool, int]:
+        """Encode `words` (header words then descriptors' words) and `text` into the slot and ring it: (whether
+        the consumer sleeps on ZeroMQ, the record's bytes)."""
+        self.words[0:len(words)] = words
+        out = self._out
+        _check_rc(lib.shmrt_bell_post_words(self.c, self.words, text, len(text), out, out + 1), "posting a doorbell")
+        return out[0] != 0, int(out[1])
+
+    def take(self, expect_seq: int, expect_method: int) -> int:
+        """TOOK (`checked()` has the record), NONE or SLOW (`taken()`: what came, for protocol.decode)."""
+        rc = lib.shmrt_bell_take_record(self.c, expect_seq, expect_method, self.words)
+        if rc in (TOOK, NONE, SLOW):
+            return rc
+        _check_rc(rc, "taking a doorbell")
+        return rc
+
+    def await_record(self, expect_seq: int, expect_method: int, backoff, waited_ns: int, budget_ns: int) -> int:
+        """`take` once the seq word changes (waiting as WordWaiter does, `backoff` its C policy), or TIMEOUT."""
+        rc = lib.shmrt_bell_await_record(self.c, expect_seq, expect_method, backoff, waited_ns, budget_ns, self.words)
+        if rc in (TOOK, NONE, SLOW, TIMEOUT):
+            return rc
+        _check_rc(rc, "waiting for a doorbell")
+        return rc
+
+    def checked(self) -> list[int]:
+        """The words of the record the last take checked (header and its descriptors)."""
+        return ffi.unpack(self.words, HEAD_WORDS + DESC_WORDS * self.words[8])
+
+    def text(self, at: int, n: int) -> bytes:
+        return ffi.buffer(self._record + at, n)[:]
+
+    @property
+    def seen(self) -> int:
+        return self.c.seen
+
+    def taken(self) -> tuple[int, int, bytes | None]:
+        """The last take's seq word and length as loaded, and its copy (None where it did not fit)."""
+        length = self.c.taken_length
+        fits = length <= self.c.record_cap and length <= self.c.slot_cap - 8
+        return self.c.taken_seq, length, ffi.buffer(self._record, length)[:] if fits else None
 
 
 # ---- waiting for words another process writes (the shared-memory doorbell, bell.py)
@@ -233,14 +301,21 @@ class WordWaiter:
         self._long_ns = int(backoff.yield_us * 1e3)
         self.last_wait_long = False
 
+    def policy(self):
+        """The C backoff the next wait uses (shorter spinning after a long wait)."""
+        return self._after_long if self.last_wait_long else self._backoff
+
+    def note_wait(self, waited_ns: int) -> None:
+        """A wait (this waiter's or one in C on its `policy()`) ended after `waited_ns` with something seen."""
+        self.last_wait_long = waited_ns > self._long_ns
+
     def wait(self, waited_ns: int, budget_ns: int) -> int:
         """The index of a word that changed (acquire), SOCKET when the descriptor is readable, or -1 when
         `budget_ns` passed first. `waited_ns`: how long the caller has waited already (the backoff phase)."""
         start = now_ns()
-        rc = lib.shmrt_wait_any(self._words, self.seen, self.n, self.fd,
-                                self._after_long if self.last_wait_long else self._backoff, waited_ns, budget_ns)
+        rc = lib.shmrt_wait_any(self._words, self.seen, self.n, self.fd, self.policy(), waited_ns, budget_ns)
         if rc >= 0:
-            self.last_wait_long = waited_ns + now_ns() - start > self._long_ns
+            self.note_wait(waited_ns + now_ns() - start)
             return rc if rc < self.n else self.SOCKET
         if rc == lib.SHMRT_E_TIMEOUT:
             return -1

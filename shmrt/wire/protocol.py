@@ -297,3 +297,34 @@ def _checked_descriptor(i: int, data: bytes, capacity: int) -> TensorDesc:
         raise ProtocolError(f"{name} [{offset}, +{nbytes}) lies outside the ring data area "
                             f"of {capacity} bytes")
     return TensorDesc(offset, nbytes, dtype, shape)
+
+
+# ---- a record as the C helper's words (native.NativeBell, bell.py): the shared-memory doorbell's fast path
+
+WORD_MASK = (1 << 64) - 1
+HEAD_WORDS = 10   # method, flags, seq, layer, op, pos, ring_end, work_ns, ntensors, text_len (native.py checks
+DESC_WORDS = 10   # these against the C header): then per tensor offset, nbytes, dtype code, ndim, MAX_NDIM dims
+
+
+def to_words(method: int, seq: int, layer: int, op: int, pos: int, ring_end: int, tensors, work_ns: int = 0,
+             flags: int = 0) -> list[int]:
+    """A record's fields as the C encoder takes them (HEAD_WORDS, then DESC_WORDS per tensor; text and token
+    travel beside them)."""
+    assert len(tensors) <= MAX_TENSORS, len(tensors)
+    words = [method, flags, seq, layer & WORD_MASK, op, pos, ring_end, work_ns, len(tensors), 0]
+    for offset, nbytes, dtype, shape in tensors:
+        assert len(shape) <= MAX_NDIM, shape
+        words += (offset, nbytes, DTYPE_CODE[dtype], len(shape), *shape, *_ZERO_DIMS[len(shape)])
+    return words
+
+
+def from_words(words: list[int], token: bytes, text: str = "") -> Doorbell:
+    """The Doorbell of a record the C helper checked on its fast path (`words`: native.NativeBell.checked(); it
+    accepts a strict subset of what `decode` does, so nothing here is checked again)."""
+    tensors = []
+    for at in range(HEAD_WORDS, len(words), DESC_WORDS):
+        offset, nbytes, code, ndim = words[at:at + 4]
+        tensors.append(TensorDesc(offset, nbytes, _DTYPE_BY_CODE[code], tuple(words[at + 4:at + 4 + ndim])))
+    layer = words[3] if words[3] < 1 << 63 else words[3] - (1 << 64)
+    return Doorbell(_METHOD_BY_CODE[words[0]], words[2], token, layer, words[4], words[5], words[6], words[7],
+                    tuple(tensors), text, words[1])

@@ -216,8 +216,9 @@ class ShmClient(RequestRingInputs, ClientTransport):
         self._control(Method.Attach, json.dumps({"req": self.req.name, "rsp": self.rsp.name, "capacity": capacity,
                                                  "doorbell": self.doorbell}))
         if self.doorbell == "shm":
-            self._bell_out, self._bell_in = BellOut(self.req), BellIn(self.rsp)
-            self._waiter = WordWaiter([self._bell_in.address], self.backoff)
+            self._bell_out = BellOut(self.req, self.token)
+            self._bell_in = BellIn(self.rsp, self.token, self.rsp.capacity)
+            self._waiter = WordWaiter([self._bell_in.address], self.backoff)   # its backoff policy
             precise_sleeps()
 
     # ---- calls
@@ -233,47 +234,59 @@ class ShmClient(RequestRingInputs, ClientTransport):
             stats.copy_in_ns += copy_ns
         ring_end = self.req.producer.publish()
         seq = self._next_seq()
-        payload = protocol.encode(Doorbell(Method[method], seq, self.token, layer, op, pos, ring_end,
-                                           tensors=tuple(descs)))
-        stats.t_encoded = now_ns()
+        code = Method[method]
         if self._bell_out is not None:
-            if self._bell_out.post(payload, seq):   # the daemon sleeps on ZeroMQ: wake it
+            # encoded straight into the ring header's slot and rung, in one C call (the log's Send)
+            stats.t_encoded = now_ns()
+            asleep, sent = self._bell_out.post_call(code, seq, layer, op, pos, ring_end, descs)
+            if asleep:   # the daemon sleeps on ZeroMQ: wake it
                 self._send(self._wake)
             stats.t_sent = now_ns()
             self._while_waiting()
-            raw = self._await_bell(seq)
+            bell, received = self._await_bell(seq, code)
+            stats.t_replied = now_ns()
         else:
+            payload = protocol.encode(Doorbell(code, seq, self.token, layer, op, pos, ring_end, tensors=tuple(descs)))
+            sent = len(payload)
+            stats.t_encoded = now_ns()
             self._send(payload)
             stats.t_sent = now_ns()
             self._while_waiting()
             raw = self._recv()
-        stats.t_replied = now_ns()
-        bell = self._decode_reply(raw, seq, self.rsp.capacity)
-        if bell.method != Method[method]:
-            raise ProtocolError(f"reply method {bell.method.name}, expected {method}")
+            stats.t_replied = now_ns()
+            bell, received = self._checked_reply(raw, seq, code), len(raw)
         out, release = accept_views(self.rsp, bell.ring_end, bell.tensors)
         stats.t_decoded = now_ns()
         stats.payload_sent = sum(d.nbytes for d in descs)
         stats.payload_recv = sum(d.nbytes for d in bell.tensors)
-        stats.sent_bytes = stats.payload_sent + len(payload)
-        stats.recv_bytes = stats.payload_recv + len(raw)
+        stats.sent_bytes = stats.payload_sent + sent
+        stats.recv_bytes = stats.payload_recv + received
         stats.work_ns = bell.work_ns
         self._notify(stats)
         return Reply(out, stats, bell.text, release=release)
 
-    def _await_bell(self, seq: int) -> bytes:
-        """The reply record of call `seq` from the response ring's doorbell. Waits spinning, then yielding,
-        then sleeping (native.Backoff); between slices it looks at the ZeroMQ socket, where only an Error can
-        come (the daemon dropped the session, or a restarted daemon never had it); --timeout bounds it all."""
+    def _checked_reply(self, raw: bytes, seq: int, method: Method) -> Doorbell:
+        bell = self._decode_reply(raw, seq, self.rsp.capacity)
+        if bell.method != method:
+            raise ProtocolError(f"reply method {bell.method.name}, expected {method.name}")
+        return bell
+
+    def _await_bell(self, seq: int, method: Method) -> tuple[Doorbell, int]:
+        """The reply of call `seq` from the response ring's doorbell, and its record's bytes. Waits spinning,
+        then yielding, then sleeping (native.Backoff), in C, which takes the record and checks it (a reply that is
+        not this call's, an Error among them, comes back as bytes and is decoded here); between slices it looks
+        at the ZeroMQ socket, where only an Error can come (the daemon dropped the session, or a restarted daemon
+        never had it); --timeout bounds it all."""
         start = now_ns()
         limit = int(self.timeout * 1e9)
         waited = 0
         while True:
-            self._waiter.seen[0] = self._bell_in.seen
-            if self._waiter.wait(waited, WAIT_SLICE_NS) >= 0:
-                record = self._bell_in.take(seq)
-                if record is not None:
-                    return record
+            got = self._bell_in.await_checked(seq, method, self._waiter, waited, WAIT_SLICE_NS)
+            if got is not None:
+                self._waiter.note_wait(now_ns() - start)
+                if type(got) is bytes:
+                    return self._checked_reply(got, seq, method), len(got)
+                return got, protocol.encoded_size(len(got.tensors), len(got.text.encode()) if got.text else 0)
             waited = now_ns() - start
             if self._sock.poll(0, zmq.POLLIN):
                 self._refuse_socket_message(self._sock.recv(copy=True))
@@ -361,9 +374,15 @@ class ShmServerSession(ServerSession):
             self.req = None
             raise
         if doorbell == "shm":
-            self.bell_in, self.bell_out = BellIn(self.req), BellOut(self.rsp)
+            self.bell_in = BellIn(self.req, self.token, self.req.capacity)
+            self.bell_out = BellOut(self.rsp, self.token)
 
-    def decode(self, payload: bytes) -> Request:
+    def decode(self, payload: bytes | Doorbell) -> Request:
+        if type(payload) is Doorbell:   # a model RPC's record of this session, checked in C (take_bell)
+            self.expect_seq += 1
+            views, release = accept_views(self.req, payload.ring_end, payload.tensors)
+            return Request(payload.method.name, payload.seq, payload.layer, payload.op, payload.pos, views,
+                           payload.text, release)
         if protocol.peek_method(payload) == Method.Wake:
             return self._wake(payload)
         capacity = self.req.capacity if self.req is not None else 0
@@ -404,9 +423,10 @@ class ShmServerSession(ServerSession):
         """The word a new request bell changes (None: this session rings over ZeroMQ)."""
         return self.bell_in.address if self.bell_in is not None else None
 
-    def take_bell(self) -> bytes | None:
-        """The next request record if one was rung (a private copy), else None."""
-        return self.bell_in.take(self.expect_seq)
+    def take_bell(self) -> Doorbell | bytes | None:
+        """The next request if one was rung: a model RPC's record checked in C (a Doorbell), else its private
+        copy for `decode`; None if nothing was rung."""
+        return self.bell_in.take_checked(self.expect_seq)
 
     def post_reply(self, payload: bytes) -> None:
         """Ring `payload` (a reply or an Error we encoded) in the response ring under its own seq, the one

@@ -322,8 +322,9 @@ class ServerSession:
         """The address of the word a new request's doorbell changes; None: requests come over ZeroMQ."""
         return None
 
-    def take_bell(self) -> bytes | None:
-        """The next request rung outside ZeroMQ (a private copy), or None."""
+    def take_bell(self):
+        """The next request rung outside ZeroMQ, for `decode` (a private copy, or what the transport decoded of
+        it already), or None."""
         return None
 
     def post_reply(self, payload: bytes) -> None:
