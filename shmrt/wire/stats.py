@@ -12,6 +12,9 @@ class CallStats:
     Serialize = t_encoded - t_start (tensor copies into the ring or into bytes, plus encoding);
     Send = t_sent - t_encoded; Recv = t_replied - t_sent (includes all daemon work);
     Deserialize = t_decoded - t_replied (copies out of the ring or bytes, decoding).
+    With the shared-memory doorbell the C helper encodes a request into its slot as it rings it (Send) and
+    checks the reply's record as it takes it (Recv); Serialize and Deserialize keep the rest (the copies, the
+    descriptors, the views).
     """
 
     method: str
