@@ -28,10 +28,12 @@ ffibuilder.cdef(_cdef_from_header())
 ffibuilder.set_source(
     "shmrt.wire._native",
     '#include "shmrt_native.h"',
-    sources=[str(HERE.relative_to(pathlib.Path.cwd()) / "shmrt_native.c")
-             if HERE.is_relative_to(pathlib.Path.cwd()) else str(HERE / "shmrt_native.c")],
+    sources=[str(HERE.relative_to(pathlib.Path.cwd()) / name) if HERE.is_relative_to(pathlib.Path.cwd())
+             else str(HERE / name) for name in ("shmrt_native.c", "shmrt_rows.c")],
     include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+    libraries=["m"],
+    # -O3: the enclave's rows vectorize (a 2048-wide residual and norm 1.1 vs 1.7 us on 2 cores); no fast-math
+    extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"],
 )
 
 if __name__ == "__main__":

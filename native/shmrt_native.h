@@ -171,6 +171,15 @@ int shmrt_bell_take_record(shmrt_bell *bell, uint64_t expect_seq, uint32_t expec
 int shmrt_bell_await_record(shmrt_bell *bell, uint64_t expect_seq, uint32_t expect_method, const shmrt_backoff *b,
                             uint64_t waited_ns, uint64_t budget_ns, uint64_t *out);
 
+/* ---- the enclave's rows (shmrt_rows.c): one decode step's residual and RMSNorm in one pass */
+
+/* h[i] += delta[i] (delta 0: nothing added), then, out not 0, out[i] = h[i] * weight[i] * s with */
+/* s = 1/sqrt(mean(h^2) + eps) (HF's LlamaRMSNorm of one row; the mean taken in double). Each an address of */
+/* n floats (a tensor's data_ptr: no cast per call); h and out may not overlap delta. Returns 1 if every h[i] */
+/* is finite, else 0. */
+int shmrt_residual_rms_norm(uint64_t h_at, uint64_t delta_at, uint64_t weight_at, uint64_t out_at, uint64_t n,
+                            double eps);
+
 /* Timer slack of the calling thread in ns (prctl PR_SET_TIMERSLACK): short sleeps end on time. */
 int shmrt_set_timer_slack(uint64_t ns);
 

@@ -7,7 +7,7 @@ from shmrt.host.compute import LinearCompute
 from shmrt.model.config import LlamaConfig
 from shmrt.errors import ModelError, ProtocolError
 from shmrt.enclave.generate import Sampler, generate
-from shmrt.enclave.llama import EnclaveModel, rms_norm
+from shmrt.enclave.llama import EnclaveModel, add_residual, rms_norm
 from shmrt.host.local_ops import LocalOps
 from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import load_enclave_part, resolve_model
@@ -188,3 +188,39 @@ def test_a_non_finite_reply_is_refused_at_its_layer(call, value):
     model = EnclaveModel(load_enclave_part(w.source), PoisoningOps(LinearCompute(w, "cpu", torch.float32), call, value))
     with pytest.raises(ProtocolError, match=f"{call}.* non-finite at layer 1"):
         model.forward(random_ids(4, w.cfg.vocab_size, seed=3), 0)
+
+
+@pytest.mark.parametrize("call,value", [("AttentionOutput", float("nan")), ("down_proj", float("inf"))])
+def test_a_non_finite_reply_in_a_decode_step_is_refused_at_the_reply_that_made_it(call, value):
+    """A decode step's rows take the C helper's one pass, which checks h at each residual: the message names
+    the one call whose reply made it non-finite."""
+    w = load_weights("tiny")
+    ops = PoisoningOps(LinearCompute(w, "cpu", torch.float32), call, value)
+    model = EnclaveModel(load_enclave_part(w.source), ops)
+    ids = random_ids(5, w.cfg.vocab_size, seed=3)
+    ops.call = None                                   # a clean prefill
+    model.forward(ids[:, :4], 0)
+    ops.call = call
+    expected = "AttentionOutput reply" if call == "AttentionOutput" else "BatchLinear down_proj reply"
+    with pytest.raises(ProtocolError, match=f"the daemon's {expected} made the hidden state non-finite at layer 1"):
+        model.forward(ids[:, 4:], 4)
+
+
+def test_the_one_pass_row_matches_torch_add_and_norm():
+    """native.residual_rms_norm against h.add_(delta) and HF's LlamaRMSNorm in float64: the add bit for bit, the
+    norm within float32 rounding; a non-finite h is reported, a finite one not."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 3, 4, 7, 2048, 2051):
+        h = torch.randn(1, 1, n, generator=gen) * 3
+        delta = torch.randn(1, 1, n, generator=gen)
+        weight = torch.rand(n, generator=gen) + 0.5
+        out = torch.empty(1, 1, n)
+        expected_h = h + delta
+        x = expected_h.double()
+        expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+        assert add_residual(h, delta, "AttentionOutput", 0, weight, 1e-5, out) is True
+        assert torch.equal(h, expected_h)
+        torch.testing.assert_close(out.double(), expected, rtol=2e-7, atol=1e-7)
+        delta[0, 0, n // 2] = float("nan")
+        with pytest.raises(ProtocolError, match="AttentionOutput reply made the hidden state non-finite at layer 0"):
+            add_residual(h, delta, "AttentionOutput", 0, weight, 1e-5, out)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +23,7 @@ from ..errors import ProtocolError
 from ..model.calls import padded_width
 from ..model.checkpoint import EnclavePart
 from ..model.rope import ROPE_TABLES, apply_rope
+from ..wire import native
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 O = ["o_proj"]
@@ -37,24 +37,33 @@ ROPE_BLOCK = 256   # decode steps take their RoPE tables from tables made for th
 CALL_SETS = ("fewest", "fused", "v2.4")
 
 
+def _one_row(h: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the C helper's one-pass row (native.residual_rms_norm) takes these: one float32 row of h's length
+    each (None: not given), contiguous, in CPU memory (h and the norms are ours; the others request buffers and
+    reply views)."""
+    n = h.shape[-1]
+    if h.numel() != n or h.dtype is not torch.float32 or not h.is_contiguous() or not h.is_cpu:
+        return False
+    for t in others:
+        if t is not None and (t.dtype is not torch.float32 or t.numel() != n or not t.is_contiguous() or not t.is_cpu):
+            return False
+    return True
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """HF's LlamaRMSNorm in float32; written into `out` (a request buffer) when given. One row (a decode step)
-    takes its scale as one Python float from one norm, then multiplies straight into `out`: three small ops
-    instead of F.rms_norm's composite and a copy (measured on one thread, a 2048-wide row: torch's 13 vs 28 us;
-    33 norms a token for the 1B shape), in numpy where `out` takes float32 (2.2 vs 8.8 us on 2 cores). Same
-    arithmetic up to rounding: the mean of squares, rsqrt, products."""
+    """HF's LlamaRMSNorm in float32; written into `out` (a request buffer) when given. One float32 row (a decode
+    step) into a float32 `out`: one pass of the C helper (the mean of squares in double, then x * weight times the
+    scale); another row takes its scale as one Python float from one norm, then multiplies straight into `out`
+    (three small ops instead of F.rms_norm's composite and a copy); many rows F.rms_norm. Same arithmetic up to
+    rounding: the mean of squares, rsqrt, products."""
     x = x.float()
     if x.numel() != x.shape[-1]:
         y = F.rms_norm(x, weight.shape, weight, eps)
         return y if out is None else out.copy_(y)
-    direct = out is not None and out.dtype == torch.float32
-    if direct and x.is_contiguous() and weight.dtype == torch.float32 and out.shape == x.shape:
-        # numpy views of the same memory: three numpy calls cost ~1 us each where torch's cost 3-5 (dispatch)
-        row, into = x.numpy(), out.numpy()
-        scale = (float(np.vdot(row, row)) / row.size + eps) ** -0.5
-        np.multiply(row, weight.numpy(), out=into)
-        into *= np.float32(scale)
+    if out is not None and _one_row(x, weight, out):
+        native.residual_rms_norm(x, None, weight, eps, out)   # a non-finite x is refused where it came in
         return out
+    direct = out is not None and out.dtype == torch.float32
     scale = (float(torch.linalg.vector_norm(x)) ** 2 / x.shape[-1] + eps) ** -0.5
     y = torch.mul(x, weight, out=out if direct else None).mul_(scale)
     return y if out is None or direct else out.copy_(y)
@@ -155,10 +164,32 @@ def check_finite(t: torch.Tensor, method: str, layer: int) -> torch.Tensor:
     added is still there: no sum with a non-finite term is finite), and the logits. A sum is finite only if
     every term is; one that overflows from finite terms takes the element-wise check."""
     if not math.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
-        where = f"layer {layer}" if layer >= 0 else "the last step"
-        raise ProtocolError(f"the daemon's {method} reply made the {'logits' if layer < 0 else 'hidden state'} "
-                            f"non-finite at {where}: refusing to go on with NaN/Inf")
+        raise _non_finite(method, layer)
     return t
+
+
+def _non_finite(method: str, layer: int) -> ProtocolError:
+    where = f"layer {layer}" if layer >= 0 else "the last step"
+    return ProtocolError(f"the daemon's {method} reply made the {'logits' if layer < 0 else 'hidden state'} "
+                         f"non-finite at {where}: refusing to go on with NaN/Inf")
+
+
+def add_residual(h: torch.Tensor, delta: torch.Tensor, method: str, layer: int, weight: torch.Tensor | None = None,
+                 eps: float = 0.0, out: torch.Tensor | None = None) -> bool:
+    """h += delta (a reply: `method`'s at `layer`); with `weight`, RMSNorm(h) * weight into `out` (the next call's
+    request buffer). Returns whether h was checked finite (refused here if not, naming `method`): always without a
+    norm to write (check_finite); with one, where the row is a decode step's in float32, which takes one pass of
+    the C helper that sees it anyway. Otherwise torch's add and `rms_norm`, the check left to the caller."""
+    if _one_row(h, delta, weight, out):
+        if not native.residual_rms_norm(h, delta, weight, eps, out):
+            raise _non_finite(method, layer)
+        return True
+    h.add_(delta)
+    if weight is None:
+        check_finite(h, method, layer)
+        return True
+    rms_norm(h, weight, eps, out=out)
+    return False
 
 
 class EnclaveModel:
@@ -258,10 +289,11 @@ class EnclaveModel:
                     ctx = req.alloc((B, S, H * hd))            # o_proj's input, written once
                     ctx.view(B, S, H, hd).copy_(o.view(0).view(B, H, S, hd).transpose(1, 2))
                 o = ops.linear(layer, O, ctx)
-        with o:
-            h.add_(o.view(0))                  # checked with the MLP's residual (check_finite)
         with ops.request() as req:
-            x = rms_norm(h, post_attention_norm, eps, out=req.alloc((B, S, D)))
+            x = req.alloc((B, S, D))
+            with o:   # the residual and the next norm straight into the request
+                attention = "AttentionOutput" if self.fused else "BatchLinear o_proj"
+                checked = add_residual(h, o.view(0), attention, layer, post_attention_norm, eps, x)
             gate_up = ops.linear(layer, GATE_UP, x)
         with ops.request() as req:
             with gate_up:
@@ -270,8 +302,9 @@ class EnclaveModel:
                 act = torch.mul(F.silu(gate.float(), inplace=True), up, out=req.alloc((B, S, cfg.intermediate_size)))
             down = ops.linear(layer, DOWN, act)
         with down:
-            check_finite(h.add_(down.view(0)), f"{'AttentionOutput' if self.fused else 'BatchLinear o_proj'} or "
-                         "BatchLinear down_proj", layer)
+            # where the attention's residual was not checked, a NaN/Inf it added is still in h here
+            add_residual(h, down.view(0), "BatchLinear down_proj" if checked else f"{attention} or BatchLinear down_proj",
+                         layer)
 
     def _attention(self, layer: int, q, k, v, start: int, mask):
         """Q*K^T, then `_weigh`; q (and k) are staged in the open request; v is None with the cache on the

@@ -333,6 +333,22 @@ def precise_sleeps() -> None:
         _slack_set = lib.shmrt_set_timer_slack(1000) == lib.SHMRT_OK
 
 
+# ---- the enclave's rows: a decode step's residual and RMSNorm in one pass (enclave/llama.py)
+
+def residual_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+                      out: torch.Tensor | None) -> bool:
+    """h += delta (None: nothing added); then, given `out`, out = RMSNorm(h) * weight (one row, as HF's
+    LlamaRMSNorm); True if h is all finite. Every tensor a contiguous float32 row in CPU memory (the caller
+    checks: enclave/llama.py's `_one_row`); their lengths are checked here, as the C helper reads and writes
+    that many floats at each address."""
+    n = h.numel()
+    if (delta is not None and delta.numel() != n) or (out is not None and (out.numel() != n or weight.numel() != n)):
+        raise ValueError(f"rows of {n} floats expected")
+    return lib.shmrt_residual_rms_norm(h.data_ptr(), 0 if delta is None else delta.data_ptr(),
+                                       0 if out is None else weight.data_ptr(), 0 if out is None else out.data_ptr(),
+                                       n, eps) == 1
+
+
 # ---- fault guard: a segment the host shrinks under us ends the process with one line (see ring.py)
 
 _fault_program = "shmrt"
