@@ -1,10 +1,12 @@
-/* shmrt native helper: timed copies into/out of the ring and atomics on its header words.
+/* shmrt native helper: timed copies into/out of the ring, atomics on its header words, the shared-memory
+ * doorbell's waits and records (shmrt_native.c), and the enclave's one-pass rows (shmrt_rows.c).
  *
  * Plain C11, no Python headers. The build script (build_native.py) reads the declarations
  * below (between the CDEF markers) into cffi's cdef(), so this header is the one source of
  * truth for the ABI.
  *
- * Return codes (mapped to Python exceptions in shmrt/native.py, nowhere else):
+ * Return codes (mapped in shmrt/wire/native.py, nowhere else: errors to exceptions; TIMEOUT, SLOW and NONE are
+ * answers its callers act on):
  *   SHMRT_OK             0  done
  *   SHMRT_E_BOUNDS      -1  [offset, offset+n) does not lie inside the buffer
  *   SHMRT_E_ALIGN       -2  a header word is not 8-byte aligned
@@ -173,10 +175,10 @@ int shmrt_bell_await_record(shmrt_bell *bell, uint64_t expect_seq, uint32_t expe
 
 /* ---- the enclave's rows (shmrt_rows.c): one decode step's residual and RMSNorm in one pass */
 
-/* h[i] += delta[i] (delta 0: nothing added), then, out not 0, out[i] = h[i] * weight[i] * s with */
-/* s = 1/sqrt(mean(h^2) + eps) (HF's LlamaRMSNorm of one row; the mean taken in double). Each an address of */
-/* n floats (a tensor's data_ptr: no cast per call); h and out may not overlap delta. Returns 1 if every h[i] */
-/* is finite, else 0. */
+/* h[i] += delta[i] (delta 0: nothing added), then, out not 0, out[i] = (h[i] * weight[i]) * s with */
+/* s = 1/sqrt(mean(h^2) + eps) as a float (HF's LlamaRMSNorm of one row, its arithmetic rounded in this order; */
+/* the mean taken in double). Each an address of n floats (a tensor's data_ptr, checked by native.py); h and */
+/* out may not overlap delta. Returns 1 if every h[i] is finite, else 0 (out is written either way). */
 int shmrt_residual_rms_norm(uint64_t h_at, uint64_t delta_at, uint64_t weight_at, uint64_t out_at, uint64_t n,
                             double eps);
 

@@ -28,8 +28,8 @@ int shmrt_residual_rms_norm(uint64_t h_at, uint64_t delta_at, uint64_t weight_at
     }
     double total = (s0 + s1) + (s2 + s3);
     if (out && n) {
-        /* HF's LlamaRMSNorm in float32: x * rsqrt(mean(x^2) + eps) * weight, rounded as the one-row torch path
-           rounds it: x * weight first, then times the scale as a float32. */
+        /* HF's LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) * weight, rounded in this order: x * weight first, then
+           times the scale as a float32 (as the numpy path it replaced; within a few ulps of HF's float32 order). */
         float scale = (float)(1.0 / sqrt(total / (double)n + eps));
         for (i = 0; i < n; i++) out[i] = (h[i] * weight[i]) * scale;
     }

@@ -20,6 +20,7 @@ from shmrt.wire.native import Backoff, WordWaiter
 from shmrt.wire.ring import BELL_SLOT_BYTES, OFF_ASLEEP, OFF_BELL_SEQ, OFF_BELL_SLOT, Ring
 
 CAP = 4096
+TOKEN = bytes(range(16))   # the session's
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def ring_pair():
 
 def test_post_then_take_returns_the_exact_record_once(ring_pair):
     producer, consumer = ring_pair
-    out, bell_in = BellOut(producer), BellIn(consumer)
+    out, bell_in = BellOut(producer, TOKEN), BellIn(consumer, TOKEN, CAP)
     for seq, record in enumerate([b"SHMD" + bytes(range(68)), b"x", bytes(MAX_RECORD), b""], start=1):
         assert out.post(record, seq) is False  # the consumer is awake: no Wake to send
         got = bell_in.take(seq)
@@ -48,15 +49,15 @@ def test_post_then_take_returns_the_exact_record_once(ring_pair):
 
 def test_take_returns_none_when_nothing_was_posted(ring_pair):
     _, consumer = ring_pair
-    bell_in = BellIn(consumer)
+    bell_in = BellIn(consumer, TOKEN, CAP)
     assert bell_in.take(1) is None and bell_in.take(7) is None
     assert bell_in.seen == 0
 
 
 def test_a_record_changed_after_take_does_not_change_the_copy(ring_pair):
     producer, consumer = ring_pair
-    BellOut(producer).post(b"A" * 100, 1)
-    record = BellIn(consumer).take(1)
+    BellOut(producer, TOKEN).post(b"A" * 100, 1)
+    record = BellIn(consumer, TOKEN, CAP).take(1)
     producer.mapping[OFF_BELL_SLOT + 8:OFF_BELL_SLOT + 108] = b"B" * 100
     assert record == b"A" * 100
 
@@ -64,8 +65,8 @@ def test_a_record_changed_after_take_does_not_change_the_copy(ring_pair):
 @pytest.mark.parametrize("word", [2, 5, 2**63, 2**64 - 1])
 def test_a_scribbled_sequence_word_is_a_protocol_error_naming_the_word(ring_pair, word):
     producer, consumer = ring_pair
-    BellOut(producer).post(b"first", 1)
-    bell_in = BellIn(consumer)
+    BellOut(producer, TOKEN).post(b"first", 1)
+    bell_in = BellIn(consumer, TOKEN, CAP)
     assert bell_in.take(1) == b"first"
     producer.native.store(OFF_BELL_SEQ, word)  # neither 1 (seen) nor 3 (expected)
     with pytest.raises(ProtocolError, match=rf"doorbell sequence word {word}, expected 1 \(nothing new\) or 3"):
@@ -76,16 +77,16 @@ def test_a_scribbled_sequence_word_is_a_protocol_error_naming_the_word(ring_pair
 @pytest.mark.parametrize("length", [MAX_RECORD + 1, BELL_SLOT_BYTES, 2**32, 2**64 - 1])
 def test_a_record_length_past_the_slot_is_a_protocol_error(ring_pair, length):
     producer, consumer = ring_pair
-    BellOut(producer).post(b"ok", 1)
+    BellOut(producer, TOKEN).post(b"ok", 1)
     producer.native.store(OFF_BELL_SLOT, length)  # the length word after the post, before the take
     with pytest.raises(ProtocolError, match=rf"doorbell record length {length}, expected at most {MAX_RECORD}"):
-        BellIn(consumer).take(1)
+        BellIn(consumer, TOKEN, CAP).take(1)
 
 
 def test_a_record_longer_than_the_slot_is_never_posted(ring_pair):
     producer, _ = ring_pair
     with pytest.raises(AssertionError):
-        BellOut(producer).post(bytes(MAX_RECORD + 1), 1)
+        BellOut(producer, TOKEN).post(bytes(MAX_RECORD + 1), 1)
     assert producer.native.load(OFF_BELL_SEQ) == 0
 
 
@@ -93,7 +94,7 @@ def test_a_record_longer_than_the_slot_is_never_posted(ring_pair):
 
 def test_post_reports_a_sleeping_consumer_and_sleep_reports_a_waiting_bell(ring_pair):
     producer, consumer = ring_pair
-    out, bell_in = BellOut(producer), BellIn(consumer)
+    out, bell_in = BellOut(producer, TOKEN), BellIn(consumer, TOKEN, CAP)
     assert bell_in.sleep(True) is False           # nothing rung: safe to block on ZeroMQ
     assert producer.native.load(OFF_ASLEEP) == 1
     assert out.post(b"one", 1) is True            # the consumer sleeps: the producer must send a Wake
@@ -140,7 +141,7 @@ def test_waiter_returns_the_index_of_the_word_another_process_rings(ring_pair):
             writer.wait(10)
         print(f"woke {elapsed * 1e3:.0f} ms after a write due 300 ms after the writer was ready")
         assert which == 1 and 0.15 < elapsed < 5.0, (which, elapsed)
-        assert BellIn(consumer).take(1) == record  # the other process's record, exactly
+        assert BellIn(consumer, TOKEN, CAP).take(1) == record  # the other process's record, exactly
 
 
 @pytest.mark.parametrize("waited_ms", [0.0, 50.0])  # from the spin phase, and from the sleep phase
@@ -249,7 +250,6 @@ def test_after_a_long_wait_the_next_one_sleeps_instead_of_spinning(ring_pair):
 
 # ---- records encoded, taken and checked in C (the fast path): what protocol.py encodes and accepts, no more
 
-TOKEN = bytes(range(16))
 RING_CAP = 1 << 20   # the capacity descriptors are checked against
 
 
@@ -290,7 +290,7 @@ def test_a_call_posted_in_c_is_byte_for_byte_what_protocol_encodes_and_taken_as_
 
 def test_the_fast_path_hands_anything_but_this_sessions_next_rpc_to_protocol_decode(ring_pair):
     producer, consumer = ring_pair
-    out, bell_in = BellOut(producer), BellIn(consumer, TOKEN, RING_CAP)
+    out, bell_in = BellOut(producer, TOKEN), BellIn(consumer, TOKEN, RING_CAP)
     fast = protocol.Doorbell(protocol.Method.BatchLinear, 1, TOKEN, 0, tensors=_descs([(1, 8)]), text="ok")
     slow = [fast._replace(token=bytes(16)), fast._replace(method=protocol.Method.Error, flags=protocol.FLAG_ERROR),
             fast._replace(method=protocol.Method.Close), fast._replace(tensors=_descs([(0, 8)])),
@@ -307,7 +307,7 @@ def test_a_record_text_that_is_not_utf8_is_a_protocol_error_on_the_fast_path(rin
     producer, consumer = ring_pair
     record = bytearray(protocol.encode(protocol.Doorbell(protocol.Method.Init, 1, TOKEN, text="ab")))
     record[-1] = 0xFF
-    BellOut(producer).post(bytes(record), 1)
+    BellOut(producer, TOKEN).post(bytes(record), 1)
     with pytest.raises(ProtocolError, match="not valid UTF-8"):
         BellIn(consumer, TOKEN, RING_CAP).take_checked(1)
 
@@ -331,17 +331,32 @@ def hostile_records(draw):
 @given(record=hostile_records(), capacity=st.sampled_from([0, 64, 4096, RING_CAP]))
 def test_the_fast_path_accepts_a_strict_subset_of_what_protocol_decode_accepts(record, capacity):
     with Ring.create(CAP, "rsp") as producer:
-        BellOut(producer).post(record, 5)
-        got = BellIn(producer, TOKEN, capacity).take_checked(5)
+        BellOut(producer, TOKEN).post(record, 5)
+        try:
+            got = BellIn(producer, TOKEN, capacity).take_checked(5)
+        except ProtocolError as exc:   # the fast path's header and descriptors, then text that is not UTF-8
+            got = exc
     try:
         decoded = protocol.decode(record, capacity=capacity, token=TOKEN, expect_seq=5)
-    except ProtocolError:
-        decoded = None
+    except ProtocolError as exc:
+        decoded = str(exc)
+    if type(got) is ProtocolError:
+        assert str(got) == decoded == "doorbell text is not valid UTF-8"
+        return
     if type(got) is bytes:
         assert got == record
     else:
         assert got == decoded, "the C fast path accepted a record protocol.decode refuses, or read it otherwise"
         assert decoded.method.name in protocol.RPC_METHODS and not decoded.flags
-    fast_case = (decoded is not None and decoded.method.name in protocol.RPC_METHODS and not decoded.flags
-                 and all(math.prod(d.shape) for d in decoded.tensors))
+    fast_case = (type(decoded) is protocol.Doorbell and decoded.method.name in protocol.RPC_METHODS and not decoded.flags
+                 and all(0 < math.prod(d.shape) <= protocol.MAX_DIM for d in decoded.tensors))
     assert (type(got) is protocol.Doorbell) == fast_case, "a plain record of a model RPC left the fast path"
+
+
+def test_a_request_field_out_of_its_range_is_refused_before_anything_is_posted(ring_pair):
+    producer, _ = ring_pair
+    out = BellOut(producer, TOKEN)
+    for layer, op, pos in [(2**31, 0, 0), (-2, 0, 0), (0, 2**32, 0), (0, 0, -1), (0, 0, 2**63)]:
+        with pytest.raises(ValueError, match="out of range"):
+            out.post_call(protocol.Method.BatchLinear, 1, layer, op, pos, 0, ())
+    assert producer.native.load(OFF_BELL_SEQ) == 0   # nothing rung

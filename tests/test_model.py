@@ -193,7 +193,7 @@ def test_a_non_finite_reply_is_refused_at_its_layer(call, value):
 @pytest.mark.parametrize("call,value", [("AttentionOutput", float("nan")), ("down_proj", float("inf"))])
 def test_a_non_finite_reply_in_a_decode_step_is_refused_at_the_reply_that_made_it(call, value):
     """A decode step's rows take the C helper's one pass, which checks h at each residual: the message names
-    the one call whose reply made it non-finite."""
+    the one call whose reply made it non-finite (the embedding's is checked as it is taken)."""
     w = load_weights("tiny")
     ops = PoisoningOps(LinearCompute(w, "cpu", torch.float32), call, value)
     model = EnclaveModel(load_enclave_part(w.source), ops)
@@ -224,3 +224,43 @@ def test_the_one_pass_row_matches_torch_add_and_norm():
         delta[0, 0, n // 2] = float("nan")
         with pytest.raises(ProtocolError, match="AttentionOutput reply made the hidden state non-finite at layer 0"):
             add_residual(h, delta, "AttentionOutput", 0, weight, 1e-5, out)
+
+
+@pytest.mark.parametrize("start", [0, 4])   # a prefill (many rows), a decode step (one row)
+def test_a_non_finite_embedding_is_blamed_on_the_embedding(start):
+    w = load_weights("tiny")
+
+    class Ops(LocalOps):
+        poison = False
+
+        def embedding(self, ids):
+            reply = super().embedding(ids)
+            if self.poison:
+                reply.view(0).view(-1)[3] = float("nan")
+            return reply
+
+    ops = Ops(LinearCompute(w, "cpu", torch.float32))
+    model = EnclaveModel(load_enclave_part(w.source), ops)
+    ids = random_ids(5, w.cfg.vocab_size, seed=4)
+    if start:
+        model.forward(ids[:, :start], 0)
+    ops.poison = True
+    with pytest.raises(ProtocolError, match="the daemon's Embedding reply made the hidden state non-finite"):
+        model.forward(ids[:, start:] if start else ids, start)
+
+
+def test_the_one_pass_row_takes_only_contiguous_float32_rows_of_one_length():
+    """native.residual_rms_norm checks what it hands the C helper: anything else is None (the caller's torch
+    path), never a read or write past a tensor."""
+    from shmrt.wire import native
+    n = 8
+    row = lambda dtype=torch.float32: torch.zeros(1, 1, n, dtype=dtype)   # noqa: E731
+    w = torch.ones(n)
+    cases = [(row(torch.float16), row(torch.float16), None, None),       # not float32
+             (row(), torch.zeros(1, 1, 2 * n)[..., ::2], None, None),     # not contiguous
+             (row(), torch.zeros(1, 1, n + 1), None, None),               # another length
+             (torch.zeros(2, n), None, w, torch.zeros(2, n)),             # two rows
+             (row(), None, torch.ones(n - 1), row())]                     # a short weight
+    for h, delta, weight, out in cases:
+        assert native.residual_rms_norm(h, delta, weight, 1e-5, out) is None
+    assert native.residual_rms_norm(row(), row(), w, 1e-5, row()) is True

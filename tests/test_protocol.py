@@ -198,7 +198,7 @@ def test_a_reply_encoded_ahead_and_finished_is_the_reply_encoded_after(doorbell,
         with Ring.create(1 << 16, "rsp") as ring:
             session = ShmServerSession(b"k" * 16)
             session.rsp = ring
-            session.bell_out = BellOut(ring) if doorbell == "shm" else None
+            session.bell_out = BellOut(ring, session.token) if doorbell == "shm" else None
             builder = session.reply_builder()
             builder.alloc((3, 5), torch.float32)
             builder.alloc_joined([(1, 1, 64), (1, 1, 16)], torch.float32)

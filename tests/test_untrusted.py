@@ -412,7 +412,7 @@ class SlotResponder:
         self.t, self.state = t, state
         self.request_out = t._bell_out
         self.rsp = Ring.attach(t.rsp.name, t.rsp.capacity)
-        self.reply_out = BellOut(self.rsp)
+        self.reply_out = BellOut(self.rsp, t.token)
 
     def post_call(self, method: int, seq: int, layer: int, op: int, pos: int, ring_end: int, tensors):
         record = protocol.encode(protocol.Doorbell(protocol.Method(method), seq, self.t.token, layer, op, pos, ring_end,

@@ -37,32 +37,19 @@ ROPE_BLOCK = 256   # decode steps take their RoPE tables from tables made for th
 CALL_SETS = ("fewest", "fused", "v2.4")
 
 
-def _one_row(h: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """Whether the C helper's one-pass row (native.residual_rms_norm) takes these: one float32 row of h's length
-    each (None: not given), contiguous, in CPU memory (h and the norms are ours; the others request buffers and
-    reply views)."""
-    n = h.shape[-1]
-    if h.numel() != n or h.dtype is not torch.float32 or not h.is_contiguous() or not h.is_cpu:
-        return False
-    for t in others:
-        if t is not None and (t.dtype is not torch.float32 or t.numel() != n or not t.is_contiguous() or not t.is_cpu):
-            return False
-    return True
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """HF's LlamaRMSNorm in float32; written into `out` (a request buffer) when given. One float32 row (a decode
-    step) into a float32 `out`: one pass of the C helper (the mean of squares in double, then x * weight times the
-    scale); another row takes its scale as one Python float from one norm, then multiplies straight into `out`
-    (three small ops instead of F.rms_norm's composite and a copy); many rows F.rms_norm. Same arithmetic up to
-    rounding: the mean of squares, rsqrt, products."""
+    step) into a float32 `out`: one pass of the C helper (native.residual_rms_norm: the mean of squares in double,
+    then x * weight times the scale as a float32); another row takes its scale as one Python float from one norm,
+    then multiplies straight into `out` (three small ops instead of F.rms_norm's composite and a copy); many rows
+    F.rms_norm. HF's arithmetic (the mean of squares, rsqrt, products), rounded in other orders: within a few
+    float32 ulps of it."""
     x = x.float()
     if x.numel() != x.shape[-1]:
         y = F.rms_norm(x, weight.shape, weight, eps)
         return y if out is None else out.copy_(y)
-    if out is not None and _one_row(x, weight, out):
-        native.residual_rms_norm(x, None, weight, eps, out)   # a non-finite x is refused where it came in
-        return out
+    if out is not None and native.residual_rms_norm(x, None, weight, eps, out) is not None:
+        return out   # x is ours: a non-finite x was refused where it came in
     direct = out is not None and out.dtype == torch.float32
     scale = (float(torch.linalg.vector_norm(x)) ** 2 / x.shape[-1] + eps) ** -0.5
     y = torch.mul(x, weight, out=out if direct else None).mul_(scale)
@@ -180,8 +167,9 @@ def add_residual(h: torch.Tensor, delta: torch.Tensor, method: str, layer: int, 
     request buffer). Returns whether h was checked finite (refused here if not, naming `method`): always without a
     norm to write (check_finite); with one, where the row is a decode step's in float32, which takes one pass of
     the C helper that sees it anyway. Otherwise torch's add and `rms_norm`, the check left to the caller."""
-    if _one_row(h, delta, weight, out):
-        if not native.residual_rms_norm(h, delta, weight, eps, out):
+    finite = native.residual_rms_norm(h, delta, weight, eps, out)
+    if finite is not None:
+        if not finite:
             raise _non_finite(method, layer)
         return True
     h.add_(delta)
@@ -226,7 +214,7 @@ class EnclaveModel:
             raise ValueError(f"forward at position {start}, but the cache holds {self.length}")
         B, S = ids.shape
         with self.ops.embedding(ids) as r:
-            h = r.take(0)                                      # h: [B, S, D], ours: updated in place below
+            h = check_finite(r.take(0), "Embedding", 0)        # h: [B, S, D], ours: updated in place below
         rope = self._rope(start, S)
         mask = causal_mask(start, S, self.norms.device)
         for layer in range(cfg.num_hidden_layers):

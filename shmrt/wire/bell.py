@@ -50,7 +50,8 @@ _CODEC = record_codec(protocol.MAGIC, protocol.PROTOCOL_VERSION, [protocol.Metho
 class BellOut:
     """The producer's side of one ring's doorbell."""
 
-    def __init__(self, ring: Ring, token: bytes = bytes(protocol.TOKEN_BYTES)):
+    def __init__(self, ring: Ring, token: bytes):
+        """`token`: the session's, which `post_call` writes into each record."""
         self.ring = ring
         self._native = NativeBell(ring.native, _CODEC, seq_off=OFF_BELL_SEQ, slot_off=OFF_BELL_SLOT,
                                   slot_cap=BELL_SLOT_BYTES, flag_off=OFF_ASLEEP, token=token)
@@ -72,7 +73,9 @@ class BellIn:
     session's model RPCs are taken and checked in one C call (`take_checked`, `await_checked`); any other comes
     back as its private copy for protocol.decode."""
 
-    def __init__(self, ring: Ring, token: bytes = bytes(protocol.TOKEN_BYTES), capacity: int = 0):
+    def __init__(self, ring: Ring, token: bytes, capacity: int):
+        """`token`: the session's (a record with another is not the fast path's); `capacity`: the sender's ring data
+        bytes (descriptors are checked against it)."""
         self.ring = ring
         self.token = token
         self.address = ring.native.word_address(OFF_BELL_SEQ)
@@ -83,6 +86,11 @@ class BellIn:
     @property
     def seen(self) -> int:
         return self._native.seen
+
+    @property
+    def taken_length(self) -> int:
+        """The bytes of the record the last take found (as its length word said)."""
+        return self._native.taken_length
 
     def take(self, expect_seq: int) -> bytes | None:
         """The next record if it has been posted (a private copy, seq word and length validated), else None."""

@@ -1,4 +1,5 @@
-"""The only module that touches cffi: timed copies, header-word atomics, the doorbell's waits and records.
+"""The only module that touches cffi: timed copies, header-word atomics, the doorbell's waits and records, and
+the enclave's one-pass rows (a decode step's residual and norm).
 
 Every buffer is checked (contiguous, writable where written, large enough) before
 `ffi.from_buffer`, and every C return code is mapped to an exception here, in one place.
@@ -175,12 +176,12 @@ class NativeBell:
         self.words = ffi.new("uint64_t[]", RECORD_WORDS)
         self._out = ffi.new("uint64_t[2]")
 
-    def post(self, words: list[int], text: bytes = b"") -> tuple[bool, int]:
-        """Encode `words` (header words then descriptors' words) and `text` into the slot and ring it: (whether
-        the consumer sleeps on ZeroMQ, the record's bytes)."""
+    def post(self, words: list[int]) -> tuple[bool, int]:
+        """Encode `words` (header words then descriptors' words; no text) into the slot and ring it: (whether the
+        consumer sleeps on ZeroMQ, the record's bytes)."""
         self.words[0:len(words)] = words
         out = self._out
-        _check_rc(lib.shmrt_bell_post_words(self.c, self.words, text, len(text), out, out + 1), "posting a doorbell")
+        _check_rc(lib.shmrt_bell_post_words(self.c, self.words, b"", 0, out, out + 1), "posting a doorbell")
         return out[0] != 0, int(out[1])
 
     def take(self, expect_seq: int, expect_method: int) -> int:
@@ -209,6 +210,10 @@ class NativeBell:
     @property
     def seen(self) -> int:
         return self.c.seen
+
+    @property
+    def taken_length(self) -> int:
+        return self.c.taken_length
 
     def taken(self) -> tuple[int, int, bytes | None]:
         """The last take's seq word and length as loaded, and its copy (None where it did not fit)."""
@@ -333,17 +338,24 @@ def precise_sleeps() -> None:
         _slack_set = lib.shmrt_set_timer_slack(1000) == lib.SHMRT_OK
 
 
-# ---- the enclave's rows: a decode step's residual and RMSNorm in one pass (enclave/llama.py)
+# ---- the enclave's rows: a decode step's residual and RMSNorm in one pass (enclave/llama.py). Built into the
+# same helper (native/shmrt_rows.c) so that the enclave loads one compiled module, not two.
+
+def _row(t: torch.Tensor, n: int) -> bool:
+    return t.dtype is torch.float32 and t.numel() == n and t.is_contiguous() and t.is_cpu
+
 
 def residual_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
-                      out: torch.Tensor | None) -> bool:
-    """h += delta (None: nothing added); then, given `out`, out = RMSNorm(h) * weight (one row, as HF's
-    LlamaRMSNorm); True if h is all finite. Every tensor a contiguous float32 row in CPU memory (the caller
-    checks: enclave/llama.py's `_one_row`); their lengths are checked here, as the C helper reads and writes
-    that many floats at each address."""
+                      out: torch.Tensor | None) -> bool | None:
+    """h += delta (None: nothing added); then, given `out` (and `weight`), out = RMSNorm(h) * weight (one row, HF's
+    LlamaRMSNorm); True if h is all finite, False if not; None where these are not one row it takes (every tensor
+    a contiguous float32 row of h's length in CPU memory: checked here, the C helper reads and writes that many
+    floats at each address): the caller computes it another way."""
+    assert (weight is None) == (out is None), "a norm needs both its weight and its output"
     n = h.numel()
-    if (delta is not None and delta.numel() != n) or (out is not None and (out.numel() != n or weight.numel() != n)):
-        raise ValueError(f"rows of {n} floats expected")
+    if n != h.shape[-1] or not _row(h, n) or (delta is not None and not _row(delta, n)) \
+            or (out is not None and not (_row(out, n) and _row(weight, n))):
+        return None
     return lib.shmrt_residual_rms_norm(h.data_ptr(), 0 if delta is None else delta.data_ptr(),
                                        0 if out is None else weight.data_ptr(), 0 if out is None else out.data_ptr(),
                                        n, eps) == 1

@@ -306,12 +306,15 @@ HEAD_WORDS = 10   # method, flags, seq, layer, op, pos, ring_end, work_ns, ntens
 DESC_WORDS = 10   # these against the C header): then per tensor offset, nbytes, dtype code, ndim, MAX_NDIM dims
 
 
-def to_words(method: int, seq: int, layer: int, op: int, pos: int, ring_end: int, tensors, work_ns: int = 0,
-             flags: int = 0) -> list[int]:
-    """A record's fields as the C encoder takes them (HEAD_WORDS, then DESC_WORDS per tensor; text and token
-    travel beside them)."""
+def to_words(method: int, seq: int, layer: int, op: int, pos: int, ring_end: int, tensors) -> list[int]:
+    """A request's fields as the C encoder takes them (HEAD_WORDS, then DESC_WORDS per tensor; the token travels
+    beside them). Each must fit its field (the header's layout), as `encode`'s struct would insist."""
     assert len(tensors) <= MAX_TENSORS, len(tensors)
-    words = [method, flags, seq, layer & WORD_MASK, op, pos, ring_end, work_ns, len(tensors), 0]
+    if not (-1 <= layer < 1 << 31 and 0 <= op < 1 << 32 and 0 <= pos < 1 << 63 and 0 <= seq <= WORD_MASK
+            and 0 <= ring_end <= WORD_MASK):
+        raise ValueError(f"doorbell fields out of range: layer {layer}, op {op}, pos {pos}, seq {seq}, "
+                         f"ring_end {ring_end}")
+    words = [method, 0, seq, layer & WORD_MASK, op, pos, ring_end, 0, len(tensors), 0]
     for offset, nbytes, dtype, shape in tensors:
         assert len(shape) <= MAX_NDIM, shape
         words += (offset, nbytes, DTYPE_CODE[dtype], len(shape), *shape, *_ZERO_DIMS[len(shape)])

@@ -218,7 +218,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         if self.doorbell == "shm":
             self._bell_out = BellOut(self.req, self.token)
             self._bell_in = BellIn(self.rsp, self.token, self.rsp.capacity)
-            self._waiter = WordWaiter([self._bell_in.address], self.backoff)   # its backoff policy
+            self._waiter = WordWaiter([], self.backoff)   # its backoff policy: the C take waits on the word itself
             precise_sleeps()
 
     # ---- calls
@@ -286,7 +286,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
                 self._waiter.note_wait(now_ns() - start)
                 if type(got) is bytes:
                     return self._checked_reply(got, seq, method), len(got)
-                return got, protocol.encoded_size(len(got.tensors), len(got.text.encode()) if got.text else 0)
+                return got, self._bell_in.taken_length
             waited = now_ns() - start
             if self._sock.poll(0, zmq.POLLIN):
                 self._refuse_socket_message(self._sock.recv(copy=True))

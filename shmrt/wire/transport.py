@@ -322,7 +322,7 @@ class ServerSession:
         """The address of the word a new request's doorbell changes; None: requests come over ZeroMQ."""
         return None
 
-    def take_bell(self):
+    def take_bell(self) -> object | None:
         """The next request rung outside ZeroMQ, for `decode` (a private copy, or what the transport decoded of
         it already), or None."""
         return None
