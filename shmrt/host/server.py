@@ -17,6 +17,7 @@ What the loop serves is up to a handler (handler.py): `EchoHandler` (tests, micr
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from ..wire.transport import Request, ServerSession, check_endpoint
 from .handler import EchoHandler, Handler, HandlerSession  # noqa: F401 (EchoHandler: tests and bench import it here)
 
 
+DROPPED_KEPT = 64         # dropped clients remembered, so that their last messages are refused quietly
 DEEP_SLEEP_S = 0.05        # no request for this long: block on the socket (clients send a Wake)
 BELL_SLICE_NS = 1_000_000  # while waiting on bell words, look at the socket this often
 
@@ -77,6 +79,9 @@ class Server:
         self._socket_due = True   # the bell waiter saw the socket's descriptor readable: look at the socket
         self._socket_looked = 0   # when the loop last looked at the socket (ns)
         self._asleep = False  # the bell sessions were told we block on ZeroMQ (their asleep words are 1)
+        # clients whose sessions we dropped lately (logged then): their next message (a Close, mostly) is refused
+        # without a second line in the log
+        self._dropped: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     # ---- lifetime
 
@@ -221,12 +226,15 @@ class Server:
         try:
             hello = codec.decode_hello(payload)
             if hello is None:
+                if identity in self._dropped:   # its session's end is in the log already
+                    return codec.encode_refusal(f"session refused: {NO_SESSION}")
                 raise ProtocolError(NO_SESSION)
             transport = codec.Session(hello.token)
             model = self.handler.open(hello.client_info, transport.pinned_buffers)
         except ShmrtError as exc:
             self.log(f"refused a new client: {exc}")
             return codec.encode_refusal(f"session refused: {exc}")
+        self._dropped.pop(identity, None)
         info = hello.client_info
         pid = info.get("pid") if info.get("pidns") == self._pidns else None
         session = Session(identity, transport, pid if type(pid) is int else None, time.monotonic(), model)
@@ -277,6 +285,9 @@ class Server:
             return
         self._bells_stale = True
         self.log(f"session {identity.hex()[:8]} ({session.transport.transport}) closed: {why}")
+        self._dropped[identity] = None
+        if len(self._dropped) > DROPPED_KEPT:
+            self._dropped.popitem(last=False)
         session.model.close()
         # From here on nobody reads this session's request bells: a client still ringing finds us "asleep",
         # sends a Wake over ZeroMQ and gets the no-session refusal there instead of waiting out its timeout.
