@@ -85,6 +85,28 @@ def echo_daemon(endpoint):
     d.stop()
 
 
+@pytest.fixture
+def threaded_echo(endpoint):
+    """An echo server in a thread of this process (it sees the registry as a test changed it) -> (endpoint, the
+    list its log lines go to)."""
+    import threading
+    from shmrt.host.server import EchoHandler, Server
+    logs, ready, stop = [], threading.Event(), threading.Event()
+
+    def serve():
+        with Server(endpoint, EchoHandler(), log=logs.append) as server:
+            ready.set()
+            server.serve(until=stop.is_set, poll_ms=20)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10), "server did not start"
+    yield endpoint, logs
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
 class DaemonPool:
     """`shmrt daemon` processes started for some tests and stopped together: `start` makes a new one each
     call, `shared` one per argument list (for tests that each open their own session and only read the

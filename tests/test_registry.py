@@ -1,6 +1,5 @@
 """The transport registry: every transport provides the public API, a first message is routed by its
 bytes, and a third transport needs nothing but its module and one registry line."""
-import threading
 import time
 
 import msgpack
@@ -10,7 +9,6 @@ import zmq
 
 import toy_transport
 from shmrt.errors import ProtocolError, SetupError
-from shmrt.host.server import EchoHandler, Server
 from shmrt.wire import msgpack_transport, protocol, registry, shm_transport
 from shmrt.wire.peer import client_info
 
@@ -47,25 +45,6 @@ def test_cli_offers_the_registered_transports(capsys):
 def toy_registered(monkeypatch):
     """The one line a new transport adds to the registry."""
     monkeypatch.setitem(registry.MODULES, "toy", "toy_transport")
-
-
-@pytest.fixture
-def threaded_echo(endpoint):
-    """An echo server in a thread of this process, so it sees the registry as this test changed it."""
-    logs, ready, stop = [], threading.Event(), threading.Event()
-
-    def serve():
-        with Server(endpoint, EchoHandler(), log=logs.append) as server:
-            ready.set()
-            server.serve(until=stop.is_set, poll_ms=20)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(10), "server did not start"
-    yield endpoint, logs
-    stop.set()
-    thread.join(10)
-    assert not thread.is_alive()
 
 
 def test_a_third_transport_registered_in_one_line_is_served_by_the_unchanged_server_loop(toy_registered,

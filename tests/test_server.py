@@ -363,42 +363,26 @@ def test_reservation_catches_enospc_even_when_free_space_looked_sufficient():
     assert "SetupError: could not reserve 4100 KiB in /dev/shm" in r.stdout and "left 0" in r.stdout, r.stdout
 
 
-def test_a_dropped_clients_last_messages_are_refused_without_another_log_line(tmp_path):
+def test_a_dropped_clients_last_messages_are_refused_without_another_log_line(threaded_echo):
     """`shmrt run` after an error printed the daemon's "refused a new client" for the client's own Close: the drop
     is logged once; a stranger's message still is."""
-    import threading
-    from shmrt.host.server import EchoHandler, Server
     from shmrt.wire import protocol
-    endpoint = f"ipc://{tmp_path}/d.sock"
-    logs, ready, stop = [], threading.Event(), threading.Event()
-
-    def serve():
-        with Server(endpoint, EchoHandler(), log=logs.append) as server:
-            ready.set()
-            server.serve(until=stop.is_set, poll_ms=20)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(10)
-        with make_client_transport("shm", endpoint, timeout=5) as t:
-            t.hello(client_info())
-            t.open_session(1 << 16)
-            t.call("Init").release()
-            with pytest.raises(PeerError, match="Init sent twice"):
-                t.call("Init")
-            with pytest.raises(PeerError, match="no open session"):
-                t.call("Matmul", [torch.ones(4)])   # rung in the ring of a session the daemon dropped: a Wake, refused
-        time.sleep(0.3)   # the Close that `with` sent
-        assert sum("closed: Init sent twice" in m for m in logs) == 1, logs
-        assert not any("refused" in m for m in logs), logs
-        stranger = zmq.Context.instance().socket(zmq.DEALER)
-        stranger.setsockopt(zmq.LINGER, 0)
-        stranger.connect(endpoint)
-        stranger.send(protocol.encode(protocol.Doorbell(protocol.Method.Matmul, 4, b"x" * 16)))
-        assert stranger.poll(5000) and b"no open session" in stranger.recv()
-        stranger.close()
-        assert any("refused a new client" in m for m in logs), logs
-    finally:
-        stop.set()
-        thread.join(10)
+    endpoint, logs = threaded_echo
+    with make_client_transport("shm", endpoint, timeout=5) as t:
+        t.hello(client_info())
+        t.open_session(1 << 16)
+        t.call("Init").release()
+        with pytest.raises(PeerError, match="Init sent twice"):
+            t.call("Init")
+        with pytest.raises(PeerError, match="no open session"):
+            t.call("Matmul", [torch.ones(4)])   # rung in the ring of a session the daemon dropped: a Wake, refused
+    time.sleep(0.3)   # the Close that `with` sent
+    assert sum("closed: Init sent twice" in m for m in logs) == 1, logs
+    assert not any("refused" in m for m in logs), logs
+    stranger = zmq.Context.instance().socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.connect(endpoint)
+    stranger.send(protocol.encode(protocol.Doorbell(protocol.Method.Matmul, 4, b"x" * 16)))
+    assert stranger.poll(5000) and b"no open session" in stranger.recv()
+    stranger.close()
+    assert any("refused a new client" in m for m in logs), logs
