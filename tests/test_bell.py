@@ -41,23 +41,23 @@ def test_post_then_take_returns_the_exact_record_once(ring_pair):
     out, bell_in = BellOut(producer, TOKEN), BellIn(consumer, TOKEN, CAP)
     for seq, record in enumerate([b"SHMD" + bytes(range(68)), b"x", bytes(MAX_RECORD), b""], start=1):
         assert out.post(record, seq) is False  # the consumer is awake: no Wake to send
-        got = bell_in.take(seq)
+        got = bell_in.take_checked(seq)
         assert got == record and type(got) is bytes, seq  # a private copy, not a view on the slot
         assert bell_in.seen == seq
-        assert bell_in.take(seq + 1) is None, seq  # taken once: nothing new until the next post
+        assert bell_in.take_checked(seq + 1) is None, seq  # taken once: nothing new until the next post
 
 
 def test_take_returns_none_when_nothing_was_posted(ring_pair):
     _, consumer = ring_pair
     bell_in = BellIn(consumer, TOKEN, CAP)
-    assert bell_in.take(1) is None and bell_in.take(7) is None
+    assert bell_in.take_checked(1) is None and bell_in.take_checked(7) is None
     assert bell_in.seen == 0
 
 
 def test_a_record_changed_after_take_does_not_change_the_copy(ring_pair):
     producer, consumer = ring_pair
     BellOut(producer, TOKEN).post(b"A" * 100, 1)
-    record = BellIn(consumer, TOKEN, CAP).take(1)
+    record = BellIn(consumer, TOKEN, CAP).take_checked(1)
     producer.mapping[OFF_BELL_SLOT + 8:OFF_BELL_SLOT + 108] = b"B" * 100
     assert record == b"A" * 100
 
@@ -67,10 +67,10 @@ def test_a_scribbled_sequence_word_is_a_protocol_error_naming_the_word(ring_pair
     producer, consumer = ring_pair
     BellOut(producer, TOKEN).post(b"first", 1)
     bell_in = BellIn(consumer, TOKEN, CAP)
-    assert bell_in.take(1) == b"first"
+    assert bell_in.take_checked(1) == b"first"
     producer.native.store(OFF_BELL_SEQ, word)  # neither 1 (seen) nor 3 (expected)
     with pytest.raises(ProtocolError, match=rf"doorbell sequence word {word}, expected 1 \(nothing new\) or 3"):
-        bell_in.take(3)
+        bell_in.take_checked(3)
     assert bell_in.seen == 1  # nothing taken
 
 
@@ -80,7 +80,7 @@ def test_a_record_length_past_the_slot_is_a_protocol_error(ring_pair, length):
     BellOut(producer, TOKEN).post(b"ok", 1)
     producer.native.store(OFF_BELL_SLOT, length)  # the length word after the post, before the take
     with pytest.raises(ProtocolError, match=rf"doorbell record length {length}, expected at most {MAX_RECORD}"):
-        BellIn(consumer, TOKEN, CAP).take(1)
+        BellIn(consumer, TOKEN, CAP).take_checked(1)
 
 
 def test_a_record_longer_than_the_slot_is_never_posted(ring_pair):
@@ -99,12 +99,12 @@ def test_post_reports_a_sleeping_consumer_and_sleep_reports_a_waiting_bell(ring_
     assert producer.native.load(OFF_ASLEEP) == 1
     assert out.post(b"one", 1) is True            # the consumer sleeps: the producer must send a Wake
     assert bell_in.sleep(True) is True            # a bell came in before it slept: serve it, do not block
-    assert bell_in.take(1) == b"one"
+    assert bell_in.take_checked(1) == b"one"
     assert bell_in.sleep(True) is False           # taken: nothing waits any more
     assert bell_in.sleep(False) is False
     assert producer.native.load(OFF_ASLEEP) == 0
     assert out.post(b"two", 2) is False           # awake again: no Wake
-    assert bell_in.sleep(False) is True and bell_in.take(2) == b"two"
+    assert bell_in.sleep(False) is True and bell_in.take_checked(2) == b"two"
 
 
 # ---- WordWaiter
@@ -141,7 +141,7 @@ def test_waiter_returns_the_index_of_the_word_another_process_rings(ring_pair):
             writer.wait(10)
         print(f"woke {elapsed * 1e3:.0f} ms after a write due 300 ms after the writer was ready")
         assert which == 1 and 0.15 < elapsed < 5.0, (which, elapsed)
-        assert BellIn(consumer, TOKEN, CAP).take(1) == record  # the other process's record, exactly
+        assert BellIn(consumer, TOKEN, CAP).take_checked(1) == record  # the other process's record, exactly
 
 
 @pytest.mark.parametrize("waited_ms", [0.0, 50.0])  # from the spin phase, and from the sleep phase
@@ -237,15 +237,15 @@ def test_after_a_long_wait_the_next_one_sleeps_instead_of_spinning(ring_pair):
         return (time.process_time() - start) * 1e3
 
     consumer.native.store(OFF_BELL_SEQ, 1)
-    assert waiter.wait(0, int(1e9)) == 0 and not waiter.last_wait_long           # answered at once
+    assert waiter.wait(0, int(1e9)) == 0 and not waiter.policy.last_wait_long           # answered at once
     spinning = cpu_ms_of_an_empty_wait(0)
     consumer.native.store(OFF_BELL_SEQ, 2)
-    assert waiter.wait(int(130e6), int(1e9)) == 0 and waiter.last_wait_long     # past spin and yield
+    assert waiter.wait(int(130e6), int(1e9)) == 0 and waiter.policy.last_wait_long     # past spin and yield
     sleeping = cpu_ms_of_an_empty_wait(0)
     print(f"40 ms without a bell: {spinning:.1f} ms of CPU spinning, {sleeping:.1f} ms after a long wait")
     assert sleeping * 4 < spinning and sleeping < 8   # (on a loaded machine the spinner gets less than a core)
     consumer.native.store(OFF_BELL_SEQ, 3)
-    assert waiter.wait(0, int(1e9)) == 0 and not waiter.last_wait_long          # a short one: spinning again
+    assert waiter.wait(0, int(1e9)) == 0 and not waiter.policy.last_wait_long          # a short one: spinning again
 
 
 # ---- records encoded, taken and checked in C (the fast path): what protocol.py encodes and accepts, no more

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from ..errors import ProtocolError
 from . import protocol
-from .native import (DESC_WORDS, HEAD_WORDS, NONE, RECORD_LAYOUT, SLOW, TIMEOUT, TOOK, NativeBell, WordWaiter,
-                     record_codec)
+from .native import (DESC_WORDS, HEAD_WORDS, NONE, RECORD_LAYOUT, SLOW, TIMEOUT, TOOK, NativeBell, WaitPolicy,
+                     now_ns, record_codec)
 from .protocol import Doorbell
 from .ring import BELL_SLOT_BYTES, OFF_ASLEEP, OFF_BELL_SEQ, OFF_BELL_SLOT, Ring
 
@@ -87,15 +87,6 @@ class BellIn:
     def seen(self) -> int:
         return self._native.seen
 
-    @property
-    def taken_length(self) -> int:
-        """The bytes of the record the last take found (as its length word said)."""
-        return self._native.taken_length
-
-    def take(self, expect_seq: int) -> bytes | None:
-        """The next record if it has been posted (a private copy, seq word and length validated), else None."""
-        return None if self._native.take(expect_seq, 0) == NONE else self._copy(expect_seq)
-
     def take_checked(self, expect_seq: int, method: int = 0) -> Doorbell | bytes | None:
         """The next record: None if none was posted; a Doorbell if it is call `expect_seq` of `method` (0: any
         model RPC) with this session's token, checked in C; else its private copy (bytes) for protocol.decode. One
@@ -103,14 +94,16 @@ class BellIn:
         rc = self._native.take(expect_seq, method)
         return None if rc == NONE else self._record(rc, expect_seq)
 
-    def await_checked(self, expect_seq: int, method: int, waiter: WordWaiter, waited_ns: int, budget_ns: int
-                      ) -> Doorbell | bytes | None:
-        """`take_checked` once the seq word changes, waiting up to `budget_ns` on `waiter`'s backoff (None: it
-        did not change)."""
-        rc = self._native.await_record(expect_seq, method, waiter.policy(), waited_ns, budget_ns)
+    def await_checked(self, expect_seq: int, method: int, policy: WaitPolicy, waited_ns: int, budget_ns: int
+                      ) -> tuple[Doorbell | bytes, int] | None:
+        """`take_checked` once the seq word changes, waiting up to `budget_ns` as `policy` says (None: it did not
+        change), and the record's bytes."""
+        start = now_ns()
+        rc = self._native.await_record(expect_seq, method, policy.current(), waited_ns, budget_ns)
         if rc in (TIMEOUT, NONE):
             return None
-        return self._record(rc, expect_seq)
+        policy.note(waited_ns + now_ns() - start)
+        return self._record(rc, expect_seq), self._native.taken_length
 
     def _record(self, rc: int, expect_seq: int) -> Doorbell | bytes:
         """What a take that found a new seq word brought: the checked Doorbell, or the copy (`_copy`)."""

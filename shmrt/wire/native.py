@@ -281,6 +281,32 @@ class Backoff:
         return b
 
 
+class WaitPolicy:
+    """Which backoff a waiter's next wait uses: its own, or after a wait that outlasted the spin and yield phases,
+    one that spins and yields no longer than AFTER_LONG_*. Waits come in runs (a prefill's calls and gaps take ms,
+    a decode step's ~0.1-1 ms), and a waiter spinning 1 ms through the other side's long compute takes a core from
+    it (a daemon doing so after each prefill reply made the client's 16-thread prefill math 10% slower on an H200
+    host). Not less: on 2 cores, sleeping from the start (no spin, no yield) after long waits cost 10 ms per
+    decoded token (small), whose short calls followed long ones. Used by WordWaiter and by the doorbell's waits in
+    C (bell.py)."""
+
+    def __init__(self, backoff: Backoff):
+        self._backoff = backoff.to_c()
+        self._after_long = Backoff(min(backoff.spin_us, Backoff.AFTER_LONG_SPIN_US),
+                                   min(backoff.yield_us, Backoff.AFTER_LONG_YIELD_US),
+                                   backoff.sleep_min_us, backoff.sleep_max_us).to_c()
+        self._long_ns = int(backoff.yield_us * 1e3)
+        self.last_wait_long = False
+
+    def current(self):
+        """The C backoff (shmrt_backoff) for the next wait."""
+        return self._after_long if self.last_wait_long else self._backoff
+
+    def note(self, waited_ns: int) -> None:
+        """A wait on `current()` ended after `waited_ns` with something seen."""
+        self.last_wait_long = waited_ns > self._long_ns
+
+
 class WordWaiter:
     """Waits for any of a fixed set of words (addresses from `MappedBuffer.word_address`, whose mappings
     outlive this waiter) to differ from the value last seen there, or for a file descriptor (a ZeroMQ
@@ -293,34 +319,15 @@ class WordWaiter:
         self.fd = fd
         self._words = ffi.new("uint64_t[]", [int(a) for a in addresses] or [0])
         self.seen = ffi.new("uint64_t[]", max(self.n, 1))
-        self._backoff = backoff.to_c()
-        # After a wait that outlasted the spin and yield phases, the next one spins and yields no longer than
-        # AFTER_LONG_*: waits come in runs (a prefill's calls and gaps take ms, a decode step's ~0.1-1 ms),
-        # and a waiter spinning 1 ms through the other side's long compute takes a core from it (a daemon
-        # doing so after each prefill reply made the client's 16-thread prefill math 10% slower on an H200
-        # host). Not less: on 2 cores, sleeping from the start (no spin, no yield) after long waits cost 10 ms
-        # per decoded token (small), whose short calls followed long ones.
-        self._after_long = Backoff(min(backoff.spin_us, Backoff.AFTER_LONG_SPIN_US),
-                                   min(backoff.yield_us, Backoff.AFTER_LONG_YIELD_US),
-                                   backoff.sleep_min_us, backoff.sleep_max_us).to_c()
-        self._long_ns = int(backoff.yield_us * 1e3)
-        self.last_wait_long = False
-
-    def policy(self):
-        """The C backoff the next wait uses (shorter spinning after a long wait)."""
-        return self._after_long if self.last_wait_long else self._backoff
-
-    def note_wait(self, waited_ns: int) -> None:
-        """A wait (this waiter's or one in C on its `policy()`) ended after `waited_ns` with something seen."""
-        self.last_wait_long = waited_ns > self._long_ns
+        self.policy = WaitPolicy(backoff)
 
     def wait(self, waited_ns: int, budget_ns: int) -> int:
         """The index of a word that changed (acquire), SOCKET when the descriptor is readable, or -1 when
         `budget_ns` passed first. `waited_ns`: how long the caller has waited already (the backoff phase)."""
         start = now_ns()
-        rc = lib.shmrt_wait_any(self._words, self.seen, self.n, self.fd, self.policy(), waited_ns, budget_ns)
+        rc = lib.shmrt_wait_any(self._words, self.seen, self.n, self.fd, self.policy.current(), waited_ns, budget_ns)
         if rc >= 0:
-            self.note_wait(waited_ns + now_ns() - start)
+            self.policy.note(waited_ns + now_ns() - start)
             return rc if rc < self.n else self.SOCKET
         if rc == lib.SHMRT_E_TIMEOUT:
             return -1

@@ -33,7 +33,7 @@ from .ring import PAGE_BYTES, Ring, align_up, check_segment_name, unlink_segment
 from .scopes import Reply
 from .stats import CallStats
 from .transport import ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind, parse_client_info
-from .native import Backoff, WordWaiter, now_ns, precise_sleeps
+from .native import Backoff, WaitPolicy, now_ns, precise_sleeps
 from .untrusted import load_json
 
 NAME = "shm"
@@ -171,7 +171,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         self.backoff = backoff or Backoff.configured()
         self._bell_out: BellOut | None = None   # --doorbell shm, from Attach on
         self._bell_in: BellIn | None = None
-        self._waiter: WordWaiter | None = None
+        self._wait_policy: WaitPolicy | None = None   # how the client waits for a reply bell (the C take's backoff)
         self._wake = protocol.encode(Doorbell(Method.Wake, 0, self.token))
 
     def message_limit(self, max_reply_bytes: int | None) -> int:
@@ -218,7 +218,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         if self.doorbell == "shm":
             self._bell_out = BellOut(self.req, self.token)
             self._bell_in = BellIn(self.rsp, self.token, self.rsp.capacity)
-            self._waiter = WordWaiter([], self.backoff)   # its backoff policy: the C take waits on the word itself
+            self._wait_policy = WaitPolicy(self.backoff)
             precise_sleeps()
 
     # ---- calls
@@ -281,12 +281,10 @@ class ShmClient(RequestRingInputs, ClientTransport):
         limit = int(self.timeout * 1e9)
         waited = 0
         while True:
-            got = self._bell_in.await_checked(seq, method, self._waiter, waited, WAIT_SLICE_NS)
+            got = self._bell_in.await_checked(seq, method, self._wait_policy, waited, WAIT_SLICE_NS)
             if got is not None:
-                self._waiter.note_wait(now_ns() - start)
-                if type(got) is bytes:
-                    return self._checked_reply(got, seq, method), len(got)
-                return got, self._bell_in.taken_length
+                record, length = got
+                return (self._checked_reply(record, seq, method) if type(record) is bytes else record), length
             waited = now_ns() - start
             if self._sock.poll(0, zmq.POLLIN):
                 self._refuse_socket_message(self._sock.recv(copy=True))
@@ -306,7 +304,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
 
     def close(self) -> None:
         super().close()
-        self._bell_out = self._bell_in = self._waiter = None
+        self._bell_out = self._bell_in = self._wait_policy = None
         close_rings(self.req, self.rsp)
         self.req = self.rsp = None
 
