@@ -16,22 +16,11 @@ static int in_bounds(uint64_t len, uint64_t off, uint64_t n) {
     return off <= len && n <= len - off;
 }
 
-int shmrt_copy_in(uint8_t *dst, uint64_t dst_len, uint64_t dst_off,
-                  const uint8_t *src, uint64_t n, shmrt_span *span) {
+int64_t shmrt_copy_in(uint8_t *dst, uint64_t dst_len, uint64_t dst_off, uintptr_t src, uint64_t n) {
     if (!in_bounds(dst_len, dst_off, n)) return SHMRT_E_BOUNDS;
-    span->start_ns = shmrt_now_ns();
-    memcpy(dst + dst_off, src, (size_t)n);
-    span->end_ns = shmrt_now_ns();
-    return SHMRT_OK;
-}
-
-int shmrt_copy_out(uint8_t *dst, const uint8_t *src, uint64_t src_len, uint64_t src_off,
-                   uint64_t n, shmrt_span *span) {
-    if (!in_bounds(src_len, src_off, n)) return SHMRT_E_BOUNDS;
-    span->start_ns = shmrt_now_ns();
-    memcpy(dst, src + src_off, (size_t)n);
-    span->end_ns = shmrt_now_ns();
-    return SHMRT_OK;
+    uint64_t start = shmrt_now_ns();
+    memcpy(dst + dst_off, (const void *)src, (size_t)n);
+    return (int64_t)(shmrt_now_ns() - start);
 }
 
 /* Header words are shared with an untrusted peer: the only guarantees we need are that

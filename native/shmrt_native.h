@@ -42,20 +42,12 @@
 #define SHMRT_FAULT_PATH_MAX 128
 #define SHMRT_FAULT_LINE_MAX 1024
 
-typedef struct {
-    uint64_t start_ns;  /* CLOCK_MONOTONIC before the first byte moved */
-    uint64_t end_ns;    /* CLOCK_MONOTONIC after the last byte moved */
-} shmrt_span;
-
 uint64_t shmrt_now_ns(void);
 
-/* Copy n bytes from src into dst[dst_off .. dst_off+n), dst being dst_len bytes long. */
-int shmrt_copy_in(uint8_t *dst, uint64_t dst_len, uint64_t dst_off,
-                  const uint8_t *src, uint64_t n, shmrt_span *span);
+/* Copy n bytes from address src into dst[dst_off .. dst_off+n), dst being dst_len bytes long. */
+/* Returns the CLOCK_MONOTONIC ns the copy took (>= 0) or SHMRT_E_BOUNDS; native.py checked the tensor at src. */
+int64_t shmrt_copy_in(uint8_t *dst, uint64_t dst_len, uint64_t dst_off, uintptr_t src, uint64_t n);
 
-/* Copy n bytes from src[src_off .. src_off+n), src being src_len bytes long, into dst. */
-int shmrt_copy_out(uint8_t *dst, const uint8_t *src, uint64_t src_len, uint64_t src_off,
-                   uint64_t n, shmrt_span *span);
 
 /* Acquire load / release store of a 64-bit word at base+off (base_len bytes mapped). */
 int shmrt_load_acquire(const uint8_t *base, uint64_t base_len, uint64_t off, uint64_t *value);

@@ -6,7 +6,7 @@ from conftest import check_close, random_ids
 from shmrt.host.compute import LinearCompute
 from shmrt.model.config import LlamaConfig
 from shmrt.errors import ModelError, ProtocolError
-from shmrt.enclave.generate import Sampler, generate
+from shmrt.enclave.generate import Sampler, generate, greedy
 from shmrt.enclave.llama import EnclaveModel, add_residual, rms_norm
 from shmrt.host.local_ops import LocalOps
 from shmrt.host.weights import load_weights
@@ -264,3 +264,18 @@ def test_the_one_pass_row_takes_only_contiguous_float32_rows_of_one_length():
     for h, delta, weight, out in cases:
         assert native.residual_rms_norm(h, delta, weight, 1e-5, out) is None
     assert native.residual_rms_norm(row(), row(), w, 1e-5, row()) is True
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 49152), (2, 5)])
+def test_greedy_sampling_picks_torch_argmaxs_index_ties_included(rows, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    for trial in range(12):
+        logits = torch.randn(rows, vocab, generator=g)
+        if trial % 2:   # the largest value in several places: the first of them wins, as in torch.argmax
+            top = logits.max(dim=-1, keepdim=True).values
+            logits.scatter_(1, torch.randint(0, vocab, (rows, 3), generator=g), top.expand(rows, 3))
+        if trial % 3 == 0:
+            logits = logits.round()   # ties everywhere
+        got = greedy(logits)
+        assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(dim=-1)), trial
+        assert torch.equal(Sampler()(logits), got)

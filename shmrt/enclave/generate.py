@@ -25,7 +25,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> token ids [B]."""
         if self.temperature <= 0:
-            return logits.argmax(dim=-1)
+            return greedy(logits)
         if self._gen is None:
             self._gen = torch.Generator().manual_seed(self.seed)
         probs = torch.softmax(logits / self.temperature, dim=-1)
@@ -35,6 +35,13 @@ class Sampler:
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         return torch.multinomial(probs, 1, generator=self._gen).squeeze(-1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's largest logit (torch.argmax's answer, ties included), through numpy: torch's CPU
+    argmax walks a row one element at a time (305 us for Llama 3's 128256 logits, one thread; 0.33 ms of a 15 ms
+    token on an H200 host), numpy's is vectorized (12 us). The logits are finite: forward checked them."""
+    return torch.from_numpy(logits.detach().cpu().numpy().argmax(axis=-1))
 
 
 def prefill(model: EnclaveModel, ids: torch.Tensor) -> torch.Tensor:

@@ -216,7 +216,7 @@ class EnclaveModel:
         with self.ops.embedding(ids) as r:
             h = check_finite(r.take(0), "Embedding", 0)        # h: [B, S, D], ours: updated in place below
         rope = self._rope(start, S)
-        mask = causal_mask(start, S, self.norms.device)
+        mask = causal_mask(start, S)   # the enclave computes on its CPU
         for layer in range(cfg.num_hidden_layers):
             self._block(layer, h, start, rope, mask)
         x = rms_norm(h[:, -1:, :], self.norms[-1], cfg.rms_norm_eps)  # x: [B, 1, D]

@@ -112,7 +112,7 @@ def describe_input(ring: Ring, t: torch.Tensor, staged: TensorDesc | None, wire_
     if not nbytes:
         return desc, 0
     if dtype == t.dtype:
-        return desc, ring.native.copy_in(ring.data_offset + offset, t.contiguous()).ns
+        return desc, ring.native.copy_in(ring.data_offset + offset, t.contiguous())
     start = now_ns()
     ring_view(ring, desc).copy_(t)
     return desc, now_ns() - start
