@@ -219,8 +219,10 @@ class EnclaveModel:
         mask = causal_mask(start, S)   # the enclave computes on its CPU
         for layer in range(cfg.num_hidden_layers):
             self._block(layer, h, start, rope, mask)
-        x = rms_norm(h[:, -1:, :], self.norms[-1], cfg.rms_norm_eps)  # x: [B, 1, D]
-        with self.ops.lm_head(x) as r:
+        with self.ops.request() as req:   # the last position's norm straight into LMHead's request
+            x = rms_norm(h[:, -1:, :], self.norms[-1], cfg.rms_norm_eps, out=req.alloc((B, 1, cfg.hidden_size)))
+            reply = self.ops.lm_head(x)
+        with reply as r:
             logits = check_finite(r.take(0), "LMHead", -1)     # [B, V]
         self.length = start + S
         return logits
