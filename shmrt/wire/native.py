@@ -7,6 +7,7 @@ Every buffer is checked (contiguous, writable where written, large enough) befor
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 
-def now_ns() -> int:
-    return lib.shmrt_now_ns()
+# CLOCK_MONOTONIC in ns, the clock the C helper stamps with (shmrt_now_ns): Python's own reading of it is a builtin,
+# ~0.1 us against ~0.28 for the C call through cffi, and a call reads it 5-8 times on each side.
+now_ns = time.monotonic_ns
 
 
 def _check_rc(rc: int, what: str) -> None:
