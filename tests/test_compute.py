@@ -4,7 +4,7 @@ The linear calls give the same values with the fused weights as with the per-pro
 import pytest
 import torch
 
-from shmrt.errors import ModelError, ProtocolError
+from shmrt.errors import ModelError, ProtocolError, TensorTooLarge
 from shmrt.host.compute import KVStore, LinearCompute
 from shmrt.host.weights import load_weights
 from shmrt.model.config import LlamaConfig
@@ -180,6 +180,8 @@ def test_a_joined_reply_allocation_is_one_view_over_its_parts():
         assert joined is not None and joined.shape == (64,)
         joined.copy_(torch.arange(64.0))
         assert [o.flatten()[0].item() for o in outs] == [0.0, 32.0, 48.0]
+        assert [tuple(o.shape) for o in outs] == [(1, 1, 32), (1, 1, 16), (1, 1, 16)]
+        assert [o.data_ptr() - joined.data_ptr() for o in outs] == [0, 128, 192]   # parts of the joined view's bytes
         assert [d.offset for d in builder.descs] == [0, 128, 192]
         outs, joined = builder.alloc_joined([(3,), (5,)], torch.float32)   # 12 bytes: the next starts aligned
         assert joined is None and builder.descs[-1].offset > builder.descs[-2].offset + 12
@@ -310,3 +312,21 @@ def test_p_times_v_in_slices_of_its_width_equals_one_product(width, slices):
     v = torch.randn(1, 8, width + 100, 64, generator=gen)[:, :, :width]
     from shmrt.host.compute import split_inner_product
     torch.testing.assert_close(split_inner_product(p, v, slices), torch.matmul(p, v), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_linear_checks_that_passed_pass_again_and_the_rest_are_refused_every_time(monkeypatch):
+    compute = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    D, gate_up = compute.cfg.hidden_size, ("gate_proj", "up_proj")
+    expect = [compute.rows[n] for n in gate_up]
+    for _ in range(3):
+        assert compute.linear_rows(1, gate_up, torch.zeros(1, 1, D), 10**9) == expect
+        assert compute.linear_rows(1, list(gate_up), torch.zeros(1, 1, D), 10**9) == expect   # a list of names too
+        for bad in ((99, torch.zeros(1, 1, D), 10**9), (1, torch.zeros(1, 1, D + 1), 10**9), (1, torch.zeros(1, D), 10**9),
+                    (1, torch.zeros(1, 1, D), 3)):   # layer, input width, rank, what the reply can carry
+            layer, x, room = bad
+            with pytest.raises((ProtocolError, TensorTooLarge)):
+                compute.linear_rows(layer, gate_up, x, room)
+    monkeypatch.setattr("shmrt.host.compute.CHECKED_KEPT", 4)   # bounded: a client's prefill lengths vary
+    for S in range(1, 20):
+        assert compute.linear_rows(0, gate_up, torch.zeros(1, S, D), 10**9) == expect
+    assert len(compute._checked_rows) <= 4

@@ -171,6 +171,8 @@ class KVStore:
         return grown
 
 
+CHECKED_KEPT = 4096   # argument sets `linear_rows` remembers (a few per layer in a decode step)
+
 # P*V of a decode step on CUDA (at most SPLIT_MAX_ROWS rows: a KV group's query heads for one position): its inner
 # dimension, the scores' width, in this many slices (`split_inner_product`)
 INNER_SLICES = 16
@@ -213,6 +215,9 @@ class LinearCompute:
         self._on_cpu = self.device.type == "cpu"
         self._inputs: list[torch.Tensor | None] = [None] * 3   # `to_device`'s buffers, one per input slot
         self._o_proj = [w for (w,) in weights.projections(("o_proj",))]
+        # BatchLinear arguments checked before, by what the check reads (layer, names, the input's shape, the room):
+        # a decode step asks the same four per layer, step after step (`linear_rows`)
+        self._checked_rows: dict[tuple, list[int]] = {}
 
     def to_device(self, t: torch.Tensor, slot: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A request tensor in `dtype` (default: the compute dtype) on the compute device. On a GPU it is copied
@@ -255,7 +260,20 @@ class LinearCompute:
         return self.products(layer, names, x, max_elements, dtype)[0]
 
     def linear_rows(self, layer: int, names, x: torch.Tensor, max_elements: int | None = None) -> list[int]:
-        """Check a BatchLinear's arguments (layer, input shape, what the reply can carry): each projection's rows."""
+        """Check a BatchLinear's arguments (layer, input shape, what the reply can carry): each projection's rows. The
+        answer depends on nothing else, so arguments that passed are remembered (a bounded set: a client's prefill
+        lengths vary) and pass again with one lookup."""
+        key = (layer, names if type(names) is tuple else tuple(names), x.shape, max_elements)
+        rows = self._checked_rows.get(key)
+        if rows is not None:
+            return rows
+        rows = self._linear_rows(layer, names, x, max_elements)
+        if len(self._checked_rows) >= CHECKED_KEPT:
+            self._checked_rows.clear()
+        self._checked_rows[key] = rows
+        return rows
+
+    def _linear_rows(self, layer: int, names, x: torch.Tensor, max_elements: int | None) -> list[int]:
         self._layer(layer, "BatchLinear")
         cols = self.cols[names[0]]
         if any(self.cols[n] != cols for n in names) or x.dim() != 3 or x.shape[-1] != cols:

@@ -9,7 +9,7 @@ in the enclave's ops, and its code in protocol.Method.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import ProtocolError
@@ -28,11 +28,11 @@ class Call:
     name: str
     arity: int | tuple[int, ...] | None
     compute: Callable
+    counts: tuple[int, ...] | None = field(init=False)   # the tensor counts a request may carry (None: any)
 
-    @property
-    def counts(self) -> tuple[int, ...] | None:
-        """The tensor counts a request may carry (None: any)."""
-        return self.arity if self.arity is None or isinstance(self.arity, tuple) else (self.arity,)
+    def __post_init__(self) -> None:
+        counts = self.arity if self.arity is None or isinstance(self.arity, tuple) else (self.arity,)
+        object.__setattr__(self, "counts", counts)   # once per row, not per request
 
 
 def table(*calls: Call) -> dict[str, Call]:

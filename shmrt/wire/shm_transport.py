@@ -331,11 +331,13 @@ class ShmReplyBuilder(ReplyBuilder):
             nbytes = sum(sizes) * dtype.itemsize
             offset = self.ring.producer.reserve(nbytes, timeout=self.timeout, what="reply tensors")
             joined = ring_view(self.ring, TensorDesc(offset, nbytes, dtype, (sum(sizes),)))
-            at = offset
+            parts = []
             for shape, n in zip(shapes, sizes):
-                self.descs.append(TensorDesc(at, n * dtype.itemsize, dtype, shape))
-                at += n * dtype.itemsize
-            return [part.view(shape) for part, shape in zip(joined.split(sizes), shapes)], joined
+                desc = TensorDesc(offset, n * dtype.itemsize, dtype, shape)
+                self.descs.append(desc)
+                parts.append(ring_view(self.ring, desc))   # the ring's kept view of these bytes: no split, no views
+                offset += desc.nbytes
+            return parts, joined
         return super().alloc_joined(shapes, dtype)   # one each: alignment padding parts them anyway
 
 
