@@ -4,6 +4,8 @@ model code speaks names (`cache="k"`, projection names) and the doorbell never k
 """
 from __future__ import annotations
 
+import functools
+
 from ..errors import ProtocolError
 
 # A layer's projections in checkpoint order: BatchLinear's op bits, one per projection, follow it.
@@ -57,8 +59,9 @@ def matmul_bits(transpose_b: bool, cache: str | None) -> int:
     return (_TRANSPOSE_B if transpose_b else 0) | (_CACHE_BITS[cache] if cache else 0)
 
 
+@functools.lru_cache(maxsize=16)   # a decode step asks the same two or three, call after call (bounded: bits are the peer's)
 def matmul_args(bits: int) -> tuple[bool, str | None]:
-    """op bits -> (transpose_b, cache); unknown or contradictory bits are a ProtocolError."""
+    """op bits -> (transpose_b, cache); unknown or contradictory bits are a ProtocolError (never remembered)."""
     if bits & ~_KNOWN or (bits & _CACHE_BITS["k"] and bits & _CACHE_BITS["v"]):
         raise ProtocolError(f"Matmul op bits {bits:#x} not understood")
     cache = next((name for name, bit in _CACHE_BITS.items() if bits & bit), None)
