@@ -1,0 +1,144 @@
+"""Where a daemon's time goes per decode call, by stage, on a real split run: the daemon runs in this process,
+instrumented (the shm session's take and post, the graphs' replay, and Server._serve restated below with timestamps
+between its steps: keep it in step with server.py), and a client process decodes three rounds; the last round's
+decode calls are reported.
+
+    PYTHONPATH=. python bench/daemon_stages.py llama3.2-1b cuda 1024 49      # model device prompt tokens
+
+Stages per call (us, medians over the decode phase, by method):
+  take     C take + check of the bell record (+ from_words)
+  decode   the Request built (accept_views)
+  handle   handler.handle up to return (checks, reply alloc, graph key, launch) -- of which `launch` is replay()
+  ahead    the reply encoded ahead (CUDA)
+  settle   the one synchronize
+  finish   request released, reply finished (publish, work_ns)
+  post     the reply rung
+  gap      from posting the reply to taking the next request (the client's side of the round trip)"""
+import os, sys, subprocess, statistics, collections, time
+import torch
+from shmrt.wire.native import now_ns
+import shmrt.wire.shm_transport as st
+import shmrt.host.server as srv
+import shmrt.host.graphs as gr
+from shmrt.host.compute import LinearCompute
+from shmrt.host.daemon import ModelHandler, COMPUTE_DTYPES
+from shmrt.host.weights import load_weights
+from shmrt.model.checkpoint import resolve_model, model_digest
+
+model, device = sys.argv[1], sys.argv[2]
+prompt, tokens = int(sys.argv[3]), int(sys.argv[4])
+rec = []          # per call: dict of stage -> ns, method
+cur = {}
+last_post = [0]
+
+orig_take = st.ShmServerSession.take_bell
+def take_bell(self):
+    t0 = now_ns()
+    r = orig_take(self)
+    if r is not None:
+        cur.clear(); cur["t_take0"] = t0; cur["t_take1"] = now_ns()
+    return r
+st.ShmServerSession.take_bell = take_bell
+
+orig_post = st.ShmServerSession.post_reply
+def post_reply(self, payload):
+    t = now_ns(); orig_post(self, payload); t2 = now_ns()
+    if "t_take0" in cur:
+        cur["t_post0"], cur["t_post1"] = t, t2
+        rec.append(dict(cur)); cur.clear()
+st.ShmServerSession.post_reply = post_reply
+
+orig_replay = gr.CapturedCall.replay
+def replay(self):
+    t = now_ns(); r = orig_replay(self); cur["launch"] = cur.get("launch", 0) + now_ns() - t; return r
+gr.CapturedCall.replay = replay
+
+def _serve(self, session, payload):
+    transport = session.transport
+    seq = transport.expect_seq
+    request = None
+    try:
+        request = transport.decode(payload)
+        cur["t_decoded"] = now_ns()
+        if request.method == "Close":
+            return None, "client closed the session"
+        if request.control:
+            return (transport.encode_reply(request, None) if request.answer else None), None
+        cur["method"] = request.method + (f" {request.op}" if request.method == "BatchLinear" else "")
+        builder = transport.reply_builder()
+        t0 = now_ns()
+        ahead = None
+        try:
+            text = self.handler.handle(request, builder, session.model, settle=False)
+            cur["t_handled"] = now_ns()
+            if self.handler.overlaps_device:
+                ahead = transport.encode_reply_ahead(request, builder, text)
+            cur["t_ahead"] = now_ns()
+        finally:
+            self.handler.settle(session.model)
+        cur["t_settled"] = now_ns()
+        work_ns = now_ns() - t0
+        request.release()
+        if ahead is not None:
+            out = transport.finish_reply(ahead, work_ns), None
+        else:
+            out = transport.encode_reply(request, builder, work_ns=work_ns, text=text), None
+        cur["t_finished"] = now_ns()
+        return out
+    except Exception as exc:
+        import traceback; traceback.print_exc()
+        return transport.encode_error(request.seq if request else seq, str(exc)), str(exc)
+srv.Server._serve = _serve
+
+source = resolve_model(model, None, 0)
+w = load_weights(source, dtype=torch.float32, device=device)
+handler = ModelHandler(LinearCompute(w, device, torch.float32), model, model_digest(source), log=print)
+ep = f"ipc:///tmp/ds-{os.getpid()}.sock"
+client_code = f"""
+import torch, time
+from shmrt.enclave.client import EnclaveClient
+from shmrt.enclave.generate import Sampler, generate
+from shmrt.tools.heap import freeze_heap
+with EnclaveClient(endpoint={ep!r}, model={model!r}, transport="shm", timeout=600, prompt_tokens={prompt},
+                   total_tokens={prompt + tokens + 1}) as c, torch.inference_mode():
+    freeze_heap()
+    ids = torch.randint(0, c.model.cfg.vocab_size, (1, {prompt}), generator=torch.Generator().manual_seed(1))
+    for r in range(3):
+        g = generate(c.model, ids, {tokens}, Sampler(), decode_threads=1)
+        print(f"round {{r}}: decode {{g.decode_s/({tokens}-1)*1e3:.2f}} ms/token", flush=True)
+        print("MARK", flush=True)
+"""
+with torch.inference_mode(), srv.Server(ep, handler, log=lambda m: None) as server:
+    proc = subprocess.Popen([sys.executable, "-c", client_code], stdout=subprocess.PIPE, text=True)
+    marks = []
+    import threading
+    def reader():
+        for line in proc.stdout:
+            print(line.rstrip(), flush=True)
+            if line.startswith("MARK"):
+                marks.append(len(rec))
+    threading.Thread(target=reader, daemon=True).start()
+    server.serve(until=lambda: proc.poll() is not None)
+# the last round's decode calls: past its prefill's (Embedding, four a layer with the fewest calls, LMHead)
+start = marks[-2] if len(marks) >= 2 else 0
+calls = rec[start:][2 + 4 * w.cfg.num_hidden_layers:]
+by = collections.defaultdict(lambda: collections.defaultdict(list))
+for i, c in enumerate(calls):
+    if "t_settled" not in c:
+        continue
+    m = c.get("method", "?")
+    s = by[m]
+    s["take"].append(c["t_take1"] - c["t_take0"])
+    s["decode"].append(c["t_decoded"] - c["t_take1"])
+    s["handle"].append(c["t_handled"] - c["t_decoded"])
+    s["launch"].append(c.get("launch", 0))
+    s["ahead"].append(c["t_ahead"] - c["t_handled"])
+    s["settle"].append(c["t_settled"] - c["t_ahead"])
+    s["finish"].append(c["t_finished"] - c["t_settled"])
+    s["post"].append(c["t_post1"] - c["t_finished"])
+    if i + 1 < len(calls):
+        s["gap"].append(calls[i + 1]["t_take0"] - c["t_post1"])
+cols = ["take", "decode", "handle", "launch", "ahead", "settle", "finish", "post", "gap"]
+print(f"{'method':24s} {'calls':>6} " + " ".join(f"{c:>8}" for c in cols))
+for m, s in sorted(by.items()):
+    print(f"{m:24s} {len(s['take']):>6} " + " ".join(f"{statistics.median(s[c]) / 1e3 if s[c] else 0:8.1f}" for c in cols))
