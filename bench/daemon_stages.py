@@ -14,29 +14,36 @@ Stages per call (us, medians over the decode phase, by method):
   finish   request released, reply finished (publish, work_ns)
   post     the reply rung
   gap      from posting the reply to taking the next request (the client's side of the round trip)"""
-import os, sys, subprocess, statistics, collections, time
+import collections
+import os
+import statistics
+import subprocess
+import sys
+import threading
+
 import torch
-from shmrt.wire.native import now_ns
-import shmrt.wire.shm_transport as st
-import shmrt.host.server as srv
+
 import shmrt.host.graphs as gr
+import shmrt.host.server as srv
+import shmrt.wire.shm_transport as st
 from shmrt.host.compute import LinearCompute
-from shmrt.host.daemon import ModelHandler, COMPUTE_DTYPES
+from shmrt.host.daemon import ModelHandler
 from shmrt.host.weights import load_weights
-from shmrt.model.checkpoint import resolve_model, model_digest
+from shmrt.model.checkpoint import model_digest, resolve_model
+from shmrt.wire.native import now_ns
 
 model, device = sys.argv[1], sys.argv[2]
 prompt, tokens = int(sys.argv[3]), int(sys.argv[4])
 rec = []          # per call: dict of stage -> ns, method
 cur = {}
-last_post = [0]
 
 orig_take = st.ShmServerSession.take_bell
 def take_bell(self):
     t0 = now_ns()
     r = orig_take(self)
     if r is not None:
-        cur.clear(); cur["t_take0"] = t0; cur["t_take1"] = now_ns()
+        cur.clear()
+        cur["t_take0"], cur["t_take1"] = t0, now_ns()
     return r
 st.ShmServerSession.take_bell = take_bell
 
@@ -86,7 +93,7 @@ def _serve(self, session, payload):
         cur["t_finished"] = now_ns()
         return out
     except Exception as exc:
-        import traceback; traceback.print_exc()
+        print(f"daemon_stages: {type(exc).__name__}: {exc}", file=sys.stderr)
         return transport.encode_error(request.seq if request else seq, str(exc)), str(exc)
 srv.Server._serve = _serve
 
@@ -111,7 +118,6 @@ with EnclaveClient(endpoint={ep!r}, model={model!r}, transport="shm", timeout=60
 with torch.inference_mode(), srv.Server(ep, handler, log=lambda m: None) as server:
     proc = subprocess.Popen([sys.executable, "-c", client_code], stdout=subprocess.PIPE, text=True)
     marks = []
-    import threading
     def reader():
         for line in proc.stdout:
             print(line.rstrip(), flush=True)

@@ -7,7 +7,13 @@ it checks nothing. Medians (us) of handler.handle per method over N decode steps
     PYTHONPATH=. .venv/bin/python bench/graph_route_calls.py [model (small)] [steps (64)]
 
 On an H200 host (bench/daemon_stages.py) this Python was 25-70 us a call, the graph's launch 12-24 (session 14)."""
-import sys, time, statistics, collections, torch
+import collections
+import statistics
+import sys
+import time
+
+import torch
+
 from shmrt.enclave.generate import Sampler, prefill, decode_n
 from shmrt.enclave.llama import EnclaveModel
 from shmrt.enclave.ops import RemoteOps
@@ -18,12 +24,18 @@ from shmrt.host.inprocess import InProcessCaller
 from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import load_enclave_part
 
+
+
 class NoReplay:
+    """A capture's stand-in: the body runs once (its warm-up), a replay returns its outputs and runs nothing."""
+
     def __init__(self, body, keep, pool, stream, device):
         self._keep = keep
         self.outputs = body()
+
     def replay(self):
         return self.outputs
+
 
 model = sys.argv[1] if len(sys.argv) > 1 else "small"
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 64
