@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from shmrt.model.config import LlamaConfig
 
 E2E_KEYS = {"suite", "transport", "wire_dtype", "kv_cache", "phase", "tokens", "median_s", "transport_s",
@@ -113,3 +115,38 @@ def test_daemon_calls_times_every_method_through_the_handler_and_the_floor(tmp_p
         assert r["handler_n"] == r["floor_n"] == 4, r
         assert 0 < r["handler_p10_us"] <= r["handler_median_us"] <= r["handler_p90_us"], r
         assert 0 < r["floor_median_us"] and 0 < r["handler_cpu_median_us"], r
+
+
+def _table(stdout: str, header: str) -> dict[str, list[str]]:
+    """The rows after the line starting with `header`, by method (the first one or two words)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = {}
+    for line in lines[start + 1:]:
+        words = line.split()
+        if words and words[0] in ("AttentionOutput", "AttentionScores", "BatchLinear", "Embedding", "LMHead"):
+            name = " ".join(words[:2]) if words[0] == "BatchLinear" else words[0]
+            rows[name] = words
+    return rows
+
+
+@pytest.mark.slow
+def test_the_daemon_stage_probe_follows_todays_server_and_times_every_decode_call():
+    """bench/daemon_stages.py restates the server's serving step with timestamps: a real split (a daemon here, a client
+    process), every kind of decode call in its table with its stages."""
+    out = subprocess.run([sys.executable, "bench/daemon_stages.py", "tiny", "cpu", "16", "6"], capture_output=True,
+                         text=True, check=True, timeout=240, env={**os.environ, "PYTHONPATH": "."})
+    rows = _table(out.stdout, "method")
+    assert set(rows) == {"AttentionOutput", "AttentionScores", "BatchLinear 48", "BatchLinear 64", "Embedding",
+                         "LMHead"}, out.stdout
+    for name, words in rows.items():
+        calls, *stages = words[2:] if name.startswith("BatchLinear") else words[1:]
+        assert int(calls) > 0 and all(float(v) >= 0 for v in stages) and float(stages[2]) > 0, (name, words)
+
+
+def test_the_graph_route_probe_times_the_handler_on_every_decode_call():
+    out = subprocess.run([sys.executable, "bench/graph_route_calls.py", "tiny", "4"], capture_output=True, text=True,
+                         check=True, timeout=120, env={**os.environ, "PYTHONPATH": "."})
+    lines = [line.split() for line in out.stdout.splitlines() if line.strip()]
+    assert {words[0] for words in lines} == {"AttentionOutput", "AttentionScores", "BatchLinear", "Embedding", "LMHead"}
+    assert all(float(words[-2]) > 0 for words in lines), out.stdout
