@@ -279,3 +279,7 @@ def test_greedy_sampling_picks_torch_argmaxs_index_ties_included(rows, vocab):
         got = greedy(logits)
         assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(dim=-1)), trial
         assert torch.equal(Sampler()(logits), got)
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):   # other dtypes, and a row of its own
+        logits = torch.randn(rows, vocab, generator=g).to(dtype)
+        assert torch.equal(greedy(logits), logits.argmax(dim=-1)) and torch.equal(greedy(logits[0]), logits[0].argmax())
+    assert greedy(torch.tensor([[1.0, 1.0 + 2 ** -40]], dtype=torch.float64)).tolist() == [1]
