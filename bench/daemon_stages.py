@@ -1,7 +1,6 @@
 """Where a daemon's time goes per decode call, by stage, on a real split run: the daemon runs in this process,
-instrumented (the shm session's take and post, the graphs' replay, and Server._serve restated below with timestamps
-between its steps: keep it in step with server.py), and a client process decodes three rounds; the last round's
-decode calls are reported.
+instrumented (the shm session's take, decode, reply and post, the handler's handle and settle, the graphs' replay,
+each stamped as it returns), and a client process decodes three rounds; the last round's decode calls are reported.
 
     PYTHONPATH=. python bench/daemon_stages.py llama3.2-1b cuda 1024 49      # model device prompt tokens
 
@@ -37,7 +36,20 @@ prompt, tokens = int(sys.argv[3]), int(sys.argv[4])
 rec = []          # per call: dict of stage -> ns, method
 cur = {}
 
+def stamp(owner, name: str, key: str) -> None:
+    """Wrap `owner.name` so that the call being served notes when it returned, as `key`."""
+    inner = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        result = inner(*args, **kwargs)
+        cur[key] = now_ns()
+        return result
+    setattr(owner, name, wrapped)
+
+
 orig_take = st.ShmServerSession.take_bell
+
+
 def take_bell(self):
     t0 = now_ns()
     r = orig_take(self)
@@ -45,61 +57,53 @@ def take_bell(self):
         cur.clear()
         cur["t_take0"], cur["t_take1"] = t0, now_ns()
     return r
-st.ShmServerSession.take_bell = take_bell
+
 
 orig_post = st.ShmServerSession.post_reply
+
+
 def post_reply(self, payload):
-    t = now_ns(); orig_post(self, payload); t2 = now_ns()
-    if "t_take0" in cur:
-        cur["t_post0"], cur["t_post1"] = t, t2
-        rec.append(dict(cur)); cur.clear()
-st.ShmServerSession.post_reply = post_reply
+    t0 = now_ns()
+    orig_post(self, payload)
+    if "t_take0" in cur:   # a call rung through the ring (the socket's messages are not timed)
+        cur["t_post0"], cur["t_post1"] = t0, now_ns()
+        rec.append(dict(cur))
+        cur.clear()
+
 
 orig_replay = gr.CapturedCall.replay
-def replay(self):
-    t = now_ns(); r = orig_replay(self); cur["launch"] = cur.get("launch", 0) + now_ns() - t; return r
-gr.CapturedCall.replay = replay
 
-def _serve(self, session, payload):
-    transport = session.transport
-    seq = transport.expect_seq
-    request = None
-    try:
-        request = transport.decode(payload)
-        cur["t_decoded"] = now_ns()
-        if request.method == "Close":
-            return None, "client closed the session"
-        if request.control:
-            return (transport.encode_reply(request, None) if request.answer else None), None
-        cur["method"] = request.method + (f" {request.op}" if request.method == "BatchLinear" else "")
-        builder = transport.reply_builder()
-        t0 = now_ns()
-        ahead = None
-        try:
-            text = self.handler.handle(request, builder, session.model, settle=False)
-            cur["t_handled"] = now_ns()
-            if self.handler.overlaps_device:
-                ahead = transport.encode_reply_ahead(request, builder, text)
-            cur["t_ahead"] = now_ns()
-        finally:
-            self.handler.settle(session.model)
-        cur["t_settled"] = now_ns()
-        work_ns = now_ns() - t0
-        request.release()
-        if ahead is not None:
-            out = transport.finish_reply(ahead, work_ns), None
-        else:
-            out = transport.encode_reply(request, builder, work_ns=work_ns, text=text), None
-        cur["t_finished"] = now_ns()
-        return out
-    except Exception as exc:
-        print(f"daemon_stages: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return transport.encode_error(request.seq if request else seq, str(exc)), str(exc)
-srv.Server._serve = _serve
+
+def replay(self):
+    t0 = now_ns()
+    out = orig_replay(self)
+    cur["launch"] = cur.get("launch", 0) + now_ns() - t0
+    return out
+
+
+st.ShmServerSession.take_bell = take_bell
+st.ShmServerSession.post_reply = post_reply
+gr.CapturedCall.replay = replay
+# Server._serve's steps, in its order: each stamped as it returns (the request's release falls in `finish`)
+stamp(st.ShmServerSession, "decode", "t_decoded")
+stamp(st.ShmServerSession, "encode_reply_ahead", "t_ahead")    # CUDA only: elsewhere ahead = handled
+stamp(st.ShmServerSession, "finish_reply", "t_finished")       # CUDA
+stamp(st.ShmServerSession, "encode_reply", "t_finished")       # elsewhere
 
 source = resolve_model(model, None, 0)
 w = load_weights(source, dtype=torch.float32, device=device)
 handler = ModelHandler(LinearCompute(w, device, torch.float32), model, model_digest(source), log=print)
+orig_handle = handler.handle
+
+
+def handle(request, builder, session, settle=True):
+    cur["method"] = request.method + (f" {request.op}" if request.method == "BatchLinear" else "")
+    return orig_handle(request, builder, session, settle)
+
+
+handler.handle = handle
+stamp(handler, "handle", "t_handled")
+stamp(handler, "settle", "t_settled")
 ep = f"ipc:///tmp/ds-{os.getpid()}.sock"
 client_code = f"""
 import torch, time
@@ -138,8 +142,9 @@ for i, c in enumerate(calls):
     s["decode"].append(c["t_decoded"] - c["t_take1"])
     s["handle"].append(c["t_handled"] - c["t_decoded"])
     s["launch"].append(c.get("launch", 0))
-    s["ahead"].append(c["t_ahead"] - c["t_handled"])
-    s["settle"].append(c["t_settled"] - c["t_ahead"])
+    ahead = c.get("t_ahead", c["t_handled"])
+    s["ahead"].append(ahead - c["t_handled"])
+    s["settle"].append(c["t_settled"] - ahead)
     s["finish"].append(c["t_finished"] - c["t_settled"])
     s["post"].append(c["t_post1"] - c["t_finished"])
     if i + 1 < len(calls):

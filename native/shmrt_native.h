@@ -1,4 +1,4 @@
-/* shmrt native helper: timed copies into/out of the ring, atomics on its header words, the shared-memory
+/* shmrt native helper: timed copies into the ring, atomics on its header words, the shared-memory
  * doorbell's waits and records (shmrt_native.c), and the enclave's one-pass rows (shmrt_rows.c).
  *
  * Plain C11, no Python headers. The build script (build_native.py) reads the declarations
@@ -47,7 +47,6 @@ uint64_t shmrt_now_ns(void);
 /* Copy n bytes from address src into dst[dst_off .. dst_off+n), dst being dst_len bytes long. */
 /* Returns the CLOCK_MONOTONIC ns the copy took (>= 0) or SHMRT_E_BOUNDS; native.py checked the tensor at src. */
 int64_t shmrt_copy_in(uint8_t *dst, uint64_t dst_len, uint64_t dst_off, uintptr_t src, uint64_t n);
-
 
 /* Acquire load / release store of a 64-bit word at base+off (base_len bytes mapped). */
 int shmrt_load_acquire(const uint8_t *base, uint64_t base_len, uint64_t off, uint64_t *value);

@@ -55,12 +55,6 @@ def _tensor_address(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def _timed_copy(ns: int, what: str) -> int:
-    if ns < 0:
-        _check_rc(ns, what)
-    return ns
-
-
 class MappedBuffer:
     """A shared mapping seen by the C helper: bounds-checked timed copies and header atomics.
 
@@ -77,8 +71,10 @@ class MappedBuffer:
     def copy_in(self, offset: int, src: torch.Tensor) -> int:
         """Copy `src`'s bytes to [offset, offset + src.nbytes) of the mapping; returns the ns the copy took (timed
         inside the C helper)."""
-        n = src.numel() * src.element_size()
-        return _timed_copy(lib.shmrt_copy_in(self._buf, self.nbytes, offset, _tensor_address(src), n), "copy_in")
+        ns = lib.shmrt_copy_in(self._buf, self.nbytes, offset, _tensor_address(src), src.numel() * src.element_size())
+        if ns < 0:
+            _check_rc(ns, "copy_in")
+        return ns
 
     @property
     def address(self) -> int:
