@@ -34,3 +34,20 @@ def test_request_stages_its_buffers_and_refuses_others_after_seal():
         req.alloc((4,))
     with pytest.raises(StaleView, match="no open request staged"):
         request().claim(x, "Matmul")                            # ring memory this request did not stage
+
+
+def test_a_request_built_but_never_sent_is_refused_at_the_end_of_its_block():
+    """Buffers staged and no call made is a bug in the model's code: leaving the block says so (unless it is left by
+    an exception, which stays the error reported). A sent request, or one that staged nothing, leaves quietly."""
+    with pytest.raises(AssertionError, match="never sent"):
+        with request() as req:
+            req.alloc((8,))
+    with pytest.raises(KeyError):
+        with request() as req:
+            req.alloc((8,))
+            raise KeyError("the model's own error")
+    with request() as req:
+        req.claim(req.alloc((8,)), "Matmul")
+        req.seal()
+    with request():
+        pass

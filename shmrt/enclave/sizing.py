@@ -30,6 +30,7 @@ class RecordingOps:
         self.wire_dtype = wire_dtype
         self.largest = {"request": 0, "reply": 0}
         self.calls = 0
+        self._pending: PendingRequest | None = None   # the next call's inputs: its call seals them, as a transport's
 
     @staticmethod
     def _message_bytes(shapes_dtypes) -> int:
@@ -46,6 +47,9 @@ class RecordingOps:
         """`as_staged`: inputs staged in a dtype of their own (RoPE tables: float32), which they travel in."""
         wire = lambda t: self.wire_dtype if t.is_floating_point() and all(t is not a for a in as_staged) else t.dtype  # noqa: E731
         self.calls += 1
+        if self._pending is not None:
+            self._pending.seal()
+            self._pending = None
         sent = self._message_bytes([(t.shape, wire(t)) for t in inputs if t is not None])  # None: cached on the daemon
         got = self._message_bytes(outputs)
         self.largest["request"] = max(self.largest["request"], sent)
@@ -53,8 +57,9 @@ class RecordingOps:
         return Reply([torch.zeros(shape, dtype=dtype) for shape, dtype in outputs], stats=None)
 
     def request(self) -> PendingRequest:
-        return PendingRequest(lambda shape, dtype: (torch.zeros(shape, dtype=dtype), None),
-                              lambda t: False, self.wire_dtype)
+        self._pending = PendingRequest(lambda shape, dtype: (torch.zeros(shape, dtype=dtype), None),
+                                       lambda t: False, self.wire_dtype)
+        return self._pending
 
     def embedding(self, ids):
         return self._note([ids], [((*ids.shape, self.cfg.hidden_size), self.wire_dtype)])

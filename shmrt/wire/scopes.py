@@ -122,6 +122,6 @@ class PendingRequest:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        unsent = not self.sealed and self.staged
+        unsent = not self.sealed and bool(self.staged)   # (seal() empties the dict)
         self.seal()
         assert exc_type is not None or not unsent, "a request was built but its call never sent"
