@@ -1,12 +1,13 @@
 /* shmrt native helper: timed copies into the ring, atomics on its header words, the shared-memory
- * doorbell's waits and records (shmrt_native.c), and the enclave's one-pass rows (shmrt_rows.c).
+ * doorbell's waits and records (shmrt_native.c), a ring's producer (shmrt_ring.c), and the enclave's one-pass rows
+ * (shmrt_rows.c).
  *
  * Plain C11, no Python headers. The build script (build_native.py) reads the declarations
  * below (between the CDEF markers) into cffi's cdef(), so this header is the one source of
  * truth for the ABI.
  *
- * Return codes (mapped in shmrt/wire/native.py, nowhere else: errors to exceptions; TIMEOUT, SLOW and NONE are
- * answers its callers act on):
+ * Return codes (mapped in shmrt/wire/native.py, nowhere else: errors to exceptions; TIMEOUT, SLOW, NONE, WAIT,
+ * TOO_LARGE and TAIL are answers their callers act on: ring.py words the last two, it knows the ring):
  *   SHMRT_OK             0  done
  *   SHMRT_E_BOUNDS      -1  [offset, offset+n) does not lie inside the buffer
  *   SHMRT_E_ALIGN       -2  a header word is not 8-byte aligned
@@ -15,6 +16,9 @@
  *   SHMRT_E_TIMEOUT     -5  a wait's budget ran out with no word changed
  *   SHMRT_E_SLOW        -6  a doorbell record off the fast path: Python's decoder judges it
  *   SHMRT_E_NONE        -7  no new doorbell record was rung
+ *   SHMRT_E_WAIT        -8  a ring is full now: its producer waits and tries again
+ *   SHMRT_E_TOO_LARGE   -9  a tensor and the rest of its message can never fit the ring
+ *   SHMRT_E_TAIL       -10  the consumer's tail word is outside what the producer allows (a scribbled header)
  *
  * Fault guard: a process that maps a ring it created registers the mapping here. If the host
  * shrinks that segment, the next access to a page past the new end raises SIGBUS; the handler
@@ -163,6 +167,42 @@ int shmrt_bell_take_record(shmrt_bell *bell, uint64_t expect_seq, uint32_t expec
 /* shmrt_bell_take_record. SHMRT_E_TIMEOUT when budget_ns passed with nothing rung. */
 int shmrt_bell_await_record(shmrt_bell *bell, uint64_t expect_seq, uint32_t expect_method, const shmrt_backoff *b,
                             uint64_t waited_ns, uint64_t budget_ns, uint64_t *out);
+
+/* ---- a ring's producer (shmrt_ring.c; shmrt/wire/ring.py documents positions and laps) */
+#define SHMRT_E_WAIT -8        /* the ring is full now: wait for the consumer, then try again */
+#define SHMRT_E_TOO_LARGE -9   /* the tensor and the rest of its message can never fit the ring */
+#define SHMRT_E_TAIL -10       /* the consumer's tail word lies outside [known_tail, published] */
+#define SHMRT_SMALL_ALIGN 64          /* where a reservation starts: a multiple of this, */
+#define SHMRT_LARGE_ALIGN 4096        /* or of this from SHMRT_LARGE_TENSOR bytes on (DMA-friendly) */
+#define SHMRT_LARGE_TENSOR 1048576
+
+/* The producer's private state; only the tail word at base+tail_off is read from shared memory. */
+typedef struct {
+    uint8_t *base;            /* the mapping (header page, then the data area); NULL once unmapped */
+    uint64_t base_len;
+    uint64_t capacity;        /* data bytes */
+    uint64_t head_off;        /* the head word (stored at publish) */
+    uint64_t tail_off;        /* the consumer's tail word */
+    uint64_t starts[2];       /* the lap starts (data offsets) a message that finds the ring empty goes to */
+    uint32_t n_starts;        /* 1 or 2 */
+    uint32_t next_start;      /* which of them is next */
+    uint32_t in_message;      /* a tensor of the message being built was reserved */
+    uint64_t laps_until;      /* positions from here on grow by bytes only */
+    uint64_t head;            /* bytes ever reserved */
+    uint64_t known_tail;      /* the last tail validated */
+    uint64_t floor;           /* where the last message that found the ring empty began */
+    uint64_t published;       /* head at the last publish */
+    uint64_t message_start;   /* where the message being built begins */
+    uint64_t seen_tail;       /* the tail word as last loaded (SHMRT_E_TAIL's message) */
+    uint64_t released;        /* the position released up to, at the last SHMRT_E_WAIT */
+} shmrt_producer;
+
+/* Reserve nbytes for the message being built (its first reservation begins it): returns their data offset (>= 0; */
+/* capacities are at most 2**40), or SHMRT_E_WAIT (full now: call again later), SHMRT_E_TOO_LARGE, SHMRT_E_TAIL, */
+/* or SHMRT_E_BOUNDS (unmapped). */
+int64_t shmrt_reserve(shmrt_producer *p, uint64_t nbytes);
+/* End the message: release-store head into the head word. */
+int shmrt_publish(shmrt_producer *p);
 
 /* ---- the enclave's rows (shmrt_rows.c): one decode step's residual and RMSNorm in one pass */
 

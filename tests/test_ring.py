@@ -49,6 +49,33 @@ def test_tensor_larger_than_ring_is_a_clear_error():
             ring.producer.reserve(1 << 13, timeout=0.1)
 
 
+def test_a_closed_rings_producer_refuses_instead_of_touching_the_unmapped_header():
+    """The producer's state lives in the C helper and points into the mapping: close() detaches it first, so a
+    reservation or publish after it is a clear error, never a write to unmapped memory."""
+    ring = Ring.create(1 << 12, "req")
+    ring.producer.reserve(100, timeout=0.1)
+    ring.close()
+    with pytest.raises(ProtocolError, match="outside the mapped buffer"):
+        ring.producer.publish()
+    with pytest.raises(ProtocolError, match="outside the mapped buffer"):
+        ring.producer.reserve(100, timeout=0.1)
+
+
+def test_a_tail_word_behind_the_last_one_seen_is_detected():
+    """The consumer's tail may only grow: one that moves back (a scribble) is refused, as one past the head is."""
+    with Ring.create(1 << 12, "req") as ring:
+        peer_tail = 0
+        for _ in range(3):
+            ring.producer.reserve(100, timeout=0.1)
+            peer_tail = ring.producer.publish()
+            ring.native.store(OFF_TAIL, peer_tail)
+        ring.producer.reserve(100, timeout=0.1)   # loads and keeps the tail
+        ring.producer.publish()
+        ring.native.store(OFF_TAIL, peer_tail - 64)
+        with pytest.raises(ProtocolError, match=f"consumer tail {peer_tail - 64} outside"):
+            ring.producer.reserve(100, timeout=0.1)
+
+
 def test_corrupted_tail_word_is_detected():
     with Ring.create(1 << 12, "req") as ring:
         ring.producer.reserve(100, timeout=0.1)

@@ -166,12 +166,12 @@ class NativeBell:
         self.words = ffi.new("uint64_t[]", RECORD_WORDS)
         self._out = ffi.new("uint64_t[2]")
 
-    def post(self, words: list[int]) -> tuple[bool, int]:
-        """Encode `words` (header words then descriptors' words; no text) into the slot and ring it: (whether the
+    def post(self, words: list[int], text: bytes = b"") -> tuple[bool, int]:
+        """Encode `words` (header words then descriptors' words) and `text` into the slot and ring it: (whether the
         consumer sleeps on ZeroMQ, the record's bytes)."""
         self.words[0:len(words)] = words
         out = self._out
-        _check_rc(lib.shmrt_bell_post_words(self.c, self.words, b"", 0, out, out + 1), "posting a doorbell")
+        _check_rc(lib.shmrt_bell_post_words(self.c, self.words, text, len(text), out, out + 1), "posting a doorbell")
         return out[0] != 0, int(out[1])
 
     def take(self, expect_seq: int, expect_method: int) -> int:
@@ -210,6 +210,45 @@ class NativeBell:
         length = self.c.taken_length
         fits = length <= self.c.record_cap and length <= self.c.slot_cap - 8
         return self.c.taken_seq, length, ffi.buffer(self._record, length)[:] if fits else None
+
+
+# ---- a ring's producer in C (ring.py drives it and words its refusals: it knows the ring)
+
+RESERVE_WAIT, RESERVE_TOO_LARGE, RESERVE_BAD_TAIL = lib.SHMRT_E_WAIT, lib.SHMRT_E_TOO_LARGE, lib.SHMRT_E_TAIL
+RESERVE_ALIGNMENTS = (lib.SHMRT_SMALL_ALIGN, lib.SHMRT_LARGE_ALIGN, lib.SHMRT_LARGE_TENSOR)   # ring.py's, asserted there
+
+
+class NativeProducer:
+    """A ring's producer state as the C helper keeps it (shmrt_producer, shmrt_ring.c): one C call a reservation,
+    one a publish. `c` is the struct (its fields are the state: head, known_tail, floor, published, seen_tail,
+    released, ...). The mapping must outlive it: `detach()` before the mapping goes, after which every call is
+    refused (SHMRT_E_BOUNDS) instead of touching unmapped memory."""
+
+    def __init__(self, buf: MappedBuffer, *, capacity: int, head_off: int, tail_off: int, starts: tuple[int, ...],
+                 laps_until: int):
+        assert 1 <= len(starts) <= 2, starts
+        p = ffi.new("shmrt_producer *")
+        p.base, p.base_len, p.capacity, p.head_off, p.tail_off = buf._buf, buf.nbytes, capacity, head_off, tail_off
+        p.starts = list(starts) + [0] * (2 - len(starts))
+        p.n_starts, p.laps_until = len(starts), laps_until
+        self.c = p
+        self._buf = buf._buf   # the cdata the struct points into: alive as long as this is
+
+    def reserve(self, nbytes: int) -> int:
+        """The data offset of `nbytes` reserved (>= 0), or RESERVE_WAIT, RESERVE_TOO_LARGE, RESERVE_BAD_TAIL."""
+        at = lib.shmrt_reserve(self.c, nbytes)
+        if at < 0 and at not in (RESERVE_WAIT, RESERVE_TOO_LARGE, RESERVE_BAD_TAIL):
+            _check_rc(at, "reserving ring space")
+        return at
+
+    def publish(self) -> None:
+        rc = lib.shmrt_publish(self.c)
+        if rc:
+            _check_rc(rc, "publishing a message")
+
+    def detach(self) -> None:
+        self.c.base, self.c.base_len = ffi.NULL, 0
+        self._buf = None
 
 
 # ---- waiting for words another process writes (the shared-memory doorbell, bell.py)

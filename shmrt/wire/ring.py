@@ -88,7 +88,8 @@ import torch
 
 from ..errors import ProtocolError, RingFull, SetupError, TensorTooLarge
 from ..units import format_bytes, format_bytes_alike
-from .native import MappedBuffer, fault_program, guard_mapping, unguard_mapping
+from .native import (RESERVE_ALIGNMENTS, RESERVE_BAD_TAIL, RESERVE_WAIT, MappedBuffer, NativeProducer, fault_program, guard_mapping,
+                     unguard_mapping)
 
 MAGIC = b"SHMRTRNG"
 LAYOUT_VERSION = 2  # 2: the doorbell words and slot in the header
@@ -105,6 +106,7 @@ _FIXED = struct.Struct("<8sIIQQQ")  # magic, version, header bytes, capacity, ow
 SMALL_ALIGN = 64
 LARGE_ALIGN = PAGE_BYTES
 LARGE_TENSOR = 1 << 20  # tensors from 1 MiB up start on a page boundary (DMA-friendly)
+assert RESERVE_ALIGNMENTS == (SMALL_ALIGN, LARGE_ALIGN, LARGE_TENSOR), "the C producer's alignments are not ring.py's"
 VIEWS_KEPT = 256  # views a ring keeps for reuse (tensor()); past that it starts over
 # Positions grow by a whole lap per message that starts one: from here on messages follow each other again, so
 # positions (u64 on the wire) keep growing by bytes only (a 1 TiB ring would reach 2**64 after 2**24 laps)
@@ -253,6 +255,7 @@ class Ring:
         self._closed = True
         if self._guard is not None:
             unguard_mapping(self._guard)
+        self.producer.detach()
         self.native.release()
         self._typed.clear()
         self._views.clear()
@@ -347,113 +350,59 @@ def unlink_segment(name: str) -> bool:
 
 
 class Producer:
-    """Reserves space for messages. State is private; only `tail` is read from shared memory."""
+    """Reserves space for messages, in the C helper (native.NativeProducer, native/shmrt_ring.c: one call a
+    reservation, one a publish; the rules are this module's docstring's). State is private; only `tail` is read
+    from shared memory, once per decision, and validated against it there. This class words the refusals."""
 
     def __init__(self, ring: Ring):
         self.ring = ring
-        self.head = 0        # private: bytes ever reserved
-        self.known_tail = 0  # private: last validated tail
-        self.floor = 0       # private: where the last message that found the ring empty began (a lap start)
-        self.published = 0   # private: head at the last publish; a consumer cannot have released past it
-        self._in_message = False  # a tensor of the message being built was reserved (publish() ends it)
-        self._message_start = 0   # where the message being built begins
-        self._next_start = 0      # which of the ring's lap starts (data offsets) such a message goes to next
+        self._native = NativeProducer(ring.native, capacity=ring.capacity, head_off=OFF_HEAD, tail_off=OFF_TAIL,
+                                      starts=ring.lap_starts, laps_until=LAPS_UNTIL)
+        self._state = self._native.c   # head, known_tail, floor, published, ...: the C struct's fields
 
-    def _load_tail(self) -> int:
-        tail = self.ring.native.load(OFF_TAIL)  # one load, validated before any use
-        if not (self.known_tail <= tail <= self.published):   # never past what was published: a message being
-            raise ProtocolError(                                  # built is not the consumer's to release
-                f"ring {self.ring.name}: consumer tail {tail} outside [{self.known_tail}, {self.published}] "
-                "(peer corrupted the ring header)")
-        self.known_tail = tail
-        return tail
-
-    def _released_to(self) -> int:
-        """The position up to which the ring is free: the consumer's tail, or the lap this producer jumped to."""
-        return max(self._load_tail(), self.floor)
-
-    def free_bytes(self) -> int:
-        return self.ring.capacity - (self.head - self._released_to())
-
-    def _placement(self, nbytes: int, alignment: int) -> tuple[int, int]:
-        """(position where the allocation starts, its data offset), skipping to the next lap if needed."""
-        cap = self.ring.capacity
-        lap_offset = self.head % cap
-        offset = align_up(lap_offset, alignment)
-        if offset + nbytes > cap:
-            return self.head + (cap - lap_offset), 0
-        return self.head + (offset - lap_offset), offset
-
-    def _begin_message(self, nbytes: int, alignment: int) -> bool:
-        """The first reservation of a message (its first tensor: `nbytes`): an empty ring starts it at the next of
-        its lap starts (`_to_lap_start`). True if the ring was empty."""
-        self._in_message = True
-        self._message_start = self.head
-        if self.head < LAPS_UNTIL and self._load_tail() == self.head:
-            self._to_lap_start(nbytes, alignment)
-            return True
-        return False
-
-    def _to_lap_start(self, nbytes: int, alignment: int) -> None:
-        """Every byte released: move head to the next lap start, or to the lap's beginning where the first tensor
-        would not fit between the half and the end (an empty ring holds any tensor up to its capacity; the half is
-        then still next, so only this message shares its start with the one before)."""
-        cap = self.ring.capacity
-        starts = self.ring.lap_starts
-        target = starts[self._next_start]
-        if align_up(target, alignment) + nbytes > cap:
-            target = 0
-        else:
-            self._next_start = (self._next_start + 1) % len(starts)
-        self.head = self.floor = self._message_start = self.head + (target - self.head % cap) % cap
+    # the state (read by the transport and by tests; tests also set it)
+    head = property(lambda self: self._state.head, lambda self, v: setattr(self._state, "head", v))
+    known_tail = property(lambda self: self._state.known_tail, lambda self, v: setattr(self._state, "known_tail", v))
+    published = property(lambda self: self._state.published, lambda self, v: setattr(self._state, "published", v))
+    floor = property(lambda self: self._state.floor)
 
     def reserve(self, nbytes: int, *, timeout: float, what: str = "tensor") -> int:
         """Reserve `nbytes` and return its data offset; waits for the consumer up to `timeout` s."""
-        cap = self.ring.capacity
-        alignment = alignment_for(nbytes)
-        if nbytes > cap:
-            need, have = format_bytes_alike(nbytes, cap)
-            raise TensorTooLarge(
-                f"{what} of {need} does not fit ring {self.ring.name} of {have}: pass a larger --ring-mib")
-        # A message that found the ring empty has all of it from its lap start (the tail was loaded just now)
-        found_empty = not self._in_message and self._begin_message(nbytes, alignment)
-        deadline = None
+        offset = self._native.reserve(nbytes)
+        return offset if offset >= 0 else self._refused(offset, nbytes, timeout, what)
+
+    def _refused(self, answer: int, nbytes: int, timeout: float, what: str) -> int:
+        """What a reservation that did not fit at once comes to: a wait for the consumer (up to `timeout`), then
+        the offset; or the refusal, worded."""
+        deadline = time.monotonic() + timeout
         delay = 1e-6
-        while True:
-            start, offset = self._placement(nbytes, alignment)
-            end = start + nbytes
-            released = self.floor if found_empty else self._released_to()
-            found_empty = False
-            if end - released <= cap:
-                self.head = end
-                return offset
-            if released >= self._message_start:
-                # Nothing but this message is left in the ring: waiting cannot make room. Its first tensor, which
-                # found the ring in use and saw it empty while it waited, starts over at a lap start.
-                if self.head == self._message_start and self.floor != self.head and self.head < LAPS_UNTIL:
-                    self._to_lap_start(nbytes, alignment)
-                    continue
-                need, have = format_bytes_alike(nbytes, cap)
-                raise TensorTooLarge(
-                    f"{what} of {need} plus the rest of its message does not fit ring "
-                    f"{self.ring.name} of {have}: pass a larger --ring-mib")
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + timeout
-            elif now >= deadline:
-                have, need = format_bytes_alike(cap - (self.head - released), nbytes)
-                raise RingFull(
-                    f"ring {self.ring.name} stayed full for {timeout:.1f} s ({have} free, "
-                    f"{need} needed): the consumer is not releasing")
+        while answer == RESERVE_WAIT:
+            if time.monotonic() >= deadline:
+                have, need = format_bytes_alike(self.ring.capacity - (self.head - self._state.released), nbytes)
+                raise RingFull(f"ring {self.ring.name} stayed full for {timeout:.1f} s ({have} free, {need} needed): "
+                               "the consumer is not releasing")
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
+            answer = self._native.reserve(nbytes)
+        if answer >= 0:
+            return answer
+        if answer == RESERVE_BAD_TAIL:
+            raise ProtocolError(f"ring {self.ring.name}: consumer tail {self._state.seen_tail} outside "
+                                f"[{self.known_tail}, {self.published}] (peer corrupted the ring header)")
+        need, have = format_bytes_alike(nbytes, self.ring.capacity)
+        if nbytes > self.ring.capacity:
+            raise TensorTooLarge(f"{what} of {need} does not fit ring {self.ring.name} of {have}: pass a larger --ring-mib")
+        raise TensorTooLarge(f"{what} of {need} plus the rest of its message does not fit ring {self.ring.name} of "
+                             f"{have}: pass a larger --ring-mib")
 
     def publish(self) -> int:
         """Release-store head after the data is written; returns the message's end position."""
-        self._in_message = False
-        self.published = self.head
-        self.ring.native.store(OFF_HEAD, self.head)
-        return self.head
+        self._native.publish()
+        return self._state.head
+
+    def detach(self) -> None:
+        """The mapping goes (Ring.close): from here on every call is refused, none touches it."""
+        self._native.detach()
 
 
 class Consumer:
