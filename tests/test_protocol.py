@@ -213,3 +213,43 @@ def test_a_reply_encoded_ahead_and_finished_is_the_reply_encoded_after(doorbell,
     bell = protocol.decode(records[0], capacity=1 << 16)
     assert bell.work_ns == 4242 and bell.ring_end == heads[0] and len(bell.tensors) == 3
     assert text.startswith(bell.text) and (bell.text == text or doorbell == "shm")
+
+
+@pytest.mark.parametrize("text", ["", "short", "é" * 3000])
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_rung_reply_posted_by_the_c_encoder_is_the_record_python_encodes(text, ahead):
+    """A reply to a request rung through the ring goes back as words the C helper encodes into the slot
+    (shm_transport.RungReply): byte for byte the record protocol.encode makes of the same reply (descriptors of
+    every rank, the text cut to the slot on a character boundary, the work time written after, as finish_reply
+    does for a CUDA daemon)."""
+    from shmrt.wire.bell import BellOut
+    from shmrt.wire.ring import OFF_BELL_SEQ, OFF_BELL_SLOT, Ring
+    from shmrt.wire.shm_transport import RungReply, ShmServerSession
+    from shmrt.wire.transport import Request
+    records = []
+    for rung in (True, False):
+        with Ring.create(1 << 16, "rsp") as ring:
+            session = ShmServerSession(b"k" * 16)
+            session.rsp = ring
+            session.bell_out = BellOut(ring, session.token)
+            builder = session.reply_builder()
+            builder.alloc((3, 5), torch.float32)
+            builder.alloc((), torch.int64)
+            builder.alloc_joined([(1, 1, 64), (1, 1, 16)], torch.bfloat16)
+            builder.alloc((2, 1, 1, 1, 1, 3), torch.float16)
+            request = Request("BatchLinear", 9, rung=rung)
+            if ahead:
+                reply = session.finish_reply(session.encode_reply_ahead(request, builder, text), 4242)
+            else:
+                reply = session.encode_reply(request, builder, work_ns=4242, text=text)
+            assert (type(reply) is RungReply) == rung
+            session.post_reply(reply)
+            length = ring.native.load(OFF_BELL_SLOT)
+            records.append(bytes(ring.mapping[OFF_BELL_SLOT + 8:OFF_BELL_SLOT + 8 + length]))
+            assert ring.native.load(OFF_BELL_SEQ) == 9
+            session.rsp = session.bell_out = None
+    assert records[0] == records[1]
+    bell = protocol.decode(records[0], capacity=1 << 16)
+    assert bell.work_ns == 4242 and bell.seq == 9 and bell.method == protocol.Method.BatchLinear
+    assert [d.shape for d in bell.tensors] == [(3, 5), (), (1, 1, 64), (1, 1, 16), (2, 1, 1, 1, 1, 3)]
+    assert text.startswith(bell.text) and len(bell.text) > 0 if text else bell.text == ""

@@ -67,6 +67,12 @@ class BellOut:
         (whether the consumer sleeps on ZeroMQ, the record's bytes)."""
         return self._native.post(protocol.to_words(method, seq, layer, op, pos, ring_end, tensors))
 
+    def post_words(self, words: list[int], text: bytes) -> bool:
+        """Encode a record from its words (protocol.to_words' layout; the token is this session's) and its text
+        straight into the slot and publish it, in one C call; True if the consumer sleeps on ZeroMQ."""
+        assert len(text) <= MAX_RECORD - protocol.encoded_size(words[8]), len(text)
+        return self._native.post(words, text)[0]
+
 
 class BellIn:
     """The consumer's side of one ring's doorbell: the last seq it took, and the word to wait on. Records of the

@@ -304,6 +304,7 @@ def _checked_descriptor(i: int, data: bytes, capacity: int) -> TensorDesc:
 WORD_MASK = (1 << 64) - 1
 HEAD_WORDS = 10   # method, flags, seq, layer, op, pos, ring_end, work_ns, ntensors, text_len (native.py checks
 DESC_WORDS = 10   # these against the C header): then per tensor offset, nbytes, dtype code, ndim, MAX_NDIM dims
+WORK_NS_WORD = 7  # where work_ns lies among the header words
 
 
 def to_words(method: int, seq: int, layer: int, op: int, pos: int, ring_end: int, tensors) -> list[int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import NamedTuple
 
 import torch
 import zmq
@@ -71,6 +72,15 @@ def encode_error(token: bytes, seq: int, message: str, max_record: int | None = 
 def encode_refusal(message: str) -> bytes:
     """An Error reply to seq 1 for a client that has no session (so no token of ours to echo)."""
     return encode_error(b"\0" * protocol.TOKEN_BYTES, 1, message)
+
+
+class RungReply(NamedTuple):
+    """The reply to a request rung through the ring's doorbell: its record as words (protocol.to_words) and its
+    text, encoded straight into the response ring's slot and published in one C call (`post_reply`), as the
+    client posts its requests."""
+
+    words: list[int]
+    text: bytes
 
 
 def ring_view(ring: Ring, desc: TensorDesc) -> torch.Tensor:
@@ -382,7 +392,7 @@ class ShmServerSession(ServerSession):
             self.expect_seq += 1
             views, release = accept_views(self.req, payload.ring_end, payload.tensors)
             return Request(payload.method.name, payload.seq, payload.layer, payload.op, payload.pos, views,
-                           payload.text, release)
+                           payload.text, release, rung=True)
         if protocol.peek_method(payload) == Method.Wake:
             return self._wake(payload)
         capacity = self.req.capacity if self.req is not None else 0
@@ -428,10 +438,13 @@ class ShmServerSession(ServerSession):
         copy for `decode`; None if nothing was rung."""
         return self.bell_in.take_checked(self.expect_seq)
 
-    def post_reply(self, payload: bytes) -> None:
+    def post_reply(self, payload: bytes | RungReply) -> None:
         """Ring `payload` (a reply or an Error we encoded) in the response ring under its own seq, the one
         the client waits for. The client never sleeps on ZeroMQ: no Wake to send."""
-        self.bell_out.post(payload, int.from_bytes(payload[8:16], "little"))
+        if type(payload) is RungReply:
+            self.bell_out.post_words(payload.words, payload.text)
+        else:
+            self.bell_out.post(payload, int.from_bytes(payload[8:16], "little"))
 
     def sleep(self, asleep: bool) -> bool:
         """Tell the client we sleep on ZeroMQ (or no longer); True if a request bell is waiting."""
@@ -444,23 +457,34 @@ class ShmServerSession(ServerSession):
         ring_end = self.rsp.producer.publish() if self.rsp is not None and not request.control else 0
         return self._reply(request, builder, ring_end, work_ns, text)
 
-    def _reply(self, request: Request, builder: ShmReplyBuilder | None, ring_end: int, work_ns: int, text: str) -> bytes:
-        descs = tuple(builder.descs) if builder else ()
+    def _reply(self, request: Request, builder: ShmReplyBuilder | None, ring_end: int, work_ns: int, text: str
+               ) -> bytes | RungReply:
+        """The reply's record: bytes, or - a request rung through the ring - its words for the C encoder."""
+        descs = builder.descs if builder else ()
         if text and self.bell_out is not None:
             text = fit_text(text, MAX_RECORD - protocol.encoded_size(len(descs)))
+        if request.rung and self.bell_out is not None:
+            words = protocol.to_words(Method[request.method], request.seq, -1, 0, 0, ring_end, descs)
+            words[protocol.WORK_NS_WORD] = work_ns
+            return RungReply(words, text.encode("utf-8") if text else b"")
         return protocol.encode(Doorbell(Method[request.method], request.seq, self.token, ring_end=ring_end,
-                                        work_ns=work_ns, tensors=descs, text=text))
+                                        work_ns=work_ns, tensors=tuple(descs), text=text))
 
-    def encode_reply_ahead(self, request: Request, builder: ShmReplyBuilder, text: str = "") -> tuple[bytearray, int]:
+    def encode_reply_ahead(self, request: Request, builder: ShmReplyBuilder, text: str = ""
+                           ) -> tuple[bytearray | RungReply, int]:
         """The reply names offsets in the response ring, which its reservations fixed: encoded while a device
         may still be copying results there. `finish_reply` publishes the ring's head once they are written."""
         ring_end = self.rsp.producer.head
-        return bytearray(self._reply(request, builder, ring_end, 0, text)), ring_end
+        reply = self._reply(request, builder, ring_end, 0, text)
+        return (reply if type(reply) is RungReply else bytearray(reply)), ring_end
 
-    def finish_reply(self, ahead: tuple[bytearray, int], work_ns: int) -> bytes:
+    def finish_reply(self, ahead: tuple[bytearray | RungReply, int], work_ns: int) -> bytes | RungReply:
         record, ring_end = ahead
         published = self.rsp.producer.publish()
         assert published == ring_end, (published, ring_end)   # nothing reserved between the two
+        if type(record) is RungReply:
+            record.words[protocol.WORK_NS_WORD] = work_ns
+            return record
         protocol.set_work_ns(record, work_ns)
         return bytes(record)
 

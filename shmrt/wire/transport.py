@@ -255,6 +255,7 @@ class Request:
     on_release: object = None  # callable: hands the request's ring space back to the client
     control: bool = False  # session control the transport acted on itself (shm's Attach): no handler
     answer: bool = True    # False: nothing goes back (shm's Wake)
+    rung: bool = False     # it came through a shared-memory doorbell, checked in C: its reply goes back that way
 
     def release(self) -> None:
         """The server is done with the request's memory; its views are gone from here on."""
@@ -327,8 +328,9 @@ class ServerSession:
         it already), or None."""
         return None
 
-    def post_reply(self, payload: bytes) -> None:
-        """Send the reply to a request that came through `take_bell` the same way."""
+    def post_reply(self, payload) -> None:
+        """Send the reply to a request that came through `take_bell` the same way (what `encode_reply`,
+        `finish_reply` or `encode_error` made of it)."""
         raise NotImplementedError
 
     def sleep(self, asleep: bool) -> bool:
