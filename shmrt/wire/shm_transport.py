@@ -115,7 +115,10 @@ def describe_input(ring: Ring, t: torch.Tensor, staged: TensorDesc | None, wire_
         if staged.nbytes == t.numel() * t.element_size():
             return TensorDesc(staged.offset, staged.nbytes, t.dtype, tuple(t.shape)), 0  # a view of it, any shape
     dtype = wire_dtype if wire_dtype is not None and t.is_floating_point() else t.dtype
-    t = t.detach().cpu()
+    if t.requires_grad:   # (each of these makes a tensor object: ~1 us of a call's few)
+        t = t.detach()
+    if not t.is_cpu:
+        t = t.cpu()
     nbytes = t.numel() * dtype.itemsize
     offset = ring.producer.reserve(nbytes, timeout=timeout)
     desc = TensorDesc(offset, nbytes, dtype, tuple(t.shape))

@@ -68,6 +68,8 @@ class Caller:
     def __init__(self):
         self.observers: list = []  # called with each RPC's CallStats
         self._pending: PendingRequest | None = None
+        self._no_request = PendingRequest(self._alloc_input, self._in_request_memory)
+        self._no_request.seal()
 
     def request(self, dtype: torch.dtype = torch.float32) -> PendingRequest:
         """Open the inputs of the next call; the next `call()` sends and seals them."""
@@ -85,8 +87,8 @@ class Caller:
     def _claim_inputs(self, method: str, tensors) -> list:
         """Each input's staged record (or None: memory of the caller's, copied in); seals the request."""
         pending, self._pending = self._pending, None
-        if pending is None:
-            pending = PendingRequest(self._alloc_input, self._in_request_memory)
+        if pending is None:   # no request opened: a sealed one stages nothing and refuses request-ring views alike
+            pending = self._no_request
         try:
             return [pending.claim(t, method) for t in tensors]
         finally:
