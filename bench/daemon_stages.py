@@ -3,6 +3,10 @@ instrumented (the shm session's take, decode, reply and post, the handler's hand
 each stamped as it returns), and a client process decodes three rounds; the last round's decode calls are reported.
 
     PYTHONPATH=. python bench/daemon_stages.py llama3.2-1b cuda 1024 49      # model device prompt tokens
+    PYTHONPATH=. python bench/daemon_stages.py echo cpu 4096 20000           # the micro suite's 4 KiB echo calls
+
+With `echo` the daemon is the micro suite's (EchoHandler) and the client makes rounds of round trips of `prompt`
+bytes (`tokens` a round) instead of decoding.
 
 Stages per call (us, medians over the decode phase, by method):
   take     C take + check of the bell record (+ from_words)
@@ -27,6 +31,7 @@ import shmrt.host.server as srv
 import shmrt.wire.shm_transport as st
 from shmrt.host.compute import LinearCompute
 from shmrt.host.daemon import ModelHandler
+from shmrt.host.handler import EchoHandler
 from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import model_digest, resolve_model
 from shmrt.wire.native import now_ns
@@ -90,22 +95,32 @@ stamp(st.ShmServerSession, "encode_reply_ahead", "t_ahead")    # CUDA only: else
 stamp(st.ShmServerSession, "finish_reply", "t_finished")       # CUDA
 stamp(st.ShmServerSession, "encode_reply", "t_finished")       # elsewhere
 
-source = resolve_model(model, None, 0)
-w = load_weights(source, dtype=torch.float32, device=device)
-handler = ModelHandler(LinearCompute(w, device, torch.float32), model, model_digest(source), log=print)
-orig_handle = handler.handle
-
-
-def handle(request, builder, session, settle=True):
-    cur["method"] = request.method + (f" {request.op}" if request.method == "BatchLinear" else "")
-    return orig_handle(request, builder, session, settle)
-
-
-handler.handle = handle
-stamp(handler, "handle", "t_handled")
-stamp(handler, "settle", "t_settled")
 ep = f"ipc:///tmp/ds-{os.getpid()}.sock"
-client_code = f"""
+if model == "echo":   # the micro suite's calls: an echo daemon, `prompt` bytes a round trip, `tokens` round trips a round
+    handler, skipped = EchoHandler(), 0
+    client_code = f"""
+import torch, time
+from shmrt.wire.peer import client_info
+from shmrt.wire.registry import client_transport
+t = client_transport("shm", {ep!r}, timeout=60, doorbell="shm")
+t.hello(client_info())
+t.open_session(4 << 20)
+t.call("Init").release()
+x = torch.randn({prompt} // 4)
+for r in range(3):
+    start = time.monotonic_ns()
+    for _ in range({tokens}):
+        t.call("Matmul", [x]).release()
+    print(f"round {{r}}: {{(time.monotonic_ns() - start) / {tokens} / 1e3:.1f}} us a round trip", flush=True)
+    print("MARK", flush=True)
+t.close()
+"""
+else:
+    source = resolve_model(model, None, 0)
+    w = load_weights(source, dtype=torch.float32, device=device)
+    handler = ModelHandler(LinearCompute(w, device, torch.float32), model, model_digest(source), log=print)
+    skipped = 2 + 4 * w.cfg.num_hidden_layers   # a round's prefill calls (Embedding, four a layer, LMHead)
+    client_code = f"""
 import torch, time
 from shmrt.enclave.client import EnclaveClient
 from shmrt.enclave.generate import Sampler, generate
@@ -119,6 +134,17 @@ with EnclaveClient(endpoint={ep!r}, model={model!r}, transport="shm", timeout=60
         print(f"round {{r}}: decode {{g.decode_s/({tokens}-1)*1e3:.2f}} ms/token", flush=True)
         print("MARK", flush=True)
 """
+orig_handle = handler.handle
+
+
+def handle(request, builder, session, settle=True):
+    cur["method"] = request.method + (f" {request.op}" if request.method == "BatchLinear" else "")
+    return orig_handle(request, builder, session, settle)
+
+
+handler.handle = handle
+stamp(handler, "handle", "t_handled")
+stamp(handler, "settle", "t_settled")
 with torch.inference_mode(), srv.Server(ep, handler, log=lambda m: None) as server:
     proc = subprocess.Popen([sys.executable, "-c", client_code], stdout=subprocess.PIPE, text=True)
     marks = []
@@ -127,11 +153,15 @@ with torch.inference_mode(), srv.Server(ep, handler, log=lambda m: None) as serv
             print(line.rstrip(), flush=True)
             if line.startswith("MARK"):
                 marks.append(len(rec))
-    threading.Thread(target=reader, daemon=True).start()
+    lines = threading.Thread(target=reader, daemon=True)
+    lines.start()
     server.serve(until=lambda: proc.poll() is not None)
-# the last round's decode calls: past its prefill's (Embedding, four a layer with the fewest calls, LMHead)
-start = marks[-2] if len(marks) >= 2 else 0
-calls = rec[start:][2 + 4 * w.cfg.num_hidden_layers:]
+    lines.join(10)
+if model == "echo":   # the last round's calls: its `tokens` round trips, the last rung (Close travels over ZeroMQ)
+    calls = rec[-tokens:]
+else:                 # the last round's decode calls: past its prefill's (`skipped`)
+    start = marks[-2] if len(marks) >= 2 else 0
+    calls = rec[start:][skipped:]
 by = collections.defaultdict(lambda: collections.defaultdict(list))
 for i, c in enumerate(calls):
     if "t_settled" not in c:

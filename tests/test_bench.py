@@ -124,7 +124,7 @@ def _table(stdout: str, header: str) -> dict[str, list[str]]:
     rows = {}
     for line in lines[start + 1:]:
         words = line.split()
-        if words and words[0] in ("AttentionOutput", "AttentionScores", "BatchLinear", "Embedding", "LMHead"):
+        if words and words[0] in ("AttentionOutput", "AttentionScores", "BatchLinear", "Embedding", "LMHead", "Matmul"):
             name = " ".join(words[:2]) if words[0] == "BatchLinear" else words[0]
             rows[name] = words
     return rows
@@ -132,7 +132,7 @@ def _table(stdout: str, header: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_the_daemon_stage_probe_follows_todays_server_and_times_every_decode_call():
-    """bench/daemon_stages.py restates the server's serving step with timestamps: a real split (a daemon here, a client
+    """bench/daemon_stages.py stamps the server's serving steps by wrapping them: a real split (a daemon here, a client
     process), every kind of decode call in its table with its stages."""
     out = subprocess.run([sys.executable, "bench/daemon_stages.py", "tiny", "cpu", "16", "6"], capture_output=True,
                          text=True, check=True, timeout=240, env={**os.environ, "PYTHONPATH": "."})
@@ -142,6 +142,16 @@ def test_the_daemon_stage_probe_follows_todays_server_and_times_every_decode_cal
     for name, words in rows.items():
         calls, *stages = words[2:] if name.startswith("BatchLinear") else words[1:]
         assert int(calls) > 0 and all(float(v) >= 0 for v in stages) and float(stages[2]) > 0, (name, words)
+
+
+def test_the_daemon_stage_probe_times_the_micro_suites_echo_calls():
+    """Its `echo` mode: the micro suite's echo daemon, a client making 4 KiB round trips; the last round's every call."""
+    out = subprocess.run([sys.executable, "bench/daemon_stages.py", "echo", "cpu", "4096", "300"], capture_output=True,
+                         text=True, check=True, timeout=120, env={**os.environ, "PYTHONPATH": "."})
+    rows = _table(out.stdout, "method")
+    assert set(rows) == {"Matmul"}, out.stdout
+    calls, *stages = rows["Matmul"][1:]
+    assert int(calls) == 300 and all(float(v) >= 0 for v in stages) and float(stages[2]) > 0, rows
 
 
 def test_the_graph_route_probe_times_the_handler_on_every_decode_call():
