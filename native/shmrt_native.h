@@ -7,7 +7,7 @@
  * truth for the ABI.
  *
  * Return codes (mapped in shmrt/wire/native.py, nowhere else: errors to exceptions; TIMEOUT, SLOW, NONE, WAIT,
- * TOO_LARGE and TAIL are answers their callers act on: ring.py words the last two, it knows the ring):
+ * TOO_LARGE and TAIL are answers their callers act on: ring.py words the last three, it knows the ring):
  *   SHMRT_OK             0  done
  *   SHMRT_E_BOUNDS      -1  [offset, offset+n) does not lie inside the buffer
  *   SHMRT_E_ALIGN       -2  a header word is not 8-byte aligned
@@ -198,7 +198,7 @@ typedef struct {
 } shmrt_producer;
 
 /* Reserve nbytes for the message being built (its first reservation begins it): returns their data offset (>= 0; */
-/* capacities are at most 2**40), or SHMRT_E_WAIT (full now: call again later), SHMRT_E_TOO_LARGE, SHMRT_E_TAIL, */
+/* an offset is below the capacity), or SHMRT_E_WAIT (full now: call again later), SHMRT_E_TOO_LARGE, SHMRT_E_TAIL, */
 /* or SHMRT_E_BOUNDS (unmapped). */
 int64_t shmrt_reserve(shmrt_producer *p, uint64_t nbytes);
 /* End the message: release-store head into the head word. */

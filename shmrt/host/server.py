@@ -241,10 +241,10 @@ class Server:
         self.sessions[identity] = session
         return transport.encode_reply(Request("Hello", 1), None, text=json.dumps(self.handler.hello()))
 
-    def _serve(self, session: Session, payload) -> tuple[bytes | None, str | None]:
+    def _serve(self, session: Session, payload) -> tuple[object | None, str | None]:
         """One request of an open session (its bytes, or what the transport's `take_bell` decoded of them) ->
         (the reply or None, why to drop the session or None). The caller sends the reply the way the request
-        came, then drops."""
+        came (bytes over ZeroMQ; `post_reply` takes what a rung request's reply was encoded as), then drops."""
         transport = session.transport
         seq = transport.expect_seq
         request = None

@@ -5,8 +5,8 @@ session control (Hello, Attach, Close, errors outside a call) and wakes a daemon
 Per ring (ring.py's header: `bell seq`, `asleep`, the bell slot), the ring's producer rings and its
 consumer answers the door:
 
-  post (producer)   write [length u64][record] into the slot (a client's request is encoded there, in C,
-                    from its fields), release-store the record's seq into `bell seq`, full fence, load
+  post (producer)   write [length u64][record] into the slot (a client's request, and the daemon's reply to
+                    one rung this way, is encoded there, in C, from its fields), release-store the record's seq into `bell seq`, full fence, load
                     the consumer's `asleep` word: 1 means send a Wake over ZeroMQ (the consumer is
                     blocked there).
   take (consumer)   acquire-load `bell seq`; unchanged: nothing new. Else copy the length and then the
@@ -51,7 +51,7 @@ class BellOut:
     """The producer's side of one ring's doorbell."""
 
     def __init__(self, ring: Ring, token: bytes):
-        """`token`: the session's, which `post_call` writes into each record."""
+        """`token`: the session's, which `post_call` and `post_words` write into each record."""
         self.ring = ring
         self._native = NativeBell(ring.native, _CODEC, seq_off=OFF_BELL_SEQ, slot_off=OFF_BELL_SLOT,
                                   slot_cap=BELL_SLOT_BYTES, flag_off=OFF_ASLEEP, token=token)

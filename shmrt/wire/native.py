@@ -151,7 +151,7 @@ def record_codec(magic: bytes, version: int, rpc_codes, itemsizes: dict[int, int
 class NativeBell:
     """One side of one ring's doorbell as the C helper sees it (shmrt_bell): set up once, then one C call a
     post (`post`) or a take (`take`, `await_record`). `words` holds the record a take checked (RECORD_WORDS,
-    the header's layout) or the one a post encodes. The mapping must outlive it (bell.py drops it first)."""
+    the header's layout). The mapping must outlive it (bell.py drops it first)."""
 
     def __init__(self, buf: MappedBuffer, codec, *, seq_off: int, slot_off: int, slot_cap: int, flag_off: int = 0,
                  token: bytes = bytes(16), capacity: int = 0, record_cap: int = 0):
@@ -170,7 +170,8 @@ class NativeBell:
     def post(self, words: list[int], text: bytes = b"") -> tuple[bool, int]:
         """Encode `words` (header words then descriptors' words) and `text` into the slot and ring it: (whether the
         consumer sleeps on ZeroMQ, the record's bytes)."""
-        assert len(words) == HEAD_WORDS + DESC_WORDS * words[8], len(words)   # C reads exactly these
+        if len(words) != HEAD_WORDS + DESC_WORDS * words[8]:   # C reads exactly these (a temporary array of them)
+            raise ValueError(f"a record of {words[8]} tensors is {HEAD_WORDS + DESC_WORDS * words[8]} words, got {len(words)}")
         out = self._out   # (the list goes to C as a temporary array: a slice into `words` first cost ~1 us more)
         _check_rc(lib.shmrt_bell_post_words(self.c, words, text, len(text), out, self._length), "posting a doorbell")
         return out[0] != 0, out[1]
@@ -222,8 +223,8 @@ RESERVE_ALIGNMENTS = (lib.SHMRT_SMALL_ALIGN, lib.SHMRT_LARGE_ALIGN, lib.SHMRT_LA
 class NativeProducer:
     """A ring's producer state as the C helper keeps it (shmrt_producer, shmrt_ring.c): one C call a reservation,
     one a publish. `c` is the struct (its fields are the state: head, known_tail, floor, published, seen_tail,
-    released, ...). The mapping must outlive it: `detach()` before the mapping goes, after which every call is
-    refused (SHMRT_E_BOUNDS) instead of touching unmapped memory."""
+    released, ...). The mapping must outlive it: `detach()` before the mapping goes, after which no call touches
+    memory (a reservation that would is refused, SHMRT_E_BOUNDS)."""
 
     def __init__(self, buf: MappedBuffer, *, capacity: int, head_off: int, tail_off: int, starts: tuple[int, ...],
                  laps_until: int):

@@ -53,7 +53,9 @@ head, (3) only then rings the doorbell that names the offsets. The consumer (1) 
 (2) reads the data, (3) release-stores tail = end of the released message. Neither side ever trusts
 its own position from shared memory: each keeps it privately and the header words are published
 copies. The one word each side must read from the other (the producer reads tail) is loaded once
-per check, validated against the producer's private head, and never re-read for the same decision.
+per check, validated against the producer's private state (never behind the last tail seen, never past
+what was published), and never re-read for the same decision (the producer lives in the C helper,
+native/shmrt_ring.c; Producer below drives it).
 
 The host owns /dev/shm and may change a segment under us at any moment:
   - shrink it (ftruncate): the pages past the new end leave our mapping and the next access to them

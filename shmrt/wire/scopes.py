@@ -85,6 +85,14 @@ class Reply:
         self.release()
 
 
+def refuse_unstaged(t: torch.Tensor, method: str, owns) -> None:
+    """StaleView where `t`, which no open request staged, is a view on the transport's request memory (`owns(t)`)."""
+    if t.numel() and owns(t):
+        raise StaleView(f"{method} was given a view on the request ring that no open request staged "
+                        "(a buffer of an earlier call): buffers from req.alloc feed only the call sent "
+                        "inside that request's with block")
+
+
 class PendingRequest:
     """Buffers for the inputs of the next call, in the transport's memory where it can (shm: the
     request ring). The call that sends them seals the request; a sealed request hands out nothing."""
@@ -108,10 +116,8 @@ class PendingRequest:
         """The transport's record for `t` if this request staged it; None for memory of the caller's
         own (copied in at send); StaleView for a view on request memory this request did not stage."""
         record = self.staged.pop(t.data_ptr(), None) if t.numel() and not self.sealed else None
-        if record is None and t.numel() and self._owns(t):
-            raise StaleView(f"{method} was given a view on the request ring that no open request staged "
-                            "(a buffer of an earlier call): buffers from req.alloc feed only the call sent "
-                            "inside that request's with block")
+        if record is None:
+            refuse_unstaged(t, method, self._owns)
         return record
 
     def seal(self) -> None:

@@ -456,7 +456,8 @@ class ShmServerSession(ServerSession):
     def reply_builder(self) -> ShmReplyBuilder:
         return ShmReplyBuilder(self.rsp, self.reply_timeout)
 
-    def encode_reply(self, request: Request, builder: ShmReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
+    def encode_reply(self, request: Request, builder: ShmReplyBuilder, *, work_ns: int = 0, text: str = ""
+                     ) -> bytes | RungReply:
         ring_end = self.rsp.producer.publish() if self.rsp is not None and not request.control else 0
         return self._reply(request, builder, ring_end, work_ns, text)
 

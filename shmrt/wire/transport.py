@@ -21,7 +21,7 @@ import torch
 import zmq
 
 from ..errors import PeerTimeout, SetupError
-from .scopes import PendingRequest, Reply
+from .scopes import PendingRequest, Reply, refuse_unstaged
 from .stats import CallStats
 from .untrusted import load_json
 
@@ -68,8 +68,6 @@ class Caller:
     def __init__(self):
         self.observers: list = []  # called with each RPC's CallStats
         self._pending: PendingRequest | None = None
-        self._no_request = PendingRequest(self._alloc_input, self._in_request_memory)
-        self._no_request.seal()
 
     def request(self, dtype: torch.dtype = torch.float32) -> PendingRequest:
         """Open the inputs of the next call; the next `call()` sends and seals them."""
@@ -87,8 +85,10 @@ class Caller:
     def _claim_inputs(self, method: str, tensors) -> list:
         """Each input's staged record (or None: memory of the caller's, copied in); seals the request."""
         pending, self._pending = self._pending, None
-        if pending is None:   # no request opened: a sealed one stages nothing and refuses request-ring views alike
-            pending = self._no_request
+        if pending is None:   # no request opened: nothing was staged (no object a call to say so)
+            for t in tensors:
+                refuse_unstaged(t, method, self._in_request_memory)
+            return [None] * len(tensors)
         try:
             return [pending.claim(t, method) for t in tensors]
         finally:
@@ -298,7 +298,8 @@ class ServerSession:
     def reply_builder(self) -> ReplyBuilder:
         raise NotImplementedError
 
-    def encode_reply(self, request: Request, builder: ReplyBuilder, *, work_ns: int = 0, text: str = "") -> bytes:
+    def encode_reply(self, request: Request, builder: ReplyBuilder, *, work_ns: int = 0, text: str = ""):
+        """The reply's bytes; for a request that came through `take_bell`, whatever `post_reply` takes."""
         raise NotImplementedError
 
     def encode_reply_ahead(self, request: Request, builder: ReplyBuilder, text: str = ""):
@@ -307,7 +308,8 @@ class ServerSession:
         carries the bytes themselves, so `encode_reply` runs after."""
         return None
 
-    def finish_reply(self, ahead, work_ns: int) -> bytes:
+    def finish_reply(self, ahead, work_ns: int):
+        """As `encode_reply` returns."""
         raise NotImplementedError
 
     def encode_error(self, seq: int, message: str) -> bytes:
