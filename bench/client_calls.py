@@ -41,7 +41,7 @@ from shmrt.model.config import LlamaConfig  # noqa: E402
 from shmrt.wire import protocol  # noqa: E402
 from shmrt.wire.native import now_ns  # noqa: E402
 from shmrt.wire.protocol import Doorbell, Method, TensorDesc  # noqa: E402
-from shmrt.wire.scopes import PendingRequest, Reply  # noqa: E402
+from shmrt.wire.scopes import OpenRequest, PendingRequest, Reply  # noqa: E402
 
 TOKEN = bytes(range(16))
 CAP = 1 << 30
@@ -203,7 +203,7 @@ class CannedOps:
         def t(*shape, dtype=wire_dtype):
             return (0.1 * torch.randn(shape, generator=gen)).to(dtype)
         self.wire_dtype = wire_dtype
-        self._pending: PendingRequest | None = None
+        self._requests = OpenRequest(lambda shape, dtype: (torch.empty(shape, dtype=dtype), None), wire_dtype)
         self.embed, self.logits = [t(1, 1, D)], [t(1, cfg.vocab_size, dtype=torch.float32)]
         self.proj = {"q_proj": t(1, 1, cfg.num_attention_heads * hd), "k_proj": t(1, 1, Hkv * hd),
                      "v_proj": t(1, 1, Hkv * hd), "o_proj": t(1, 1, D), "gate_proj": t(1, 1, cfg.intermediate_size),
@@ -211,14 +211,10 @@ class CannedOps:
         self.scores, self.ctx, self.attn_out = [t(1, Hkv, g, T)], [t(1, Hkv, g, hd)], [t(1, 1, D)]
 
     def request(self) -> PendingRequest:
-        self._pending = PendingRequest(lambda shape, dtype: (torch.empty(shape, dtype=dtype), None), lambda t: False,
-                                       self.wire_dtype)
-        return self._pending
+        return self._requests.open()
 
     def _reply(self, tensors) -> Reply:
-        if self._pending is not None:   # the call is made: it seals its request, as a transport's does
-            self._pending.seal()
-            self._pending = None
+        self._requests.sent()   # the call is made: it seals its request, as a transport's does
         return Reply(tensors, None, release=lambda: None)
 
     def embedding(self, ids):

@@ -16,7 +16,7 @@ import torch
 from ..model.calls import MAX_SCORE_WIDTH_STEP, replied_projections
 from ..model.checkpoint import EnclavePart
 from ..wire.ring import align_up, alignment_for
-from ..wire.scopes import PendingRequest, Reply
+from ..wire.scopes import OpenRequest, PendingRequest, Reply
 from .llama import EnclaveModel
 
 MIN_RING_BYTES = 1 << 20
@@ -30,7 +30,7 @@ class RecordingOps:
         self.wire_dtype = wire_dtype
         self.largest = {"request": 0, "reply": 0}
         self.calls = 0
-        self._pending: PendingRequest | None = None   # the next call's inputs: its call seals them, as a transport's
+        self._requests = OpenRequest(lambda shape, dtype: (torch.zeros(shape, dtype=dtype), None), wire_dtype)
 
     @staticmethod
     def _message_bytes(shapes_dtypes) -> int:
@@ -47,9 +47,7 @@ class RecordingOps:
         """`as_staged`: inputs staged in a dtype of their own (RoPE tables: float32), which they travel in."""
         wire = lambda t: self.wire_dtype if t.is_floating_point() and all(t is not a for a in as_staged) else t.dtype  # noqa: E731
         self.calls += 1
-        if self._pending is not None:
-            self._pending.seal()
-            self._pending = None
+        self._requests.sent()
         sent = self._message_bytes([(t.shape, wire(t)) for t in inputs if t is not None])  # None: cached on the daemon
         got = self._message_bytes(outputs)
         self.largest["request"] = max(self.largest["request"], sent)
@@ -57,9 +55,7 @@ class RecordingOps:
         return Reply([torch.zeros(shape, dtype=dtype) for shape, dtype in outputs], stats=None)
 
     def request(self) -> PendingRequest:
-        self._pending = PendingRequest(lambda shape, dtype: (torch.zeros(shape, dtype=dtype), None),
-                                       lambda t: False, self.wire_dtype)
-        return self._pending
+        return self._requests.open()
 
     def embedding(self, ids):
         return self._note([ids], [((*ids.shape, self.cfg.hidden_size), self.wire_dtype)])

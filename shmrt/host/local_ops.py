@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..wire.scopes import PendingRequest, Reply
+from ..wire.scopes import OpenRequest, PendingRequest, Reply
 from .compute import LinearCompute
 
 
@@ -19,7 +19,7 @@ class LocalOps:
         self.kv = compute.new_kv_store()
         self.pinned = compute.device.type == "cuda"
         self._stream = torch.cuda.current_stream(compute.device) if self.pinned else None  # as the handler waits
-        self._pending: PendingRequest | None = None
+        self._requests = OpenRequest(self._alloc, wire_dtype)
 
     def _wire(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return t.to(self.wire_dtype) if t is not None and t.is_floating_point() and t.dtype != self.wire_dtype else t
@@ -30,13 +30,10 @@ class LocalOps:
         return torch.empty(shape, dtype=dtype, pin_memory=self.pinned), None
 
     def request(self) -> PendingRequest:
-        self._pending = PendingRequest(self._alloc, lambda t: False, self.wire_dtype)
-        return self._pending
+        return self._requests.open()
 
     def _out(self, tensors, dtype=None) -> Reply:
-        if self._pending is not None:  # the call is made: its request is sent, as over a transport
-            self._pending.seal()
-            self._pending = None
+        self._requests.sent()   # the call is made: its request is sent, as over a transport
         dtype = dtype or self.wire_dtype
         out = [(t if t.dtype == dtype else t.to(dtype)) if t.device.type == "cpu" else
                torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]

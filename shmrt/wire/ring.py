@@ -366,7 +366,6 @@ class Producer:
     head = property(lambda self: self._state.head, lambda self, v: setattr(self._state, "head", v))
     known_tail = property(lambda self: self._state.known_tail, lambda self, v: setattr(self._state, "known_tail", v))
     published = property(lambda self: self._state.published, lambda self, v: setattr(self._state, "published", v))
-    floor = property(lambda self: self._state.floor)
 
     def reserve(self, nbytes: int, *, timeout: float, what: str = "tensor") -> int:
         """Reserve `nbytes` and return its data offset; waits for the consumer up to `timeout` s."""

@@ -131,3 +131,24 @@ class PendingRequest:
         unsent = not self.sealed and bool(self.staged)   # (seal() empties the dict)
         self.seal()
         assert exc_type is not None or not unsent, "a request was built but its call never sent"
+
+
+class OpenRequest:
+    """The next call's inputs for ops without a transport (the tests' reference ops, the ring sizing's dry run, the
+    benches' stand-ins): `open()` makes the request (buffers from `alloc(shape, dtype)`, none of them the caller's
+    to refuse), `sent()` seals it once its call is made, as a transport's call does."""
+
+    def __init__(self, alloc, dtype: torch.dtype):
+        self._alloc = alloc
+        self.dtype = dtype
+        self._pending: PendingRequest | None = None
+
+    def open(self) -> PendingRequest:
+        self._pending = PendingRequest(self._alloc, lambda t: False, self.dtype)
+        return self._pending
+
+    def sent(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.seal()
+
