@@ -33,7 +33,8 @@ class RerunBody:
 
 
 @pytest.mark.parametrize("calls,step", [("fewest", 8), ("fewest", 1), ("v2.4", 8)])
-def test_graph_routes_give_transformers_tokens_and_are_taken(checkpoints, calls, step):
+def test_graph_routes_give_transformers_tokens_and_are_taken(checkpoints, calls, step, monkeypatch):
+    served = _counting(monkeypatch)
     path, hf = checkpoints["gqa-tied-llama3"]
     w = load_weights(str(path))
     handler = ModelHandler(LinearCompute(w, "cpu", torch.float32), "test", "", log=lambda m: None)
@@ -51,7 +52,7 @@ def test_graph_routes_give_transformers_tokens_and_are_taken(checkpoints, calls,
             ids = random_ids(n, 320, seed=seed)
             with torch.no_grad():
                 ref = hf.generate(ids, max_new_tokens=new, do_sample=False)[0, n:].tolist()
-            before = RerunBody.replays
+            before, planned = RerunBody.replays, sum(served)
             assert generate(model, ids, new, Sampler()).tokens == ref, (calls, step, n)
             # every decode step's calls of every layer replayed (none fell back to eager but the first, captured)
             layers = w.cfg.num_hidden_layers
@@ -59,6 +60,10 @@ def test_graph_routes_give_transformers_tokens_and_are_taken(checkpoints, calls,
             # projections and RoPE, gate|up, down; v2.4: its four BatchLinears (its products run eagerly)
             per_step = {("fewest", 8): 4, ("fewest", 1): 3, ("v2.4", 8): 4}[calls, step]
             assert RerunBody.replays - before >= per_step * layers * (new - 2), (calls, step, n)
+            # and most of them by their plans: all but V's rows kept eagerly (v2.4's q|k|v) and the unpadded scores
+            # (the first steps at each pair of lap starts, and after each new width, take the checks)
+            by_plans = {("fewest", 8): 4, ("fewest", 1): 2, ("v2.4", 8): 3}[calls, step]
+            assert sum(served) - planned >= by_plans * layers * (new - 5), (calls, step, n)
         assert graphs.on and 0 < len(graphs.graphs)
         for layer, families in graphs.families.items():   # one graph per family, each holding the store's buffers
             kv = caller.session.kv
@@ -85,3 +90,130 @@ def test_a_graph_holding_a_kv_buffer_the_store_let_go_is_dropped():
     assert len(graphs.graphs) == 1 and not any(old_v.data_ptr() in held for families in graphs.families.values()
                                                for _, held in families.values())
     torch.testing.assert_close(out, c.output_product(0, ps[0], new_v[:, :, :W]))
+
+
+# ---- plans: a repeated decode call's checks, graph and reply layout found by its request's record
+
+def _scores_session(c, step):
+    """An in-process session on `c` with graphs (the stand-in capture) and a decode step's AttentionScores call."""
+    handler = ModelHandler(c, "test", "", log=print)
+    caller = InProcessCaller(handler, torch.float32, 256 << 10)
+    graphs = caller.session.graphs = SessionGraphs(c, None, caller.req.native.message_starts,
+                                                   caller.rsp.native.message_starts, log=print, capture=RerunBody)
+    graphs.width_step = step
+    return caller, graphs
+
+
+def _scores(caller, c, pos, width, seed):
+    """AttentionScores of one random row at `pos` padded to `width`: the reply's values (an owned copy)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, c.cfg.hidden_size, generator=g)
+    tables = torch.randn(4, 1, c.cfg.head_dim, generator=g)
+    with caller.call("AttentionScores", [x, tables], layer=0, op=width, pos=pos) as r:
+        return r.take(0)
+
+
+def _counting(monkeypatch):
+    """Count the calls served by a plan."""
+    served = []
+    inner = SessionGraphs.replay_planned
+
+    def replay_planned(self, request, builder, kv):
+        ran = inner(self, request, builder, kv)
+        served.append(ran)
+        return ran
+    monkeypatch.setattr(SessionGraphs, "replay_planned", replay_planned)
+    return served
+
+
+def test_planned_calls_give_the_eager_routes_values_and_refuse_what_they_refuse(monkeypatch):
+    """Steps served by plans write the same bytes as the same steps through the checks and routes; a repeated
+    record whose position the store does not hold is refused as the checks refuse it (the plan does not apply),
+    and a restart at pos 0 runs through the checks."""
+    from shmrt.errors import ProtocolError
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    W = 8
+    results = {}
+    for planned in (False, True):
+        if not planned:
+            monkeypatch.setattr(SessionGraphs, "remember", lambda self, *a: None)
+        else:
+            monkeypatch.undo()
+            served = _counting(monkeypatch)
+        caller, graphs = _scores_session(c, W)
+        with caller:
+            results[planned] = [_scores(caller, c, pos, W, seed=pos) for pos in range(6)]
+            if planned:
+                assert sum(served) >= 4 and graphs.plans   # pos 0 and the first call at each lap start: the checks
+                with pytest.raises(ProtocolError, match="holds 6 positions, request says pos 4"):
+                    _scores(caller, c, 4, W, seed=9)
+                results["restart"] = _scores(caller, c, 0, W, seed=0)
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+    assert torch.equal(results["restart"], results[True][0])
+
+
+def _steps_holding_one_reply(caller, c, W):
+    """AttentionScores at pos 0..9, step 6 made while step 5's reply is still held: the values of each step."""
+    out = [_scores(caller, c, pos, W, seed=pos) for pos in range(5)]
+    g = torch.Generator().manual_seed(5)
+    x, tables = torch.randn(1, 1, c.cfg.hidden_size, generator=g), torch.randn(4, 1, c.cfg.head_dim, generator=g)
+    with caller.call("AttentionScores", [x, tables], layer=0, op=W, pos=5) as held:
+        out.append(held.take(0))
+        head = caller.rsp.producer.head
+        out.append(_scores(caller, c, 6, W, seed=6))
+        assert caller.rsp.producer.head > head   # step 6's reply went after the held one
+    return out + [_scores(caller, c, pos, W, seed=pos) for pos in range(7, 10)]
+
+
+def test_a_reply_landing_elsewhere_takes_the_checks_and_leaves_the_ring_as_it_was(monkeypatch):
+    """A client holding the last reply moves the next one off the lap starts: the plan's reservation is taken back
+    (the producer rewound), the call runs through the checks and eagerly into its reply's real place, and the calls
+    after it are served by plans again; every value as without plans."""
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    W = 16
+    monkeypatch.setattr(SessionGraphs, "remember", lambda self, *a: None)
+    caller, _ = _scores_session(c, W)
+    with caller:
+        expected = _steps_holding_one_reply(caller, c, W)
+    monkeypatch.undo()
+    served = _counting(monkeypatch)
+    caller, graphs = _scores_session(c, W)
+    with caller:
+        got = _steps_holding_one_reply(caller, c, W)
+    # pos 0 and the first calls at each lap start take the checks, and so does step 6; the request and reply lap
+    # starts may pair up the other way after it (a new plan each), then plans serve again
+    assert served[4:7] == [True, True, False] and served[-1]
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+def test_a_producer_rewound_takes_back_its_reservations():
+    """Producer.mark/rewind (the plans' reservation where the reply lands elsewhere): the state as it was, the
+    next reservation where the rewound one was, nothing published; a detached producer stays detached."""
+    from shmrt.wire.ring import OFF_HEAD, Ring
+    from shmrt.errors import ShmrtError
+    ring = Ring.create(1 << 16, "rsp")
+    try:
+        p = ring.producer
+        p.reserve(100, timeout=0)
+        p.publish()
+        p.mark()
+        state = bytes(ffi_buffer(p))
+        first = p.reserve(300, timeout=0)
+        p.reserve(5000, timeout=0)
+        p.rewind()
+        assert bytes(ffi_buffer(p)) == state and ring.native.load(OFF_HEAD) == p.published
+        assert p.reserve(300, timeout=0) == first
+        p.mark()
+        p.detach()
+        p.rewind()
+        with pytest.raises(ShmrtError):
+            p.reserve(8, timeout=0)
+    finally:
+        ring.close()
+
+
+def ffi_buffer(producer):
+    from shmrt.wire.native import ffi
+    return ffi.buffer(producer._native.c)

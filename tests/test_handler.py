@@ -270,13 +270,16 @@ def test_a_batch_linear_the_session_graphs_ran_is_not_computed_again_and_keeps_i
     class Graphs:
         ran = True
 
+        def replay_planned(self, request, builder, kv):   # (these requests name no ring places: never planned)
+            return False
+
         def linear(self, layer, names, rows, x, outs, joined, dtype, drop_v):
             seen.append((layer, names, rows, tuple(x.shape), [tuple(o.shape) for o in outs], dtype, drop_v))
             if not self.ran:
-                return False, None
+                return None, None
             for out in outs:
                 out.fill_(7.0)
-            return True, torch.full((1, 1, kv_rows), 3.0)
+            return object(), torch.full((1, 1, kv_rows), 3.0)   # the graph that ran; V's rows (KEEP_V: no plan)
 
     session = _opened(model_handler)
     session.graphs = Graphs()
@@ -314,8 +317,11 @@ def test_attention_scores_the_session_graphs_rotated_keep_their_rows_and_score_a
             seen.append((layer, tuple(x.shape), tuple(tables.shape)))
             return self.out
 
-        def scores(self, *args):   # unpadded calls: never a whole graph's
+        def replay_planned(self, request, builder, kv):
             return False
+
+        def scores(self, *args):   # unpadded calls: never a whole graph's
+            return None
 
     session = _opened(model_handler)
     session.graphs = Graphs()

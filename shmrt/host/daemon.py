@@ -19,7 +19,7 @@ import torch
 
 from .. import settings
 from .compute import KVStore, LinearCompute, write_parts
-from .graphs import SCORE_WIDTH_STEP, SessionGraphs
+from .graphs import SCORE_WIDTH_STEP, OutputPlan, Plan, ScoresPlan, SessionGraphs
 from ..errors import ProtocolError, SetupError
 from ..model.calls import linear_args, matmul_args, replied_projections
 from ..wire.protocol import dtype_from_name
@@ -122,6 +122,8 @@ class ModelHandler(Handler):
         also after an error) once it has encoded the reply's doorbell, which names where the results lie, not what
         they hold: that work overlaps the device's."""
         try:
+            if session.graphs is not None and session.graphs.replay_planned(request, builder, session.kv):
+                return ""   # a decode call seen before, its checks' answers and graph found by its record
             return super().handle(request, builder, session)
         finally:
             if settle:
@@ -167,8 +169,10 @@ class ModelHandler(Handler):
         B, S = x.shape[:2]
         replied = [(B, S, self.c.rows[n]) for n in replied_projections(names, keep_v)]
         outs, joined = builder.alloc_joined(replied, s.wire)
-        ran, v = s.graphs.linear(layer, names, rows, x, outs, joined, s.wire, keep_v) if s.graphs else (False, None)
-        if not ran:
+        graph, v = s.graphs.linear(layer, names, rows, x, outs, joined, s.wire, keep_v) if s.graphs else (None, None)
+        if graph is not None and not keep_v:   # (V's rows go into the cache eagerly: no plan)
+            s.graphs.remember(request, builder, Plan(graph))
+        if graph is None:
             parts, whole, v = self.c.project(layer, names, rows, self.c.to_device(x), s.wire, keep_v)
             write_parts(outs, joined, parts, whole)
         if keep_v:
@@ -192,7 +196,9 @@ class ModelHandler(Handler):
         vd = self.c.output_factor(p, v, layer=request.layer, cache=cache, pos=request.pos, kv=s.kv,
                                   max_elements=self._room(builder, s.wire))
         out = builder.alloc((p.shape[0], p.shape[2] // self.c.cfg.groups, self.c.cfg.hidden_size), s.wire)
-        if v is None and s.graphs and s.graphs.output(request.layer, p, vd, out):
+        graph = s.graphs.output(request.layer, p, vd, out) if v is None and s.graphs else None
+        if graph is not None:
+            s.graphs.remember(request, builder, OutputPlan(graph, request.layer, p.shape[3], s.kv))
             return
         out.copy_(self.c.output_product(request.layer, self.c.to_device(p), vd), non_blocking=True)
 
@@ -202,7 +208,9 @@ class ModelHandler(Handler):
         cfg = self.c.cfg
         B, S = x.shape[:2]
         out = builder.alloc((B, cfg.num_key_value_heads, cfg.groups * S, width or pos + S), s.wire)
-        if s.graphs and s.graphs.scores(layer, rows, x, tables, pos, width, s.kv, out):
+        graph = s.graphs.scores(layer, rows, x, tables, pos, width, s.kv, out) if s.graphs else None
+        if graph is not None:
+            s.graphs.remember(request, builder, ScoresPlan(graph, layer, width, s.kv, s.graphs.position_word))
             return
         rotated = s.graphs.rotation(layer, rows, x, tables) if s.graphs else None
         if rotated is None:

@@ -22,6 +22,11 @@ address it lands at).
 - AttentionScores unpadded: the copies in, q|k|v and RoPE; the cache and Q*K^T (whose length grows every
   step) eagerly after the replay.
 
+A call that ran as a graph is remembered as a plan (`Plan`) under its request's record (method, layer, op, its
+tensors' places, dtypes and shapes): the next request with that record skips the checks, the reply's views and the
+graph's key, which cost ~30 us of Python on 2 cores where the launch costs ~10 (what the record does not fix, the
+K/V store's state and where the reply lands, is checked each time).
+
 Graphs hold the session's ring addresses, so they go with the session, dropped before its rings are
 unregistered and unmapped. Arguments are checked by the eager path's code before a graph is looked up
 (`linear_rows`, `scores_rows`, `output_factor`, K/V `place`, the reply's reservation). A capture that fails
@@ -127,8 +132,75 @@ def output_body(c: LinearCompute, layer: int, p: torch.Tensor, vd: torch.Tensor,
     return body, (pd, p, vd, out)
 
 
+class Plan:
+    """A decode call that ran as a graph, remembered by its request's record: method, layer, op and its tensors'
+    places, dtypes and shapes in the request ring (`plan_key`). A request with the same record passes the same
+    argument checks (they read nothing else but the session's constants and, below, the K/V store), takes the same
+    graph and gets the same reply layout: one lookup instead of the checks, the reply's views and the graph's key
+    (~20 us of Python a call). What a record does not fix is checked each time: where the reply lands (the plan
+    of its place, `SessionGraphs.replay_planned`) and, for a call on the K/V cache, `ready`. A plan goes with its
+    graph (it holds the graph, and the K/V buffers the graph holds)."""
+
+    __slots__ = ("graph", "reply_offset", "reply_nbytes", "reply_descs")
+
+    def __init__(self, graph: CapturedCall):
+        self.graph = graph
+
+    def ready(self, pos: int, kv) -> bool:
+        """Whether the eager path's checks of the session's state would pass as they did when this was made."""
+        return True
+
+    def run(self, pos: int, kv) -> None:
+        self.graph.replay()
+
+
+class ScoresPlan(Plan):
+    """A padded AttentionScores: the step's rows go at `pos`, which must be where the store's K and V end (not 0: a
+    restart zeroes rows) and within the width; the store must hold the buffers the graph writes (it would have
+    grown them otherwise: it had room for the width when the plan was made)."""
+
+    __slots__ = ("layer", "width", "keys", "values", "position_word")
+
+    def __init__(self, graph: CapturedCall, layer: int, width: int, kv, position_word):
+        super().__init__(graph)
+        self.layer, self.width, self.position_word = layer, width, position_word
+        self.keys, self.values = kv.buffers["k"][layer], kv.buffers["v"][layer]
+
+    def ready(self, pos: int, kv) -> bool:
+        layer = self.layer
+        return 0 < pos < self.width and kv.filled["k"][layer] == pos == kv.filled["v"][layer] \
+            and kv.buffers["k"][layer] is self.keys and kv.buffers["v"][layer] is self.values
+
+    def run(self, pos: int, kv) -> None:
+        self.position_word[0] = pos
+        self.graph.replay()
+        kv.commit(self.layer, "k", pos + 1)
+        kv.commit(self.layer, "v", pos + 1)
+
+
+class OutputPlan(Plan):
+    """AttentionOutput with P alone: V's rows kept must be some and no more than P's width, in the buffer the
+    graph reads."""
+
+    __slots__ = ("layer", "width", "values")
+
+    def __init__(self, graph: CapturedCall, layer: int, width: int, kv):
+        super().__init__(graph)
+        self.layer, self.width, self.values = layer, width, kv.buffers["v"][layer]
+
+    def ready(self, pos: int, kv) -> bool:
+        return 0 < kv.filled["v"][self.layer] <= self.width and kv.buffers["v"][self.layer] is self.values
+
+
+MAX_PLANS = 2 * MAX_GRAPHS   # request records remembered per session (each with at most two reply places)
+
+
+def plan_key(request) -> tuple:
+    return request.method, request.layer, request.op, request.descs
+
+
 class SessionGraphs:
-    """The graphs of one session (module docstring)."""
+    """The graphs of one session (module docstring), and the plans of the calls that ran as graphs (`Plan`)."""
 
     def __init__(self, compute: LinearCompute, stream: torch.cuda.Stream | None, request_starts, reply_starts, log,
                  capture=CapturedCall):
@@ -144,26 +216,58 @@ class SessionGraphs:
         # one pool: the graphs replay one at a time, each call synced
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self.position = torch.zeros(1, dtype=torch.int64, pin_memory=self.cuda)   # a padded step's position (scores)
-        self._position_word = self.position.numpy()   # written through numpy: a tensor's setitem costs ~5 us
+        self.position_word = self.position.numpy()   # written through numpy: a tensor's setitem costs ~5 us
         self.width_step = SCORE_WIDTH_STEP
         self.graphs: dict[tuple, CapturedCall] = {}
         # per layer: a padded call's family (kind, layer, its tensors' addresses and dtypes) -> the key of its one
         # graph and the addresses of the K/V buffers that graph holds (`_graph`, `_drop_holding_others`)
         self.families: dict[int, dict[tuple, tuple[tuple, frozenset]]] = {}
+        # a request's record (`plan_key`) -> its plans, one per place its reply landed (the response ring's lap starts)
+        self.plans: dict[tuple, list[Plan]] = {}
         self.on = True
 
+    def remember(self, request, builder, plan: Plan) -> None:
+        """Keep `plan` for `request`'s record, the call having just run as its graph with `builder`'s reply: one
+        reservation (a reply of several would need each to land where it did)."""
+        if request.descs is None or len(builder.reserved) != 1:
+            return
+        plan.reply_offset, plan.reply_nbytes = builder.reserved[0]
+        plan.reply_descs = tuple(builder.descs)
+        if len(self.plans) >= MAX_PLANS:
+            self.plans.clear()
+        plans = self.plans.setdefault(plan_key(request), [])
+        plans[:] = [p for p in plans if p.reply_offset != plan.reply_offset][-1:] + [plan]
+
+    def replay_planned(self, request, builder, kv) -> bool:
+        """Serve `request` by its record's plan (`Plan`): True if it ran (the reply reserved and described in
+        `builder`), False where there is none or it does not apply now: the eager path's checks and routes then."""
+        plans = self.plans.get(plan_key(request)) if self.plans and request.descs is not None else None
+        if plans is None or not plans[0].ready(request.pos, kv):   # every plan of one record holds the same buffers
+            return False
+        offset = builder.claim(plans[0].reply_nbytes, [p.reply_offset for p in plans])
+        if offset is None:
+            return False
+        plan = plans[0] if plans[0].reply_offset == offset else plans[1]
+        if plan is not plans[0] and not plan.ready(request.pos, kv):
+            builder.unclaim()
+            return False
+        builder.descs = list(plan.reply_descs)
+        plan.run(request.pos, kv)
+        return True
+
     def linear(self, layer: int, names: tuple[str, ...], rows: list[int], x: torch.Tensor, outs: list[torch.Tensor],
-               joined: torch.Tensor | None, dtype: torch.dtype, drop_v: bool) -> tuple[bool, torch.Tensor | None]:
-        """Replay (capturing on first use) the graph of this call: (True, V's rows or None) if it ran, (False,
+               joined: torch.Tensor | None, dtype: torch.dtype, drop_v: bool
+               ) -> tuple[CapturedCall | None, torch.Tensor | None]:
+        """Replay (capturing on first use) the graph of this call: (the graph, V's rows or None) if it ran, (None,
         None) where the call is not a graph's (not one row, graphs off or too many shapes): run it eagerly."""
         first_out = joined if joined is not None else outs[0]
         if not self.on or x.dim() != 3 or x.shape[:2] != (1, 1) or x.data_ptr() not in self.request_starts \
                 or first_out.data_ptr() not in self.reply_starts:
-            return False, None
+            return None, None
         key = ("BatchLinear", layer, names, drop_v, dtype, x.data_ptr(), x.dtype, tuple(x.shape),
                joined.data_ptr() if joined is not None else tuple(o.data_ptr() for o in outs))
         graph = self._graph(key, lambda: linear_body(self.c, layer, names, rows, x, outs, joined, dtype, drop_v))
-        return (False, None) if graph is None else (True, graph.replay())
+        return (None, None) if graph is None else (graph, graph.replay())
 
     def rotation(self, layer: int, rows: list[int], x: torch.Tensor, tables: torch.Tensor):
         """AttentionScores' q, k (rotated) and v on the device from a replayed graph (`rotation_body`), or None
@@ -176,13 +280,13 @@ class SessionGraphs:
         return None if graph is None else graph.replay()
 
     def scores(self, layer: int, rows: list[int], x: torch.Tensor, tables: torch.Tensor, pos: int, width: int, kv,
-               out: torch.Tensor) -> bool:
+               out: torch.Tensor) -> CapturedCall | None:
         """A padded AttentionScores (`width`, a multiple of the step we asked for) replayed whole (`scores_body`):
-        True if it ran (its rows are kept then), False where it is not a graph's (unpadded, not one row, not at lap
-        starts, graphs off): eager."""
+        its graph if it ran (its rows are kept then), None where it is not a graph's (unpadded, not one row, not at
+        lap starts, graphs off): eager."""
         if not self.on or not width or width % self.width_step or x.shape[:2] != (1, 1) \
                 or x.data_ptr() not in self.request_starts or out.data_ptr() not in self.reply_starts:
-            return False
+            return None
         shape = (1, *kv.heads_and_dim[:1], 1, kv.heads_and_dim[1])
         keys = kv.place(layer, "k", shape, pos, width, commit=False)   # checked, room made; counted once run
         values = kv.place(layer, "v", shape, pos, width, commit=False)
@@ -190,31 +294,31 @@ class SessionGraphs:
         self._drop_holding_others(layer, held)
         family = ("AttentionScores", layer, x.data_ptr(), x.dtype, tuple(x.shape), tables.data_ptr(), tables.dtype,
                   out.data_ptr(), out.dtype)
-        self._position_word[0] = pos   # before a capture too: its first, eager run keeps this step's rows
+        self.position_word[0] = pos   # before a capture too: its first, eager run keeps this step's rows
         graph = self._graph((*family, keys.data_ptr(), values.data_ptr(), width), lambda: scores_body(
             self.c, layer, rows, x, tables, self.position, keys, values, width, out), family, held)
         if graph is None:
-            return False
+            return None
         graph.replay()
         kv.commit(layer, "k", pos + 1)
         kv.commit(layer, "v", pos + 1)
-        return True
+        return graph
 
-    def output(self, layer: int, p: torch.Tensor, vd: torch.Tensor, out: torch.Tensor) -> bool:
-        """AttentionOutput with P alone replayed (`output_body`): True if it ran, False where it is not a graph's
-        (as `scores`: a P whose width is not a multiple of the step would need a graph per step)."""
+    def output(self, layer: int, p: torch.Tensor, vd: torch.Tensor, out: torch.Tensor) -> CapturedCall | None:
+        """AttentionOutput with P alone replayed (`output_body`): its graph if it ran, None where it is not a
+        graph's (as `scores`: a P whose width is not a multiple of the step would need a graph per step)."""
         if not self.on or p.shape[0] != 1 or p.shape[2] != self.c.cfg.groups or p.shape[3] % self.width_step \
                 or p.data_ptr() not in self.request_starts or out.data_ptr() not in self.reply_starts:
-            return False
+            return None
         held = frozenset((vd.data_ptr(),))
         self._drop_holding_others(layer, held, kind="AttentionOutput")
         family = ("AttentionOutput", layer, p.data_ptr(), p.dtype, out.data_ptr(), out.dtype)
         graph = self._graph((*family, tuple(p.shape), vd.data_ptr(), tuple(vd.shape)),
                             lambda: output_body(self.c, layer, p, vd, out), family, held)
         if graph is None:
-            return False
+            return None
         graph.replay()
-        return True
+        return graph
 
     def _drop_holding_others(self, layer: int, current: frozenset, kind: str | None = None) -> None:
         """Drop layer `layer`'s padded graphs (of `kind`, or any) that hold a K/V buffer other than `current`
@@ -226,7 +330,14 @@ class SessionGraphs:
 
     def _drop(self, family: tuple) -> None:
         key, _ = self.families[family[1]].pop(family)
-        del self.graphs[key]
+        graph = self.graphs.pop(key)
+        for record, plans in list(self.plans.items()):   # (a new width or K/V buffer: every SCORE_WIDTH_STEP steps)
+            if any(p.graph is graph for p in plans):
+                kept = [p for p in plans if p.graph is not graph]
+                if kept:
+                    self.plans[record] = kept
+                else:
+                    del self.plans[record]
 
     def _graph(self, key: tuple, make_body, family: tuple | None = None, held: frozenset = frozenset()
                ) -> CapturedCall | None:
@@ -243,6 +354,7 @@ class SessionGraphs:
                 graph = self.capture(*make_body(), self.pool, self.stream, self.c.device)
             except Exception as exc:  # noqa: BLE001 - any capture failure: eager is always right
                 self.on = False
+                self.plans.clear()
                 self.log(f"CUDA graphs off for this session (capture failed: {str(exc).splitlines()[0]}); "
                          "decode calls run eagerly")
                 if self.cuda:
@@ -254,5 +366,6 @@ class SessionGraphs:
         return graph
 
     def close(self) -> None:
+        self.plans.clear()
         self.graphs.clear()
         self.families.clear()

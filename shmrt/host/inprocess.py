@@ -41,13 +41,13 @@ class InProcessCaller(RequestRingInputs, Caller):
             raise
 
     def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0, wire_dtype=None) -> Reply:
-        descs = [describe_input(self.req, t, staged, wire_dtype, self.timeout)[0]
-                 for t, staged in zip(tensors, self._claim_inputs(method, tensors))]
+        descs = tuple(describe_input(self.req, t, staged, wire_dtype, self.timeout)[0]
+                      for t, staged in zip(tensors, self._claim_inputs(method, tensors)))
         self.seq += 1
         # what a shm session's daemon does with a request rung in the ring, less the doorbell: the views, the
         # handler (its checks, graphs and wait for the device), the request handed back, the reply published
         views, release = accept_views(self.req, self.req.producer.publish(), descs)
-        request = Request(method, self.seq, layer, op, pos, views, on_release=release)
+        request = Request(method, self.seq, layer, op, pos, views, on_release=release, descs=descs)
         builder = ShmReplyBuilder(self.rsp, self.timeout)
         try:
             text = self.handler.handle(request, builder, self.session)

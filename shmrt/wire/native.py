@@ -235,6 +235,18 @@ class NativeProducer:
         p.n_starts, p.laps_until = len(starts), laps_until
         self.c = p
         self._buf = buf._buf   # the cdata the struct points into: alive as long as this is
+        self._marked = ffi.new("shmrt_producer *")   # `mark`'s copy of the state
+
+    def mark(self) -> None:
+        """Remember the state: `rewind` undoes the reservations made since (a reservation changes nothing but
+        this struct; only a publish writes the ring)."""
+        self._marked[0] = self.c[0]
+
+    def rewind(self) -> None:
+        """Back to the state at `mark`, keeping the mapping as it is now (detached stays detached)."""
+        base, base_len = self.c.base, self.c.base_len
+        self.c[0] = self._marked[0]
+        self.c.base, self.c.base_len = base, base_len
 
     def reserve(self, nbytes: int) -> int:
         """The data offset of `nbytes` reserved (>= 0), or RESERVE_WAIT, RESERVE_TOO_LARGE, RESERVE_BAD_TAIL."""

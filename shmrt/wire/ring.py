@@ -396,6 +396,14 @@ class Producer:
         raise TensorTooLarge(f"{what} of {need} plus the rest of its message does not fit ring {self.ring.name} of "
                              f"{have}: pass a larger --ring-mib")
 
+    def mark(self) -> None:
+        """Remember where the message being built stands: `rewind` takes back what is reserved after this."""
+        self._native.mark()
+
+    def rewind(self) -> None:
+        """Take back every reservation since `mark` (none of it was published: the peer saw nothing)."""
+        self._native.rewind()
+
     def publish(self) -> int:
         """Release-store head after the data is written; returns the message's end position."""
         self._native.publish()

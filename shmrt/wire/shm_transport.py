@@ -328,11 +328,31 @@ class ShmReplyBuilder(ReplyBuilder):
         self.capacity = ring.capacity
         self.timeout = timeout
         self.descs: list[TensorDesc] = []
+        self.reserved: list[tuple[int, int]] = []   # (offset, nbytes) of each reservation, in order
 
     def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
         desc, view = reserve_view(self.ring, shape, dtype, self.timeout, "reply tensor")
         self.descs.append(desc)
+        self.reserved.append((desc.offset, desc.nbytes))
         return view
+
+    def claim(self, nbytes: int, offsets) -> int | None:
+        """The whole reply as one reservation of `nbytes` where it lands at one of `offsets` (a remembered call's
+        reply places: host/graphs.py's plans): its offset; None, with the ring as it was, where it lands elsewhere.
+        The caller fills `descs` itself."""
+        producer = self.ring.producer
+        producer.mark()
+        offset = producer.reserve(nbytes, timeout=self.timeout, what="reply tensors")
+        if offset in offsets:
+            self.reserved.append((offset, nbytes))
+            return offset
+        producer.rewind()
+        return None
+
+    def unclaim(self) -> None:
+        """Take back the reservation `claim` just made (nothing reserved since)."""
+        self.reserved.pop()
+        self.ring.producer.rewind()
 
     def alloc_joined(self, shapes, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """One reservation for all of them where each but the last ends on a descriptor boundary (a multiple of
@@ -343,6 +363,7 @@ class ShmReplyBuilder(ReplyBuilder):
         if len(shapes) > 1 and not any(n * dtype.itemsize % protocol.RING_ALIGN for n in sizes[:-1]):
             nbytes = sum(sizes) * dtype.itemsize
             offset = self.ring.producer.reserve(nbytes, timeout=self.timeout, what="reply tensors")
+            self.reserved.append((offset, nbytes))
             joined = ring_view(self.ring, TensorDesc(offset, nbytes, dtype, (sum(sizes),)))
             parts = []
             for shape, n in zip(shapes, sizes):
@@ -395,7 +416,7 @@ class ShmServerSession(ServerSession):
             self.expect_seq += 1
             views, release = accept_views(self.req, payload.ring_end, payload.tensors)
             return Request(payload.method.name, payload.seq, payload.layer, payload.op, payload.pos, views,
-                           payload.text, release, rung=True)
+                           payload.text, release, rung=True, descs=payload.tensors)
         if protocol.peek_method(payload) == Method.Wake:
             return self._wake(payload)
         capacity = self.req.capacity if self.req is not None else 0
@@ -420,7 +441,8 @@ class ShmServerSession(ServerSession):
         views = []
         if self.req is not None and bell.method != Method.Close:
             views, release = accept_views(self.req, bell.ring_end, bell.tensors)
-        return Request(bell.method.name, bell.seq, bell.layer, bell.op, bell.pos, views, bell.text, release)
+        return Request(bell.method.name, bell.seq, bell.layer, bell.op, bell.pos, views, bell.text, release,
+                       descs=bell.tensors if views else None)
 
     def _wake(self, payload: bytes) -> Request:
         """A client that found us asleep on ZeroMQ: nothing to do but look at the ring (the server does)."""

@@ -258,6 +258,9 @@ class Request:
     control: bool = False  # session control the transport acted on itself (shm's Attach): no handler
     answer: bool = True    # False: nothing goes back (shm's Wake)
     rung: bool = False     # it came through a shared-memory doorbell, checked in C: its reply goes back that way
+    # shm: its tensors' places in the request ring as its record named them (checked): with method, layer and op,
+    # what a repeated decode call is recognised by (host/graphs.py's plans); None where there is no ring
+    descs: tuple | None = None
 
     def release(self) -> None:
         """The server is done with the request's memory; its views are gone from here on."""
