@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import signal
 import sys
 
 from . import settings
@@ -233,6 +234,8 @@ def _print_summary(args, client, result, calls, tok) -> None:
 
 def cmd_daemon(args) -> int:
     from .host.daemon import run_daemon
+    from .tools.process import exit_with_parent
+    exit_with_parent()
     endpoint = args.endpoint or settings.default_endpoint()
 
     def ready():
@@ -260,10 +263,21 @@ def cmd_cleanup(args) -> int:
     return cleanup(dry_run=args.dry_run)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job controller, `kill`, `timeout`): unwinds as Ctrl-C does, so every context manager runs: the
+    client's session closes, its segments go, `shmrt run` stops its daemon."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     settings.apply_process_defaults()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv[0] if argv else None).parse_args(argv)
+    if args.command != "daemon" and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:   # (the daemon: its own)
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.command == "daemon":
             return cmd_daemon(args)
@@ -284,9 +298,10 @@ def main(argv=None) -> int:
         # escaping again here is a no-op on that (printable is idempotent) but catches anything missed.
         print(f"shmrt {args.command}: error: {printable(str(exc), ERROR_LIMIT)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"shmrt {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"shmrt {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except OSError as exc:
         print(f"shmrt {args.command}: error: {printable(str(exc), ERROR_LIMIT)}", file=sys.stderr)
         return 2

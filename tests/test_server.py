@@ -330,6 +330,52 @@ def test_ctrl_c_on_run_stops_both_processes_and_leaves_no_segment(tmp_path):
         os.killpg(run.pid, 0)
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):   # exited, not yet reaped by its (dead) parent
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_run_killed_alone_takes_its_daemon_and_segments_with_it(how):
+    """`kill` (SIGTERM) or `kill -9` of `shmrt run` only (a job controller, `timeout`), not of its group: SIGTERM
+    unwinds as Ctrl-C does (exit 143, one line); after SIGKILL the daemon gets SIGTERM from the kernel (its parent
+    died) and stops, unlinking the dead client's rings. Neither leaves a daemon running or a segment behind."""
+    before = shm_segments()
+    run = _shmrt("run", "--prefill", "32", "--max-new-tokens", "1900", "--log", "", start_new_session=True)
+    try:
+        ours = _wait_for_new_segments(before, run)
+        (daemon,) = _children(run.pid)
+        time.sleep(0.3)
+        os.kill(run.pid, how)
+        _, err = run.communicate(timeout=30)
+        if how == signal.SIGTERM:
+            assert run.returncode == 143 and err.strip().splitlines()[-1] == "shmrt run: terminated", err
+            assert "Traceback" not in err
+        assert _gone_within(daemon, 15), f"daemon {daemon} still running after shmrt run got signal {how}"
+        deadline = time.monotonic() + 10
+        while ours & shm_segments() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not (ours & shm_segments())
+    finally:
+        try:
+            os.killpg(run.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _in_small_dev_shm(script: str, mib: int = 1) -> subprocess.CompletedProcess:
     """Run `script` (sh) in a private mount namespace whose /dev/shm is a fresh `mib`-MiB tmpfs."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:

@@ -1,7 +1,9 @@
 """`shmrt daemon` as a child process (for `shmrt run`, the bench and the tests)."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -9,6 +11,24 @@ import time
 
 from .. import settings
 from ..errors import ShmrtError
+
+
+PARENT_ENV = "SHMRT_DAEMON_PARENT"   # set for a daemon DaemonProcess starts: the pid it stops with
+PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent() -> None:
+    """In a daemon that DaemonProcess started: get SIGTERM when that process dies, however it dies (a `shmrt run`
+    killed with SIGKILL cannot stop its daemon itself, which would go on holding the model and the device). The
+    daemon's SIGTERM handler stops it as `stop()` would; before that handler is in place, SIGTERM ends it at once."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if not parent or not parent.isdigit():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return   # (not Linux): the parent's stop() is all there is
+    if os.getppid() != int(parent):   # it died before the prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class DaemonProcess:
@@ -21,7 +41,7 @@ class DaemonProcess:
         cmd = [sys.executable, "-m", "shmrt", "daemon", "--endpoint", endpoint, "--ready-file", ready, *daemon_args]
         if quiet:
             cmd.append("--quiet")
-        self.proc = subprocess.Popen(cmd)
+        self.proc = subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())})
         deadline = time.monotonic() + timeout
         while not os.path.exists(ready):
             if self.proc.poll() is not None:
