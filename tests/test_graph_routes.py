@@ -205,7 +205,16 @@ def test_a_producer_rewound_takes_back_its_reservations():
         p.rewind()
         assert bytes(ffi_buffer(p)) == state and ring.native.load(OFF_HEAD) == p.published
         assert p.reserve(300, timeout=0) == first
-        p.mark()
+        assert not p.mark()   # in the middle of a message: nothing to come back to
+        p.publish()
+        with pytest.raises(AssertionError):   # never back across a publish (nor without a mark)
+            p.rewind()
+        assert p.mark()
+        p.reserve(64, timeout=0)
+        p.publish()
+        with pytest.raises(AssertionError):
+            p.rewind()
+        assert p.mark()
         p.detach()
         p.rewind()
         with pytest.raises(ShmrtError):
@@ -217,3 +226,117 @@ def test_a_producer_rewound_takes_back_its_reservations():
 def ffi_buffer(producer):
     from shmrt.wire.native import ffi
     return ffi.buffer(producer._native.c)
+
+
+# ---- what a plan must not serve: each condition of `ready` and `remember`, with a request the checks refuse or a
+# store the graph no longer writes (a client's requests are its own to choose)
+
+def _kv_call(caller, c, method, cache, pos, rows, width, seed, batch=1):
+    """A Matmul (or AttentionOutput) on the daemon's `cache` at `pos`: for a Matmul, `rows` new rows of it travel;
+    for an AttentionOutput, P `width` wide, the cache's rows as they are."""
+    from shmrt.model.calls import matmul_bits
+    cfg = c.cfg
+    g = torch.Generator().manual_seed(seed)
+    if method == "Matmul":
+        a = torch.randn(batch, cfg.num_key_value_heads, cfg.groups, cfg.head_dim, generator=g)
+        b = torch.randn(batch, cfg.num_key_value_heads, rows, cfg.head_dim, generator=g)
+        if cache == "v":
+            a = torch.randn(batch, cfg.num_key_value_heads, cfg.groups, pos + rows, generator=g)
+        tensors, op = [a, b], matmul_bits(cache == "k", cache)
+    else:
+        tensors, op = [torch.rand(batch, cfg.num_key_value_heads, cfg.groups, width, generator=g)], matmul_bits(False, cache)
+    with caller.call(method, tensors, layer=0, op=op, pos=pos) as r:
+        return r.take(0)
+
+
+def test_a_plan_does_not_serve_scores_once_k_restarted_behind_v():
+    from shmrt.errors import ProtocolError
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    caller, _ = _scores_session(c, 8)
+    with caller:
+        for pos in range(6):
+            _scores(caller, c, pos, 8, seed=pos)
+        _kv_call(caller, c, "Matmul", "k", 0, 2, 0, seed=10)   # K restarts with 2 rows; V keeps 6
+        with pytest.raises(ProtocolError, match="K cache of layer 0 holds 2 positions, request says pos 6"):
+            _scores(caller, c, 6, 8, seed=6)
+
+
+def test_a_plan_does_not_serve_scores_past_its_width():
+    from shmrt.errors import ProtocolError
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    caller, _ = _scores_session(c, 8)
+    with caller:
+        _scores(caller, c, 0, 16, seed=0)   # buffers with room for 16 rows: a write at 8 would land in them
+        for pos in range(8):
+            _scores(caller, c, pos, 8, seed=pos)
+        with pytest.raises(ProtocolError, match="width 8: expected 0 or from pos"):
+            _scores(caller, c, 8, 8, seed=8)
+
+
+def test_a_plan_does_not_write_k_and_v_buffers_the_store_let_go(monkeypatch):
+    """K moved to new buffers by calls of another shape (a batch of 2, then 1 again, as many rows as V): the store
+    holds as many rows as the plan expects, in other memory. The next step's scores are those of a session without
+    plans."""
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+
+    def steps(caller):
+        out = [_scores(caller, c, pos, 8, seed=pos) for pos in range(4)]
+        _kv_call(caller, c, "Matmul", "k", 0, 3, 0, seed=11, batch=2)
+        out.append(_kv_call(caller, c, "Matmul", "k", 0, 4, 0, seed=12))
+        return out + [_scores(caller, c, pos, 8, seed=pos) for pos in (4, 5)]
+    monkeypatch.setattr(SessionGraphs, "remember", lambda self, *a: None)
+    caller, _ = _scores_session(c, 8)
+    with caller:
+        expected = steps(caller)
+    monkeypatch.undo()
+    served = _counting(monkeypatch)
+    caller, _ = _scores_session(c, 8)
+    with caller:
+        got = steps(caller)
+    assert any(served)
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cache", ["v", "k"])
+def test_a_plan_does_not_serve_attention_output_once_its_cache_grew_past_p(cache):
+    """AttentionOutput multiplies P by the cache its op names (V, or K if the client asks): once that cache holds
+    more rows than P is wide, the checks refuse it, and so must a plan made before."""
+    from shmrt.errors import ProtocolError
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    caller, graphs = _scores_session(c, 8)
+    with caller:
+        _scores(caller, c, 0, 8, seed=0)
+        for i in range(4):
+            _kv_call(caller, c, "AttentionOutput", cache, 0, 0, 8, seed=20 + i)
+        assert any(key[0] == "AttentionOutput" for key in graphs.plans)
+        _kv_call(caller, c, "Matmul", cache, 1, 10, 0, seed=30)   # that cache: 11 rows
+        with pytest.raises(ProtocolError, match="inner dims differ"):
+            _kv_call(caller, c, "AttentionOutput", cache, 0, 0, 8, seed=24)
+
+
+def test_plans_are_made_only_for_replies_of_one_reservation():
+    """With a 16-bit wire, tiny's gate and up replies (176 elements: 352 bytes) do not end on a descriptor boundary:
+    two reservations, so no plan (the graph writes the second where the first reservation does not reach). Every
+    plan's reply lies inside its one reservation, and decoding gives the same tokens as without graphs."""
+    w = load_weights("tiny")
+    tokens = {}
+    for with_graphs in (False, True):
+        handler = ModelHandler(LinearCompute(w, "cpu", torch.float32), "test", "", log=print)
+        with InProcessCaller(handler, torch.bfloat16, 256 << 10) as caller:
+            if with_graphs:
+                graphs = caller.session.graphs = SessionGraphs(handler.c, None, caller.req.native.message_starts,
+                                                               caller.rsp.native.message_starts, log=print,
+                                                               capture=RerunBody)
+                graphs.width_step = 8
+            model = EnclaveModel(load_enclave_part(w.source), RemoteOps(caller, w.cfg, torch.bfloat16), "daemon",
+                                 "fewest", score_step=8)
+            tokens[with_graphs] = generate(model, random_ids(5, 320, seed=3), 12, Sampler()).tokens
+            if with_graphs:
+                assert graphs.plans
+                for (method, *_), plans in graphs.plans.items():
+                    for plan in plans:
+                        for d in plan.reply_descs:
+                            assert plan.reply_offset <= d.offset and d.offset + d.nbytes <= \
+                                plan.reply_offset + plan.reply_nbytes, (method, plan.reply_descs)
+    assert tokens[True] == tokens[False]

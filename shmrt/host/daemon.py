@@ -198,7 +198,7 @@ class ModelHandler(Handler):
         out = builder.alloc((p.shape[0], p.shape[2] // self.c.cfg.groups, self.c.cfg.hidden_size), s.wire)
         graph = s.graphs.output(request.layer, p, vd, out) if v is None and s.graphs else None
         if graph is not None:
-            s.graphs.remember(request, builder, OutputPlan(graph, request.layer, p.shape[3], s.kv))
+            s.graphs.remember(request, builder, OutputPlan(graph, request.layer, p.shape[3], cache, s.kv))
             return
         out.copy_(self.c.output_product(request.layer, self.c.to_device(p), vd), non_blocking=True)
 

@@ -29,7 +29,8 @@ K/V store's state and where the reply lands, is checked each time).
 
 Graphs hold the session's ring addresses, so they go with the session, dropped before its rings are
 unregistered and unmapped. Arguments are checked by the eager path's code before a graph is looked up
-(`linear_rows`, `scores_rows`, `output_factor`, K/V `place`, the reply's reservation). A capture that fails
+(`linear_rows`, `scores_rows`, `output_factor`, K/V `place`, the reply's reservation), or stand checked by a plan:
+checks that passed for the same record, with what the record does not fix checked again (`Plan`). A capture that fails
 turns graphs off for the session, with one log line, and the call runs eagerly. (The tests run these routes on a
 CPU too, with a capture that runs the body again on replay: tests/test_graph_routes.py.)
 """
@@ -155,9 +156,9 @@ class Plan:
 
 
 class ScoresPlan(Plan):
-    """A padded AttentionScores: the step's rows go at `pos`, which must be where the store's K and V end (not 0: a
-    restart zeroes rows) and within the width; the store must hold the buffers the graph writes (it would have
-    grown them otherwise: it had room for the width when the plan was made)."""
+    """A padded AttentionScores: the step's rows go at `pos`, which must be where the store's K and V both end (a
+    restart, pos 0 with rows kept, takes the checks: it zeroes them) and before the width; the store must hold the
+    buffers the graph writes (it had room for the width in them when the plan was made: it grows none)."""
 
     __slots__ = ("layer", "width", "keys", "values", "position_word")
 
@@ -168,7 +169,7 @@ class ScoresPlan(Plan):
 
     def ready(self, pos: int, kv) -> bool:
         layer = self.layer
-        return 0 < pos < self.width and kv.filled["k"][layer] == pos == kv.filled["v"][layer] \
+        return pos < self.width and kv.filled["k"][layer] == pos == kv.filled["v"][layer] \
             and kv.buffers["k"][layer] is self.keys and kv.buffers["v"][layer] is self.values
 
     def run(self, pos: int, kv) -> None:
@@ -179,17 +180,17 @@ class ScoresPlan(Plan):
 
 
 class OutputPlan(Plan):
-    """AttentionOutput with P alone: V's rows kept must be some and no more than P's width, in the buffer the
-    graph reads."""
+    """AttentionOutput with P alone: the rows kept in the cache its op names (V; a client may name K) must be some
+    and no more than P's width, in the buffer the graph reads."""
 
-    __slots__ = ("layer", "width", "values")
+    __slots__ = ("layer", "width", "cache", "factor")
 
-    def __init__(self, graph: CapturedCall, layer: int, width: int, kv):
+    def __init__(self, graph: CapturedCall, layer: int, width: int, cache: str, kv):
         super().__init__(graph)
-        self.layer, self.width, self.values = layer, width, kv.buffers["v"][layer]
+        self.layer, self.width, self.cache, self.factor = layer, width, cache, kv.buffers[cache][layer]
 
     def ready(self, pos: int, kv) -> bool:
-        return 0 < kv.filled["v"][self.layer] <= self.width and kv.buffers["v"][self.layer] is self.values
+        return 0 < kv.filled[self.cache][self.layer] <= self.width and kv.buffers[self.cache][self.layer] is self.factor
 
 
 MAX_PLANS = 2 * MAX_GRAPHS   # request records remembered per session (each with at most two reply places)
@@ -241,13 +242,16 @@ class SessionGraphs:
     def replay_planned(self, request, builder, kv) -> bool:
         """Serve `request` by its record's plan (`Plan`): True if it ran (the reply reserved and described in
         `builder`), False where there is none or it does not apply now: the eager path's checks and routes then."""
-        plans = self.plans.get(plan_key(request)) if self.plans and request.descs is not None else None
-        if plans is None or not plans[0].ready(request.pos, kv):   # every plan of one record holds the same buffers
+        plans = self.plans.get(plan_key(request)) if self.on and self.plans and request.descs is not None else None
+        if plans is None or not plans[0].ready(request.pos, kv):
             return False
+        # (A reservation that waited for room and lands elsewhere is taken back, and the checks' own may wait again.)
         offset = builder.claim(plans[0].reply_nbytes, [p.reply_offset for p in plans])
         if offset is None:
             return False
         plan = plans[0] if plans[0].reply_offset == offset else plans[1]
+        # The plans of one record hold the same buffers (a call that changes them drops the graphs holding the old
+        # ones, and their plans, before it makes a plan): a guard, not a case
         if plan is not plans[0] and not plan.ready(request.pos, kv):
             builder.unclaim()
             return False

@@ -236,14 +236,22 @@ class NativeProducer:
         self.c = p
         self._buf = buf._buf   # the cdata the struct points into: alive as long as this is
         self._marked = ffi.new("shmrt_producer *")   # `mark`'s copy of the state
+        self._has_mark = False
 
-    def mark(self) -> None:
-        """Remember the state: `rewind` undoes the reservations made since (a reservation changes nothing but
-        this struct; only a publish writes the ring)."""
-        self._marked[0] = self.c[0]
+    def mark(self) -> bool:
+        """Remember the state, between two messages: `rewind` undoes the reservations made since (a reservation
+        changes nothing but this struct; only a publish writes the ring). False, nothing remembered, in the middle
+        of a message (a call that failed after reserving leaves one open)."""
+        self._has_mark = not self.c.in_message
+        if self._has_mark:
+            self._marked[0] = self.c[0]
+        return self._has_mark
 
     def rewind(self) -> None:
-        """Back to the state at `mark`, keeping the mapping as it is now (detached stays detached)."""
+        """Back to the state at the last `mark`, once, keeping the mapping as it is now (detached stays detached).
+        Never across a publish: that would take back a message the peer may be reading."""
+        assert self._has_mark and self.c.published == self._marked.published, "rewind without a mark, or past a publish"
+        self._has_mark = False
         base, base_len = self.c.base, self.c.base_len
         self.c[0] = self._marked[0]
         self.c.base, self.c.base_len = base, base_len

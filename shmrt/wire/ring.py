@@ -396,9 +396,10 @@ class Producer:
         raise TensorTooLarge(f"{what} of {need} plus the rest of its message does not fit ring {self.ring.name} of "
                              f"{have}: pass a larger --ring-mib")
 
-    def mark(self) -> None:
-        """Remember where the message being built stands: `rewind` takes back what is reserved after this."""
-        self._native.mark()
+    def mark(self) -> bool:
+        """Remember the state between two messages: `rewind` takes back what is reserved after this. False (and
+        nothing to rewind to) in the middle of a message."""
+        return self._native.mark()
 
     def rewind(self) -> None:
         """Take back every reservation since `mark` (none of it was published: the peer saw nothing)."""

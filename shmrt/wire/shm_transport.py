@@ -339,9 +339,10 @@ class ShmReplyBuilder(ReplyBuilder):
     def claim(self, nbytes: int, offsets) -> int | None:
         """The whole reply as one reservation of `nbytes` where it lands at one of `offsets` (a remembered call's
         reply places: host/graphs.py's plans): its offset; None, with the ring as it was, where it lands elsewhere.
-        The caller fills `descs` itself."""
+        The caller fills `descs` itself. None too where a message is open (an earlier call failed after reserving)."""
         producer = self.ring.producer
-        producer.mark()
+        if not producer.mark():
+            return None
         offset = producer.reserve(nbytes, timeout=self.timeout, what="reply tensors")
         if offset in offsets:
             self.reserved.append((offset, nbytes))
