@@ -376,6 +376,28 @@ def test_run_killed_alone_takes_its_daemon_and_segments_with_it(how):
             pass
 
 
+def test_a_daemon_started_on_a_worker_thread_outlives_that_thread(tmp_path):
+    """The kernel's parent-death signal follows the thread that started a child: a DaemonProcess started on a thread
+    that then ends (the test suite's background start of SmolLM2) must go on serving."""
+    import threading
+    box = {}
+    starter = threading.Thread(target=lambda: box.update(
+        daemon=DaemonProcess(["--model", "tiny"], f"ipc://{tmp_path}/d.sock", quiet=True)))
+    starter.start()
+    starter.join()
+    daemon = box["daemon"]
+    try:
+        time.sleep(0.5)
+        assert daemon.proc.poll() is None
+        t = make_client_transport("shm", daemon.endpoint, timeout=10)
+        try:
+            assert t.hello(client_info())["model"] == "tiny"
+        finally:
+            t.close()
+    finally:
+        daemon.stop()
+
+
 def _in_small_dev_shm(script: str, mib: int = 1) -> subprocess.CompletedProcess:
     """Run `script` (sh) in a private mount namespace whose /dev/shm is a fresh `mib`-MiB tmpfs."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:

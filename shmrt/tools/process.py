@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from .. import settings
@@ -18,9 +19,10 @@ PR_SET_PDEATHSIG = 1
 
 
 def exit_with_parent() -> None:
-    """In a daemon that DaemonProcess started: get SIGTERM when that process dies, however it dies (a `shmrt run`
-    killed with SIGKILL cannot stop its daemon itself, which would go on holding the model and the device). The
-    daemon's SIGTERM handler stops it as `stop()` would; before that handler is in place, SIGTERM ends it at once."""
+    """In a daemon that DaemonProcess started from a main thread: get SIGTERM when that process dies, however it dies
+    (a `shmrt run` killed with SIGKILL cannot stop its daemon itself, which would go on holding the model and the
+    device). The daemon's SIGTERM handler stops it as `stop()` would; before that handler is in place, SIGTERM ends
+    it at once."""
     parent = os.environ.pop(PARENT_ENV, None)
     if not parent or not parent.isdigit():
         return
@@ -41,7 +43,12 @@ class DaemonProcess:
         cmd = [sys.executable, "-m", "shmrt", "daemon", "--endpoint", endpoint, "--ready-file", ready, *daemon_args]
         if quiet:
             cmd.append("--quiet")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())})
+        # The kernel's death signal follows the thread that started the child, not the process: asked for only from
+        # the main thread (`shmrt run`, the bench), or a daemon started on a worker thread would stop with that thread
+        env = dict(os.environ)
+        if threading.current_thread() is threading.main_thread():
+            env[PARENT_ENV] = str(os.getpid())
+        self.proc = subprocess.Popen(cmd, env=env)
         deadline = time.monotonic() + timeout
         while not os.path.exists(ready):
             if self.proc.poll() is not None:
