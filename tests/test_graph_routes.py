@@ -3,6 +3,8 @@ session given graphs whose capture is a stand-in that runs the captured body aga
 request ring and writes the reply at the addresses a CUDA graph would, so what this checks is everything but
 CUDA: which calls take a graph, the keys and families, lap starts, the position word, K/V commits and zeroing,
 the drop of graphs holding let-go K/V buffers. Values against transformers; GPU runs of the same: test_graphs.py."""
+import random
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from conftest import random_ids
 from shmrt.enclave.generate import Sampler, generate
 from shmrt.enclave.llama import EnclaveModel
 from shmrt.enclave.ops import RemoteOps
+from shmrt.errors import ProtocolError, ShmrtError
 from shmrt.host.compute import LinearCompute
 from shmrt.host.daemon import ModelHandler
 from shmrt.host.graphs import SessionGraphs
@@ -130,7 +133,6 @@ def test_planned_calls_give_the_eager_routes_values_and_refuse_what_they_refuse(
     """Steps served by plans write the same bytes as the same steps through the checks and routes; a repeated
     record whose position the store does not hold is refused as the checks refuse it (the plan does not apply),
     and a restart at pos 0 runs through the checks."""
-    from shmrt.errors import ProtocolError
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
     W = 8
     results = {}
@@ -192,7 +194,6 @@ def test_a_producer_rewound_takes_back_its_reservations():
     """Producer.mark/rewind (the plans' reservation where the reply lands elsewhere): the state as it was, the
     next reservation where the rewound one was, nothing published; a detached producer stays detached."""
     from shmrt.wire.ring import OFF_HEAD, Ring
-    from shmrt.errors import ShmrtError
     ring = Ring.create(1 << 16, "rsp")
     try:
         p = ring.producer
@@ -250,7 +251,6 @@ def _kv_call(caller, c, method, cache, pos, rows, width, seed, batch=1):
 
 
 def test_a_plan_does_not_serve_scores_once_k_restarted_behind_v():
-    from shmrt.errors import ProtocolError
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
     caller, _ = _scores_session(c, 8)
     with caller:
@@ -262,7 +262,6 @@ def test_a_plan_does_not_serve_scores_once_k_restarted_behind_v():
 
 
 def test_a_plan_does_not_serve_scores_past_its_width():
-    from shmrt.errors import ProtocolError
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
     caller, _ = _scores_session(c, 8)
     with caller:
@@ -302,7 +301,6 @@ def test_a_plan_does_not_write_k_and_v_buffers_the_store_let_go(monkeypatch):
 def test_a_plan_does_not_serve_attention_output_once_its_cache_grew_past_p(cache):
     """AttentionOutput multiplies P by the cache its op names (V, or K if the client asks): once that cache holds
     more rows than P is wide, the checks refuse it, and so must a plan made before."""
-    from shmrt.errors import ProtocolError
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
     caller, graphs = _scores_session(c, 8)
     with caller:
@@ -340,3 +338,83 @@ def test_plans_are_made_only_for_replies_of_one_reservation():
                             assert plan.reply_offset <= d.offset and d.offset + d.nbytes <= \
                                 plan.reply_offset + plan.reply_nbytes, (method, plan.reply_descs)
     assert tokens[True] == tokens[False]
+
+
+def _random_call(rng: random.Random, c, filled: int):
+    """One decode-shaped call a client might make, valid or not: (method, tensors, layer, op, pos)."""
+    from shmrt.model.calls import matmul_bits, projection_bits
+    cfg = c.cfg
+    Hkv, g, hd = cfg.num_key_value_heads, cfg.groups, cfg.head_dim
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    kind = rng.choice(["scores"] * 4 + ["output"] * 3 + ["matmul"] * 2 + ["gate_up", "down"])
+    pos = rng.choice([filled] * 6 + [0, max(filled - 1, 0), filled + 1])
+    layer = rng.choice([0, 0, 0, 1])
+    if kind == "scores":
+        tensors = [torch.randn(1, 1, cfg.hidden_size, generator=gen), torch.randn(4, 1, hd, generator=gen)]
+        return "AttentionScores", tensors, layer, rng.choice([8, 8, 16, 0]), pos
+    if kind == "output":
+        p = torch.rand(1, Hkv, g, rng.choice([8, 8, 16]), generator=gen)
+        return "AttentionOutput", [p], layer, matmul_bits(False, rng.choice(["v", "k"])), pos
+    if kind == "matmul":
+        cache, rows = rng.choice(["k", "v"]), rng.randint(1, 3)
+        a = torch.randn(1, Hkv, g, hd if cache == "k" else pos + rows, generator=gen)
+        return "Matmul", [a, torch.randn(1, Hkv, rows, hd, generator=gen)], layer, matmul_bits(cache == "k", cache), pos
+    if kind == "gate_up":
+        return "BatchLinear", [torch.randn(1, 1, cfg.hidden_size, generator=gen)], layer, \
+            projection_bits(["gate_proj", "up_proj"]), 0
+    return "BatchLinear", [torch.randn(1, 1, cfg.intermediate_size, generator=gen)], layer, \
+        projection_bits(["down_proj"]), 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plans_change_no_outcome_of_random_call_sequences(seed):
+    """Differential: the same random sequence of decode-shaped calls (steps at the right position and off it, scores
+    of two widths, outputs naming V or K, K/V rows that restart or grow a cache, the MLP's projections, replies held
+    across a call) through a session whose graphs remember plans and one whose graphs do not: every reply the same
+    bytes at the same places, every refusal the same message, and plans served a good part of them."""
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    sessions = []
+    for planned in (True, False):
+        caller, graphs = _scores_session(c, 8)
+        if not planned:
+            graphs.remember = lambda *a: None
+        sessions.append((caller, graphs))
+    served = []
+    planned_graphs = sessions[0][1]
+    replay_planned = planned_graphs.replay_planned
+    planned_graphs.replay_planned = lambda *a: served.append(replay_planned(*a)) or served[-1]
+    try:
+        rng = random.Random(seed)
+        filled = 0
+        for step in range(300):
+            method, tensors, layer, op, pos = _random_call(rng, c, filled)
+            hold = rng.random() < 0.1
+            outcomes = []
+            for caller, graphs in sessions:
+                try:
+                    reply = caller.call(method, tensors, layer=layer, op=op, pos=pos)
+                except ShmrtError as exc:
+                    outcomes.append(("refused", str(exc)))
+                    continue
+                with reply:   # the values, and where they lay in the response ring
+                    values = [reply.view(i).clone() for i in range(len(reply))]
+                    places = [reply.view(i).data_ptr() - caller.rsp.native.address for i in range(len(reply))]
+                    if hold:   # the next call's reply lands elsewhere while this one is held
+                        extra = caller.call("BatchLinear", [tensors[0] if method == "BatchLinear" and op != 64 else
+                                                            torch.zeros(1, 1, c.cfg.hidden_size)],
+                                            layer=0, op=op if method == "BatchLinear" and op != 64 else 48)
+                        extra.release()
+                outcomes.append(("ok", values, places))
+            (a, b) = outcomes
+            assert a[0] == b[0], (step, method, a, b)
+            if a[0] == "refused":
+                assert a[1] == b[1], (step, method)
+            else:
+                assert all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and a[2] == b[2], (step, method, op, pos)
+                if method == "AttentionScores" and layer == 0:
+                    filled = pos + 1
+        assert sessions[0][1].plans and not sessions[1][1].plans
+        assert sum(served) >= 20
+    finally:
+        for caller, _ in sessions:
+            caller.close()
