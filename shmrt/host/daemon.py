@@ -19,7 +19,7 @@ import torch
 
 from .. import settings
 from .compute import KVStore, LinearCompute, write_parts
-from .graphs import SCORE_WIDTH_STEP, OutputPlan, Plan, ScoresPlan, SessionGraphs
+from .graphs import SCORE_WIDTH_STEP, OutputPlan, Plan, SessionGraphs
 from ..errors import ProtocolError, SetupError
 from ..model.calls import linear_args, matmul_args, replied_projections
 from ..wire.protocol import dtype_from_name
@@ -208,9 +208,9 @@ class ModelHandler(Handler):
         cfg = self.c.cfg
         B, S = x.shape[:2]
         out = builder.alloc((B, cfg.num_key_value_heads, cfg.groups * S, width or pos + S), s.wire)
-        graph = s.graphs.scores(layer, rows, x, tables, pos, width, s.kv, out) if s.graphs else None
-        if graph is not None:
-            s.graphs.remember(request, builder, ScoresPlan(graph, layer, width, s.kv, s.graphs.position_word))
+        plan = s.graphs.scores(layer, rows, x, tables, pos, width, s.kv, out) if s.graphs else None
+        if plan is not None:
+            s.graphs.remember(request, builder, plan)
             return
         rotated = s.graphs.rotation(layer, rows, x, tables) if s.graphs else None
         if rotated is None:

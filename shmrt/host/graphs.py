@@ -217,7 +217,7 @@ class SessionGraphs:
         # one pool: the graphs replay one at a time, each call synced
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self.position = torch.zeros(1, dtype=torch.int64, pin_memory=self.cuda)   # a padded step's position (scores)
-        self.position_word = self.position.numpy()   # written through numpy: a tensor's setitem costs ~5 us
+        self._position_word = self.position.numpy()   # written through numpy: a tensor's setitem costs ~5 us
         self.width_step = SCORE_WIDTH_STEP
         self.graphs: dict[tuple, CapturedCall] = {}
         # per layer: a padded call's family (kind, layer, its tensors' addresses and dtypes) -> the key of its one
@@ -284,10 +284,10 @@ class SessionGraphs:
         return None if graph is None else graph.replay()
 
     def scores(self, layer: int, rows: list[int], x: torch.Tensor, tables: torch.Tensor, pos: int, width: int, kv,
-               out: torch.Tensor) -> CapturedCall | None:
-        """A padded AttentionScores (`width`, a multiple of the step we asked for) replayed whole (`scores_body`):
-        its graph if it ran (its rows are kept then), None where it is not a graph's (unpadded, not one row, not at
-        lap starts, graphs off): eager."""
+               out: torch.Tensor) -> ScoresPlan | None:
+        """A padded AttentionScores (`width`, a multiple of the step we asked for) replayed whole (`scores_body`) as
+        its plan runs it: the plan if it ran (its rows are kept then), None where it is not a graph's (unpadded, not
+        one row, not at lap starts, graphs off): eager."""
         if not self.on or not width or width % self.width_step or x.shape[:2] != (1, 1) \
                 or x.data_ptr() not in self.request_starts or out.data_ptr() not in self.reply_starts:
             return None
@@ -298,15 +298,14 @@ class SessionGraphs:
         self._drop_holding_others(layer, held)
         family = ("AttentionScores", layer, x.data_ptr(), x.dtype, tuple(x.shape), tables.data_ptr(), tables.dtype,
                   out.data_ptr(), out.dtype)
-        self.position_word[0] = pos   # before a capture too: its first, eager run keeps this step's rows
+        self._position_word[0] = pos   # before a capture too: its first, eager run keeps this step's rows
         graph = self._graph((*family, keys.data_ptr(), values.data_ptr(), width), lambda: scores_body(
             self.c, layer, rows, x, tables, self.position, keys, values, width, out), family, held)
         if graph is None:
             return None
-        graph.replay()
-        kv.commit(layer, "k", pos + 1)
-        kv.commit(layer, "v", pos + 1)
-        return graph
+        plan = ScoresPlan(graph, layer, width, kv, self._position_word)   # the buffers `place` made room in
+        plan.run(pos, kv)
+        return plan
 
     def output(self, layer: int, p: torch.Tensor, vd: torch.Tensor, out: torch.Tensor) -> CapturedCall | None:
         """AttentionOutput with P alone replayed (`output_body`): its graph if it ran, None where it is not a
@@ -336,12 +335,11 @@ class SessionGraphs:
         key, _ = self.families[family[1]].pop(family)
         graph = self.graphs.pop(key)
         for record, plans in list(self.plans.items()):   # (a new width or K/V buffer: every SCORE_WIDTH_STEP steps)
-            if any(p.graph is graph for p in plans):
-                kept = [p for p in plans if p.graph is not graph]
-                if kept:
-                    self.plans[record] = kept
-                else:
-                    del self.plans[record]
+            kept = [p for p in plans if p.graph is not graph]
+            if not kept:
+                del self.plans[record]
+            elif len(kept) < len(plans):
+                self.plans[record] = kept
 
     def _graph(self, key: tuple, make_body, family: tuple | None = None, held: frozenset = frozenset()
                ) -> CapturedCall | None:
