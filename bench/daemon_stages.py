@@ -4,6 +4,12 @@ each stamped as it returns), and a client process decodes three rounds; the last
 
     PYTHONPATH=. python bench/daemon_stages.py llama3.2-1b cuda 1024 49      # model device prompt tokens
     PYTHONPATH=. python bench/daemon_stages.py echo cpu 4096 20000           # the micro suite's 4 KiB echo calls
+    PYTHONPATH=. python bench/daemon_stages.py llama3.2-1b cpu+plans 1024 65 4   # ... and layers: a CUDA daemon's
+                                                                                  # Python, on a machine without one
+
+`cpu+plans`: the daemon on the CPU as a CUDA daemon runs a decode step, with graphs whose replays do nothing (so its
+plans too) and an LM head of zeros: its per-call Python, plans included, without the compute, where there is no GPU
+(`launch` and `settle` are then ~0).
 
 With `echo` the daemon is the micro suite's (EchoHandler) and the client makes rounds of round trips of `prompt`
 bytes (`tokens` a round) instead of decoding.
@@ -19,6 +25,10 @@ Stages per call (us, medians over the decode phase, by method):
   gap      from posting the reply to taking the next request (the client's side of the round trip)"""
 import collections
 import os
+
+# As the CLI sets it before torch loads (settings.apply_process_defaults): without it, on 2 cores, the daemon's
+# OpenMP workers spun after each parallel op and the client saw a 513 KB reply (LMHead's) 2-5 ms late
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import statistics
 import subprocess
 import sys
@@ -31,13 +41,16 @@ import shmrt.host.server as srv
 import shmrt.wire.shm_transport as st
 from shmrt.host.compute import LinearCompute
 from shmrt.host.daemon import ModelHandler
-from shmrt.host.handler import EchoHandler
+from shmrt.host.handler import Call, EchoHandler
 from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import model_digest, resolve_model
 from shmrt.wire.native import now_ns
 
 model, device = sys.argv[1], sys.argv[2]
 prompt, tokens = int(sys.argv[3]), int(sys.argv[4])
+layers = int(sys.argv[5]) if len(sys.argv) > 5 else None
+stand_in = device == "cpu+plans"
+device = "cpu" if stand_in else device
 rec = []          # per call: dict of stage -> ns, method
 cur = {}
 
@@ -95,6 +108,32 @@ stamp(st.ShmServerSession, "encode_reply_ahead", "t_ahead")    # CUDA only: else
 stamp(st.ShmServerSession, "finish_reply", "t_finished")       # CUDA
 stamp(st.ShmServerSession, "encode_reply", "t_finished")       # elsewhere
 
+class StandInGraph:
+    """A captured call whose replay does nothing (the body ran once, at capture): the Python around it is all."""
+
+    def __init__(self, body, keep, pool, stream, device):
+        self.outputs, self._keep = body(), keep
+
+    def replay(self):
+        return self.outputs
+
+
+def install_stand_in_graphs(handler: ModelHandler, vocab: int) -> None:
+    """A CPU daemon that runs decode steps as a CUDA one does: graphs (stand-ins) and plans from Init on, decode
+    scores padded (Hello's score_width_step), and an LM head of zeros (the one large product left)."""
+    handler.c.lm_head = lambda x, max_elements=None: torch.zeros(x.shape[0], vocab)
+    init = handler.calls["Init"].compute
+
+    def init_with_graphs(self, s, request, builder):
+        init(self, s, request, builder)
+        s.graphs = gr.SessionGraphs(self.c, None, *(b.message_starts for b in s.pinned_buffers()), print,
+                                    capture=StandInGraph)
+
+    handler.calls = {**handler.calls, "Init": Call("Init", 0, init_with_graphs)}
+    hello = handler.hello
+    handler.hello = lambda: {**hello(), "score_width_step": gr.SCORE_WIDTH_STEP}
+
+
 ep = f"ipc:///tmp/ds-{os.getpid()}.sock"
 if model == "echo":   # the micro suite's calls: an echo daemon, `prompt` bytes a round trip, `tokens` round trips a round
     handler, skipped = EchoHandler(), 0
@@ -116,16 +155,19 @@ for r in range(3):
 t.close()
 """
 else:
-    source = resolve_model(model, None, 0)
+    source = resolve_model(model, layers, 0)
     w = load_weights(source, dtype=torch.float32, device=device)
     handler = ModelHandler(LinearCompute(w, device, torch.float32), model, model_digest(source), log=print)
+    if stand_in:
+        install_stand_in_graphs(handler, w.cfg.vocab_size)
     skipped = 2 + 4 * w.cfg.num_hidden_layers   # a round's prefill calls (Embedding, four a layer, LMHead)
     client_code = f"""
 import torch, time
 from shmrt.enclave.client import EnclaveClient
+from shmrt.model.checkpoint import resolve_model
 from shmrt.enclave.generate import Sampler, generate
 from shmrt.tools.heap import freeze_heap
-with EnclaveClient(endpoint={ep!r}, model={model!r}, transport="shm", timeout=600, prompt_tokens={prompt},
+with EnclaveClient(endpoint={ep!r}, model=resolve_model({model!r}, {layers!r}, 0), transport="shm", timeout=600, prompt_tokens={prompt},
                    total_tokens={prompt + tokens + 1}) as c, torch.inference_mode():
     freeze_heap()
     ids = torch.randint(0, c.model.cfg.vocab_size, (1, {prompt}), generator=torch.Generator().manual_seed(1))
