@@ -11,7 +11,14 @@ import time
 
 import pytest
 
-from shmrt.tools.process import DaemonProcess
+from shmrt import settings
+
+# The CLI's process defaults, before torch loads (as `shmrt` sets them), for this process and every child: OpenMP
+# workers that sleep between ops. Without them, on 2 cores, an echo daemon's workers spun after a parallel copy
+# and its client saw a 513 KB reply 2-5 ms late (bench/results/cpu-2core-session17).
+settings.apply_process_defaults()
+
+from shmrt.tools.process import DaemonProcess  # noqa: E402
 
 # Child processes the tests start from Python (echo daemons, concurrent clients, scribblers) come from a
 # fork server that imported torch and shmrt once: a spawned child spent ~3 s of CPU importing torch
