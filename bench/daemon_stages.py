@@ -4,12 +4,11 @@ each stamped as it returns), and a client process decodes three rounds; the last
 
     PYTHONPATH=. python bench/daemon_stages.py llama3.2-1b cuda 1024 49      # model device prompt tokens
     PYTHONPATH=. python bench/daemon_stages.py echo cpu 4096 20000           # the micro suite's 4 KiB echo calls
-    PYTHONPATH=. python bench/daemon_stages.py llama3.2-1b cpu+plans 1024 65 4   # ... and layers: a CUDA daemon's
-                                                                                  # Python, on a machine without one
+    PYTHONPATH=. python bench/daemon_stages.py small cpu+plans 1024 65        # a CUDA daemon's Python, on a CPU
 
-`cpu+plans`: the daemon on the CPU as a CUDA daemon runs a decode step, with graphs whose replays do nothing (so its
-plans too) and an LM head of zeros: its per-call Python, plans included, without the compute, where there is no GPU
-(`launch` and `settle` are then ~0).
+`cpu+plans`: the daemon on the CPU running decode steps as a CUDA daemon does, graphs and plans included, each
+replay running its body again on the CPU (`launch` is then that compute, `settle` ~0): `handle` less `launch` is the
+Python a CUDA daemon spends around a call, measured where there is no GPU. (An optional 5th argument: layers.)
 
 With `echo` the daemon is the micro suite's (EchoHandler) and the client makes rounds of round trips of `prompt`
 bytes (`tokens` a round) instead of decoding.
@@ -109,19 +108,23 @@ stamp(st.ShmServerSession, "finish_reply", "t_finished")       # CUDA
 stamp(st.ShmServerSession, "encode_reply", "t_finished")       # elsewhere
 
 class StandInGraph:
-    """A captured call whose replay does nothing (the body ran once, at capture): the Python around it is all."""
+    """A captured call on a CPU: each replay runs the body again (what a CUDA graph's replay computes), its time
+    counted as the launch, so that `handle` less `launch` is the Python around it."""
 
     def __init__(self, body, keep, pool, stream, device):
-        self.outputs, self._keep = body(), keep
+        self.body, self._keep = body, keep
+        body()
 
     def replay(self):
-        return self.outputs
+        start = now_ns()
+        out = self.body()
+        cur["launch"] = cur.get("launch", 0) + now_ns() - start
+        return out
 
 
-def install_stand_in_graphs(handler: ModelHandler, vocab: int) -> None:
-    """A CPU daemon that runs decode steps as a CUDA one does: graphs (stand-ins) and plans from Init on, decode
-    scores padded (Hello's score_width_step), and an LM head of zeros (the one large product left)."""
-    handler.c.lm_head = lambda x, max_elements=None: torch.zeros(x.shape[0], vocab)
+def install_stand_in_graphs(handler: ModelHandler) -> None:
+    """A CPU daemon that runs decode steps as a CUDA one does: graphs (stand-ins) and plans from Init on, and
+    decode scores padded (Hello's score_width_step)."""
     init = handler.calls["Init"].compute
 
     def init_with_graphs(self, s, request, builder):
@@ -159,7 +162,7 @@ else:
     w = load_weights(source, dtype=torch.float32, device=device)
     handler = ModelHandler(LinearCompute(w, device, torch.float32), model, model_digest(source), log=print)
     if stand_in:
-        install_stand_in_graphs(handler, w.cfg.vocab_size)
+        install_stand_in_graphs(handler)
     skipped = 2 + 4 * w.cfg.num_hidden_layers   # a round's prefill calls (Embedding, four a layer, LMHead)
     client_code = f"""
 import torch, time

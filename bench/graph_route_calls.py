@@ -1,14 +1,16 @@
 """The daemon handler's Python per decode call on a CUDA daemon's routes, measured without a device: the split's own
 model and handler in one process (host/inprocess.py), the session given graphs whose capture runs the body once and
-whose replay does nothing, so what is timed is the Python around each launch (dispatch, checks, the reply's
-reservation, the graph lookup). The values it decodes are meaningless (nothing is recomputed on replay): it times,
-it checks nothing. Medians (us) of handler.handle per method over N decode steps.
+whose replay runs it again (what a CUDA replay computes, here on the CPU), that time taken out: what is left is the
+Python around each launch (dispatch, checks, the reply's reservation, the graph lookup or the plan). Medians (us) of
+handler.handle less its replays per method over N decode steps. (bench/daemon_stages.py's `cpu+plans` times the
+whole serving loop the same way.)
 
     PYTHONPATH=. .venv/bin/python bench/graph_route_calls.py [model (small)] [steps (64)]
 
-On an H200 host (bench/daemon_stages.py) this Python was 25-70 us a call, the graph's launch 12-24 (session 14)."""
+On an H200 host (bench/daemon_stages.py) this Python was 25-70 us a call, the graph's launch 12-24 (session 14).
+(Until session 17 replays ran nothing: once Embedding and LMHead were graphs too, their replies were whatever lay in
+the ring, and the enclave refused them.)"""
 import collections
-import os
 import statistics
 import sys
 import time
@@ -25,20 +27,22 @@ from shmrt.host.inprocess import InProcessCaller
 from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import load_enclave_part
 
-# Replies stay whatever the body's one run wrote (replays write nothing): with released ring space poisoned (the
-# tests' SHMRT_POISON) they would read NaN, which the enclave refuses. Timing needs no poison.
-os.environ["SHMRT_POISON"] = "0"
+replayed_ns = [0]   # the replays' time within the call being timed
 
 
-class NoReplay:
-    """A capture's stand-in: the body runs once (its warm-up), a replay returns its outputs and runs nothing."""
+class CpuReplay:
+    """A capture's stand-in: the body runs once (its warm-up), and again at each replay, timed."""
 
     def __init__(self, body, keep, pool, stream, device):
-        self._keep = keep
-        self.outputs = body()
+        self.body, self._keep = body, keep
+        body()
 
     def replay(self):
-        return self.outputs
+        start = time.perf_counter_ns()
+        try:
+            return self.body()
+        finally:
+            replayed_ns[0] += time.perf_counter_ns() - start
 
 
 model = sys.argv[1] if len(sys.argv) > 1 else "small"
@@ -49,17 +53,19 @@ times = collections.defaultdict(list)
 orig = handler.handle
 on = [False]
 def handle(request, builder, session, settle=True):
+    replayed_ns[0] = 0
     t = time.perf_counter_ns()
     try:
         return orig(request, builder, session, settle)
     finally:
         if on[0]:
-            times[request.method + (f" {request.op}" if request.method == "BatchLinear" else "")].append(time.perf_counter_ns() - t)
+            spent = time.perf_counter_ns() - t - replayed_ns[0]
+            times[request.method + (f" {request.op}" if request.method == "BatchLinear" else "")].append(spent)
 handler.handle = handle
 with InProcessCaller(handler, torch.float32, 64 << 20) as caller, torch.inference_mode():
     req, rsp = caller.req.native, caller.rsp.native
     caller.session.graphs = SessionGraphs(handler.c, None, req.message_starts, rsp.message_starts, log=print,
-                                          capture=NoReplay)
+                                          capture=CpuReplay)
     m = EnclaveModel(load_enclave_part(w.source), RemoteOps(caller, w.cfg, torch.float32), "daemon", "fewest",
                      score_step=256)
     ids = torch.randint(0, w.cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1))

@@ -68,6 +68,9 @@ def test_graph_routes_give_transformers_tokens_and_are_taken(checkpoints, calls,
             by_plans = {("fewest", 8): 4, ("fewest", 1): 2, ("v2.4", 8): 3}[calls, step]
             assert sum(served) - planned >= by_plans * layers * (new - 5), (calls, step, n)
         assert graphs.on and 0 < len(graphs.graphs)
+        # a decode step's Embedding and LMHead are graphs too, served by plans (their records repeat every step)
+        assert {"Embedding", "LMHead"} <= {key[0] for key in graphs.graphs}
+        assert {"Embedding", "LMHead"} <= {record[0] for record in graphs.plans}
         for layer, families in graphs.families.items():   # one graph per family, each holding the store's buffers
             kv = caller.session.kv
             for family, (key, held) in families.items():
@@ -153,6 +156,44 @@ def test_planned_calls_give_the_eager_routes_values_and_refuse_what_they_refuse(
     for a, b in zip(results[False], results[True]):
         assert torch.equal(a, b)
     assert torch.equal(results["restart"], results[True][0])
+
+
+def _embed_and_head(caller, c, token: int, seed: int):
+    """A decode step's Embedding of `token` and an LMHead of one random row: both replies' values (owned copies)."""
+    with caller.call("Embedding", [torch.tensor([[token]])]) as r:
+        row = r.take(0)
+    x = torch.randn(1, 1, c.cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    with caller.call("LMHead", [x]) as r:
+        return row, r.take(0)
+
+
+def test_embedding_and_lm_head_plans_give_the_eager_values_and_refuse_an_id_out_of_range(monkeypatch):
+    """A decode step's Embedding and LMHead served by plans write what the eager routes write; the id a plan looks up
+    is the one it read and checked (the graph reads a pinned word, not the ring the client may rewrite), and an id
+    out of range is refused as the checks refuse it, with the ring as without plans (the refusal reserved nothing)."""
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    V = c.cfg.vocab_size
+    tokens = [3, 17, V - 1, 0, 42, 9, 250, 1]
+    results, heads = {}, {}
+    for planned in (False, True):
+        if not planned:
+            monkeypatch.setattr(SessionGraphs, "remember", lambda self, *a: None)
+        else:
+            monkeypatch.undo()
+            served = _counting(monkeypatch)
+        caller, graphs = _scores_session(c, 8)
+        with caller:
+            results[planned] = [_embed_and_head(caller, c, t, seed=i) for i, t in enumerate(tokens[:5])]
+            with pytest.raises(ShmrtError, match=f"token id out of range \\[0, {V}\\): {V}"):
+                _embed_and_head(caller, c, V, seed=0)
+            results[planned] += [_embed_and_head(caller, c, t, seed=i) for i, t in enumerate(tokens[5:])]
+            heads[planned] = (caller.req.producer.head, caller.rsp.producer.head)
+            if planned:
+                assert sum(served) >= 8 and {r[0] for r in graphs.plans} == {"Embedding", "LMHead"}
+    for (row_a, logits_a), (row_b, logits_b), t in zip(results[False], results[True], tokens):
+        assert torch.equal(row_a, row_b) and torch.equal(row_b.view(-1), c.w.embed[t])
+        assert torch.equal(logits_a, logits_b)
+    assert heads[False] == heads[True]
 
 
 def _steps_holding_one_reply(caller, c, W):

@@ -237,21 +237,32 @@ class LinearCompute:
         if not 0 <= layer < self.cfg.num_hidden_layers:
             raise ProtocolError(f"{what}: layer {layer} out of range [0, {self.cfg.num_hidden_layers})")
 
-    def embedding(self, ids: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
+    def check_embedding(self, ids: torch.Tensor, max_elements: int | None = None) -> tuple[int, int, int]:
+        """Embedding's argument checked but for the ids' values: its result's shape, which must fit the reply."""
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
             raise ProtocolError(f"Embedding expects int64 ids [B, S], got {ids.dtype} {tuple(ids.shape)}")
-        check_result_fits((*ids.shape, self.cfg.hidden_size), max_elements, "Embedding")
+        shape = (*ids.shape, self.cfg.hidden_size)
+        check_result_fits(shape, max_elements, "Embedding")
+        return shape
+
+    def embedding(self, ids: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
+        shape = self.check_embedding(ids, max_elements)
         if ids.numel() == 1:   # a decode step: the id read once and checked, its row copied (no ids sent to a device)
-            token = int(ids.view(-1)[0])
-            if not 0 <= token < self.cfg.vocab_size:
-                raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): {token}")
-            return self.w.embed[token].view(*ids.shape, -1).clone()
+            return self.w.embed[self.decode_token(ids)].view(shape).clone()
         ids = ids.to(torch.int64, copy=True)  # private copy first, then validate (no double fetch)
         if ids.numel():
             low, high = (int(v) for v in torch.aminmax(ids))
             if low < 0 or high >= self.cfg.vocab_size:
                 raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): min {low}, max {high}")
         return F.embedding(ids if self._on_cpu else ids.to(self.device), self.w.embed)
+
+    def decode_token(self, ids: torch.Tensor) -> int:
+        """A decode step's one id (ids [1, 1], int64 or int32: checked by the caller), read once from the request
+        (the client may rewrite it meanwhile: what is used is what was checked) and checked against the vocabulary."""
+        token = ids.item()   # (int64 or int32: a Python int)
+        if not 0 <= token < self.cfg.vocab_size:
+            raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): {token}")
+        return token
 
     def linear(self, layer: int, names: list[str] | tuple[str, ...], x: torch.Tensor, max_elements: int | None = None,
                dtype: torch.dtype | None = None) -> list[torch.Tensor]:
@@ -444,12 +455,22 @@ class LinearCompute:
         ctx = ctx.view(B, S, H * hd) if S == 1 else ctx.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd)
         return F.linear(ctx if ctx.dtype == self.dtype else ctx.to(self.dtype), self._o_proj[layer])
 
-    def lm_head(self, x: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
+    def check_lm_head(self, x: torch.Tensor, max_elements: int | None = None) -> tuple[int, int]:
+        """LMHead's argument checked: its logits' shape (B, vocabulary), which must fit the reply."""
         D = self.cfg.hidden_size
         if x.dim() not in (2, 3) or x.shape[-1] != D or (x.dim() == 3 and x.shape[1] != 1):
             raise ProtocolError(f"LMHead expects [B, 1, {D}] or [B, {D}], got {tuple(x.shape)}")
-        check_result_fits((x.shape[0], self.cfg.vocab_size), max_elements, "LMHead")
-        logits = F.linear(self.to_device(x.reshape(x.shape[0], D)), self.w.lm_head)
+        shape = (x.shape[0], self.cfg.vocab_size)
+        check_result_fits(shape, max_elements, "LMHead")
+        return shape
+
+    def lm_head(self, x: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
+        self.check_lm_head(x, max_elements)
+        return self.logits(self.to_device(x))
+
+    def logits(self, xd: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, V] of the checked last-position states `xd` on the compute device."""
+        logits = F.linear(xd.reshape(xd.shape[0], self.cfg.hidden_size), self.w.lm_head)
         return logits if logits.dtype == torch.float32 else logits.float()
 
     def new_kv_store(self, max_bytes: int | None = None) -> KVStore:

@@ -156,7 +156,19 @@ class ModelHandler(Handler):
                 s.graphs = SessionGraphs(self.c, self._stream, *(b.message_starts for b in buffers), self.log)
 
     def _embedding(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
-        self._put(builder, self.c.embedding(request.tensors[0], self._room(builder, s.wire)), s.wire)
+        ids = request.tensors[0]
+        if s.graphs is None or ids.numel() != 1:
+            self._put(builder, self.c.embedding(ids, self._room(builder, s.wire)), s.wire)
+            return
+        # a decode step: its id read once and checked here, its row looked up by a graph where it has one
+        shape = self.c.check_embedding(ids, self._room(builder, s.wire))
+        token = self.c.decode_token(ids)
+        out = builder.alloc(shape, s.wire)
+        plan = s.graphs.embedding(token, ids, out)
+        if plan is not None:
+            s.graphs.remember(request, builder, plan)
+            return
+        out.copy_(self.c.w.embed[token].view(out.shape), non_blocking=True)
 
     def _batch_linear(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         args = self._projections.get(request.op)
@@ -218,7 +230,13 @@ class ModelHandler(Handler):
         out.copy_(self.c.keep_and_score(layer, *rotated, pos, s.kv, width), non_blocking=True)
 
     def _lm_head(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
-        self._put(builder, self.c.lm_head(request.tensors[0], self._room(builder, torch.float32)), torch.float32)
+        x = request.tensors[0]
+        out = builder.alloc(self.c.check_lm_head(x, self._room(builder, torch.float32)), torch.float32)
+        graph = s.graphs.lm_head(x, out) if s.graphs else None
+        if graph is not None:
+            s.graphs.remember(request, builder, Plan(graph))
+            return
+        out.copy_(self.c.logits(self.c.to_device(x)), non_blocking=True)
 
     calls = table(
         Call("Init", arity=0, compute=_init),

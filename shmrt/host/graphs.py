@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ShmrtError
 from .compute import LinearCompute, grouped_product, write_parts
 
 # The step a CUDA daemon asks clients to pad decode scores to (Hello's score_width_step, model/calls.py): a graph
@@ -133,6 +134,29 @@ def output_body(c: LinearCompute, layer: int, p: torch.Tensor, vd: torch.Tensor,
     return body, (pd, p, vd, out)
 
 
+def lm_head_body(c: LinearCompute, x: torch.Tensor, out: torch.Tensor):
+    """LMHead: the ring's last-position states -> device -> logits -> the ring reply (float32)."""
+    xd = torch.empty(x.shape, dtype=c.dtype, device=c.device)
+
+    def body() -> None:
+        xd.copy_(x, non_blocking=True)
+        out.copy_(c.logits(xd), non_blocking=True)
+
+    return body, (xd, x, out)
+
+
+def embedding_body(c: LinearCompute, token: torch.Tensor, out: torch.Tensor):
+    """A decode step's Embedding: the checked id (pinned: written before each replay, never read from the ring by
+    the device: the client could change it after the check) -> its row -> the ring reply."""
+    at = torch.empty(1, dtype=torch.int64, device=c.device)
+
+    def body() -> None:
+        at.copy_(token, non_blocking=True)
+        out.copy_(c.w.embed.index_select(0, at).view(out.shape), non_blocking=True)
+
+    return body, (at, token, out)
+
+
 class Plan:
     """A decode call that ran as a graph, remembered by its request's record: method, layer, op and its tensors'
     places, dtypes and shapes in the request ring (`plan_key`). A request with the same record passes the same
@@ -147,11 +171,12 @@ class Plan:
     def __init__(self, graph: CapturedCall):
         self.graph = graph
 
-    def ready(self, pos: int, kv) -> bool:
-        """Whether the eager path's checks of the session's state would pass as they did when this was made."""
+    def ready(self, request, kv) -> bool:
+        """Whether the eager path's checks of the session's state (and of what the request's record does not fix)
+        would pass as they did when this was made."""
         return True
 
-    def run(self, pos: int, kv) -> None:
+    def run(self, request, kv) -> None:
         self.graph.replay()
 
 
@@ -167,12 +192,15 @@ class ScoresPlan(Plan):
         self.layer, self.width, self.position_word = layer, width, position_word
         self.keys, self.values = kv.buffers["k"][layer], kv.buffers["v"][layer]
 
-    def ready(self, pos: int, kv) -> bool:
-        layer = self.layer
+    def ready(self, request, kv) -> bool:
+        layer, pos = self.layer, request.pos
         return pos < self.width and kv.filled["k"][layer] == pos == kv.filled["v"][layer] \
             and kv.buffers["k"][layer] is self.keys and kv.buffers["v"][layer] is self.values
 
-    def run(self, pos: int, kv) -> None:
+    def run(self, request, kv) -> None:
+        self.step(request.pos, kv)
+
+    def step(self, pos: int, kv) -> None:
         self.position_word[0] = pos
         self.graph.replay()
         kv.commit(self.layer, "k", pos + 1)
@@ -189,8 +217,30 @@ class OutputPlan(Plan):
         super().__init__(graph)
         self.layer, self.width, self.cache, self.factor = layer, width, cache, kv.buffers[cache][layer]
 
-    def ready(self, pos: int, kv) -> bool:
+    def ready(self, request, kv) -> bool:
         return 0 < kv.filled[self.cache][self.layer] <= self.width and kv.buffers[self.cache][self.layer] is self.factor
+
+
+class EmbeddingPlan(Plan):
+    """A decode step's Embedding: its one id, read once from the request and checked as the eager path does
+    (`decode_token`: one out of range takes the checks, which refuse it), is what the graph looks up."""
+
+    __slots__ = ("decode_token", "token_word", "token")
+
+    def __init__(self, graph: CapturedCall, decode_token, token_word):
+        super().__init__(graph)
+        self.decode_token, self.token_word, self.token = decode_token, token_word, None
+
+    def ready(self, request, kv) -> bool:
+        try:
+            self.token = self.decode_token(request.tensors[0])
+        except ShmrtError:
+            return False
+        return True
+
+    def run(self, request, kv) -> None:
+        self.token_word[0] = self.token
+        self.graph.replay()
 
 
 MAX_PLANS = 2 * MAX_GRAPHS   # request records remembered per session (each with at most two reply places)
@@ -218,6 +268,8 @@ class SessionGraphs:
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self.position = torch.zeros(1, dtype=torch.int64, pin_memory=self.cuda)   # a padded step's position (scores)
         self._position_word = self.position.numpy()   # written through numpy: a tensor's setitem costs ~5 us
+        self.token = torch.zeros(1, dtype=torch.int64, pin_memory=self.cuda)   # a decode step's checked id (Embedding)
+        self._token_word = self.token.numpy()
         self.width_step = SCORE_WIDTH_STEP
         self.graphs: dict[tuple, CapturedCall] = {}
         # per layer: a padded call's family (kind, layer, its tensors' addresses and dtypes) -> the key of its one
@@ -243,7 +295,7 @@ class SessionGraphs:
         """Serve `request` by its record's plan (`Plan`): True if it ran (the reply reserved and described in
         `builder`), False where there is none or it does not apply now: the eager path's checks and routes then."""
         plans = self.plans.get(plan_key(request)) if self.on and self.plans and request.descs is not None else None
-        if plans is None or not plans[0].ready(request.pos, kv):
+        if plans is None or not plans[0].ready(request, kv):
             return False
         # (A reservation that waited for room and lands elsewhere is taken back, and the checks' own may wait again.)
         offset = builder.claim(plans[0].reply_nbytes, [p.reply_offset for p in plans])
@@ -252,11 +304,11 @@ class SessionGraphs:
         plan = plans[0] if plans[0].reply_offset == offset else plans[1]
         # The plans of one record hold the same buffers (a call that changes them drops the graphs holding the old
         # ones, and their plans, before it makes a plan): a guard, not a case
-        if plan is not plans[0] and not plan.ready(request.pos, kv):
+        if plan is not plans[0] and not plan.ready(request, kv):
             builder.unclaim()
             return False
         builder.descs = list(plan.reply_descs)
-        plan.run(request.pos, kv)
+        plan.run(request, kv)
         return True
 
     def linear(self, layer: int, names: tuple[str, ...], rows: list[int], x: torch.Tensor, outs: list[torch.Tensor],
@@ -304,7 +356,7 @@ class SessionGraphs:
         if graph is None:
             return None
         plan = ScoresPlan(graph, layer, width, kv, self._position_word)   # the buffers `place` made room in
-        plan.run(pos, kv)
+        plan.step(pos, kv)
         return plan
 
     def output(self, layer: int, p: torch.Tensor, vd: torch.Tensor, out: torch.Tensor) -> CapturedCall | None:
@@ -322,6 +374,33 @@ class SessionGraphs:
             return None
         graph.replay()
         return graph
+
+    def lm_head(self, x: torch.Tensor, out: torch.Tensor) -> CapturedCall | None:
+        """LMHead of one row (checked: `check_lm_head`) replayed (`lm_head_body`): its graph if it ran, None where it
+        is not a graph's (not one row, not at lap starts, graphs off): eager."""
+        if not self.on or x.shape[0] != 1 or x.data_ptr() not in self.request_starts \
+                or out.data_ptr() not in self.reply_starts:
+            return None
+        graph = self._graph(("LMHead", x.data_ptr(), x.dtype, tuple(x.shape), out.data_ptr(), out.dtype),
+                            lambda: lm_head_body(self.c, x, out))
+        if graph is not None:
+            graph.replay()
+        return graph
+
+    def embedding(self, token: int, ids: torch.Tensor, out: torch.Tensor) -> EmbeddingPlan | None:
+        """A decode step's Embedding of `token` (checked: `decode_token`) replayed (`embedding_body`), as its plan
+        runs it: the plan if it ran, None where it is not a graph's (as `lm_head`): eager."""
+        if not self.on or ids.data_ptr() not in self.request_starts or out.data_ptr() not in self.reply_starts:
+            return None
+        self._token_word[0] = token   # before a capture too: its first, eager run looks this id up
+        graph = self._graph(("Embedding", ids.data_ptr(), ids.dtype, out.data_ptr(), out.dtype, tuple(out.shape)),
+                            lambda: embedding_body(self.c, self.token, out))
+        if graph is None:
+            return None
+        plan = EmbeddingPlan(graph, self.c.decode_token, self._token_word)
+        plan.token = token
+        plan.run(None, None)
+        return plan
 
     def _drop_holding_others(self, layer: int, current: frozenset, kind: str | None = None) -> None:
         """Drop layer `layer`'s padded graphs (of `kind`, or any) that hold a K/V buffer other than `current`
