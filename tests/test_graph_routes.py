@@ -132,6 +132,16 @@ def _counting(monkeypatch):
     return served
 
 
+def _without_then_with_plans(monkeypatch, c, step):
+    """(planned, caller, graphs, served): a session whose calls are never remembered as plans, then one with plans
+    (`served`: which calls a plan served, `_counting`). Each caller is the loop body's to close."""
+    monkeypatch.setattr(SessionGraphs, "remember", lambda self, *a: None)
+    yield (False, *_scores_session(c, step), [])
+    monkeypatch.undo()
+    served = _counting(monkeypatch)
+    yield (True, *_scores_session(c, step), served)
+
+
 def test_planned_calls_give_the_eager_routes_values_and_refuse_what_they_refuse(monkeypatch):
     """Steps served by plans write the same bytes as the same steps through the checks and routes; a repeated
     record whose position the store does not hold is refused as the checks refuse it (the plan does not apply),
@@ -139,13 +149,7 @@ def test_planned_calls_give_the_eager_routes_values_and_refuse_what_they_refuse(
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
     W = 8
     results = {}
-    for planned in (False, True):
-        if not planned:
-            monkeypatch.setattr(SessionGraphs, "remember", lambda self, *a: None)
-        else:
-            monkeypatch.undo()
-            served = _counting(monkeypatch)
-        caller, graphs = _scores_session(c, W)
+    for planned, caller, graphs, served in _without_then_with_plans(monkeypatch, c, W):
         with caller:
             results[planned] = [_scores(caller, c, pos, W, seed=pos) for pos in range(6)]
             if planned:
@@ -175,13 +179,7 @@ def test_embedding_and_lm_head_plans_give_the_eager_values_and_refuse_an_id_out_
     V = c.cfg.vocab_size
     tokens = [3, 17, V - 1, 0, 42, 9, 250, 1]
     results, heads = {}, {}
-    for planned in (False, True):
-        if not planned:
-            monkeypatch.setattr(SessionGraphs, "remember", lambda self, *a: None)
-        else:
-            monkeypatch.undo()
-            served = _counting(monkeypatch)
-        caller, graphs = _scores_session(c, 8)
+    for planned, caller, graphs, served in _without_then_with_plans(monkeypatch, c, 8):
         with caller:
             results[planned] = [_embed_and_head(caller, c, t, seed=i) for i, t in enumerate(tokens[:5])]
             with pytest.raises(ShmrtError, match=f"token id out of range \\[0, {V}\\): {V}"):
