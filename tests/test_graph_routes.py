@@ -4,6 +4,7 @@ request ring and writes the reply at the addresses a CUDA graph would, so what t
 CUDA: which calls take a graph, the keys and families, lap starts, the position word, K/V commits and zeroing,
 the drop of graphs holding let-go K/V buffers. Values against transformers; GPU runs of the same: test_graphs.py."""
 import random
+import struct
 
 import pytest
 import torch
@@ -192,6 +193,173 @@ def test_embedding_and_lm_head_plans_give_the_eager_values_and_refuse_an_id_out_
         assert torch.equal(row_a, row_b) and torch.equal(row_b.view(-1), c.w.embed[t])
         assert torch.equal(logits_a, logits_b)
     assert heads[False] == heads[True]
+
+
+def _session(c, wire, mode: str):
+    """An in-process session on `c`: "plans" (graphs, the stand-in capture, and plans), "graphs" (no plans) or
+    "eager" (no graphs: the routes' eager path) -> (caller, its graphs or None)."""
+    handler = ModelHandler(c, "test", "", log=lambda m: None)
+    caller = InProcessCaller(handler, wire, 256 << 10)
+    graphs = None
+    if mode != "eager":
+        graphs = caller.session.graphs = SessionGraphs(c, None, caller.req.native.message_starts,
+                                                       caller.rsp.native.message_starts, log=lambda m: None,
+                                                       capture=RerunBody)
+        graphs.width_step = 8
+        if mode == "graphs":
+            graphs.remember = lambda *a: None
+    return caller, graphs
+
+
+def _random_embedding_or_lm_head(rng: random.Random, c) -> tuple[str, torch.Tensor]:
+    """A request of either call, valid (most) or not: ids of both int dtypes, out of range, negative, past int32, of
+    a float dtype, of other shapes, batches and lengths, empty; LMHead rows of other dtypes, shapes and batches."""
+    V, D = c.cfg.vocab_size, c.cfg.hidden_size
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    dtype, tok = rng.choice([torch.int64, torch.int64, torch.int32]), rng.randrange(V)
+    if rng.random() < 0.5:
+        ids = rng.choice([[[tok]]] * 8 + [[[V + rng.randrange(3)]], [[-1]], [[2 ** 31 - 1]], [tok], [[[tok]]],
+                                          [[tok], [1]], [[1, tok, 2]], [[1, V, 2]]])
+        kind = rng.randrange(12)
+        t = torch.tensor(ids, dtype=dtype) if kind else torch.tensor(ids, dtype=torch.float32)
+        return "Embedding", (t if kind != 1 else torch.zeros(0, 1, dtype=dtype))
+    shape = rng.choice([(1, 1, D)] * 6 + [(1, D), (2, 1, D), (2, D), (1, 2, D), (1, 1, D + 1), (1, 1, 1, D), (0, 1, D)])
+    x = torch.randn(shape, generator=g)
+    return "LMHead", rng.choice([x] * 6 + [x.to(torch.bfloat16), x.to(torch.float16), (x * 3).to(torch.int64)])
+
+
+def _call_after(caller, method: str, t: torch.Tensor, pad: int):
+    """`method` of `t`, staged after `pad` bytes staged and never sent (off the request ring's lap starts if pad)."""
+    if not pad:
+        return caller.call(method, [t])
+    req = caller.request()
+    req.alloc((pad // 4,), torch.float32)
+    return caller.call(method, [req.alloc(tuple(t.shape), t.dtype).copy_(t)])
+
+
+@pytest.mark.parametrize("seed,wire", [(0, torch.float32), (1, torch.bfloat16)])
+def test_embedding_and_lm_head_answer_with_graphs_and_plans_as_without(seed, wire):
+    """The same random requests through sessions with graphs and plans, graphs alone and no graphs (the eager path):
+    the same reply bytes at the same places or the same refusal, both rings' producers at the same heads after each
+    call; requests off the lap starts, replies held so the next lands elsewhere. A reservation made before a refusal,
+    a check skipped, a record's other plan with the last call's id: each fails here."""
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    modes = ("plans", "graphs", "eager")
+    sessions = [_session(c, wire, mode) for mode in modes]
+    served = []
+    first = sessions[0][1]
+    inner = first.replay_planned
+    first.replay_planned = lambda *a: served.append(inner(*a)) or served[-1]
+    rng = random.Random(seed)
+    held = [None] * 3
+    try:
+        for step in range(300):
+            method, t = _random_embedding_or_lm_head(rng, c)
+            pad, hold = rng.choice([0] * 5 + [64, 1024]), rng.random() < 0.15
+            outcomes = []
+            for i, (caller, _) in enumerate(sessions):
+                try:
+                    reply = _call_after(caller, method, t, pad)
+                except ShmrtError as exc:
+                    outcome = ("refused", str(exc))
+                else:
+                    outcome = ("ok", [(r.view(torch.uint8).clone(), r.data_ptr() - caller.rsp.native.address)
+                                      if r.numel() else (r.clone(), None) for r in reply.views()])
+                    if held[i] is not None:
+                        held[i].release()
+                    held[i] = reply if hold else reply.release()
+                outcomes.append((*outcome, caller.req.producer.head, caller.rsp.producer.head))
+            for mode, got in zip(modes, outcomes):
+                ok = got[0] == outcomes[2][0] and got[2:] == outcomes[2][2:] and (
+                    got[1] == outcomes[2][1] if got[0] == "refused" else len(got[1]) == len(outcomes[2][1]) and
+                    all(torch.equal(a, b) and pa == pb for (a, pa), (b, pb) in zip(got[1], outcomes[2][1])))
+                assert ok, (step, mode, method, tuple(t.shape), t.dtype, pad, got[0], outcomes[2][0])
+        assert sum(served) >= 30 and {record[0] for record in first.plans} == {"Embedding", "LMHead"}
+    finally:
+        for reply, (caller, _) in zip(held, sessions):
+            if reply is not None:
+                reply.release()
+            caller.close()
+
+
+class RewritingReplay(RerunBody):
+    """A replay that first writes `value` over the int64 word at each of the request ring's lap starts (where a
+    decode step's id lies): a client changing its id after the daemon checked it, before the device reads anything."""
+
+    ring = None
+    value = 0
+
+    def replay(self):
+        for start in self.ring.lap_starts:
+            struct.pack_into("<q", self.ring.data, start, self.value)
+        return super().replay()
+
+
+@pytest.mark.parametrize("rewrite", [7, 600])   # (tiny's vocabulary: 512)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_a_graphed_embedding_looks_up_the_id_it_checked_not_the_ring(rewrite, dtype):
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    caller, graphs = _session(c, torch.float32, "plans")
+    graphs.capture = RewritingReplay
+    RewritingReplay.ring, RewritingReplay.value = caller.req, rewrite
+    with caller:
+        for token in range(100, 106):
+            before = RerunBody.replays
+            with caller.call("Embedding", [torch.tensor([[token]], dtype=dtype)]) as r:
+                assert RerunBody.replays > before and torch.equal(r.view(0).view(-1), c.w.embed[token])
+
+
+def test_a_planned_embedding_reads_its_id_from_the_ring_once(monkeypatch):
+    """Also where the record has two plans (its reply at either lap start: one held reply pairs them the other way):
+    the other plan takes the id the first read and checked."""
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    reads = []
+    inner = LinearCompute.decode_token
+    monkeypatch.setattr(LinearCompute, "decode_token", lambda self, ids: reads.append(1) or inner(self, ids))
+    caller, graphs = _session(c, torch.float32, "plans")
+    with caller:
+        def embed(token):
+            return caller.call("Embedding", [torch.tensor([[token]])])
+        for token in range(4):
+            embed(token).release()
+        with embed(4):
+            embed(5).release()
+        for token in range(6, 12):
+            embed(token).release()
+        assert any(len(plans) == 2 for plans in graphs.plans.values())
+        per_call = []
+        for token in range(20, 26):
+            reads.clear()
+            with embed(token) as r:
+                assert torch.equal(r.view(0).view(-1), c.w.embed[token])
+            per_call.append(len(reads))
+    assert per_call == [1] * 6
+
+
+def test_embedding_and_lm_head_take_graphs_only_for_one_row_at_lap_starts():
+    """A graph per shape or address a client sends would hold device memory for each, up to MAX_GRAPHS: LMHead of
+    more than one row, and either call off its rings' lap starts, run eagerly."""
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+    D = c.cfg.hidden_size
+    caller, graphs = _session(c, torch.float32, "plans")
+    with caller:
+        caller.call("Embedding", [torch.tensor([[3]])]).release()
+        caller.call("LMHead", [torch.randn(1, 1, D)]).release()
+        assert sorted(key[0] for key in graphs.graphs) == ["Embedding", "LMHead"]
+        for B in (2, 3):
+            caller.call("LMHead", [torch.randn(B, 1, D)]).release()
+            caller.call("LMHead", [torch.randn(B, D)]).release()
+        for pad in (64, 1024):
+            _call_after(caller, "Embedding", torch.tensor([[5]]), pad).release()
+            _call_after(caller, "LMHead", torch.randn(1, 1, D), pad).release()
+        for method, t in (("Embedding", torch.tensor([[6]])), ("LMHead", torch.randn(1, 1, D))):
+            with caller.call(method, [t]):   # held: the next reply lands after it
+                caller.call(method, [t]).release()
+        for key in graphs.graphs:
+            if key[0] == "LMHead":
+                assert key[3][0] == 1 and key[1] in graphs.request_starts and key[4] in graphs.reply_starts, key
+            elif key[0] == "Embedding":
+                assert key[1] in graphs.request_starts and key[3] in graphs.reply_starts, key
 
 
 def _steps_holding_one_reply(caller, c, W):

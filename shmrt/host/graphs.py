@@ -179,6 +179,10 @@ class Plan:
     def run(self, request, kv) -> None:
         self.graph.replay()
 
+    def ready_after(self, first: "Plan", request, kv) -> bool:
+        """`ready`, for the record's other plan (its reply's other place), `first` having found the request ready."""
+        return self.ready(request, kv)
+
 
 class ScoresPlan(Plan):
     """A padded AttentionScores: the step's rows go at `pos`, which must be where the store's K and V both end (a
@@ -223,7 +227,8 @@ class OutputPlan(Plan):
 
 class EmbeddingPlan(Plan):
     """A decode step's Embedding: its one id, read once from the request and checked as the eager path does
-    (`decode_token`: one out of range takes the checks, which refuse it), is what the graph looks up."""
+    (`decode_token`: one out of range takes the checks, which refuse it), is what the graph looks up (through a
+    pinned word: the device never reads the ring, which the client may rewrite after the check)."""
 
     __slots__ = ("decode_token", "token_word", "token")
 
@@ -241,6 +246,10 @@ class EmbeddingPlan(Plan):
     def run(self, request, kv) -> None:
         self.token_word[0] = self.token
         self.graph.replay()
+
+    def ready_after(self, first: "EmbeddingPlan", request, kv) -> bool:
+        self.token = first.token   # the id `first` read and checked: the ring is read once
+        return True
 
 
 MAX_PLANS = 2 * MAX_GRAPHS   # request records remembered per session (each with at most two reply places)
@@ -302,9 +311,10 @@ class SessionGraphs:
         if offset is None:
             return False
         plan = plans[0] if plans[0].reply_offset == offset else plans[1]
-        # The plans of one record hold the same buffers (a call that changes them drops the graphs holding the old
-        # ones, and their plans, before it makes a plan): a guard, not a case
-        if plan is not plans[0] and not plan.ready(request, kv):
+        # The other plan of the record: the same K/V buffers (a call that changes them drops the graphs holding the old
+        # ones, and their plans, before it makes a plan), so its state checks are a guard, not a case; an Embedding's
+        # takes the id the first read and checked (`ready_after`), which it must
+        if plan is not plans[0] and not plan.ready_after(plans[0], request, kv):
             builder.unclaim()
             return False
         builder.descs = list(plan.reply_descs)
