@@ -21,6 +21,8 @@ address it lands at).
   go is dropped (it would keep that memory past the session's quota).
 - AttentionScores unpadded: the copies in, q|k|v and RoPE; the cache and Q*K^T (whose length grows every
   step) eagerly after the replay.
+- Embedding of one id and LMHead of one row: the lookup (the id checked on the CPU, read by the graph from a
+  pinned word written before each replay, never from the ring) and the LM head's product.
 
 A call that ran as a graph is remembered as a plan (`Plan`) under its request's record (method, layer, op, its
 tensors' places, dtypes and shapes): the next request with that record skips the checks, the reply's views and the
