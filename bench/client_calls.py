@@ -28,8 +28,10 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it (settings.apply_process_defaults)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from shmrt import settings  # noqa: E402
+
+settings.apply_process_defaults()   # as the CLI does, before torch loads
 
 import torch  # noqa: E402
 

@@ -24,16 +24,18 @@ Stages per call (us, medians over the decode phase, by method):
   gap      from posting the reply to taking the next request (the client's side of the round trip)"""
 import collections
 import os
-
-# As the CLI sets it before torch loads (settings.apply_process_defaults): without it, on 2 cores, the daemon's
-# OpenMP workers spun after each parallel op and the client saw a 513 KB reply (LMHead's) 2-5 ms late
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import statistics
 import subprocess
 import sys
 import threading
 
-import torch
+from shmrt import settings
+
+# As the CLI does before torch loads: without it, on 2 cores, the daemon's OpenMP workers spun after each parallel op
+# and the client saw a 513 KB reply (LMHead's) 2-5 ms late
+settings.apply_process_defaults()
+
+import torch  # noqa: E402
 
 import shmrt.host.graphs as gr
 import shmrt.host.server as srv
@@ -88,39 +90,25 @@ def post_reply(self, payload):
         cur.clear()
 
 
-orig_replay = gr.CapturedCall.replay
-
-
-def replay(self):
-    t0 = now_ns()
-    out = orig_replay(self)
-    cur["launch"] = cur.get("launch", 0) + now_ns() - t0
-    return out
+def timed_replay(inner):
+    """A replay (a CUDA graph's, or cpu+plans' stand-in rerunning its body) counted as the call's launch."""
+    def replay(self):
+        t0 = now_ns()
+        out = inner(self)
+        cur["launch"] = cur.get("launch", 0) + now_ns() - t0
+        return out
+    return replay
 
 
 st.ShmServerSession.take_bell = take_bell
 st.ShmServerSession.post_reply = post_reply
-gr.CapturedCall.replay = replay
+for captured in (gr.CapturedCall, gr.RerunCapture):
+    captured.replay = timed_replay(captured.replay)
 # Server._serve's steps, in its order: each stamped as it returns (the request's release falls in `finish`)
 stamp(st.ShmServerSession, "decode", "t_decoded")
 stamp(st.ShmServerSession, "encode_reply_ahead", "t_ahead")    # CUDA only: elsewhere ahead = handled
 stamp(st.ShmServerSession, "finish_reply", "t_finished")       # CUDA
 stamp(st.ShmServerSession, "encode_reply", "t_finished")       # elsewhere
-
-class StandInGraph:
-    """A captured call on a CPU: each replay runs the body again (what a CUDA graph's replay computes), its time
-    counted as the launch, so that `handle` less `launch` is the Python around it."""
-
-    def __init__(self, body, keep, pool, stream, device):
-        self.body, self._keep = body, keep
-        body()
-
-    def replay(self):
-        start = now_ns()
-        out = self.body()
-        cur["launch"] = cur.get("launch", 0) + now_ns() - start
-        return out
-
 
 def install_stand_in_graphs(handler: ModelHandler) -> None:
     """A CPU daemon that runs decode steps as a CUDA one does: graphs (stand-ins) and plans from Init on, and
@@ -130,7 +118,7 @@ def install_stand_in_graphs(handler: ModelHandler) -> None:
     def init_with_graphs(self, s, request, builder):
         init(self, s, request, builder)
         s.graphs = gr.SessionGraphs(self.c, None, *(b.message_starts for b in s.pinned_buffers()), print,
-                                    capture=StandInGraph)
+                                    capture=gr.RerunCapture)
 
     handler.calls = {**handler.calls, "Init": Call("Init", 0, init_with_graphs)}
     hello = handler.hello

@@ -16,16 +16,17 @@ before each call and checks it against 2x after).
 
 Without CUDA it runs the same plumbing with the bodies on the CPU (no graphs): a check of the script, not a
 measurement."""
-import os
+import multiprocessing as mp
+import statistics
+import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the CLI sets it before torch loads
+from shmrt import settings
 
-import multiprocessing as mp  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
+settings.apply_process_defaults()   # as the CLI does, before torch loads
 
 import torch  # noqa: E402
 
+from shmrt.host.daemon import HostRegistration  # noqa: E402
 from shmrt.wire.native import Backoff, WordWaiter, now_ns, precise_sleeps  # noqa: E402
 from shmrt.wire.ring import OFF_BELL_SEQ, Ring  # noqa: E402
 
@@ -80,12 +81,8 @@ class Daemon:
         self.cuda = torch.cuda.is_available()
         self.req, self.rsp = Ring.create(CAPACITY, "req"), Ring.create(CAPACITY, "rsp")
         dev = torch.device("cuda" if self.cuda else "cpu")
-        self.registered = []
-        if self.cuda:
-            cudart = torch.cuda.cudart()
-            for ring in (self.req, self.rsp):
-                assert int(cudart.cudaHostRegister(ring.native.address, ring.native.nbytes, 0)) == 0
-                self.registered.append(ring.native.address)
+        self.registration = HostRegistration([self.req.native, self.rsp.native], print) if self.cuda else None
+        assert self.registration is None or len(self.registration.pointers) == 2, "cudaHostRegister failed"
         self.w = (2 * torch.eye(D)).to(dev)
         self.x_ring = self.req.tensor(0, D * 4, torch.float32, (D,))
         self.y_ring = self.rsp.tensor(0, D * 4, torch.float32, (D,))
@@ -150,11 +147,9 @@ class Daemon:
             spent[mode].append(now_ns() - start)
 
     def close(self) -> None:
-        if self.cuda:
+        if self.registration is not None:
             torch.cuda.synchronize()
-            cudart = torch.cuda.cudart()
-            for address in self.registered:
-                cudart.cudaHostUnregister(address)
+            self.registration.release()
         self.bell = self.x_ring = self.y_ring = None
         self.req.close()
         self.rsp.close()

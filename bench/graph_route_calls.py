@@ -22,28 +22,10 @@ from shmrt.enclave.llama import EnclaveModel
 from shmrt.enclave.ops import RemoteOps
 from shmrt.host.compute import LinearCompute
 from shmrt.host.daemon import ModelHandler
-from shmrt.host.graphs import SessionGraphs
+from shmrt.host.graphs import RerunCapture, SessionGraphs
 from shmrt.host.inprocess import InProcessCaller
 from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import load_enclave_part
-
-replayed_ns = [0]   # the replays' time within the call being timed
-
-
-class CpuReplay:
-    """A capture's stand-in: the body runs once (its warm-up), and again at each replay, timed."""
-
-    def __init__(self, body, keep, pool, stream, device):
-        self.body, self._keep = body, keep
-        body()
-
-    def replay(self):
-        start = time.perf_counter_ns()
-        try:
-            return self.body()
-        finally:
-            replayed_ns[0] += time.perf_counter_ns() - start
-
 
 model = sys.argv[1] if len(sys.argv) > 1 else "small"
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 64
@@ -53,19 +35,19 @@ times = collections.defaultdict(list)
 orig = handler.handle
 on = [False]
 def handle(request, builder, session, settle=True):
-    replayed_ns[0] = 0
+    replayed = RerunCapture.replay_ns
     t = time.perf_counter_ns()
     try:
         return orig(request, builder, session, settle)
     finally:
         if on[0]:
-            spent = time.perf_counter_ns() - t - replayed_ns[0]
+            spent = time.perf_counter_ns() - t - (RerunCapture.replay_ns - replayed)
             times[request.method + (f" {request.op}" if request.method == "BatchLinear" else "")].append(spent)
 handler.handle = handle
 with InProcessCaller(handler, torch.float32, 64 << 20) as caller, torch.inference_mode():
     req, rsp = caller.req.native, caller.rsp.native
     caller.session.graphs = SessionGraphs(handler.c, None, req.message_starts, rsp.message_starts, log=print,
-                                          capture=CpuReplay)
+                                          capture=RerunCapture)
     m = EnclaveModel(load_enclave_part(w.source), RemoteOps(caller, w.cfg, torch.float32), "daemon", "fewest",
                      score_step=256)
     ids = torch.randint(0, w.cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1))

@@ -8,12 +8,13 @@ the daemon's loop and both wake-ups.
 
 Session 17 on 2 cores: without PASSIVE the daemon's OpenMP workers (a 513 KB zero_ runs on both threads) spun on
 the client's core and the client saw those replies 2-5 ms late at the 90th percentile."""
+import multiprocessing as mp
 import os
+import statistics
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as settings.apply_process_defaults, before torch loads
+from shmrt import settings
 
-import multiprocessing as mp  # noqa: E402
-import statistics  # noqa: E402
+settings.apply_process_defaults()   # as the CLI does, before torch loads
 
 import torch  # noqa: E402
 

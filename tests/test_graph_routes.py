@@ -16,24 +16,10 @@ from shmrt.enclave.ops import RemoteOps
 from shmrt.errors import ProtocolError, ShmrtError
 from shmrt.host.compute import LinearCompute
 from shmrt.host.daemon import ModelHandler
-from shmrt.host.graphs import SessionGraphs
+from shmrt.host.graphs import RerunCapture, SessionGraphs
 from shmrt.host.inprocess import InProcessCaller
 from shmrt.host.weights import load_weights
 from shmrt.model.checkpoint import load_enclave_part
-
-
-class RerunBody:
-    """A capture's stand-in: the body's warm-up run, then every replay runs it again."""
-
-    replays = 0
-
-    def __init__(self, body, keep, pool, stream, device):
-        self.body, self._keep = body, keep
-        body()
-
-    def replay(self):
-        RerunBody.replays += 1
-        return self.body()
 
 
 @pytest.mark.parametrize("calls,step", [("fewest", 8), ("fewest", 1), ("v2.4", 8)])
@@ -45,7 +31,7 @@ def test_graph_routes_give_transformers_tokens_and_are_taken(checkpoints, calls,
     with InProcessCaller(handler, torch.float32, 256 << 10) as caller:
         req, rsp = caller.req.native, caller.rsp.native
         graphs = caller.session.graphs = SessionGraphs(handler.c, None, req.message_starts, rsp.message_starts,
-                                                       log=print, capture=RerunBody)
+                                                       log=print, capture=RerunCapture)
         graphs.width_step = max(step, 1)   # the padding a CUDA daemon asks for (256) and replays whole, here smaller
         model = EnclaveModel(load_enclave_part(w.source), RemoteOps(caller, w.cfg, torch.float32), "daemon", calls,
                              score_step=step)
@@ -56,14 +42,14 @@ def test_graph_routes_give_transformers_tokens_and_are_taken(checkpoints, calls,
             ids = random_ids(n, 320, seed=seed)
             with torch.no_grad():
                 ref = hf.generate(ids, max_new_tokens=new, do_sample=False)[0, n:].tolist()
-            before, planned = RerunBody.replays, sum(served)
+            before, planned = RerunCapture.replays, sum(served)
             assert generate(model, ids, new, Sampler()).tokens == ref, (calls, step, n)
             # every decode step's calls of every layer replayed (none fell back to eager but the first, captured)
             layers = w.cfg.num_hidden_layers
             # fewest padded: AttentionScores and AttentionOutput whole, gate|up, down; unpadded: AttentionScores'
             # projections and RoPE, gate|up, down; v2.4: its four BatchLinears (its products run eagerly)
             per_step = {("fewest", 8): 4, ("fewest", 1): 3, ("v2.4", 8): 4}[calls, step]
-            assert RerunBody.replays - before >= per_step * layers * (new - 2), (calls, step, n)
+            assert RerunCapture.replays - before >= per_step * layers * (new - 2), (calls, step, n)
             # and most of them by their plans: all but V's rows kept eagerly (v2.4's q|k|v) and the unpadded scores
             # (the first steps at each pair of lap starts, and after each new width, take the checks)
             by_plans = {("fewest", 8): 4, ("fewest", 1): 2, ("v2.4", 8): 3}[calls, step]
@@ -87,7 +73,7 @@ def test_a_graph_holding_a_kv_buffer_the_store_let_go_is_dropped():
     W = 8
     ps = [torch.rand(1, cfg.num_key_value_heads, cfg.groups, W) for _ in range(2)]   # P at either lap start
     out = torch.empty(1, 1, cfg.hidden_size)
-    graphs = SessionGraphs(c, None, [p.data_ptr() for p in ps], [out.data_ptr()], log=print, capture=RerunBody)
+    graphs = SessionGraphs(c, None, [p.data_ptr() for p in ps], [out.data_ptr()], log=print, capture=RerunCapture)
     graphs.width_step = W
     old_v, new_v = (torch.rand(1, cfg.num_key_value_heads, rows, cfg.head_dim) for rows in (16, 32))
     for p in ps:
@@ -101,13 +87,19 @@ def test_a_graph_holding_a_kv_buffer_the_store_let_go_is_dropped():
 
 # ---- plans: a repeated decode call's checks, graph and reply layout found by its request's record
 
-def _scores_session(c, step):
-    """An in-process session on `c` with graphs (the stand-in capture) and a decode step's AttentionScores call."""
-    handler = ModelHandler(c, "test", "", log=print)
-    caller = InProcessCaller(handler, torch.float32, 256 << 10)
-    graphs = caller.session.graphs = SessionGraphs(c, None, caller.req.native.message_starts,
-                                                   caller.rsp.native.message_starts, log=print, capture=RerunBody)
-    graphs.width_step = step
+def _session(c, step: int = 8, wire: torch.dtype = torch.float32, mode: str = "plans"):
+    """An in-process session on `c` -> (caller, its graphs or None): "plans" (graphs with the stand-in capture, padded
+    scores at `step`, plans), "graphs" (no plans) or "eager" (no graphs: the routes' eager path)."""
+    handler = ModelHandler(c, "test", "", log=lambda m: None)
+    caller = InProcessCaller(handler, wire, 256 << 10)
+    graphs = None
+    if mode != "eager":
+        graphs = caller.session.graphs = SessionGraphs(c, None, caller.req.native.message_starts,
+                                                       caller.rsp.native.message_starts, log=print,
+                                                       capture=RerunCapture)
+        graphs.width_step = step
+        if mode == "graphs":
+            graphs.remember = lambda *a: None
     return caller, graphs
 
 
@@ -136,11 +128,8 @@ def _counting(monkeypatch):
 def _without_then_with_plans(monkeypatch, c, step):
     """(planned, caller, graphs, served): a session whose calls are never remembered as plans, then one with plans
     (`served`: which calls a plan served, `_counting`). Each caller is the loop body's to close."""
-    monkeypatch.setattr(SessionGraphs, "remember", lambda self, *a: None)
-    yield (False, *_scores_session(c, step), [])
-    monkeypatch.undo()
-    served = _counting(monkeypatch)
-    yield (True, *_scores_session(c, step), served)
+    yield (False, *_session(c, step, mode="graphs"), [])
+    yield (True, *_session(c, step), _counting(monkeypatch))
 
 
 def test_planned_calls_give_the_eager_routes_values_and_refuse_what_they_refuse(monkeypatch):
@@ -195,22 +184,6 @@ def test_embedding_and_lm_head_plans_give_the_eager_values_and_refuse_an_id_out_
     assert heads[False] == heads[True]
 
 
-def _session(c, wire, mode: str):
-    """An in-process session on `c`: "plans" (graphs, the stand-in capture, and plans), "graphs" (no plans) or
-    "eager" (no graphs: the routes' eager path) -> (caller, its graphs or None)."""
-    handler = ModelHandler(c, "test", "", log=lambda m: None)
-    caller = InProcessCaller(handler, wire, 256 << 10)
-    graphs = None
-    if mode != "eager":
-        graphs = caller.session.graphs = SessionGraphs(c, None, caller.req.native.message_starts,
-                                                       caller.rsp.native.message_starts, log=lambda m: None,
-                                                       capture=RerunBody)
-        graphs.width_step = 8
-        if mode == "graphs":
-            graphs.remember = lambda *a: None
-    return caller, graphs
-
-
 def _random_embedding_or_lm_head(rng: random.Random, c) -> tuple[str, torch.Tensor]:
     """A request of either call, valid (most) or not: ids of both int dtypes, out of range, negative, past int32, of
     a float dtype, of other shapes, batches and lengths, empty; LMHead rows of other dtypes, shapes and batches."""
@@ -245,7 +218,7 @@ def test_embedding_and_lm_head_answer_with_graphs_and_plans_as_without(seed, wir
     a check skipped, a record's other plan with the last call's id: each fails here."""
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
     modes = ("plans", "graphs", "eager")
-    sessions = [_session(c, wire, mode) for mode in modes]
+    sessions = [_session(c, wire=wire, mode=mode) for mode in modes]
     served = []
     first = sessions[0][1]
     inner = first.replay_planned
@@ -282,7 +255,7 @@ def test_embedding_and_lm_head_answer_with_graphs_and_plans_as_without(seed, wir
             caller.close()
 
 
-class RewritingReplay(RerunBody):
+class RewritingReplay(RerunCapture):
     """A replay that first writes `value` over the int64 word at each of the request ring's lap starts (where a
     decode step's id lies): a client changing its id after the daemon checked it, before the device reads anything."""
 
@@ -299,14 +272,14 @@ class RewritingReplay(RerunBody):
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_a_graphed_embedding_looks_up_the_id_it_checked_not_the_ring(rewrite, dtype):
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
-    caller, graphs = _session(c, torch.float32, "plans")
+    caller, graphs = _session(c)
     graphs.capture = RewritingReplay
     RewritingReplay.ring, RewritingReplay.value = caller.req, rewrite
     with caller:
         for token in range(100, 106):
-            before = RerunBody.replays
+            before = RerunCapture.replays
             with caller.call("Embedding", [torch.tensor([[token]], dtype=dtype)]) as r:
-                assert RerunBody.replays > before and torch.equal(r.view(0).view(-1), c.w.embed[token])
+                assert RerunCapture.replays > before and torch.equal(r.view(0).view(-1), c.w.embed[token])
 
 
 def test_a_planned_embedding_reads_its_id_from_the_ring_once(monkeypatch):
@@ -316,7 +289,7 @@ def test_a_planned_embedding_reads_its_id_from_the_ring_once(monkeypatch):
     reads = []
     inner = LinearCompute.decode_token
     monkeypatch.setattr(LinearCompute, "decode_token", lambda self, ids: reads.append(1) or inner(self, ids))
-    caller, graphs = _session(c, torch.float32, "plans")
+    caller, graphs = _session(c)
     with caller:
         def embed(token):
             return caller.call("Embedding", [torch.tensor([[token]])])
@@ -341,7 +314,7 @@ def test_embedding_and_lm_head_take_graphs_only_for_one_row_at_lap_starts():
     more than one row, and either call off its rings' lap starts, run eagerly."""
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
     D = c.cfg.hidden_size
-    caller, graphs = _session(c, torch.float32, "plans")
+    caller, graphs = _session(c)
     with caller:
         caller.call("Embedding", [torch.tensor([[3]])]).release()
         caller.call("LMHead", [torch.randn(1, 1, D)]).release()
@@ -381,15 +354,11 @@ def test_a_reply_landing_elsewhere_takes_the_checks_and_leaves_the_ring_as_it_wa
     after it are served by plans again; every value as without plans."""
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
     W = 16
-    monkeypatch.setattr(SessionGraphs, "remember", lambda self, *a: None)
-    caller, _ = _scores_session(c, W)
-    with caller:
-        expected = _steps_holding_one_reply(caller, c, W)
-    monkeypatch.undo()
-    served = _counting(monkeypatch)
-    caller, graphs = _scores_session(c, W)
-    with caller:
-        got = _steps_holding_one_reply(caller, c, W)
+    results = {}
+    for planned, caller, graphs, served in _without_then_with_plans(monkeypatch, c, W):
+        with caller:
+            results[planned] = _steps_holding_one_reply(caller, c, W)
+    expected, got = results[False], results[True]
     # pos 0 and the first calls at each lap start take the checks, and so does step 6; the request and reply lap
     # starts may pair up the other way after it (a new plan each), then plans serve again
     assert served[4:7] == [True, True, False] and served[-1]
@@ -459,7 +428,7 @@ def _kv_call(caller, c, method, cache, pos, rows, width, seed, batch=1):
 
 def test_a_plan_does_not_serve_scores_once_k_restarted_behind_v():
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
-    caller, _ = _scores_session(c, 8)
+    caller, _ = _session(c, 8)
     with caller:
         for pos in range(6):
             _scores(caller, c, pos, 8, seed=pos)
@@ -470,7 +439,7 @@ def test_a_plan_does_not_serve_scores_once_k_restarted_behind_v():
 
 def test_a_plan_does_not_serve_scores_past_its_width():
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
-    caller, _ = _scores_session(c, 8)
+    caller, _ = _session(c, 8)
     with caller:
         _scores(caller, c, 0, 16, seed=0)   # buffers with room for 16 rows: a write at 8 would land in them
         for pos in range(8):
@@ -490,15 +459,11 @@ def test_a_plan_does_not_write_k_and_v_buffers_the_store_let_go(monkeypatch):
         _kv_call(caller, c, "Matmul", "k", 0, 3, 0, seed=11, batch=2)
         out.append(_kv_call(caller, c, "Matmul", "k", 0, 4, 0, seed=12))
         return out + [_scores(caller, c, pos, 8, seed=pos) for pos in (4, 5)]
-    monkeypatch.setattr(SessionGraphs, "remember", lambda self, *a: None)
-    caller, _ = _scores_session(c, 8)
-    with caller:
-        expected = steps(caller)
-    monkeypatch.undo()
-    served = _counting(monkeypatch)
-    caller, _ = _scores_session(c, 8)
-    with caller:
-        got = steps(caller)
+    results = {}
+    for planned, caller, _, served in _without_then_with_plans(monkeypatch, c, 8):
+        with caller:
+            results[planned] = steps(caller)
+    expected, got = results[False], results[True]
     assert any(served)
     for a, b in zip(expected, got):
         assert torch.equal(a, b)
@@ -509,7 +474,7 @@ def test_a_plan_does_not_serve_attention_output_once_its_cache_grew_past_p(cache
     """AttentionOutput multiplies P by the cache its op names (V, or K if the client asks): once that cache holds
     more rows than P is wide, the checks refuse it, and so must a plan made before."""
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
-    caller, graphs = _scores_session(c, 8)
+    caller, graphs = _session(c, 8)
     with caller:
         _scores(caller, c, 0, 8, seed=0)
         for i in range(4):
@@ -532,7 +497,7 @@ def test_plans_are_made_only_for_replies_of_one_reservation():
             if with_graphs:
                 graphs = caller.session.graphs = SessionGraphs(handler.c, None, caller.req.native.message_starts,
                                                                caller.rsp.native.message_starts, log=print,
-                                                               capture=RerunBody)
+                                                               capture=RerunCapture)
                 graphs.width_step = 8
             model = EnclaveModel(load_enclave_part(w.source), RemoteOps(caller, w.cfg, torch.bfloat16), "daemon",
                                  "fewest", score_step=8)
@@ -582,7 +547,7 @@ def test_plans_change_no_outcome_of_random_call_sequences(seed):
     c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
     sessions = []
     for planned in (True, False):
-        caller, graphs = _scores_session(c, 8)
+        caller, graphs = _session(c, 8)
         if not planned:
             graphs.remember = lambda *a: None
         sessions.append((caller, graphs))

@@ -248,13 +248,17 @@ class LinearCompute:
     def embedding(self, ids: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
         shape = self.check_embedding(ids, max_elements)
         if ids.numel() == 1:   # a decode step: the id read once and checked, its row copied (no ids sent to a device)
-            return self.w.embed[self.decode_token(ids)].view(shape).clone()
+            return self.embedding_rows(self.decode_token(ids)).view(shape).clone()
         ids = ids.to(torch.int64, copy=True)  # private copy first, then validate (no double fetch)
         if ids.numel():
             low, high = (int(v) for v in torch.aminmax(ids))
             if low < 0 or high >= self.cfg.vocab_size:
                 raise ModelError(f"token id out of range [0, {self.cfg.vocab_size}): min {low}, max {high}")
         return F.embedding(ids if self._on_cpu else ids.to(self.device), self.w.embed)
+
+    def embedding_rows(self, index: int | torch.Tensor) -> torch.Tensor:
+        """The embedding rows of checked ids: one id (an int: a view of its row) or ids on the compute device."""
+        return self.w.embed[index] if isinstance(index, int) else self.w.embed.index_select(0, index)
 
     def decode_token(self, ids: torch.Tensor) -> int:
         """A decode step's one id (ids [1, 1], int64 or int32: checked by the caller), read once from the request

@@ -157,18 +157,19 @@ class ModelHandler(Handler):
 
     def _embedding(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         ids = request.tensors[0]
-        if s.graphs is None or ids.numel() != 1:
+        if ids.numel() != 1:
             self._put(builder, self.c.embedding(ids, self._room(builder, s.wire)), s.wire)
             return
-        # a decode step: its id read once and checked here, its row looked up by a graph where it has one
+        # a decode step: its id read once and checked here, its row looked up by a graph where it has one, else
+        # copied straight into the reply
         shape = self.c.check_embedding(ids, self._room(builder, s.wire))
         token = self.c.decode_token(ids)
         out = builder.alloc(shape, s.wire)
-        plan = s.graphs.embedding(token, ids, out)
+        plan = s.graphs.embedding(token, ids, out) if s.graphs else None
         if plan is not None:
             s.graphs.remember(request, builder, plan)
             return
-        out.copy_(self.c.w.embed[token].view(out.shape), non_blocking=True)
+        out.copy_(self.c.embedding_rows(token).view(shape), non_blocking=True)
 
     def _batch_linear(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         args = self._projections.get(request.op)

@@ -34,9 +34,11 @@ unregistered and unmapped. Arguments are checked by the eager path's code before
 (`linear_rows`, `scores_rows`, `output_factor`, K/V `place`, the reply's reservation), or stand checked by a plan:
 checks that passed for the same record, with what the record does not fix checked again (`Plan`). A capture that fails
 turns graphs off for the session, with one log line, and the call runs eagerly. (The tests run these routes on a
-CPU too, with a capture that runs the body again on replay: tests/test_graph_routes.py.)
+CPU too, with a capture that runs the body again on replay, `RerunCapture`: tests/test_graph_routes.py.)
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -74,6 +76,27 @@ class CapturedCall:
     def replay(self):
         self.graph.replay()
         return self.outputs
+
+
+class RerunCapture:
+    """A capture's stand-in where there is no CUDA (the tests, the benches' CPU probes): the body runs once at capture
+    (its warm-up) and again at each replay, reading the request ring and writing the reply where a graph's replay
+    would. `replays` and `replay_ns` count every replay, class-wide (a bench takes their time out of a call's)."""
+
+    replays = 0
+    replay_ns = 0
+
+    def __init__(self, body, keep, pool, stream, device):
+        self.body, self._keep = body, keep
+        body()
+
+    def replay(self):
+        start = time.perf_counter_ns()
+        try:
+            return self.body()
+        finally:
+            RerunCapture.replays += 1
+            RerunCapture.replay_ns += time.perf_counter_ns() - start
 
 
 def linear_body(c: LinearCompute, layer: int, names: tuple[str, ...], rows: list[int], x: torch.Tensor,
@@ -154,7 +177,7 @@ def embedding_body(c: LinearCompute, token: torch.Tensor, out: torch.Tensor):
 
     def body() -> None:
         at.copy_(token, non_blocking=True)
-        out.copy_(c.w.embed.index_select(0, at).view(out.shape), non_blocking=True)
+        out.copy_(c.embedding_rows(at).view(out.shape), non_blocking=True)
 
     return body, (at, token, out)
 
