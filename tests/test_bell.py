@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 from test_untrusted import FUZZ, _mutate_doorbell, doorbell_mutation
 from shmrt.errors import ProtocolError
 from shmrt.wire import protocol
-from shmrt.wire.bell import MAX_RECORD, BellIn, BellOut
+from shmrt.wire.bell import MAX_RECORD, BellIn, BellOut, Rung
 from shmrt.wire.native import Backoff, WordWaiter
 from shmrt.wire.ring import BELL_SLOT_BYTES, OFF_ASLEEP, OFF_BELL_SEQ, OFF_BELL_SLOT, Ring
 
@@ -253,6 +253,16 @@ def test_after_a_long_wait_the_next_one_sleeps_instead_of_spinning(ring_pair):
 RING_CAP = 1 << 20   # the capacity descriptors are checked against
 
 
+def _taken(got):
+    """What a take brought, a checked record (a Rung) read as the Doorbell it names, to compare with
+    protocol.decode's; a copy (bytes) or None as it is."""
+    if type(got) is not Rung:
+        return got
+    shape = got.shape
+    return protocol.Doorbell(shape.method, got.seq, TOKEN, shape.layer, shape.op, got.pos, got.ring_end, got.work_ns,
+                             shape.descs, got.text)
+
+
 def _descs(shapes, dtype=None):
     import torch
     out, offset = [], 0
@@ -283,7 +293,7 @@ def test_a_call_posted_in_c_is_byte_for_byte_what_protocol_encodes_and_taken_as_
     assert (asleep, length) == (False, len(expected))
     slot = bytes(producer.mapping[OFF_BELL_SLOT:OFF_BELL_SLOT + 8 + length])
     assert slot == struct.pack("<Q", length) + expected
-    got = BellIn(consumer, TOKEN, RING_CAP).take_checked(9)
+    got = _taken(BellIn(consumer, TOKEN, RING_CAP).take_checked(9))
     assert got == protocol.decode(expected, capacity=RING_CAP, token=TOKEN, expect_seq=9)
     assert type(got) is protocol.Doorbell and all(type(d) is protocol.TensorDesc for d in got.tensors)
 
@@ -298,7 +308,7 @@ def test_the_fast_path_hands_anything_but_this_sessions_next_rpc_to_protocol_dec
     for seq, bell in enumerate([fast, *slow], start=1):
         record = protocol.encode(bell._replace(seq=seq + (bell.seq == 2)))
         out.post(record, seq)
-        got = bell_in.take_checked(seq)
+        got = _taken(bell_in.take_checked(seq))
         assert got == (bell._replace(seq=seq) if bell is fast else record), bell
     assert bell_in.seen == len(slow) + 1
 
@@ -333,7 +343,7 @@ def test_the_fast_path_accepts_a_strict_subset_of_what_protocol_decode_accepts(r
     with Ring.create(CAP, "rsp") as producer:
         BellOut(producer, TOKEN).post(record, 5)
         try:
-            got = BellIn(producer, TOKEN, capacity).take_checked(5)
+            got = _taken(BellIn(producer, TOKEN, capacity).take_checked(5))
         except ProtocolError as exc:   # the fast path's header and descriptors, then text that is not UTF-8
             got = exc
     try:
@@ -360,3 +370,67 @@ def test_a_request_field_out_of_its_range_is_refused_before_anything_is_posted(r
         with pytest.raises(ValueError, match="out of range"):
             out.post_call(protocol.Method.BatchLinear, 1, layer, op, pos, 0, ())
     assert producer.native.load(OFF_BELL_SEQ) == 0   # nothing rung
+
+
+def test_a_repeated_record_is_known_by_its_fixed_words_and_takes_each_call_its_own_fields(ring_pair):
+    """A decode step's records repeat: the second take of a record with the same method, layer, op and descriptors
+    gets the first's shape (its descriptors made once); seq, pos, ring_end, work_ns and text are each call's own.
+    Another layer, op or descriptor is another shape."""
+    producer, consumer = ring_pair
+    out, bell_in = BellOut(producer, TOKEN), BellIn(consumer, TOKEN, RING_CAP)
+    a, b = _descs([(1, 1, 64)]), _descs([(1, 1, 64), (4, 1, 16)])
+    posts = [(protocol.Method.BatchLinear, 0, 7, 5, 640, a), (protocol.Method.BatchLinear, 0, 7, 6, 1280, a),
+             (protocol.Method.BatchLinear, 1, 7, 6, 1920, a), (protocol.Method.BatchLinear, 0, 3, 6, 2560, a),
+             (protocol.Method.AttentionScores, 0, 0, 7, 3200, b), (protocol.Method.BatchLinear, 0, 7, 8, 3840, a)]
+    shapes = []
+    for seq, (method, layer, op, pos, ring_end, descs) in enumerate(posts, start=1):
+        out.post_call(method, seq, layer, op, pos, ring_end, descs)
+        got = bell_in.take_checked(seq)
+        assert type(got) is Rung and (got.seq, got.pos, got.ring_end, got.work_ns, got.text) == (seq, pos, ring_end, 0, "")
+        assert (got.shape.method, got.shape.layer, got.shape.op, got.shape.descs) == (method, layer, op, descs)
+        shapes.append(got.shape)
+    assert shapes[1] is shapes[0] and shapes[5] is shapes[0]
+    assert len({id(s) for s in shapes}) == 4   # another layer, another op, another method and descriptors
+
+
+def test_known_records_start_over_past_their_bound_and_stay_right(ring_pair, monkeypatch):
+    import shmrt.wire.bell as bell
+    monkeypatch.setattr(bell, "KNOWN_RECORDS", 3)
+    producer, consumer = ring_pair
+    out, bell_in = BellOut(producer, TOKEN), BellIn(consumer, TOKEN, RING_CAP)
+    for seq in range(1, 13):
+        layer = seq % 5
+        out.post_call(protocol.Method.BatchLinear, seq, layer, 7, seq, 64 * seq, _descs([(1, 1, 64)]))
+        got = bell_in.take_checked(seq)
+        assert (got.shape.layer, got.pos, got.ring_end) == (layer, seq, 64 * seq)
+        assert len(bell_in._known) <= 3
+
+
+@pytest.mark.filterwarnings("ignore:An output with one or more elements was resized")
+def test_a_known_records_views_are_made_per_inference_mode_and_again_where_one_was_resized(ring_pair):
+    """accept_rung hands out a known record's views without making them again: per inference mode (a view made
+    inside it cannot be written outside it, as Ring.tensor keeps them), and made again where an `out=` of another
+    shape resized one; each take is accepted by the ring's consumer (its end checked, its release the tail's)."""
+    import torch
+    from shmrt.wire.shm_transport import accept_rung
+    producer, consumer = ring_pair
+    out, bell_in = BellOut(producer, TOKEN), BellIn(consumer, TOKEN, CAP)
+    descs = _descs([(2, 8)], torch.float32)
+    producer.tensor(0, 64, torch.float32, (2, 8)).copy_(torch.arange(16.0).view(2, 8))
+
+    def take(seq, mode):
+        out.post_call(protocol.Method.BatchLinear, seq, 0, 7, 0, 64 * seq, descs)
+        with torch.inference_mode(mode):
+            views, release = accept_rung(consumer, bell_in.take_checked(seq))
+        assert consumer.consumer.accepted_end == 64 * seq and torch.equal(views[0], torch.arange(16.0).view(2, 8))
+        release()
+        assert consumer.consumer.tail == 64 * seq
+        return views[0]
+
+    first, plain = take(1, True), take(2, False)
+    assert take(3, True) is first and take(4, False) is plain and plain is not first
+    assert plain.is_inference() is False and first.is_inference() is True
+    torch.mm(torch.ones(3, 1), torch.ones(1, 1), out=plain)   # resized to (3, 1) (torch warns, and does it)
+    producer.tensor(0, 64, torch.float32, (2, 8)).copy_(torch.arange(16.0).view(2, 8))   # (its data too)
+    again = take(5, False)
+    assert again is not plain and again.shape == (2, 8)

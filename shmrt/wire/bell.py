@@ -29,11 +29,13 @@ covers that: the worst it can do is a record that fails validation.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ..errors import ProtocolError
 from . import protocol
 from .native import (DESC_WORDS, HEAD_WORDS, NONE, RECORD_LAYOUT, SLOW, TIMEOUT, TOOK, NativeBell, WaitPolicy,
                      now_ns, record_codec)
-from .protocol import Doorbell
+from .protocol import Method, TensorDesc
 from .ring import BELL_SLOT_BYTES, OFF_ASLEEP, OFF_BELL_SEQ, OFF_BELL_SLOT, Ring
 
 MAX_RECORD = BELL_SLOT_BYTES - 8  # bytes of one doorbell record (the slot's first word is its length)
@@ -74,10 +76,38 @@ class BellOut:
         return self._native.post(words, text)[0]
 
 
+KNOWN_RECORDS = 256   # distinct records a BellIn remembers (a decode step repeats a few dozen); past that it starts over
+
+
+class RecordShape:
+    """What a checked record fixes beyond its seq, pos, ring_end, work_ns and text: method, layer, op and its tensors'
+    descriptors, made once per distinct record (BellIn's `_known`; a decode step's records repeat call after call:
+    the lap rule of ring.py). `views` is its reader's to fill: the views of those tensors, per inference mode
+    (shm_transport.accept_rung)."""
+
+    __slots__ = ("method", "layer", "op", "descs", "views")
+
+    def __init__(self, method: Method, layer: int, op: int, descs: tuple[TensorDesc, ...]):
+        self.method, self.layer, self.op, self.descs = method, layer, op, descs
+        self.views: list = [None, None]
+
+
+class Rung(NamedTuple):
+    """A record of the session's next model RPC (or of its reply) that the C helper took and checked: its shape,
+    known from an earlier record with the same fixed words or made now, and the fields each call changes."""
+
+    shape: RecordShape
+    seq: int
+    pos: int
+    ring_end: int
+    work_ns: int
+    text: str
+
+
 class BellIn:
     """The consumer's side of one ring's doorbell: the last seq it took, and the word to wait on. Records of the
-    session's model RPCs are taken and checked in one C call (`take_checked`, `await_checked`); any other comes
-    back as its private copy for protocol.decode."""
+    session's model RPCs are taken and checked in one C call (`take_checked`, `await_checked`) and come back as a
+    Rung; any other comes back as its private copy for protocol.decode."""
 
     def __init__(self, ring: Ring, token: bytes, capacity: int):
         """`token`: the session's (a record with another is not the fast path's); `capacity`: the sender's ring data
@@ -88,20 +118,24 @@ class BellIn:
         # `bell seq` starts at 0 (the creator zeroes it); records start at the session's first RPC
         self._native = NativeBell(ring.native, _CODEC, seq_off=OFF_BELL_SEQ, slot_off=OFF_BELL_SLOT,
                                   slot_cap=BELL_SLOT_BYTES, token=token, capacity=capacity, record_cap=MAX_RECORD)
+        # checked records' fixed words (NativeBell.checked_key: from the private copy C checked, never the slot, which
+        # the peer may rewrite) -> their shape: the descriptors (and the reader's views) of a repeated record are made
+        # once, not per call (~13 us of a take on a CPU daemon's cold caches, ~4 warm, measured on 2 cores)
+        self._known: dict[tuple, RecordShape] = {}
 
     @property
     def seen(self) -> int:
         return self._native.seen
 
-    def take_checked(self, expect_seq: int, method: int = 0) -> Doorbell | bytes | None:
-        """The next record: None if none was posted; a Doorbell if it is call `expect_seq` of `method` (0: any
+    def take_checked(self, expect_seq: int, method: int = 0) -> Rung | bytes | None:
+        """The next record: None if none was posted; a Rung if it is call `expect_seq` of `method` (0: any
         model RPC) with this session's token, checked in C; else its private copy (bytes) for protocol.decode. One
         C call loads the seq word and the length once each, copies the record once and checks the copy."""
         rc = self._native.take(expect_seq, method)
         return None if rc == NONE else self._record(rc, expect_seq)
 
     def await_checked(self, expect_seq: int, method: int, policy: WaitPolicy, waited_ns: int, budget_ns: int
-                      ) -> tuple[Doorbell | bytes, int] | None:
+                      ) -> tuple[Rung | bytes, int] | None:
         """`take_checked` once the seq word changes, waiting up to `budget_ns` as `policy` says (None: it did not
         change), and the record's bytes."""
         start = now_ns()
@@ -111,19 +145,32 @@ class BellIn:
         policy.note(waited_ns + now_ns() - start)
         return self._record(rc, expect_seq), self._native.taken_length
 
-    def _record(self, rc: int, expect_seq: int) -> Doorbell | bytes:
-        """What a take that found a new seq word brought: the checked Doorbell, or the copy (`_copy`)."""
+    def _record(self, rc: int, expect_seq: int) -> Rung | bytes:
+        """What a take that found a new seq word brought: the checked record, or the copy (`_copy`)."""
         if rc != TOOK:
             assert rc == SLOW, rc
             return self._copy(expect_seq)
-        words = self._native.checked()
+        native = self._native
+        key = native.checked_key()
+        shape = self._known.get(key)
+        if shape is None:
+            shape = self._learn(key)
+        seq, pos, ring_end, work_ns, text_len = native.checked_fields()
         text = ""
-        if words[9]:
+        if text_len:
             try:
-                text = self._native.text(protocol.encoded_size(words[8]), words[9]).decode("utf-8")
+                text = native.text(protocol.encoded_size(len(shape.descs)), text_len).decode("utf-8")
             except UnicodeDecodeError:
                 raise ProtocolError("doorbell text is not valid UTF-8") from None
-        return protocol.from_words(words, self.token, text)
+        return Rung(shape, seq, pos, ring_end, work_ns, text)
+
+    def _learn(self, key: tuple) -> RecordShape:
+        """The shape of the record just checked, made from its words and remembered under its `key`."""
+        bell = protocol.from_words(self._native.checked(), self.token)
+        if len(self._known) >= KNOWN_RECORDS:
+            self._known.clear()
+        shape = self._known[key] = RecordShape(bell.method, bell.layer, bell.op, bell.tensors)
+        return shape
 
     def _copy(self, expect_seq: int) -> bytes:
         """The last take's private copy, validated as far as its seq word and length go (the rest is

@@ -164,6 +164,7 @@ class NativeBell:
         b.record, b.record_cap = self._record, record_cap
         self.c = b
         self.words = ffi.new("uint64_t[]", RECORD_WORDS)
+        self._descs = ffi.buffer(self.words + HEAD_WORDS, 8 * (RECORD_WORDS - HEAD_WORDS))   # the descriptors' words
         self._out = ffi.new("uint64_t[2]")   # a post's asleep flag and the record's length
         self._length = self._out + 1
 
@@ -195,6 +196,18 @@ class NativeBell:
     def checked(self) -> list[int]:
         """The words of the record the last take checked (header and its descriptors)."""
         return ffi.unpack(self.words, HEAD_WORDS + DESC_WORDS * self.words[8])
+
+    def checked_key(self) -> tuple:
+        """What the record the last take checked fixes beyond its seq, pos, ring_end, work_ns and text: its method,
+        layer and op words and its descriptors' words (as bytes). Records with equal keys name the same tensors
+        in the same places (the fast path takes no flags)."""
+        w = self.words
+        return w[0], w[3], w[4], self._descs[:8 * DESC_WORDS * w[8]]
+
+    def checked_fields(self) -> tuple[int, int, int, int, int]:
+        """The rest of that record: seq, pos, ring_end, work_ns and its text's length."""
+        w = self.words
+        return w[2], w[5], w[6], w[7], w[9]
 
     def text(self, at: int, n: int) -> bytes:
         return ffi.buffer(self._record + at, n)[:]

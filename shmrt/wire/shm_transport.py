@@ -28,7 +28,7 @@ import zmq
 from .. import settings
 from . import protocol
 from ..errors import PeerError, ProtocolError, printable
-from .bell import MAX_RECORD, BellIn, BellOut
+from .bell import MAX_RECORD, BellIn, BellOut, Rung
 from .protocol import Doorbell, Method, TensorDesc
 from .ring import PAGE_BYTES, Ring, align_up, check_segment_name, unlink_segment
 from .scopes import Reply
@@ -153,6 +153,19 @@ def accept_views(ring: Ring, end: int, descs) -> tuple[list[torch.Tensor], objec
     return [ring_view(ring, d) for d in descs], lambda: ring.consumer.release(entry)
 
 
+def accept_rung(ring: Ring, rung: Rung) -> tuple[list[torch.Tensor], object]:
+    """`accept_views` for a record taken through the doorbell: its shape's views, made once per inference mode
+    (Ring.tensor's rule: a view made inside it cannot be written outside it) and made again where one no longer
+    has its descriptor's shape (an `out=` of another shape resizes a view)."""
+    shape = rung.shape
+    entry = ring.consumer.accept(rung.ring_end, shape.descs)
+    mode = torch.is_inference_mode_enabled()
+    views = shape.views[mode]
+    if views is None or any(v.shape != d.shape for v, d in zip(views, shape.descs)):
+        views = shape.views[mode] = tuple(ring_view(ring, d) for d in shape.descs)
+    return list(views), lambda: ring.consumer.release(entry)
+
+
 class RequestRingInputs:
     """A caller's inputs staged in its request ring `self.req` (reservations wait up to `self.timeout` seconds)."""
 
@@ -258,6 +271,12 @@ class ShmClient(RequestRingInputs, ClientTransport):
             self._while_waiting()
             bell, received = self._await_bell(seq, code)
             stats.t_replied = now_ns()
+            if type(bell) is Rung:   # the reply's record, checked in C: its shape's views
+                tensors = bell.shape.descs
+                out, release = accept_rung(self.rsp, bell)
+            else:
+                tensors = bell.tensors
+                out, release = accept_views(self.rsp, bell.ring_end, tensors)
         else:
             payload = protocol.encode(Doorbell(code, seq, self.token, layer, op, pos, ring_end, tensors=tuple(descs)))
             sent = len(payload)
@@ -268,10 +287,11 @@ class ShmClient(RequestRingInputs, ClientTransport):
             raw = self._recv()
             stats.t_replied = now_ns()
             bell, received = self._checked_reply(raw, seq, code), len(raw)
-        out, release = accept_views(self.rsp, bell.ring_end, bell.tensors)
+            tensors = bell.tensors
+            out, release = accept_views(self.rsp, bell.ring_end, tensors)
         stats.t_decoded = now_ns()
         stats.payload_sent = sum(d.nbytes for d in descs)
-        stats.payload_recv = sum(d.nbytes for d in bell.tensors)
+        stats.payload_recv = sum(d.nbytes for d in tensors)
         stats.sent_bytes = stats.payload_sent + sent
         stats.recv_bytes = stats.payload_recv + received
         stats.work_ns = bell.work_ns
@@ -284,7 +304,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
             raise ProtocolError(f"reply method {bell.method.name}, expected {method.name}")
         return bell
 
-    def _await_bell(self, seq: int, method: Method) -> tuple[Doorbell, int]:
+    def _await_bell(self, seq: int, method: Method) -> tuple[Rung | Doorbell, int]:
         """The reply of call `seq` from the response ring's doorbell, and its record's bytes. Waits spinning,
         then yielding, then sleeping (native.Backoff), in C, which takes the record and checks it (a reply that is
         not this call's, an Error among them, comes back as bytes and is decoded here); between slices it looks
@@ -413,11 +433,12 @@ class ShmServerSession(ServerSession):
             self.bell_out = BellOut(self.rsp, self.token)
 
     def decode(self, payload: bytes | Doorbell) -> Request:
-        if type(payload) is Doorbell:   # a model RPC's record of this session, checked in C (take_bell)
+        if type(payload) is Rung:   # a model RPC's record of this session, checked in C (take_bell)
             self.expect_seq += 1
-            views, release = accept_views(self.req, payload.ring_end, payload.tensors)
-            return Request(payload.method.name, payload.seq, payload.layer, payload.op, payload.pos, views,
-                           payload.text, release, rung=True, descs=payload.tensors)
+            views, release = accept_rung(self.req, payload)
+            shape = payload.shape
+            return Request(shape.method.name, payload.seq, shape.layer, shape.op, payload.pos, views, payload.text,
+                           release, rung=True, descs=shape.descs)
         if protocol.peek_method(payload) == Method.Wake:
             return self._wake(payload)
         capacity = self.req.capacity if self.req is not None else 0
@@ -459,8 +480,8 @@ class ShmServerSession(ServerSession):
         """The word a new request bell changes (None: this session rings over ZeroMQ)."""
         return self.bell_in.address if self.bell_in is not None else None
 
-    def take_bell(self) -> Doorbell | bytes | None:
-        """The next request if one was rung: a model RPC's record checked in C (a Doorbell), else its private
+    def take_bell(self) -> Rung | bytes | None:
+        """The next request if one was rung: a model RPC's record checked in C (a Rung), else its private
         copy for `decode`; None if nothing was rung."""
         return self.bell_in.take_checked(self.expect_seq)
 
