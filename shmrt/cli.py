@@ -5,6 +5,7 @@ Errors a user can cause (ShmrtError) are printed as one line and exit 2, without
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import signal
@@ -20,6 +21,24 @@ ERROR_LIMIT = 2000  # characters of an error message printed (host text inside i
 
 
 # ---- arguments
+
+def _number(kind, test, wanted: str):
+    """An argparse type: `kind` of the text, refused (one line, the flag named) unless finite and `test(value)`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE = _number(float, lambda v: v > 0, "a positive number")
+NON_NEGATIVE = _number(float, lambda v: v >= 0, "a number >= 0")
+PROBABILITY = _number(float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
+THREADS = _number(int, lambda v: v >= 0, "a thread count >= 0")
 
 def _add_daemon_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
@@ -57,17 +76,18 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed-ids", type=int, default=0, help="seed of --prefill's random ids")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template (one user turn)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="stops earlier at the model's end of sequence")
-    p.add_argument("--decode-threads", type=int, default=1,
+    p.add_argument("--decode-threads", type=THREADS, default=1,
                    help="torch threads of the enclave's math while decoding (default 1: a decode step's ops are too "
                         "small to share; 0: as prefill, torch's default)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=None,
+                   help="0 = greedy (the default, unless --top-p is given: then 1)")
+    p.add_argument("--top-p", type=PROBABILITY, default=1.0, help="sample from the smallest set of tokens this likely")
     p.add_argument("--sample-seed", type=int, default=0)
     p.add_argument("--tokenizer", help="tokenizer.json or a checkpoint directory holding one")
     p.add_argument("--log", default="zmq_performance.log", help="v2.4-format log (sidecar: LOG.jsonl); '' for none")
     p.add_argument("--logits-out", help="save float32 logits of the last prefill position as .npy")
-    p.add_argument("--ring-mib", type=float, help="ring size per direction (default: sized for the run)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the daemon (default 60)")
+    p.add_argument("--ring-mib", type=POSITIVE, help="ring size per direction (default: sized for the run)")
+    p.add_argument("--timeout", type=POSITIVE, default=None, help="seconds to wait for the daemon (default 60)")
     p.add_argument("--enclave", action="store_true", help="apply in-enclave rules (tcp only) even outside SGX")
     p.add_argument("--quiet", action="store_true", help="no progress or summary output")
 
@@ -87,9 +107,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     d = sub.add_parser("daemon", help="serve the model's linear algebra (the GPU side)")
     _add_daemon_args(d)
     d.add_argument("--endpoint", default=None, help="ipc://PATH or tcp://127.0.0.1:PORT")
-    d.add_argument("--session-timeout", type=float, default=120.0, help="drop a silent client after this many s")
+    d.add_argument("--session-timeout", type=POSITIVE, default=120.0, help="drop a silent client after this many s")
     d.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback tcp address")
-    d.add_argument("--max-kv-mib", type=float, default=None,
+    d.add_argument("--max-kv-mib", type=POSITIVE, default=None,
                    help="K/V cache quota per session (default: a quarter of the device's memory)")
     d.add_argument("--ready-file", help="create this file once listening")
     d.add_argument("--quiet", action="store_true")
@@ -156,6 +176,11 @@ def _prepare_client(args):
 
     if args.max_new_tokens < 0:
         raise ShmrtError("--max-new-tokens must be >= 0")
+    for flag, path in (("--log", args.log), ("--logits-out", args.logits_out)):
+        if path:
+            check_output_path(flag, path)   # before the run, not after it
+    if args.timeout is None:
+        args.timeout = settings.default_timeout()   # (SHMRT_TIMEOUT refused before a daemon starts)
     if args.doorbell == "shm" and args.transport != "shm":
         raise ShmrtError(f"--doorbell shm needs --transport shm (the {args.transport} transport rings over ZeroMQ)")
     source = resolve_model(args.model, args.layers, args.seed)
@@ -166,6 +191,17 @@ def _prepare_client(args):
         raise ShmrtError(f"prompt of {ids.shape[1]} tokens plus {args.max_new_tokens} new exceeds the "
                          f"model's {source.cfg.max_position_embeddings} positions")
     return source, tok, ids
+
+
+def check_output_path(flag: str, path: str) -> None:
+    """Refuse an output file `flag` names that cannot be written: a directory, or one in no writable directory."""
+    if path.endswith(os.sep) or os.path.isdir(path):
+        raise ShmrtError(f"{flag} {path}: is a directory, expected a file name")
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise ShmrtError(f"{flag} {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise ShmrtError(f"{flag} {path}: directory {directory} is not writable")
 
 
 def cmd_client(args, endpoint: str, prepared=None) -> int:
@@ -187,7 +223,7 @@ def cmd_client(args, endpoint: str, prepared=None) -> int:
         client.transport.observers.append(collected.append)
         freeze_heap()   # the model, the tokenizer, the imports: out of the collector's walks (tools/heap.py)
         progress = None if args.quiet or args.max_new_tokens < 16 else _decode_progress
-        sampler = Sampler(args.temperature, args.top_p, args.sample_seed)
+        sampler = Sampler(sampling_temperature(args.temperature, args.top_p), args.top_p, args.sample_seed)
         stop = tok.eos_token_id if tok is not None else None
         with torch.inference_mode():
             on_phase = client.perflog.on_phase if client.perflog else None
@@ -198,6 +234,13 @@ def cmd_client(args, endpoint: str, prepared=None) -> int:
         if not args.quiet:
             _print_summary(args, client, result, collected, tok)
     return 0
+
+
+def sampling_temperature(temperature: float | None, top_p: float) -> float:
+    """--temperature as given; unset, greedy (0) unless --top-p asks for sampling (then 1: the logits as they are)."""
+    if temperature is not None:
+        return temperature
+    return 1.0 if top_p < 1.0 else 0.0
 
 
 def _decode_progress(i: int, n: int) -> None:
@@ -302,6 +345,9 @@ def main(argv=None) -> int:
         terminated = isinstance(exc, Terminated)
         print(f"shmrt {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
+    except BrokenPipeError:   # the reader went away (`shmrt analyze ... | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         print(f"shmrt {args.command}: error: {printable(str(exc), ERROR_LIMIT)}", file=sys.stderr)
         return 2

@@ -1,13 +1,28 @@
 """Settings read from the environment (the only module that reads os.environ for shmrt)."""
 from __future__ import annotations
 
+import math
 import os
 import pathlib
+
+from .errors import SetupError
+
+
+def _positive(name: str, default: str, what: str) -> float:
+    """The environment variable `name` as a finite positive number (else its `default`); SetupError naming it."""
+    text = os.environ.get(name, "") or default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise SetupError(f"{name}={text!r}: expected a positive number of {what}")
+    return value
 
 
 def default_timeout() -> float:
     """Seconds to wait for a peer before giving up (SHMRT_TIMEOUT, default 60)."""
-    return float(os.environ.get("SHMRT_TIMEOUT", "60"))
+    return _positive("SHMRT_TIMEOUT", "60", "seconds")
 
 
 def runtime_dir() -> pathlib.Path:
@@ -39,7 +54,7 @@ def default_endpoint() -> str:
 def max_reply_bytes() -> int:
     """The largest reply a msgpack session may ask the daemon for (SHMRT_MAX_REPLY_MIB, default 2048).
     An shm reply is bounded by the client's response ring instead."""
-    return int(float(os.environ.get("SHMRT_MAX_REPLY_MIB", "2048")) * 2**20)
+    return int(_positive("SHMRT_MAX_REPLY_MIB", "2048", "MiB") * 2**20)
 
 
 def backoff_us() -> tuple[float, ...] | None:
@@ -52,8 +67,8 @@ def backoff_us() -> tuple[float, ...] | None:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 4 or min(values) < 0:
-        raise ValueError(f"SHMRT_BACKOFF={text!r}: expected four non-negative microsecond values SPIN,YIELD,SLEEP_MIN,SLEEP_MAX")
+    if len(values) != 4 or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise SetupError(f"SHMRT_BACKOFF={text!r}: expected four non-negative microsecond values SPIN,YIELD,SLEEP_MIN,SLEEP_MAX")
     return values
 
 

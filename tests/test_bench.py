@@ -21,9 +21,11 @@ def test_bench_all_writes_complete_consistent_records_tables_plots_and_readable_
     out = tmp_path / "res"
     run = subprocess.run([sys.executable, "-m", "shmrt", "bench", "--suite", "all", "--model", "tiny",
                           "--prompts", "8", "--new-tokens", "2", "--repeats", "3", "--sizes", "4KiB,64KiB",
-                          "--out", str(out)], capture_output=True, text=True, timeout=240)
+                          "--out", str(out)], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "SHMRT_RUNTIME_DIR": str(tmp_path / "rt")})
     assert run.returncode == 0, run.stderr[-2000:]
     assert "msgpack/shm" in run.stdout and "shm/floor" in run.stdout  # the micro table with its ratios
+    assert not list((tmp_path / "rt" / "shmrt").glob("bench-*")), "the micro suite left its servers' sockets behind"
     records = json.loads((out / "results.json").read_text())
 
     micro = [r for r in records if r["suite"] == "micro"]

@@ -34,7 +34,8 @@ def check_result_fits(shape, max_elements: int | None, what: str) -> None:
     elements = math.prod(shape)
     if max_elements is not None and elements > max_elements:
         raise TensorTooLarge(f"{what} result {tuple(shape)} has {elements} elements, more than the reply can "
-                             f"carry ({max_elements}): the client needs a larger --ring-mib (shm) or SHMRT_MAX_REPLY_MIB (msgpack)")
+                             f"carry ({max_elements}): the client needs a larger --ring-mib (over msgpack the "
+                             "daemon's SHMRT_MAX_REPLY_MIB bounds it too)")
 
 
 def keep(view: torch.Tensor, into: torch.Tensor) -> torch.Tensor:

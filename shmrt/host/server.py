@@ -20,6 +20,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import socket
+import stat
 import sys
 import time
 import traceback
@@ -43,6 +45,32 @@ NO_SESSION = ("no open session for this client (it ended after an error or was i
               "--session-timeout): start a new session")
 
 
+def check_ipc_free(path: str) -> None:
+    """Refuse to listen at `path` where another process listens already, or where something else than a socket lies:
+    ZeroMQ's bind replaces whatever is there, so a second daemon would take a live one's clients and, stopping,
+    remove its socket (over tcp:// the kernel refuses a second listener). A socket file nobody listens on (a daemon
+    that died) is left for the bind to replace."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise ShmrtError(f"cannot listen on ipc://{path}: directory {directory} does not exist")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ShmrtError(f"cannot listen on ipc://{path}: a file that is not a socket is there (pick another --endpoint)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return   # nobody accepts there: a stale socket file
+    finally:
+        probe.close()
+    raise ShmrtError(f"cannot listen on ipc://{path}: another process (a daemon?) is listening there: stop it or "
+                     "pick another --endpoint")
+
+
 @dataclass
 class Session:
     identity: bytes
@@ -60,7 +88,10 @@ class Server:
         self.session_timeout = session_timeout
         self.sessions: dict[bytes, Session] = {}
         self.log = log or (lambda msg: print(f"shmrt daemon: {msg}", file=sys.stderr, flush=True))
+        self.backoff = backoff or Backoff.configured()   # (settings first: nothing to undo when one is refused)
         self._pidns = pid_namespace()
+        if endpoint.startswith("ipc://"):
+            check_ipc_free(endpoint[len("ipc://"):])
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -73,7 +104,6 @@ class Server:
         if endpoint.startswith("ipc://"):
             os.chmod(endpoint[len("ipc://"):], 0o600)
         self.stopping = False
-        self.backoff = backoff or Backoff.configured()
         self._bells: tuple[list[Session], WordWaiter] | None = None  # the sessions whose bell words we wait on
         self._bells_stale = True  # a message or a drop may have changed which sessions ring through their rings
         self._socket_due = True   # the bell waiter saw the socket's descriptor readable: look at the socket
@@ -230,6 +260,7 @@ class Server:
                     return codec.encode_refusal(f"session refused: {NO_SESSION}")
                 raise ProtocolError(NO_SESSION)
             transport = codec.Session(hello.token)
+            transport.accept_client(hello.client_info)
             model = self.handler.open(hello.client_info, transport.pinned_buffers)
         except ShmrtError as exc:
             self.log(f"refused a new client: {exc}")

@@ -129,7 +129,8 @@ def _sidecar_breakdown(side: Sidecar | None) -> dict:
     phases = by_phase(side.calls, side.phases)
     decode = [c for p in side.phases if p["phase"] == "decode" for c in inside(side.calls, p)]
     return {"phases": [b.as_dict() | ({"per_token": b.per_token().as_dict()} if b.phase == "decode" and b.tokens
-                                      else {}) for b in phases],
+                                      else {}) | ({"cut_short": True} if p.get("cut_short") else {})
+                       for b, p in zip(phases, side.phases)],
             "method_stages": {m: b.as_dict() for m, b in breakdown_by_method(side.calls).items()},
             "decode_calls": [asdict(m) for m in per_call(decode)]}
 
@@ -205,6 +206,9 @@ def format_breakdown(s: dict) -> list[str]:
              f"  {'phase':<12} {'tokens':>6} {'wall ms':>10} {'enclave ms':>11} {'transport ms':>13} "
              f"{'daemon ms':>10} {'calls':>6}"]
     for p in s["phases"]:
+        if p.get("cut_short"):
+            lines.append(f"  ({p['phase']}: the run ended before this phase did: no record of its span, taken from "
+                         f"its calls{'; tokens = its steps' if p['phase'] == 'decode' else ''})")
         per = [p] + ([p["per_token"]] if "per_token" in p else [])
         for q, label in zip(per, (p["phase"], "  a token")):
             lines.append(f"  {label:<12} {p['tokens'] if q is p else '':>6} {1e3 * q['wall_s']:>10.3f} "

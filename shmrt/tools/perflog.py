@@ -85,18 +85,39 @@ def _json_str(text: str) -> str:
     return json.dumps(text)
 
 
+CALL_NUMBERS = ("t_start_ns", "t_encoded_ns", "t_sent_ns", "t_replied_ns", "t_decoded_ns", "sent_bytes", "recv_bytes")
+PHASE_NUMBERS = ("start_ns", "end_ns", "tokens")
+
+
 @dataclass
 class Sidecar:
     run: dict                                          # the "run" header ({} if missing)
     calls: list[dict] = field(default_factory=list)    # "call" records, in call order
-    phases: list[dict] = field(default_factory=list)   # "phase" records
+    phases: list[dict] = field(default_factory=list)   # "phase" records, and a span for each phase cut short
+
+    def add_cut_phases(self) -> None:
+        """A span for each phase its calls name that has no record (a run killed before the phase ended writes
+        none): from its first call's start to its last call's end, `cut_short`; a decode phase's tokens are its
+        steps (one LMHead each), another's unknown (0)."""
+        recorded = {p["phase"] for p in self.phases}
+        spans: dict[str, list] = {}
+        for c in self.calls:
+            phase = c.get("phase")
+            if isinstance(phase, str) and phase in ("prefill", "decode") and phase not in recorded:
+                span = spans.setdefault(phase, [c["t_start_ns"], c["t_decoded_ns"], 0])
+                span[0], span[1] = min(span[0], c["t_start_ns"]), max(span[1], c["t_decoded_ns"])
+                span[2] += phase == "decode" and c["method"] == "LMHead"
+        for phase, (start, end, tokens) in spans.items():
+            self.phases.append({"type": "phase", "phase": phase, "start_ns": start, "end_ns": end, "tokens": tokens,
+                                "cut_short": True})
+        self.phases.sort(key=lambda p: p["start_ns"])
 
 
 def read_sidecar(path: str) -> Sidecar | None:
     """The sidecar `path` (a log's path + ".jsonl"), or None if there is none. A line cut short (a run
     that died between flushes) is skipped: what was written before it still counts."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8", errors="replace")   # bytes that are not UTF-8 spoil their line, not the file
     except OSError:
         return None
     side = Sidecar({})
@@ -109,11 +130,16 @@ def read_sidecar(path: str) -> Sidecar | None:
             kind = obj.get("type") if isinstance(obj, dict) else None
             if kind == "run" and not side.run:
                 side.run = obj
-            elif kind == "call":
+            elif kind == "call" and _has_numbers(obj, CALL_NUMBERS) and isinstance(obj.get("method"), str):
                 side.calls.append(obj)
-            elif kind == "phase":
-                side.phases.append(obj)
+            elif kind == "phase" and _has_numbers(obj, PHASE_NUMBERS) and isinstance(obj.get("phase"), str):
+                side.phases.append(obj)   # (a record without its fields, a damaged line, is skipped like one cut short)
+    side.add_cut_phases()
     return side
+
+
+def _has_numbers(obj: dict, keys) -> bool:
+    return all(type(obj.get(k)) is int for k in keys)
 
 
 class PerfLog:

@@ -89,9 +89,16 @@ class MsgpackClient(ClientTransport):
         # (set from the ring size it would use, open_session) or, before that, a control message.
         return max(max_reply_bytes or 0, MAX_TEXT) + ENVELOPE_BYTES
 
+    def __init__(self, endpoint: str, *, timeout: float, enclave: bool = False, max_reply_bytes: int | None = None,
+                 doorbell: str | None = None):
+        super().__init__(endpoint, timeout=timeout, enclave=enclave, max_reply_bytes=max_reply_bytes,
+                         doorbell=doorbell)
+        self.reply_bound = max_reply_bytes   # told the daemon at Hello, so that it refuses a larger reply itself
+
     def open_session(self, ring_bytes: int) -> None:
-        """No rings here; `ring_bytes` (sized for this run's largest message) bounds every reply."""
-        self.limit_replies(ring_bytes)
+        """No rings here; `ring_bytes` (sized for this run's largest message) bounds every reply: the bound Hello
+        announced, where it announced one (ZeroMQ drops a message over it without a word: the daemon must know)."""
+        self.limit_replies(self.reply_bound or ring_bytes)
 
     def _roundtrip(self, message: dict, stats: CallStats | None = None) -> tuple[dict, bytes, bytes]:
         payload = msgpack.packb(message, use_bin_type=True)
@@ -114,6 +121,8 @@ class MsgpackClient(ClientTransport):
         return reply, payload, raw
 
     def hello(self, client_info: dict) -> dict:
+        if self.reply_bound is not None:
+            client_info = {**client_info, "max_reply_bytes": self.reply_bound}
         reply, _, _ = self._roundtrip({"method": "Hello", "seq": self._next_seq(), "token": self.token,
                                        "text": json.dumps(client_info)})
         config = load_json(_text_field(reply), "Hello reply text", max_chars=MAX_TEXT)
@@ -199,6 +208,16 @@ class MsgpackServerSession(ServerSession):
     def __init__(self, token: bytes):
         super().__init__(token)
         self.reply_capacity = settings.max_reply_bytes()
+
+    def accept_client(self, client_info: dict) -> None:
+        """The largest reply the client takes (its Hello's `max_reply_bytes`: ZeroMQ would drop a larger one
+        unseen, and the client would wait out its timeout); a result past it is refused here, in words."""
+        bound = client_info.get("max_reply_bytes")
+        if bound is None:
+            return
+        if type(bound) is not int or bound <= 0:
+            raise ProtocolError(f"Hello's max_reply_bytes {describe(bound)}, expected a positive integer")
+        self.reply_capacity = min(self.reply_capacity, bound)
 
     def decode(self, payload: bytes) -> Request:
         obj = parse_request(payload)

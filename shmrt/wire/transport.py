@@ -48,7 +48,8 @@ def check_endpoint(endpoint: str, *, enclave: bool = False, bind: bool = False,
     if not 0 < int(m["port"]) < 65536:
         raise SetupError(f"endpoint {endpoint!r}: port must be 1-65535")
     if bind and not allow_remote and m["host"] not in ("127.0.0.1", "localhost", "[::1]"):
-        raise SetupError(f"endpoint {endpoint}: the daemon binds loopback only unless --allow-remote is given")
+        raise SetupError(f"endpoint {endpoint}: the daemon binds loopback only unless started as "
+                         "`shmrt daemon --allow-remote`")
     return endpoint
 
 
@@ -297,6 +298,10 @@ class ServerSession:
 
     def decode(self, payload: bytes) -> Request:
         raise NotImplementedError
+
+    def accept_client(self, client_info: dict) -> None:
+        """What the client's Hello said that bounds this session (msgpack: the largest reply it takes); a value
+        that makes no sense is a ProtocolError (the session is refused)."""
 
     def reply_builder(self) -> ReplyBuilder:
         raise NotImplementedError

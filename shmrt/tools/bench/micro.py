@@ -4,7 +4,9 @@ measured in the same run: two memcpys of the size plus a bare round trip of the 
 same waiting policy for the shared-memory doorbell)."""
 from __future__ import annotations
 
+import contextlib
 import mmap
+import os
 import statistics
 
 import torch
@@ -152,6 +154,9 @@ def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None)
         for p in procs:
             p.terminate()
             p.join(5)
+        for endpoint in (echo_ep, raw_ep):   # the servers were terminated: their socket files are ours to remove
+            with contextlib.suppress(OSError):
+                os.unlink(endpoint[len("ipc://"):])
     return records
 
 
