@@ -93,7 +93,12 @@ def test_a_sidecar_cut_mid_line_keeps_what_came_before(tmp_path):
     path = tmp_path / "x.log.jsonl"
     path.write_text(path.read_text()[:-20])  # the last phase record is cut
     cut = read_sidecar(str(path))
-    assert cut.calls == side.calls and cut.phases == side.phases[:1]
+    assert cut.calls == side.calls and cut.phases[:1] == side.phases[:1]
+    # the cut phase is taken from its calls' span (Sidecar.add_cut_phases), marked
+    decode_calls = [c for c in side.calls if c["phase"] == "decode"]
+    assert cut.phases[1:] == [{"type": "phase", "phase": "decode", "start_ns": decode_calls[0]["t_start_ns"],
+                               "end_ns": decode_calls[-1]["t_decoded_ns"],
+                               "tokens": sum(c["method"] == "LMHead" for c in decode_calls), "cut_short": True}]
     assert read_sidecar(str(tmp_path / "missing.jsonl")) is None
 
 
