@@ -14,7 +14,7 @@ With `echo` the daemon is the micro suite's (EchoHandler) and the client makes r
 bytes (`tokens` a round) instead of decoding.
 
 Stages per call (us, medians over the decode phase, by method):
-  take     C take + check of the bell record (+ from_words)
+  take     C take + check of the bell record (+ its shape: bell.py's RecordShape, made once per record)
   decode   the Request built (accept_views)
   handle   handler.handle up to return (checks, reply alloc, graph key, launch) -- of which `launch` is replay()
   ahead    the reply encoded ahead (CUDA)

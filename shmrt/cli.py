@@ -345,9 +345,12 @@ def main(argv=None) -> int:
         terminated = isinstance(exc, Terminated)
         print(f"shmrt {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
-    except BrokenPipeError:   # the reader went away (`shmrt analyze ... | head`): nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except BrokenPipeError as exc:
+        if args.command != "analyze":   # a daemon's or a client's stderr reader went away: an error like any
+            print(f"shmrt {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # `shmrt analyze ... | head`: quietly,
+        return 141                                                        # as a shell reports SIGPIPE
     except OSError as exc:
         print(f"shmrt {args.command}: error: {printable(str(exc), ERROR_LIMIT)}", file=sys.stderr)
         return 2

@@ -187,3 +187,41 @@ def test_analyze_skips_sidecar_lines_that_are_not_utf8_or_lack_their_fields(tmp_
     s = summarize(load(path)[-1])
     assert s["method_stages"]["LMHead"]["calls"] == 1
     assert [p["phase"] for p in s["phases"]] == ["prefill"] and s["phases"][0]["cut_short"]
+
+
+def test_a_daemon_refuses_a_live_endpoint_and_a_bad_setting_before_it_loads_its_model(threaded_echo, tmp_path):
+    """Loading takes minutes on a real model (and a second copy of the weights on a device): what can refuse the
+    daemon is asked first."""
+    endpoint, _ = threaded_echo
+    out = _shmrt("daemon", "--model", "tiny", "--endpoint", endpoint)
+    assert out.returncode == 2 and "is listening there" in out.stderr and "loaded" not in out.stderr, out.stderr
+    out = _shmrt("daemon", "--model", "tiny", "--endpoint", f"ipc://{tmp_path}/d.sock", env={"SHMRT_BACKOFF": "1"})
+    assert out.returncode == 2 and "SHMRT_BACKOFF='1'" in out.stderr and "loaded" not in out.stderr, out.stderr
+    assert not (tmp_path / "d.sock").exists()
+
+
+def test_a_busy_or_unreadable_listener_is_not_taken_for_a_stale_one(tmp_path, monkeypatch):
+    """Only a refused connection means nobody listens: any other failure of the probe (a full backlog answers
+    EAGAIN at once) is a refusal too, not a takeover."""
+    from shmrt.host import server
+    path = tmp_path / "busy.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+
+    class Busy(socket.socket):
+        def connect(self, address):
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(server.socket, "socket", Busy)
+    try:
+        with pytest.raises(ShmrtError, match="cannot tell whether another process listens there"):
+            server.check_ipc_free(str(path))
+    finally:
+        s.close()
+
+
+def test_a_tiny_temperature_samples_the_largest_logit_instead_of_failing():
+    from shmrt.enclave.generate import Sampler
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.0]])
+    assert Sampler(1e-300, 1.0, seed=3)(logits).tolist() == [1, 0]
+    assert Sampler(1e-300, 0.5, seed=3)(logits).tolist() == [1, 0]

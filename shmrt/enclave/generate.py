@@ -29,7 +29,10 @@ class Sampler:
             return greedy(logits)
         if self._gen is None:
             self._gen = torch.Generator().manual_seed(self.seed)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        # In float64 (a temperature below float32's smallest number is not 0 there) and the largest logit taken out
+        # first: divided by a tiny temperature the rest go to -inf, never to inf - inf
+        logits = logits.double()
+        probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / self.temperature, dim=-1)
         if self.top_p < 1.0:
             sorted_p, order = probs.sort(dim=-1, descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < self.top_p

@@ -63,8 +63,11 @@ def check_ipc_free(path: str) -> None:
     try:
         probe.settimeout(1.0)
         probe.connect(path)
-    except OSError:
-        return   # nobody accepts there: a stale socket file
+    except (ConnectionRefusedError, FileNotFoundError):
+        return   # nobody listens there: a stale socket file (or none any more)
+    except OSError as exc:   # a full backlog (EAGAIN), no permission, a timeout: someone may listen
+        raise ShmrtError(f"cannot listen on ipc://{path}: cannot tell whether another process listens there "
+                         f"({exc.strerror or exc}): pick another --endpoint") from None
     finally:
         probe.close()
     raise ShmrtError(f"cannot listen on ipc://{path}: another process (a daemon?) is listening there: stop it or "

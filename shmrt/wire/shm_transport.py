@@ -432,7 +432,7 @@ class ShmServerSession(ServerSession):
             self.bell_in = BellIn(self.req, self.token, self.req.capacity)
             self.bell_out = BellOut(self.rsp, self.token)
 
-    def decode(self, payload: bytes | Doorbell) -> Request:
+    def decode(self, payload: bytes | Rung) -> Request:
         if type(payload) is Rung:   # a model RPC's record of this session, checked in C (take_bell)
             self.expect_seq += 1
             views, release = accept_rung(self.req, payload)
