@@ -225,3 +225,35 @@ def test_a_tiny_temperature_samples_the_largest_logit_instead_of_failing():
     logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.0]])
     assert Sampler(1e-300, 1.0, seed=3)(logits).tolist() == [1, 0]
     assert Sampler(1e-300, 0.5, seed=3)(logits).tolist() == [1, 0]
+
+
+def test_a_client_hears_that_its_daemon_stopped_instead_of_waiting_out_its_timeout(endpoint):
+    """A daemon that stops (SIGTERM, Ctrl-C) rings a goodbye in each shm doorbell session's response ring: the
+    client's next call ends with that line at once (before: it waited its whole --timeout and blamed a silent
+    daemon). (The same Error goes over ZeroMQ to every client, but ZeroMQ drops what a client had not read when the
+    daemon's connection closes: a msgpack or ZeroMQ-doorbell client still waits out its timeout.)"""
+    transport = "shm"
+    import threading
+    stop, ready = threading.Event(), threading.Event()
+
+    def serve():
+        with Server(endpoint, EchoHandler(), log=lambda m: None) as server:
+            ready.set()
+            server.serve(until=stop.is_set, poll_ms=20)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    t = client_transport(transport, endpoint, timeout=60)
+    try:
+        t.hello(client_info())
+        t.open_session(1 << 16)
+        t.call("Init").release()
+        stop.set()
+        thread.join(10)
+        start = time.monotonic()
+        with pytest.raises(PeerError, match="the daemon stopped"):
+            t.call("Matmul", [torch.ones(4)]).release()
+        assert time.monotonic() - start < 10
+    finally:
+        t.close()

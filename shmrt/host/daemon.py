@@ -299,5 +299,5 @@ def run_daemon(*, model: str, device: str, dtype: str, endpoint: str, layers: in
         # steps (a decode call is a handful of small ops, each paid on the daemon's CPU)
         with torch.inference_mode():
             server.serve()
-        log("stopped")
+    log("stopped")   # after the sessions' own lines (Server.close)
     return 0

@@ -41,6 +41,8 @@ DROPPED_KEPT = 64         # dropped clients remembered, so that their last messa
 DEEP_SLEEP_S = 0.05        # no request for this long: block on the socket (clients send a Wake)
 BELL_SLICE_NS = 1_000_000  # while waiting on bell words, look at the socket this often
 
+STOPPED = "the daemon stopped (SIGTERM or Ctrl-C) and closed this session: start it again, then the client"
+GOODBYE_LINGER_MS = 500   # how long closing waits for those last messages to leave
 NO_SESSION = ("no open session for this client (it ended after an error or was idle past the daemon's "
               "--session-timeout): start a new session")
 
@@ -119,14 +121,26 @@ class Server:
     # ---- lifetime
 
     def close(self) -> None:
-        for identity in list(self.sessions):
+        told = False
+        for identity, session in list(self.sessions.items()):
+            # Each client hears it (its next call, or the one it waits on, ends with this line) instead of waiting
+            # out its --timeout for a daemon that is gone
+            told |= self._send_quietly(identity, session.transport.goodbye(STOPPED))
             self._drop(identity, "daemon shutting down")
-        self._sock.close(linger=0)
+        self._sock.close(linger=GOODBYE_LINGER_MS if told else 0)
         if self.endpoint.startswith("ipc://"):
             try:
                 os.unlink(self.endpoint[len("ipc://"):])
             except OSError:
                 pass
+
+    def _send_quietly(self, identity: bytes, message: bytes) -> bool:
+        """Queue `message` for one client without waiting: False where ZeroMQ would not take it now."""
+        try:
+            self._sock.send_multipart([identity, message], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
 
     def __enter__(self) -> "Server":
         return self

@@ -265,8 +265,8 @@ class ShmClient(RequestRingInputs, ClientTransport):
             # encoded straight into the ring header's slot and rung, in one C call (the log's Send)
             stats.t_encoded = now_ns()
             asleep, sent = self._bell_out.post_call(code, seq, layer, op, pos, ring_end, descs)
-            if asleep:   # the daemon sleeps on ZeroMQ: wake it
-                self._send(self._wake)
+            if asleep:   # the daemon sleeps on ZeroMQ: wake it (one that stopped rang its goodbye in the ring)
+                self._send_wake()
             stats.t_sent = now_ns()
             self._while_waiting()
             bell, received = self._await_bell(seq, code)
@@ -298,6 +298,14 @@ class ShmClient(RequestRingInputs, ClientTransport):
         self._notify(stats)
         return Reply(out, stats, bell.text, release=release)
 
+    def _send_wake(self) -> None:
+        """A Wake for a daemon asleep on ZeroMQ; none where no daemon takes messages now (it stopped, or died): the
+        wait that follows looks at the ring and the socket, and --timeout bounds it."""
+        try:
+            self._sock.send(self._wake, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
     def _checked_reply(self, raw: bytes, seq: int, method: Method) -> Doorbell:
         bell = self._decode_reply(raw, seq, self.rsp.capacity)
         if bell.method != method:
@@ -325,8 +333,8 @@ class ShmClient(RequestRingInputs, ClientTransport):
                 raise self._no_answer()
 
     def _refuse_socket_message(self, raw: bytes) -> None:
-        """A message on the socket during a call rung through the ring: an Error (raised as PeerError), or
-        a protocol violation."""
+        """A message on the socket during a call rung through the ring, or before its Wake could leave: an Error
+        (raised as PeerError), or a protocol violation."""
         bell = protocol.decode(raw, capacity=0)
         _raise_if_error(bell, self.endpoint)
         raise ProtocolError(f"the daemon sent a {bell.method.name} over ZeroMQ during a call whose doorbell "
@@ -492,6 +500,14 @@ class ShmServerSession(ServerSession):
             self.bell_out.post_words(payload.words, payload.text)
         else:
             self.bell_out.post(payload, int.from_bytes(payload[8:16], "little"))
+
+    def goodbye(self, message: str) -> bytes:
+        """Rung in the response ring too, under the seq of the client's next call (the one it waits on, or will):
+        a message ZeroMQ still held when the daemon's socket closed is lost with the connection."""
+        error = super().goodbye(message)
+        if self.bell_out is not None:
+            self.post_reply(error)
+        return error
 
     def sleep(self, asleep: bool) -> bool:
         """Tell the client we sleep on ZeroMQ (or no longer); True if a request bell is waiting."""

@@ -179,10 +179,17 @@ class ClientTransport(Caller):
         try:
             self._sock.send(payload, flags=zmq.NOBLOCK)
         except zmq.Again:
+            if self._sock.poll(0, zmq.POLLIN):   # no daemon to take it, but its last word (it stopped) is here
+                self._refuse_socket_message(self._sock.recv(copy=True))
             if not self._sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
                 raise PeerTimeout(f"no daemon is accepting connections at {self.endpoint} "
                                   f"(waited {self.timeout:.0f} s): start `shmrt daemon` there or pass --endpoint") from None
             self._sock.send(payload)
+
+    def _refuse_socket_message(self, raw: bytes) -> None:
+        """A message the daemon sent unasked (an Error: it dropped the session, or stopped): raise it, as PeerError
+        (or ProtocolError for anything else)."""
+        raise NotImplementedError
 
     def _recv(self) -> bytes:
         if not self._sock.poll(int(self.timeout * 1000), zmq.POLLIN):
@@ -322,6 +329,11 @@ class ServerSession:
 
     def encode_error(self, seq: int, message: str) -> bytes:
         raise NotImplementedError
+
+    def goodbye(self, message: str) -> bytes:
+        """The session ends with the daemon: `message` as the Error its client's next (or current) call gets; the
+        bytes to send over ZeroMQ (a transport whose client looks elsewhere too has told it there already)."""
+        return self.encode_error(self.expect_seq, message)
 
     def pinned_buffers(self) -> list:
         """Mappings the compute device may register for DMA (cudaHostRegister): [] where there are none; the
