@@ -8,6 +8,7 @@ import argparse
 import math
 import os
 import pathlib
+import re
 import signal
 import sys
 
@@ -149,6 +150,8 @@ def _token_ids(args, source, tok):
         except OSError as exc:
             raise ShmrtError(f"--token-ids-file: {exc.strerror}: {args.token_ids_file}") from None
         try:
+            if re.search(r",\s*,", text):   # "1,,2": an id left out, not two ids
+                raise ValueError
             ids = [int(x) for x in text.replace(",", " ").split()]
         except ValueError:
             raise ShmrtError("token ids must be integers separated by commas or newlines") from None

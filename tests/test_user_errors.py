@@ -257,3 +257,17 @@ def test_a_client_hears_that_its_daemon_stopped_instead_of_waiting_out_its_timeo
         assert time.monotonic() - start < 10
     finally:
         t.close()
+
+
+def test_small_things_a_user_can_get_wrong_get_a_line_that_says_what(tmp_path):
+    from shmrt.errors import ModelError
+    from shmrt.model.checkpoint import resolve_model
+    from shmrt.wire.transport import check_endpoint
+    with pytest.raises(SetupError, match="999.1.1.1 is not an IP address"):
+        check_endpoint("tcp://999.1.1.1:5555")
+    assert check_endpoint("tcp://127.0.0.1:5555") and check_endpoint("tcp://[::1]:5555")
+    assert check_endpoint("tcp://localhost:5555") and check_endpoint("tcp://gpu-host:5555")   # names: ZeroMQ resolves
+    with pytest.raises(ModelError, match=r"has no config.json.*smollm2-135m"):
+        resolve_model(str(tmp_path), None, 0)
+    out = _shmrt("run", "--model", "tiny", "--token-ids", "1,,2", "--max-new-tokens", "1")
+    assert out.returncode == 2 and "token ids must be integers" in out.stderr, out.stderr

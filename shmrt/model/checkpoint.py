@@ -63,6 +63,10 @@ def resolve_model(spec: str, layers: int | None = None, seed: int = 0) -> ModelS
         with GGUFCheckpoint(path) as ckpt:
             cfg = LlamaConfig.from_hf(ckpt.hf_config, name=spec if spec == SMOLLM2 else path.stem)
         return ModelSource(spec, cfg.with_layers(layers), "gguf", path.resolve())
+    if not (path / "config.json").is_file():
+        raise ModelError(f"--model {spec!r}: {path} has no config.json: expected a HuggingFace LLaMA checkpoint "
+                         "directory (config.json + *.safetensors [+ tokenizer.json]), a .gguf file or a model name "
+                         f"({', '.join(MODEL_NAMES)})")
     return ModelSource(spec, read_hf_config(path).with_layers(layers), "hf", path.resolve())
 
 

@@ -181,11 +181,12 @@ def format_report(s: dict, runs_in_file: int) -> str:
              "", "Time breakdown"]
     for stage in STAGES:
         lines.append(f"  {stage[:-3]:<14} {_ms(s[stage])} ms  {100 * s[stage] / total:5.1f}%")
+    w = max([12] + [len(name) for name in s["by_method"]])   # v2.4's width, wider for shmrt's longer names
     lines += ["", "By method",
-              f"  {'method':<12} {'calls':>6} {'total ms':>10} {'avg ms':>9} {'ser ms':>9} {'recv ms':>9} "
+              f"  {'method':<{w}} {'calls':>6} {'total ms':>10} {'avg ms':>9} {'ser ms':>9} {'recv ms':>9} "
               f"{'sent MiB':>9} {'recv MiB':>9} {'share':>6}"]
     for name, m in sorted(s["by_method"].items(), key=lambda kv: -kv[1]["total_ms"]):
-        lines.append(f"  {name:<12} {m['calls']:>6} {m['total_ms']:>10.3f} {m['total_ms'] / m['calls']:>9.3f} "
+        lines.append(f"  {name:<{w}} {m['calls']:>6} {m['total_ms']:>10.3f} {m['total_ms'] / m['calls']:>9.3f} "
                      f"{m['serialize_ms']:>9.3f} {m['recv_ms']:>9.3f} {mib(m['sent_bytes']):>9.2f} "
                      f"{mib(m['recv_bytes']):>9.2f} {100 * m['total_ms'] / total:>5.1f}%")
     lines += ["", "Top 5 slowest calls"]

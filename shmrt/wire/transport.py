@@ -13,6 +13,7 @@ and encodes replies whose tensors were written into buffers from `ReplyBuilder.a
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -47,6 +48,12 @@ def check_endpoint(endpoint: str, *, enclave: bool = False, bind: bool = False,
         raise SetupError(f"endpoint {endpoint!r} is not ipc://PATH or tcp://HOST:PORT")
     if not 0 < int(m["port"]) < 65536:
         raise SetupError(f"endpoint {endpoint!r}: port must be 1-65535")
+    host = m["host"]
+    if re.fullmatch(r"[0-9.]+|\[.*\]", host):   # an address, not a name: a valid one (999.1.1.1 is not)
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise SetupError(f"endpoint {endpoint!r}: {host} is not an IP address") from None
     if bind and not allow_remote and m["host"] not in ("127.0.0.1", "localhost", "[::1]"):
         raise SetupError(f"endpoint {endpoint}: the daemon binds loopback only unless started as "
                          "`shmrt daemon --allow-remote`")
