@@ -419,9 +419,9 @@ def test_known_records_start_over_past_their_bound_and_stay_right(ring_pair, mon
 
 @pytest.mark.filterwarnings("ignore:An output with one or more elements was resized")
 def test_a_known_records_views_are_made_per_inference_mode_and_again_where_one_was_resized(ring_pair):
-    """accept_rung hands out a known record's views without making them again: per inference mode (a view made
-    inside it cannot be written outside it, as Ring.tensor keeps them), and made again where an `out=` of another
-    shape resized one; each take is accepted by the ring's consumer (its end checked, its release the tail's)."""
+    """accept_rung hands out a known record's views as Ring.tensor keeps them: the same view again, per inference
+    mode (a view made inside it cannot be written outside it), and made again where an `out=` of another shape
+    resized one; each take is accepted by the ring's consumer (its end checked, its release the tail's)."""
     import torch
     from shmrt.wire.shm_transport import accept_rung
     producer, consumer = ring_pair

@@ -24,8 +24,8 @@ from ..errors import ProtocolError, SetupError
 from ..model.calls import linear_args, matmul_args, replied_projections
 from ..wire.protocol import dtype_from_name
 from .handler import Call, Handler, HandlerSession, table
-from .server import Server, check_ipc_free
-from ..wire.transport import ReplyBuilder, Request, check_endpoint
+from .server import Server, check_can_listen
+from ..wire.transport import ReplyBuilder, Request
 from ..model.checkpoint import model_digest, resolve_model
 from .weights import load_weights
 from ..tools.heap import freeze_heap
@@ -268,13 +268,8 @@ def run_daemon(*, model: str, device: str, dtype: str, endpoint: str, layers: in
                max_kv_mib: float | None = None, ready=None, quiet: bool = False) -> int:
     """Load the model, serve until SIGTERM/SIGINT. `ready()` is called once listening."""
     device = check_device(device)
-    # What can refuse us is asked before the model loads (minutes, and a second copy of the weights on a device):
-    # the endpoint (a live daemon's ipc:// socket), the settings the server reads
-    check_endpoint(endpoint, bind=True, allow_remote=allow_remote)
-    if endpoint.startswith("ipc://"):
-        check_ipc_free(endpoint[len("ipc://"):])
-    settings.backoff_us()
-    settings.max_reply_bytes()
+    # before the model loads (minutes, and a second copy of the weights on a device)
+    check_can_listen(endpoint, allow_remote)
     log = (lambda msg: None) if quiet else (lambda msg: print(f"shmrt daemon: {msg}", file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     source = resolve_model(model, layers, seed)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from .. import settings
 from ..wire import registry
 from ..errors import ProtocolError, ShmrtError
 from ..wire.native import Backoff, WordWaiter, now_ns, precise_sleeps
@@ -85,18 +86,27 @@ class Session:
     model: HandlerSession  # the handler's state for this client
 
 
+def check_can_listen(endpoint: str, allow_remote: bool = False) -> str:
+    """Whatever would refuse a server at `endpoint`, asked before anything is set up (a daemon asks before it loads its
+    model): the endpoint itself, a live listener at an ipc:// path, the settings the server reads. Returns it."""
+    check_endpoint(endpoint, bind=True, allow_remote=allow_remote)
+    if endpoint.startswith("ipc://"):
+        check_ipc_free(endpoint[len("ipc://"):])
+    settings.backoff_us()
+    settings.max_reply_bytes()
+    return endpoint
+
+
 class Server:
     def __init__(self, endpoint: str, handler: Handler, *, session_timeout: float = 120.0,
                  allow_remote: bool = False, log=None, backoff: Backoff | None = None):
-        self.endpoint = check_endpoint(endpoint, bind=True, allow_remote=allow_remote)
+        self.endpoint = check_can_listen(endpoint, allow_remote)   # (first: nothing to undo when one refuses)
         self.handler = handler
         self.session_timeout = session_timeout
         self.sessions: dict[bytes, Session] = {}
         self.log = log or (lambda msg: print(f"shmrt daemon: {msg}", file=sys.stderr, flush=True))
-        self.backoff = backoff or Backoff.configured()   # (settings first: nothing to undo when one is refused)
+        self.backoff = backoff or Backoff.configured()
         self._pidns = pid_namespace()
-        if endpoint.startswith("ipc://"):
-            check_ipc_free(endpoint[len("ipc://"):])
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)

@@ -82,14 +82,12 @@ KNOWN_RECORDS = 256   # distinct records a BellIn remembers (a decode step repea
 class RecordShape:
     """What a checked record fixes beyond its seq, pos, ring_end, work_ns and text: method, layer, op and its tensors'
     descriptors, made once per distinct record (BellIn's `_known`; a decode step's records repeat call after call:
-    the lap rule of ring.py). `views` is its reader's to fill: the views of those tensors, per inference mode
-    (shm_transport.accept_rung)."""
+    the lap rule of ring.py)."""
 
-    __slots__ = ("method", "layer", "op", "descs", "views")
+    __slots__ = ("method", "layer", "op", "descs")
 
     def __init__(self, method: Method, layer: int, op: int, descs: tuple[TensorDesc, ...]):
         self.method, self.layer, self.op, self.descs = method, layer, op, descs
-        self.views: list = [None, None]
 
 
 class Rung(NamedTuple):
@@ -119,8 +117,8 @@ class BellIn:
         self._native = NativeBell(ring.native, _CODEC, seq_off=OFF_BELL_SEQ, slot_off=OFF_BELL_SLOT,
                                   slot_cap=BELL_SLOT_BYTES, token=token, capacity=capacity, record_cap=MAX_RECORD)
         # checked records' fixed words (NativeBell.checked_key: from the private copy C checked, never the slot, which
-        # the peer may rewrite) -> their shape: the descriptors (and the reader's views) of a repeated record are made
-        # once, not per call (~13 us of a take on a CPU daemon's cold caches, ~4 warm, measured on 2 cores)
+        # the peer may rewrite) -> their shape: the descriptors of a repeated record are made once, not per call
+        # (bench/take_paths.py: a take 10-15% shorter on 2 cores)
         self._known: dict[tuple, RecordShape] = {}
 
     @property

@@ -120,12 +120,6 @@ class MsgpackClient(ClientTransport):
             raise ProtocolError(f"reply method {describe(reply.get('method'))}, expected {message['method']}")
         return reply, payload, raw
 
-    def _refuse_socket_message(self, raw: bytes) -> None:
-        reply = unpack(raw, "reply", self.max_message)
-        if reply.get("error"):
-            raise PeerError(f"daemon at {self.endpoint}: {printable(reply['error'])}")
-        raise ProtocolError(f"the daemon sent a reply nobody asked for (seq {describe(reply.get('seq'))})")
-
     def hello(self, client_info: dict) -> dict:
         if self.reply_bound is not None:
             client_info = {**client_info, "max_reply_bytes": self.reply_bound}

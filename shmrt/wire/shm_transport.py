@@ -154,16 +154,11 @@ def accept_views(ring: Ring, end: int, descs) -> tuple[list[torch.Tensor], objec
 
 
 def accept_rung(ring: Ring, rung: Rung) -> tuple[list[torch.Tensor], object]:
-    """`accept_views` for a record taken through the doorbell: its shape's views, made once per inference mode
-    (Ring.tensor's rule: a view made inside it cannot be written outside it) and made again where one no longer
-    has its descriptor's shape (an `out=` of another shape resizes a view)."""
-    shape = rung.shape
-    entry = ring.consumer.accept(rung.ring_end, shape.descs)
-    mode = torch.is_inference_mode_enabled()
-    views = shape.views[mode]
-    if views is None or any(v.shape != d.shape for v, d in zip(views, shape.descs)):
-        views = shape.views[mode] = tuple(ring_view(ring, d) for d in shape.descs)
-    return list(views), lambda: ring.consumer.release(entry)
+    """`accept_views` for a record taken through the doorbell: its shape's descriptors, made once (bell.py), and
+    their views as Ring.tensor keeps them."""
+    descs = rung.shape.descs
+    entry = ring.consumer.accept(rung.ring_end, descs)
+    return [ring_view(ring, d) for d in descs], lambda: ring.consumer.release(entry)
 
 
 class RequestRingInputs:
@@ -333,8 +328,8 @@ class ShmClient(RequestRingInputs, ClientTransport):
                 raise self._no_answer()
 
     def _refuse_socket_message(self, raw: bytes) -> None:
-        """A message on the socket during a call rung through the ring, or before its Wake could leave: an Error
-        (raised as PeerError), or a protocol violation."""
+        """A message on the socket during a call rung through the ring: an Error (raised as PeerError), or
+        a protocol violation."""
         bell = protocol.decode(raw, capacity=0)
         _raise_if_error(bell, self.endpoint)
         raise ProtocolError(f"the daemon sent a {bell.method.name} over ZeroMQ during a call whose doorbell "

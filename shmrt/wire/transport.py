@@ -186,17 +186,10 @@ class ClientTransport(Caller):
         try:
             self._sock.send(payload, flags=zmq.NOBLOCK)
         except zmq.Again:
-            if self._sock.poll(0, zmq.POLLIN):   # no daemon to take it, but its last word (it stopped) is here
-                self._refuse_socket_message(self._sock.recv(copy=True))
             if not self._sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
                 raise PeerTimeout(f"no daemon is accepting connections at {self.endpoint} "
                                   f"(waited {self.timeout:.0f} s): start `shmrt daemon` there or pass --endpoint") from None
             self._sock.send(payload)
-
-    def _refuse_socket_message(self, raw: bytes) -> None:
-        """A message the daemon sent unasked (an Error: it dropped the session, or stopped): raise it, as PeerError
-        (or ProtocolError for anything else)."""
-        raise NotImplementedError
 
     def _recv(self) -> bytes:
         if not self._sock.poll(int(self.timeout * 1000), zmq.POLLIN):
