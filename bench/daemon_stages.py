@@ -6,6 +6,9 @@ each stamped as it returns), and a client process decodes three rounds; the last
     PYTHONPATH=. python bench/daemon_stages.py echo cpu 4096 20000           # the micro suite's 4 KiB echo calls
     PYTHONPATH=. python bench/daemon_stages.py small cpu+plans 1024 65        # a CUDA daemon's Python, on a CPU
 
+The planned lane (shmrt/host/lane.py) serves planned calls in C, where no stage can be stamped: it is off here
+(SHMRT_PLANNED_LANE=0) unless the environment turns it on, and then the table lists the calls Python served.
+
 `cpu+plans`: the daemon on the CPU running decode steps as a CUDA daemon does, graphs and plans included, each
 replay running its body again on the CPU (`launch` is then that compute, `settle` ~0): `handle` less `launch` is the
 Python a CUDA daemon spends around a call, measured where there is no GPU. (An optional 5th argument: layers.)
@@ -28,6 +31,8 @@ import statistics
 import subprocess
 import sys
 import threading
+
+os.environ.setdefault("SHMRT_PLANNED_LANE", "0")   # (before shmrt reads it: see the docstring)
 
 from shmrt import settings
 

@@ -1,6 +1,6 @@
 /* shmrt native helper: timed copies into the ring, atomics on its header words, the shared-memory
- * doorbell's waits and records (shmrt_native.c), a ring's producer (shmrt_ring.c), and the enclave's one-pass rows
- * (shmrt_rows.c).
+ * doorbell's waits and records (shmrt_native.c), a ring's producer (shmrt_ring.c), the daemon's planned calls
+ * (shmrt_lane.c, host side only) and the enclave's one-pass rows (shmrt_rows.c).
  *
  * Plain C11, no Python headers. The build script (build_native.py) reads the declarations
  * below (between the CDEF markers) into cffi's cdef(), so this header is the one source of
@@ -19,6 +19,7 @@
  *   SHMRT_E_WAIT        -8  a ring is full now: its producer waits and tries again
  *   SHMRT_E_TOO_LARGE   -9  a tensor and the rest of its message can never fit the ring
  *   SHMRT_E_TAIL       -10  the consumer's tail word is outside what the producer allows (a scribbled header)
+ *   SHMRT_E_RUN        -11  a planned call's launch, wait or run callback failed (shmrt_lane.c)
  *
  * Fault guard: a process that maps a ring it created registers the mapping here. If the host
  * shrinks that segment, the next access to a page past the new end raises SIGBUS; the handler
@@ -203,6 +204,79 @@ typedef struct {
 int64_t shmrt_reserve(shmrt_producer *p, uint64_t nbytes);
 /* End the message: release-store head into the head word. */
 int shmrt_publish(shmrt_producer *p);
+
+/* ---- a ring's consumer: its private positions (ring.py's Consumer drives it; the daemon's planned calls use it) */
+typedef struct {
+    uint64_t accepted_end;    /* the end of the last message accepted */
+    uint64_t tail;            /* bytes released (the last tail stored) */
+    uint64_t outstanding;     /* messages accepted and not released yet */
+} shmrt_consumer;
+
+/* ---- the daemon's planned calls (shmrt_lane.c; shmrt/host/lane.py fills the plans from host/graphs.py's): a */
+/* request whose record a plan knows is served in one C call from the take to the reply's post, without Python: */
+/* the record taken and checked, its plan found by the record's fixed words, what the record does not fix checked */
+/* (the K/V store's counts and buffer generations, an Embedding's id, where the reply lands), the graph launched and */
+/* waited for (or, where there is no CUDA, the run callback), the request released, the reply published and rung. */
+/* Anything a plan does not answer leaves the record taken and checked for Python (SHMRT_OK), the rings as they were. */
+#define SHMRT_LANE_SERVED 1
+#define SHMRT_E_RUN -11            /* the launch, the wait or the run callback failed (lane->run_rc says how) */
+#define SHMRT_KEY_WORDS 84         /* method, layer, op, ntensors, then SHMRT_MAX_TENSORS descriptors' words */
+#define SHMRT_PLAN_PLAIN 0         /* nothing but the record to check */
+#define SHMRT_PLAN_SCORES 1        /* padded AttentionScores: K and V end at pos, below the width; kept to pos + 1 */
+#define SHMRT_PLAN_OUTPUT 2        /* AttentionOutput with P alone: 0 < the cache's rows <= the width */
+#define SHMRT_PLAN_EMBEDDING 3     /* a decode step's id, read once from the ring, below the vocabulary */
+
+typedef struct {
+    uint64_t key[SHMRT_KEY_WORDS];
+    uint32_t nkey;                 /* words of key in use; 0: a free entry */
+    uint32_t kind;
+    uint32_t places;               /* reply places known (the response ring's lap starts): 1 or 2 */
+    uint32_t reply_nwords;         /* the reply record's words: header and descriptors */
+    uint64_t reply_nbytes;         /* the reply's one reservation */
+    uint64_t reply_offset[2];
+    uint64_t reply_words[2][SHMRT_RECORD_WORDS];   /* per place; seq, ring_end and work_ns are set per call */
+    void *exec[2];                 /* per place: the CUDA graph to launch; NULL: the run callback with handle */
+    uint64_t handle[2];
+    uint64_t width;
+    int64_t *filled[2];            /* SCORES: the layer's K and V counts; OUTPUT: [0] the cache's */
+    const uint64_t *generation[2]; /* the store's buffer generations for those, and what they were at the plan */
+    uint64_t expect_generation[2];
+    int64_t *word;                 /* SCORES: the position the graph reads; EMBEDDING: the id it looks up */
+    uint64_t id_offset;            /* EMBEDDING: the id's data offset in the request ring, its bytes (4 or 8), */
+    uint64_t id_bytes;             /* and the vocabulary */
+    uint64_t vocab;
+} shmrt_plan;
+
+typedef int (*shmrt_launch_fn)(void *exec, void *stream);   /* cudaGraphLaunch */
+typedef int (*shmrt_sync_fn)(void *stream);                 /* cudaStreamSynchronize */
+typedef int (*shmrt_run_fn)(uint64_t handle);               /* where there is no CUDA: runs the plan's body */
+
+typedef struct {
+    shmrt_bell *requests;          /* the request ring's doorbell (its reader) and */
+    uint64_t *words;               /* the words its takes fill (the checked record Python reads when a plan declines) */
+    shmrt_bell *replies;           /* the response ring's doorbell (its writer) */
+    shmrt_consumer *consumer;      /* the request ring's consumer state, */
+    uint8_t *request_base;         /* its mapping, */
+    uint64_t request_len;
+    uint64_t request_data;         /* where its data area begins, */
+    uint64_t request_tail_off;     /* its tail word, */
+    uint32_t poison;               /* whether a released request's bytes are overwritten with 0xFF */
+    shmrt_producer *producer;      /* the response ring's producer */
+    shmrt_plan *plans;
+    uint32_t n_plans;
+    shmrt_launch_fn launch;        /* with CUDA: the runtime's, and the daemon's stream (every run is waited for) */
+    shmrt_sync_fn sync;
+    void *stream;
+    shmrt_run_fn run;              /* an entry without a graph to launch: runs it (a replay, waited for as above) */
+    int64_t run_rc;                /* the failing return code of SHMRT_E_RUN */
+    uint64_t served;               /* calls served, and their work (launch to the wait's end), in ns */
+    uint64_t work_ns;
+} shmrt_lane;
+
+/* Take the request ring's next record and serve it by its plan: SHMRT_LANE_SERVED (the reply rung), SHMRT_OK */
+/* (taken and checked, no plan answers it: words hold it, the rings are as they were), SHMRT_E_NONE, SHMRT_E_SLOW */
+/* (as shmrt_bell_take_record), SHMRT_E_RUN, or another error of a take or a post. */
+int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq);
 
 /* ---- the enclave's rows (shmrt_rows.c): one decode step's residual and RMSNorm in one pass */
 

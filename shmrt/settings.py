@@ -78,6 +78,19 @@ def cuda_graphs() -> bool:
     return os.environ.get("SHMRT_CUDA_GRAPHS", "1") not in ("", "0")
 
 
+def cpu_plans() -> bool:
+    """SHMRT_CPU_PLANS=0: a CPU daemon runs every call through the handler, instead of remembering decode calls as
+    plans as a CUDA daemon does with its graphs (their bodies run again on the CPU: host/graphs.py's RerunCapture)
+    and serving them through the planned lane (host/lane.py); for comparison runs."""
+    return os.environ.get("SHMRT_CPU_PLANS", "1") not in ("", "0")
+
+
+def planned_lane() -> bool:
+    """SHMRT_PLANNED_LANE=0: a daemon serves its planned decode calls from Python instead of in C (host/lane.py);
+    for comparison runs."""
+    return os.environ.get("SHMRT_PLANNED_LANE", "1") not in ("", "0")
+
+
 def poison() -> bool:
     """SHMRT_POISON=1: released ring space is overwritten with 0xFF before it is handed back (tests:
     a view kept past its scope then reads NaN instead of plausible stale numbers)."""

@@ -56,8 +56,9 @@ def test_bench_all_writes_complete_consistent_records_tables_plots_and_readable_
     by = {(r["transport"], r["wire_dtype"], r["kv_cache"], r["phase"]): r for r in e2e}
     for t, kv in itertools.product(("msgpack", "shm"), ("daemon", "client")):
         assert by[t, "bfloat16", kv, "prefill"]["recv_bytes"] < by[t, "float32", kv, "prefill"]["recv_bytes"]
-    for t in ("msgpack", "shm"):
-        assert by[t, "float32", "client", "decode"]["sent_bytes"] > by[t, "float32", "daemon", "decode"]["sent_bytes"]
+    # (msgpack's: over shm a daemon's decode P travels padded to the width its plans replay, 256 columns a head)
+    decode_sent = {kv: by["msgpack", "float32", kv, "decode"]["sent_bytes"] for kv in ("client", "daemon")}
+    assert decode_sent["client"] > decode_sent["daemon"]
 
     table = (out / "results.md").read_text()
     assert "shm vs msgpack" in table and table.count("\n| 8 |") >= len(configs)

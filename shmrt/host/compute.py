@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -80,7 +81,10 @@ class KVStore:
         layers = cfg.num_hidden_layers
         self.device, self.dtype = device, dtype
         self.buffers: dict[str, list[torch.Tensor | None]] = {w: [None] * layers for w in CACHES}
-        self.filled: dict[str, list[int]] = {w: [0] * layers for w in CACHES}
+        # per layer: rows kept, and how many buffers it has had (a new one each time it grows): numbers a daemon's
+        # planned calls read and count in C (host/lane.py), where a Python list or an identity cannot be read
+        self.filled: dict[str, np.ndarray] = {w: np.zeros(layers, dtype=np.int64) for w in CACHES}
+        self.generation: dict[str, np.ndarray] = {w: np.zeros(layers, dtype=np.uint64) for w in CACHES}
         self.max_positions = cfg.max_position_embeddings
         self.heads_and_dim = (cfg.num_key_value_heads, cfg.head_dim)
         self.max_bytes = max_bytes  # the session's quota (a client chooses its batch and ring size)
@@ -168,6 +172,7 @@ class KVStore:
         if kept:  # owned rows into the larger owned buffer (device to device)
             grown[:, :, :kept] = buffer[:, :, :kept]
         self.buffers[which][layer] = grown
+        self.generation[which][layer] += 1
         self.bytes += grown.numel() * grown.element_size() - old_bytes
         return grown
 

@@ -19,7 +19,8 @@ import torch
 
 from .. import settings
 from .compute import KVStore, LinearCompute, write_parts
-from .graphs import SCORE_WIDTH_STEP, OutputPlan, Plan, SessionGraphs
+from .graphs import SCORE_WIDTH_STEP, OutputPlan, Plan, RerunCapture, SessionGraphs
+from .lane import PlannedLane, lane_for
 from ..errors import ProtocolError, SetupError
 from ..model.calls import linear_args, matmul_args, replied_projections
 from ..wire.protocol import dtype_from_name
@@ -68,14 +69,21 @@ class ModelSession(HandlerSession):
 
     wire: torch.dtype
     pinned_buffers: Callable[[], list]
+    lane_parts: Callable[[], object] = lambda: None
     kv: KVStore | None = None
     registration: HostRegistration | None = None
     graphs: SessionGraphs | None = None
+    lane: PlannedLane | None = None
+
+    def summary(self) -> str:
+        if self.lane is None:
+            return ""
+        return f" ({self.lane.served} planned calls served in C{', graphs launched from C' if self.lane.cuda else ''})"
 
     def close(self) -> None:
         if self.graphs is not None:   # they hold the rings' addresses: gone before the rings are unregistered
-            self.graphs.close()
-            self.graphs = None
+            self.graphs.close()   # (its lane first: it launches them)
+            self.graphs = self.lane = None
         if self.registration is not None:
             self.registration.release()  # before the transport unmaps what it registered
             self.registration = None
@@ -84,14 +92,19 @@ class ModelSession(HandlerSession):
 
 class ModelHandler(Handler):
     def __init__(self, compute: LinearCompute, model_name: str, digest: str, log=print,
-                 max_kv_bytes: int | None = None):
+                 max_kv_bytes: int | None = None, cpu_plans: bool | None = None):
         self.c = compute
         self.model_name = model_name
         self.digest = digest
         self.log = log
         self.cuda = compute.device.type == "cuda"
+        # decode calls remembered as plans (graphs.py): CUDA graphs on a GPU; on a CPU, their bodies run again
+        # (RerunCapture), so that the planned lane (lane.py) serves them without the per-call Python
+        self.make_plans = settings.cuda_graphs() if self.cuda else (settings.cpu_plans() if cpu_plans is None else cpu_plans)
         # Every copy and product of a call is queued on this stream (the daemon uses no other): one wait on it
         # per call, one call into torch (torch.cuda.synchronize(device) enters and leaves a device context too).
+        if self.cuda and compute.device.index is not None:   # the thread's current device: the planned lane launches
+            torch.cuda.set_device(compute.device)                  # and waits through the CUDA runtime
         self._stream = torch.cuda.current_stream(compute.device) if self.cuda else None
         self.overlaps_device = self.cuda
         self.max_kv_bytes = max_kv_bytes if max_kv_bytes is not None else default_kv_quota(compute.device)
@@ -104,13 +117,13 @@ class ModelHandler(Handler):
         # sessions whose rings it registered), padded scores keep one shape; shm clients follow it, others pad nothing.
         return {"model": self.model_name, "digest": self.digest, "device": str(self.c.device),
                 "dtype": str(self.c.dtype).replace("torch.", ""),
-                "score_width_step": SCORE_WIDTH_STEP if self.cuda and settings.cuda_graphs() else 1}
+                "score_width_step": SCORE_WIDTH_STEP if self.make_plans else 1}
 
-    def open(self, client_info: dict, pinned_buffers) -> ModelSession:
+    def open(self, client_info: dict, pinned_buffers, lane_parts=lambda: None) -> ModelSession:
         wire = dtype_from_name(client_info.get("wire_dtype", "float32"), "wire_dtype")
         if wire not in (torch.float32, torch.bfloat16, torch.float16):
             raise ProtocolError(f"wire_dtype {wire} is not a floating type")
-        return ModelSession(wire, pinned_buffers)
+        return ModelSession(wire, pinned_buffers, lane_parts)
 
     def handle(self, request: Request, builder: ReplyBuilder, session: ModelSession, settle: bool = True) -> str:
         """The dispatcher's work, then on CUDA one wait for the device (`settle`), also when the call failed.
@@ -149,11 +162,15 @@ class ModelHandler(Handler):
     def _init(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         # The session's state; the enclave has its own half of the model already.
         s.kv = self.c.new_kv_store(self.max_kv_bytes)
+        buffers = s.pinned_buffers()
         if self.cuda:
-            buffers = s.pinned_buffers()
             s.registration = HostRegistration(buffers, self.log)
-            if len(buffers) == 2 and len(s.registration.pointers) == 2 and settings.cuda_graphs():
+            if len(buffers) == 2 and len(s.registration.pointers) == 2 and self.make_plans:
                 s.graphs = SessionGraphs(self.c, self._stream, *(b.message_starts for b in buffers), self.log)
+        elif len(buffers) == 2 and self.make_plans:
+            s.graphs = SessionGraphs(self.c, None, *(b.message_starts for b in buffers), self.log, capture=RerunCapture)
+        if s.graphs is not None and settings.planned_lane():
+            s.lane = lane_for(s.lane_parts(), s.graphs, s.kv, self.c.cfg.vocab_size)
 
     def _embedding(self, s: ModelSession, request: Request, builder: ReplyBuilder) -> None:
         ids = request.tensors[0]

@@ -77,6 +77,14 @@ class CapturedCall:
         self.graph.replay()
         return self.outputs
 
+    def exec_address(self) -> int:
+        """The instantiated graph's cudaGraphExec_t, for a launch straight from the CUDA runtime (host/lane.py); 0
+        where torch does not say."""
+        try:
+            return int(self.graph.raw_cuda_graph_exec())
+        except (AttributeError, RuntimeError, TypeError):
+            return 0
+
 
 class RerunCapture:
     """A capture's stand-in where there is no CUDA (the tests, the benches' CPU probes): the body runs once at capture
@@ -97,6 +105,9 @@ class RerunCapture:
         finally:
             RerunCapture.replays += 1
             RerunCapture.replay_ns += time.perf_counter_ns() - start
+
+    def exec_address(self) -> int:
+        return 0   # no CUDA graph: a lane replays it through its run callback
 
 
 def linear_body(c: LinearCompute, layer: int, names: tuple[str, ...], rows: list[int], x: torch.Tensor,
@@ -214,17 +225,18 @@ class ScoresPlan(Plan):
     restart, pos 0 with rows kept, takes the checks: it zeroes them) and before the width; the store must hold the
     buffers the graph writes (it had room for the width in them when the plan was made: it grows none)."""
 
-    __slots__ = ("layer", "width", "keys", "values", "position_word")
+    __slots__ = ("layer", "width", "generations", "position_word")
 
     def __init__(self, graph: CapturedCall, layer: int, width: int, kv, position_word):
         super().__init__(graph)
         self.layer, self.width, self.position_word = layer, width, position_word
-        self.keys, self.values = kv.buffers["k"][layer], kv.buffers["v"][layer]
+        # the store's buffers the graph writes (it holds them), by their generations (a grown buffer is a new one)
+        self.generations = int(kv.generation["k"][layer]), int(kv.generation["v"][layer])
 
     def ready(self, request, kv) -> bool:
         layer, pos = self.layer, request.pos
         return pos < self.width and kv.filled["k"][layer] == pos == kv.filled["v"][layer] \
-            and kv.buffers["k"][layer] is self.keys and kv.buffers["v"][layer] is self.values
+            and (kv.generation["k"][layer], kv.generation["v"][layer]) == self.generations
 
     def run(self, request, kv) -> None:
         self.step(request.pos, kv)
@@ -240,14 +252,16 @@ class OutputPlan(Plan):
     """AttentionOutput with P alone: the rows kept in the cache its op names (V; a client may name K) must be some
     and no more than P's width, in the buffer the graph reads."""
 
-    __slots__ = ("layer", "width", "cache", "factor")
+    __slots__ = ("layer", "width", "cache", "generation")
 
     def __init__(self, graph: CapturedCall, layer: int, width: int, cache: str, kv):
         super().__init__(graph)
-        self.layer, self.width, self.cache, self.factor = layer, width, cache, kv.buffers[cache][layer]
+        self.layer, self.width, self.cache = layer, width, cache
+        self.generation = int(kv.generation[cache][layer])   # the buffer the graph reads (it holds it)
 
     def ready(self, request, kv) -> bool:
-        return 0 < kv.filled[self.cache][self.layer] <= self.width and kv.buffers[self.cache][self.layer] is self.factor
+        return 0 < kv.filled[self.cache][self.layer] <= self.width \
+            and kv.generation[self.cache][self.layer] == self.generation
 
 
 class EmbeddingPlan(Plan):
@@ -312,6 +326,7 @@ class SessionGraphs:
         # a request's record (`plan_key`) -> its plans, one per place its reply landed (the response ring's lap starts)
         self.plans: dict[tuple, list[Plan]] = {}
         self.on = True
+        self.lane = None   # host/lane.py's PlannedLane where the session has one: told of every change to `plans`
 
     def remember(self, request, builder, plan: Plan) -> None:
         """Keep `plan` for `request`'s record, the call having just run as its graph with `builder`'s reply: one
@@ -321,9 +336,17 @@ class SessionGraphs:
         plan.reply_offset, plan.reply_nbytes = builder.reserved[0]
         plan.reply_descs = tuple(builder.descs)
         if len(self.plans) >= MAX_PLANS:
-            self.plans.clear()
-        plans = self.plans.setdefault(plan_key(request), [])
+            self._forget_plans()
+        record = plan_key(request)
+        plans = self.plans.setdefault(record, [])
         plans[:] = [p for p in plans if p.reply_offset != plan.reply_offset][-1:] + [plan]
+        if self.lane is not None:
+            self.lane.planned(record, plans)
+
+    def _forget_plans(self) -> None:
+        self.plans.clear()
+        if self.lane is not None:
+            self.lane.forgot()
 
     def replay_planned(self, request, builder, kv) -> bool:
         """Serve `request` by its record's plan (`Plan`): True if it ran (the reply reserved and described in
@@ -450,10 +473,14 @@ class SessionGraphs:
         graph = self.graphs.pop(key)
         for record, plans in list(self.plans.items()):   # (a new width or K/V buffer: every SCORE_WIDTH_STEP steps)
             kept = [p for p in plans if p.graph is not graph]
-            if not kept:
-                del self.plans[record]
-            elif len(kept) < len(plans):
+            if len(kept) == len(plans):
+                continue
+            if kept:
                 self.plans[record] = kept
+            else:
+                del self.plans[record]
+            if self.lane is not None:   # (before the graph goes: the lane never launches a freed one)
+                self.lane.planned(record, kept)
 
     def _graph(self, key: tuple, make_body, family: tuple | None = None, held: frozenset = frozenset()
                ) -> CapturedCall | None:
@@ -470,7 +497,7 @@ class SessionGraphs:
                 graph = self.capture(*make_body(), self.pool, self.stream, self.c.device)
             except Exception as exc:  # noqa: BLE001 - any capture failure: eager is always right
                 self.on = False
-                self.plans.clear()
+                self._forget_plans()
                 self.log(f"CUDA graphs off for this session (capture failed: {str(exc).splitlines()[0]}); "
                          "decode calls run eagerly")
                 if self.cuda:
@@ -482,6 +509,8 @@ class SessionGraphs:
         return graph
 
     def close(self) -> None:
+        if self.lane is not None:   # before the graphs it launches go
+            self.lane.close()
         self.plans.clear()
         self.graphs.clear()
         self.families.clear()

@@ -48,6 +48,10 @@ class HandlerSession:
 
     initialised: bool = False  # Init ran
 
+    def summary(self) -> str:
+        """What the daemon's log says of this session when it ends, beyond why ("" for nothing)."""
+        return ""
+
     def close(self) -> None:
         pass
 
@@ -63,9 +67,11 @@ class Handler:
     def hello(self) -> dict:
         return {}
 
-    def open(self, client_info: dict, pinned_buffers: Callable[[], list]) -> HandlerSession:
+    def open(self, client_info: dict, pinned_buffers: Callable[[], list], lane_parts: Callable[[], object] = lambda: None
+             ) -> HandlerSession:
         """A new client's state, from what its Hello said. `pinned_buffers()`: its transport's mappings a
-        device may register for DMA ([] where there are none; ask at Init, once they exist)."""
+        device may register for DMA ([] where there are none; ask at Init, once they exist); `lane_parts()`: what
+        the daemon's planned calls need of its transport (host/lane.py; None where they cannot serve it)."""
         return HandlerSession()
 
     def handle(self, request: Request, builder: ReplyBuilder, session: HandlerSession, settle: bool = True) -> str:

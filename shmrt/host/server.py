@@ -34,6 +34,7 @@ from ..wire import registry
 from ..errors import ProtocolError, ShmrtError
 from ..wire.native import Backoff, WordWaiter, now_ns, precise_sleeps
 from ..wire.peer import pid_namespace, process_alive
+from ..wire.shm_transport import SERVED
 from ..wire.transport import Request, ServerSession, check_endpoint
 from .handler import EchoHandler, Handler, HandlerSession  # noqa: F401 (EchoHandler: tests and bench import it here)
 
@@ -253,6 +254,10 @@ class Server:
             else:
                 if payload is None:
                     continue
+                if payload is SERVED:   # a planned call, served and answered in C (host/lane.py)
+                    session.last_seen = time.monotonic()
+                    served += 1
+                    continue
                 reply, dropped = self._serve(session, payload)
             session.last_seen = time.monotonic()
             if reply is not None:
@@ -288,7 +293,7 @@ class Server:
                 raise ProtocolError(NO_SESSION)
             transport = codec.Session(hello.token)
             transport.accept_client(hello.client_info)
-            model = self.handler.open(hello.client_info, transport.pinned_buffers)
+            model = self.handler.open(hello.client_info, transport.pinned_buffers, transport.lane_parts)
         except ShmrtError as exc:
             self.log(f"refused a new client: {exc}")
             return codec.encode_refusal(f"session refused: {exc}")
@@ -342,7 +347,7 @@ class Server:
         if session is None:
             return
         self._bells_stale = True
-        self.log(f"session {identity.hex()[:8]} ({session.transport.transport}) closed: {why}")
+        self.log(f"session {identity.hex()[:8]} ({session.transport.transport}) closed: {why}{session.model.summary()}")
         self._dropped[identity] = None
         if len(self._dropped) > DROPPED_KEPT:
             self._dropped.popitem(last=False)

@@ -58,6 +58,10 @@ class BellOut:
         self._native = NativeBell(ring.native, _CODEC, seq_off=OFF_BELL_SEQ, slot_off=OFF_BELL_SLOT,
                                   slot_cap=BELL_SLOT_BYTES, flag_off=OFF_ASLEEP, token=token)
 
+    @property
+    def native(self) -> NativeBell:
+        return self._native
+
     def post(self, record: bytes, seq: int) -> bool:
         """Publish `record` as doorbell `seq`; True if the consumer sleeps on ZeroMQ (send it a Wake)."""
         assert len(record) <= MAX_RECORD, len(record)
@@ -122,6 +126,10 @@ class BellIn:
         self._known: dict[tuple, RecordShape] = {}
 
     @property
+    def native(self) -> NativeBell:
+        return self._native
+
+    @property
     def seen(self) -> int:
         return self._native.seen
 
@@ -130,7 +138,7 @@ class BellIn:
         model RPC) with this session's token, checked in C; else its private copy (bytes) for protocol.decode. One
         C call loads the seq word and the length once each, copies the record once and checks the copy."""
         rc = self._native.take(expect_seq, method)
-        return None if rc == NONE else self._record(rc, expect_seq)
+        return None if rc == NONE else self.record(rc, expect_seq)
 
     def await_checked(self, expect_seq: int, method: int, policy: WaitPolicy, waited_ns: int, budget_ns: int
                       ) -> tuple[Rung | bytes, int] | None:
@@ -141,10 +149,11 @@ class BellIn:
         if rc in (TIMEOUT, NONE):
             return None
         policy.note(waited_ns + now_ns() - start)
-        return self._record(rc, expect_seq), self._native.taken_length
+        return self.record(rc, expect_seq), self._native.taken_length
 
-    def _record(self, rc: int, expect_seq: int) -> Rung | bytes:
-        """What a take that found a new seq word brought: the checked record, or the copy (`_copy`)."""
+    def record(self, rc: int, expect_seq: int) -> Rung | bytes:
+        """What a take that found a new seq word brought (its answer `rc`, TOOK or SLOW; the take may have been a
+        planned lane's, host/lane.py, which fills the same words): the checked record, or the copy (`_copy`)."""
         if rc != TOOK:
             assert rc == SLOW, rc
             return self._copy(expect_seq)

@@ -286,6 +286,134 @@ class NativeProducer:
         self._buf = None
 
 
+def consumer_state():
+    """A ring consumer's private positions (shmrt_consumer: accepted_end, tail, outstanding), zeroed."""
+    return ffi.new("shmrt_consumer *")
+
+
+# ---- the daemon's planned calls in C (host/lane.py fills the plans; the enclave never uses these)
+
+LANE_SERVED = lib.SHMRT_LANE_SERVED
+PLAN_PLAIN, PLAN_SCORES, PLAN_OUTPUT, PLAN_EMBEDDING = (lib.SHMRT_PLAN_PLAIN, lib.SHMRT_PLAN_SCORES, lib.SHMRT_PLAN_OUTPUT,
+                                                        lib.SHMRT_PLAN_EMBEDDING)
+KEY_WORDS = lib.SHMRT_KEY_WORDS
+
+
+class NativeLane:
+    """shmrt_lane (shmrt_lane.c): a session's plans as C entries (`put`, `remove`) and one C call a request
+    (`serve`). Runs each plan's CUDA graph through `cuda` (the runtime's cudaGraphLaunch and cudaStreamSynchronize
+    addresses, and the stream), or, where an entry has no graph, calls `run(handle)` (a Python function: the CPU
+    stand-in). Holds the structs it points into (the bells', the producer's, the consumer's) as long as it lives;
+    their mappings must outlive it (the session drops it first)."""
+
+    def __init__(self, requests: NativeBell, replies: NativeBell, consumer, request_buf: MappedBuffer, request_data: int,
+                 request_tail_off: int, poison: bool, producer: NativeProducer, capacity: int, run=None,
+                 cuda: tuple[int, int, int] | None = None):
+        lane = ffi.new("shmrt_lane *")
+        self.plans = ffi.new("shmrt_plan[]", capacity)
+        self.capacity = capacity
+        lane.requests, lane.words, lane.replies, lane.consumer = requests.c, requests.words, replies.c, consumer
+        lane.request_base, lane.request_len = request_buf._buf, request_buf.nbytes
+        lane.request_data, lane.request_tail_off, lane.poison = request_data, request_tail_off, int(poison)
+        lane.producer, lane.plans = producer.c, self.plans
+        self._keep = (requests, replies, consumer, request_buf._buf, producer)
+        self.error: BaseException | None = None
+        self._run = run
+        if run is not None:
+            self._callback = ffi.callback("int(uint64_t)", self._on_run, error=-1, onerror=self._on_error)
+            lane.run = self._callback
+        if cuda is not None:
+            launch, sync, stream = cuda
+            lane.launch, lane.sync = ffi.cast("shmrt_launch_fn", launch), ffi.cast("shmrt_sync_fn", sync)
+            lane.stream = ffi.cast("void *", stream)
+        self.c = lane
+
+    def _on_run(self, handle: int) -> int:
+        self._run(handle)
+        return 0
+
+    def _on_error(self, exc_type, exc, tb) -> None:
+        self.error = exc
+
+    def put(self, index: int, key: list[int], kind: int, reply_nbytes: int, places: list[tuple[int, list[int], int, int]],
+            *, width: int = 0, filled=(0, 0), generation=(0, 0), expect_generation=(0, 0), word: int = 0,
+            id_offset: int = 0, id_bytes: int = 0, vocab: int = 0) -> None:
+        """Entry `index`: a request record's fixed words `key` (method, layer, op, tensor count, then the
+        descriptors' words) and its plan: `places` as (the reply's offset, its record's words, the graph's exec
+        address or 0, the run handle). `filled`, `generation` and `word`: addresses of int64 / uint64 words (0:
+        none) the plan's checks read and its run writes."""
+        assert 0 <= index < self.capacity and len(key) <= KEY_WORDS and 1 <= len(places) <= 2, (index, len(key), places)
+        p = self.plans[index]
+        p.nkey = 0   # (free while it is written: a serve never runs between, but say so)
+        p.key[0:len(key)] = key
+        p.kind, p.places, p.reply_nbytes, p.width = kind, len(places), reply_nbytes, width
+        for i, (offset, words, exec_address, handle) in enumerate(places):
+            p.reply_offset[i], p.handle[i] = offset, handle
+            p.reply_words[i][0:len(words)] = words
+            p.exec[i] = ffi.cast("void *", exec_address)
+        p.reply_nwords = len(places[0][1])
+        for i in range(2):
+            p.filled[i] = ffi.cast("int64_t *", filled[i])
+            p.generation[i] = ffi.cast("uint64_t *", generation[i])
+            p.expect_generation[i] = expect_generation[i]
+        p.word = ffi.cast("int64_t *", word)
+        p.id_offset, p.id_bytes, p.vocab = id_offset, id_bytes, vocab
+        p.nkey = len(key)
+        self.c.n_plans = max(self.c.n_plans, index + 1)
+
+    def remove(self, index: int) -> None:
+        self.plans[index].nkey = 0
+
+    def clear(self) -> None:
+        self.c.n_plans = 0
+
+    def serve(self, expect_seq: int) -> int:
+        """LANE_SERVED, TOOK (the record taken and checked, for Python), NONE or SLOW; a failed run raises."""
+        rc = lib.shmrt_lane_serve(self.c, expect_seq)
+        if rc in (LANE_SERVED, TOOK, NONE, SLOW):
+            return rc
+        if rc == lib.SHMRT_E_RUN:
+            error, self.error = self.error, None
+            if error is not None:
+                raise error
+            raise SetupError(f"a planned call's CUDA graph failed (CUDA error {self.c.run_rc})")
+        _check_rc(rc, "serving a planned call")
+        return rc
+
+    def detach(self) -> None:
+        """No more serves (the session's mappings go)."""
+        self.c.n_plans = 0
+        self._keep = None
+
+
+def cuda_graph_runtime() -> tuple[int, int] | None:
+    """The addresses of cudaGraphLaunch and cudaStreamSynchronize in the CUDA runtime this process loaded (torch's),
+    or None where none is loaded."""
+    global _CUDART
+    if _CUDART is None:
+        path = None
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    name = line.rsplit(None, 1)[-1] if line.count(" ") >= 5 else ""
+                    if os.path.basename(name).startswith("libcudart.so"):
+                        path = name
+                        break
+        except OSError:
+            return None
+        if path is None:
+            return None
+        import cffi
+        abi = cffi.FFI()
+        abi.cdef("int cudaGraphLaunch(void *exec, void *stream); int cudaStreamSynchronize(void *stream);")
+        _CUDART = (abi, abi.dlopen(path))
+    abi, rt = _CUDART
+    return tuple(int(abi.cast("uintptr_t", abi.addressof(rt, name))) for name in ("cudaGraphLaunch", "cudaStreamSynchronize"))
+
+
+_CUDART = None
+
+
 # ---- waiting for words another process writes (the shared-memory doorbell, bell.py)
 
 def usable_cpus() -> int:

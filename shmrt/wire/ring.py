@@ -90,8 +90,8 @@ import torch
 
 from ..errors import ProtocolError, RingFull, SetupError, TensorTooLarge
 from ..units import format_bytes, format_bytes_alike
-from .native import (RESERVE_ALIGNMENTS, RESERVE_BAD_TAIL, RESERVE_WAIT, MappedBuffer, NativeProducer, fault_program, guard_mapping,
-                     unguard_mapping)
+from .native import (RESERVE_ALIGNMENTS, RESERVE_BAD_TAIL, RESERVE_WAIT, MappedBuffer, NativeProducer, consumer_state,
+                     fault_program, guard_mapping, unguard_mapping)
 
 MAGIC = b"SHMRTRNG"
 LAYOUT_VERSION = 2  # 2: the doorbell words and slot in the header
@@ -367,6 +367,8 @@ class Producer:
     known_tail = property(lambda self: self._state.known_tail, lambda self, v: setattr(self._state, "known_tail", v))
     published = property(lambda self: self._state.published, lambda self, v: setattr(self._state, "published", v))
 
+    native = property(lambda self: self._native)   # the C state (a daemon's planned calls reserve through it too)
+
     def reserve(self, nbytes: int, *, timeout: float, what: str = "tensor") -> int:
         """Reserve `nbytes` and return its data offset; waits for the consumer up to `timeout` s."""
         offset = self._native.reserve(nbytes)
@@ -421,9 +423,14 @@ class Consumer:
     def __init__(self, ring: Ring, poison: bool = False):
         self.ring = ring
         self.poison = poison
-        self.accepted_end = 0   # private: end position of the last accepted message
-        self.tail = 0           # private: bytes released so far
+        # private: the end of the last accepted message, the bytes released so far, how many messages are out; in
+        # a C struct (shmrt_consumer) a daemon's planned calls accept and release through too (host/lane.py)
+        self.state = consumer_state()
         self._outstanding: collections.deque[list] = collections.deque()  # [end, done, descriptors]
+
+    accepted_end = property(lambda self: self.state.accepted_end,
+                            lambda self, v: setattr(self.state, "accepted_end", v))
+    tail = property(lambda self: self.state.tail, lambda self, v: setattr(self.state, "tail", v))
 
     def accept(self, end: int, tensors=()) -> list:
         """Validate a message's end position (from its doorbell) and track it until released. It may lie up
@@ -432,9 +439,11 @@ class Consumer:
         bound = self.tail + 2 * self.ring.capacity
         if not (self.accepted_end <= end <= bound):
             raise ProtocolError(f"ring {self.ring.name}: message end {end} outside [{self.accepted_end}, {bound}]")
-        self.accepted_end = end
+        state = self.state
+        state.accepted_end = end
         entry = [end, False, tensors]
         self._outstanding.append(entry)
+        state.outstanding += 1
         return entry
 
     def release(self, entry: list) -> None:
@@ -442,11 +451,14 @@ class Consumer:
         entry[1] = True
         if self.poison:
             self._poison(entry[2])
-        old_tail = self.tail
+        state = self.state
+        old_tail = tail = state.tail
         while self._outstanding and self._outstanding[0][1]:
-            self.tail = self._outstanding.popleft()[0]
-        if self.tail != old_tail:
-            self.ring.native.store(OFF_TAIL, self.tail)
+            tail = self._outstanding.popleft()[0]
+            state.outstanding -= 1
+        if tail != old_tail:
+            state.tail = tail
+            self.ring.native.store(OFF_TAIL, tail)
 
     def _poison(self, tensors) -> None:
         """Overwrite each descriptor's bytes in the data area with 0xFF (validated: inside the ring)."""

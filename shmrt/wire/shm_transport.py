@@ -30,17 +30,18 @@ from . import protocol
 from ..errors import PeerError, ProtocolError, printable
 from .bell import MAX_RECORD, BellIn, BellOut, Rung
 from .protocol import Doorbell, Method, TensorDesc
-from .ring import PAGE_BYTES, Ring, align_up, check_segment_name, unlink_segment
+from .ring import OFF_TAIL, PAGE_BYTES, Ring, align_up, check_segment_name, unlink_segment
 from .scopes import Reply
 from .stats import CallStats
 from .transport import ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind, parse_client_info
-from .native import Backoff, WaitPolicy, now_ns, precise_sleeps
+from .native import LANE_SERVED, NONE, Backoff, WaitPolicy, now_ns, precise_sleeps
 from .untrusted import load_json
 
 NAME = "shm"
 MAX_RING_BYTES = 1 << 40
 DOORBELLS = ("shm", "zmq")
 WAIT_SLICE_NS = 2_000_000  # a client waiting for a reply bell looks at its ZeroMQ socket this often
+SERVED = object()   # what take_bell returns for a request a planned lane served whole (its reply rung)
 
 
 # ---- codec: the first message of a new client (registry.py's interface)
@@ -81,6 +82,21 @@ class RungReply(NamedTuple):
 
     words: list[int]
     text: bytes
+
+
+class LaneParts(NamedTuple):
+    """What a shm doorbell session hands the daemon's planned calls (host/lane.py): the request ring's bell (its
+    reader), consumer and mapping, the response ring's bell (its writer) and producer, and `install(lane or None)`:
+    the session's take_bell asks the lane first."""
+
+    requests: object         # native.NativeBell
+    replies: object          # native.NativeBell
+    consumer: object         # ring.Consumer
+    request_buf: object      # native.MappedBuffer
+    request_data: int        # the request ring's data offset in its mapping
+    request_tail_off: int    # its tail word
+    producer: object         # native.NativeProducer
+    install: object
 
 
 def ring_view(ring: Ring, desc: TensorDesc) -> torch.Tensor:
@@ -409,6 +425,9 @@ class ShmServerSession(ServerSession):
         self.reply_timeout = reply_timeout
         self.bell_in: BellIn | None = None    # --doorbell shm: requests rung in the request ring's header
         self.bell_out: BellOut | None = None  # ... and replies in the response ring's
+        # the daemon's planned calls (host/lane.py, installed through `lane_parts`): `serve(expect_seq)` takes the
+        # next request bell and serves it whole where a plan answers it (LANE_SERVED), else answers as a take does
+        self.lane = None
 
     def _attach(self, text: str) -> None:
         if self.req is not None:
@@ -483,10 +502,27 @@ class ShmServerSession(ServerSession):
         """The word a new request bell changes (None: this session rings over ZeroMQ)."""
         return self.bell_in.address if self.bell_in is not None else None
 
-    def take_bell(self) -> Rung | bytes | None:
-        """The next request if one was rung: a model RPC's record checked in C (a Rung), else its private
-        copy for `decode`; None if nothing was rung."""
-        return self.bell_in.take_checked(self.expect_seq)
+    def take_bell(self) -> Rung | bytes | object | None:
+        """The next request if one was rung: SERVED where the planned lane served it whole, else a model RPC's record
+        checked in C (a Rung) or its private copy for `decode`; None if nothing was rung."""
+        if self.lane is None:
+            return self.bell_in.take_checked(self.expect_seq)
+        rc = self.lane.serve(self.expect_seq)
+        if rc == LANE_SERVED:
+            self.expect_seq += 1
+            return SERVED
+        return None if rc == NONE else self.bell_in.record(rc, self.expect_seq)
+
+    def lane_parts(self) -> LaneParts | None:
+        """What the daemon's planned calls need of this session: None unless its doorbell is in shared memory (its
+        rings attached)."""
+        if self.bell_in is None:
+            return None
+        return LaneParts(self.bell_in.native, self.bell_out.native, self.req.consumer, self.req.native,
+                         self.req.data_offset, OFF_TAIL, self.rsp.producer.native, self._install_lane)
+
+    def _install_lane(self, lane) -> None:
+        self.lane = lane
 
     def post_reply(self, payload: bytes | RungReply) -> None:
         """Ring `payload` (a reply or an Error we encoded) in the response ring under its own seq, the one
@@ -561,6 +597,7 @@ class ShmServerSession(ServerSession):
                 unlink_segment(ring.name)
 
     def close(self) -> None:
+        self.lane = None   # (the handler's session closed it first: server.py drops the model's state, then this)
         self.bell_in = self.bell_out = None
         close_rings(self.req, self.rsp)
         self.req = self.rsp = None

@@ -342,6 +342,11 @@ class ServerSession:
         graphs copy from and to there)."""
         return []
 
+    def lane_parts(self):
+        """What the daemon's planned calls (host/lane.py) need to serve this session's requests in C: None where its
+        doorbells travel over ZeroMQ."""
+        return None
+
     # A transport whose doorbells can travel outside ZeroMQ (shm's ring headers) overrides these four.
     def bell_address(self) -> int | None:
         """The address of the word a new request's doorbell changes; None: requests come over ZeroMQ."""

@@ -1,0 +1,166 @@
+"""A session's planned calls served in C, from the take to the reply's post (the daemon's side; the enclave never
+runs this).
+
+graphs.py remembers a decode call that ran as a graph as a plan, under its request's record. Served from Python, a
+planned call still cost ~30 us of the daemon's Python on an H200 host (the take's Rung, the Request and its views,
+the handler's dispatch, the plan's lookup and checks, the reply's reservation, the release, the reply's record) and
+~60-85 on 2 cores, where the product between two calls streams the caches away. Here each plan is also an entry of
+the C lane (native.NativeLane, native/shmrt_lane.c), and the lane serves the request ring's doorbell first: the
+record taken and checked, its entry found by the record's fixed words, what the record does not fix checked as the
+plan's `ready` does (on numbers the K/V store keeps for it: its rows and buffer generations; an Embedding's id read
+once and range-checked), the reply reserved where the plan's reply lies, the graph launched and waited for (the CUDA
+runtime's cudaGraphLaunch and cudaStreamSynchronize, no Python; where there is no CUDA, a callback that replays the
+plan's stand-in), the K/V rows counted, the request released (poisoned first in tests), the reply published and
+rung. Whatever an entry does not answer leaves the record taken and checked for the Python path and the rings as
+they were, so the lane changes no outcome: only who serves a call a plan would serve.
+
+Entries follow graphs.py's plans (`planned`, `forgot`): a plan that goes takes its entry first, so the lane never
+launches a graph that was freed.
+"""
+from __future__ import annotations
+
+from ..wire import protocol
+from ..wire.native import (KEY_WORDS, PLAN_EMBEDDING, PLAN_OUTPUT, PLAN_PLAIN, PLAN_SCORES, NativeLane,
+                           cuda_graph_runtime)
+from ..wire.protocol import Method
+from ..wire.shm_transport import LaneParts
+from .graphs import EmbeddingPlan, OutputPlan, Plan, ScoresPlan, SessionGraphs
+
+MAX_ENTRIES = 256   # records with plans a lane holds (a decode step has ~4 per layer and 2 more); past that, none new
+
+
+def record_key(record: tuple) -> list[int]:
+    """A plan's record (graphs.plan_key: method, layer, op, descriptors) as the C take's words fix it."""
+    method, layer, op, descs = record
+    words = protocol.to_words(Method[method], 0, layer, op, 0, 0, descs)
+    return [words[0], words[3], words[4], words[8], *words[protocol.HEAD_WORDS:]]
+
+
+class PlannedLane:
+    """The C lane of one session with graphs (`SessionGraphs`), its entries kept as the plans are."""
+
+    def __init__(self, parts: LaneParts, graphs: SessionGraphs, kv, vocab: int, runtime: tuple[int, int] | None = None):
+        """`runtime`: cuda_graph_runtime()'s functions, for a session whose graphs are CUDA's."""
+        self.graphs, self.kv, self.vocab = graphs, kv, vocab
+        cuda = (*runtime, graphs.stream.cuda_stream) if runtime is not None else None
+        self.cuda = cuda is not None
+        self.native = NativeLane(parts.requests, parts.replies, parts.consumer.state, parts.request_buf,
+                                 parts.request_data, parts.request_tail_off, parts.consumer.poison, parts.producer,
+                                 MAX_ENTRIES, run=self._run, cuda=cuda)
+        self._entries: dict[tuple, int] = {}   # record -> its entry
+        self._free = list(range(MAX_ENTRIES - 1, -1, -1))
+        self._handles: dict[int, tuple[Plan, int]] = {}   # a run handle -> (the plan it replays, its entry)
+        self._next_handle = 1
+        self._install = parts.install
+        graphs.lane = self
+        parts.install(self)
+
+    # ---- serving (the transport's take_bell asks first)
+
+    def serve(self, expect_seq: int) -> int:
+        """native.NativeLane.serve: LANE_SERVED, or the take's answer for the Python path."""
+        return self.native.serve(expect_seq)
+
+    @property
+    def served(self) -> int:
+        """Calls the lane served whole."""
+        return self.native.c.served
+
+    def _run(self, handle: int) -> None:
+        self._handles[handle][0].graph.replay()
+
+    # ---- entries, as graphs.py's plans change
+
+    def planned(self, record: tuple, plans: list[Plan]) -> None:
+        """The record's plans are now `plans`: its entry says so (none where the lane cannot check them)."""
+        self._drop_entry(record)
+        if not plans:
+            return
+        method, _, _, descs = record
+        checks = self._checks(plans[-1], descs)
+        if checks is None or not self._free or descs is None or len(descs) > protocol.MAX_TENSORS:
+            return
+        key = record_key(record)
+        if len(key) > KEY_WORDS:
+            return
+        # The record's two reply places (the response ring's lap starts) share an entry where their checks agree
+        # (they hold the same K/V buffers: graphs.py drops the plans of old ones); else the newest alone
+        same = [p for p in plans if self._checks(p, descs) == checks and p.reply_nbytes == plans[-1].reply_nbytes]
+        index = self._free.pop()
+        places = []
+        for plan in same[-2:]:
+            words = protocol.to_words(Method[method], 0, -1, 0, 0, 0, plan.reply_descs)
+            places.append((plan.reply_offset, words, *self._launch(plan, index)))
+        kind, words = checks
+        self.native.put(index, key, kind, plans[-1].reply_nbytes, places, **words)
+        self._entries[record] = index
+
+    def forgot(self) -> None:
+        """Every plan went (graphs off, the session's end)."""
+        self.native.clear()
+        self._entries.clear()
+        self._handles.clear()
+        self._free = list(range(MAX_ENTRIES - 1, -1, -1))
+
+    def close(self) -> None:
+        self.forgot()
+        self.native.detach()
+        self._install(None)
+        self.graphs.lane = None
+
+    def _drop_entry(self, record: tuple) -> None:
+        index = self._entries.pop(record, None)
+        if index is None:
+            return
+        self.native.remove(index)
+        self._free.append(index)
+        for handle in [h for h, (_, at) in self._handles.items() if at == index]:
+            del self._handles[handle]
+
+    def _checks(self, plan: Plan, descs) -> tuple[int, dict] | None:
+        """(kind, the words its checks read and its run writes) of a plan; None for a kind the lane does not know."""
+        kv, t = self.kv, type(plan)
+        if t is Plan:
+            return PLAN_PLAIN, {}
+        if t is ScoresPlan:
+            layer = plan.layer
+            return PLAN_SCORES, {"width": plan.width, "word": self.graphs.position.data_ptr(),
+                                 "filled": (_word(kv.filled["k"], layer), _word(kv.filled["v"], layer)),
+                                 "generation": (_word(kv.generation["k"], layer), _word(kv.generation["v"], layer)),
+                                 "expect_generation": plan.generations}
+        if t is OutputPlan:
+            layer = plan.layer
+            return PLAN_OUTPUT, {"width": plan.width, "filled": (_word(kv.filled[plan.cache], layer), 0),
+                                 "generation": (_word(kv.generation[plan.cache], layer), 0),
+                                 "expect_generation": (plan.generation, 0)}
+        if t is EmbeddingPlan:   # the id: the request's one tensor (int64 or int32, checked when the plan was made)
+            return PLAN_EMBEDDING, {"word": self.graphs.token.data_ptr(), "id_offset": descs[0].offset,
+                                    "id_bytes": descs[0].dtype.itemsize, "vocab": self.vocab}
+        return None
+
+    def _launch(self, plan: Plan, index: int) -> tuple[int, int]:
+        """(the graph's exec address, 0) where the CUDA runtime launches it; else (0, a handle the run callback
+        replays)."""
+        if self.cuda:
+            exec_address = plan.graph.exec_address()
+            if exec_address:
+                return exec_address, 0
+        handle = self._next_handle
+        self._next_handle += 1
+        self._handles[handle] = (plan, index)
+        return 0, handle
+
+
+def _word(array, index: int) -> int:
+    """The address of `array[index]` (a numpy array of 8-byte numbers the K/V store keeps)."""
+    return array.ctypes.data + index * array.itemsize
+
+
+def lane_for(parts: LaneParts | None, graphs: SessionGraphs | None, kv, vocab: int) -> PlannedLane | None:
+    """A session's lane where it rings through shared memory and has graphs; None elsewhere."""
+    if parts is None or graphs is None:
+        return None
+    runtime = cuda_graph_runtime() if graphs.cuda else None
+    if graphs.cuda and runtime is None:   # (no CUDA runtime among this process's libraries: no wait to call from C)
+        return None
+    return PlannedLane(parts, graphs, kv, vocab, runtime)
