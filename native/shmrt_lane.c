@@ -1,6 +1,6 @@
 /* The daemon's planned calls (shmrt_native.h documents shmrt_lane; shmrt/host/lane.py fills the plans, host/graphs.py
  * makes them): a decode step's request whose record a plan knows, served from the take to the reply's post in one C
- * call. The daemon's host code only: the enclave never links a plan.
+ * call. The daemon's code only: it is in the helper both sides load, and the enclave never calls it.
  *
  * Bytes crossing processes here: the request record (copied out of the request ring's slot once and checked by
  * shmrt_bell_take_record before any of its words is used), an Embedding's id (read once from the request ring into a
@@ -41,15 +41,11 @@ static int ready(const shmrt_lane *lane, const shmrt_plan *p, uint64_t pos, int6
         uint64_t at = lane->request_data + p->id_offset;
         if ((p->id_bytes != 4 && p->id_bytes != 8) || at > lane->request_len || p->id_bytes > lane->request_len - at)
             return 0;
-        if (p->id_bytes == 8) {
-            int64_t v;
-            memcpy(&v, lane->request_base + at, 8);   /* once: the client may rewrite it after this */
-            *id = v;
-        } else {
-            int32_t v;
-            memcpy(&v, lane->request_base + at, 4);
-            *id = v;
-        }
+        /* once (an atomic load: the client may rewrite it meanwhile; what is checked is what the graph reads) */
+        if (p->id_bytes == 8)
+            *id = (int64_t)atomic_load_explicit((const _Atomic uint64_t *)(lane->request_base + at), memory_order_relaxed);
+        else
+            *id = (int32_t)atomic_load_explicit((const _Atomic uint32_t *)(lane->request_base + at), memory_order_relaxed);
         return *id >= 0 && (uint64_t)*id < p->vocab;
     }
     default:
@@ -58,9 +54,13 @@ static int ready(const shmrt_lane *lane, const shmrt_plan *p, uint64_t pos, int6
 }
 
 int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq) {
-    uint64_t *w = lane->words;
+    uint64_t *w = lane->request_words;
+    /* (first: nothing changes before every word this call stores to is known to be mapped) */
+    if (lane->requests == NULL || lane->request_tail_off > lane->request_len || lane->request_len - lane->request_tail_off < 8
+        || lane->producer->base == NULL) return SHMRT_E_BOUNDS;
     int rc = shmrt_bell_take_record(lane->requests, expect_seq, 0, w);
     if (rc != SHMRT_OK) return rc;
+    if (w[9] != 0) return SHMRT_OK;   /* a text (no planned call has one): Python checks it is UTF-8 */
     shmrt_plan *p = find_plan(lane, w);
     if (p == NULL || p->places < 1 || p->places > 2) return SHMRT_OK;
     shmrt_consumer *c = lane->consumer;
@@ -103,7 +103,6 @@ int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq) {
         }
     }
     c->accepted_end = c->tail = end;
-    if (lane->request_tail_off > lane->request_len || lane->request_len - lane->request_tail_off < 8) return SHMRT_E_BOUNDS;
     atomic_store_explicit((_Atomic uint64_t *)(lane->request_base + lane->request_tail_off), end, memory_order_release);
     rc = shmrt_publish(prod);
     if (rc != SHMRT_OK) return rc;
@@ -115,6 +114,6 @@ int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq) {
     rc = shmrt_bell_post_words(lane->replies, r, "", 0, &flag, &length);
     if (rc != SHMRT_OK) return rc;
     lane->served++;
-    lane->work_ns += work;
+    if (p->exec[place] != NULL) lane->launched++;
     return SHMRT_LANE_SERVED;
 }

@@ -231,7 +231,6 @@ typedef struct {
     uint32_t nkey;                 /* words of key in use; 0: a free entry */
     uint32_t kind;
     uint32_t places;               /* reply places known (the response ring's lap starts): 1 or 2 */
-    uint32_t reply_nwords;         /* the reply record's words: header and descriptors */
     uint64_t reply_nbytes;         /* the reply's one reservation */
     uint64_t reply_offset[2];
     uint64_t reply_words[2][SHMRT_RECORD_WORDS];   /* per place; seq, ring_end and work_ns are set per call */
@@ -252,8 +251,8 @@ typedef int (*shmrt_sync_fn)(void *stream);                 /* cudaStreamSynchro
 typedef int (*shmrt_run_fn)(uint64_t handle);               /* where there is no CUDA: runs the plan's body */
 
 typedef struct {
-    shmrt_bell *requests;          /* the request ring's doorbell (its reader) and */
-    uint64_t *words;               /* the words its takes fill (the checked record Python reads when a plan declines) */
+    shmrt_bell *requests;          /* the request ring's doorbell (its reader; NULL: detached, nothing is served) */
+    uint64_t *request_words;       /* the words its takes fill (the checked record Python reads when a plan declines) */
     shmrt_bell *replies;           /* the response ring's doorbell (its writer) */
     shmrt_consumer *consumer;      /* the request ring's consumer state, */
     uint8_t *request_base;         /* its mapping, */
@@ -269,8 +268,8 @@ typedef struct {
     void *stream;
     shmrt_run_fn run;              /* an entry without a graph to launch: runs it (a replay, waited for as above) */
     int64_t run_rc;                /* the failing return code of SHMRT_E_RUN */
-    uint64_t served;               /* calls served, and their work (launch to the wait's end), in ns */
-    uint64_t work_ns;
+    uint64_t served;               /* calls served, and of them launched as CUDA graphs */
+    uint64_t launched;
 } shmrt_lane;
 
 /* Take the request ring's next record and serve it by its plan: SHMRT_LANE_SERVED (the reply rung), SHMRT_OK */

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import random_ids
+from test_graph_routes import _kv_call, _scores
 from shmrt.enclave.client import EnclaveClient
 from shmrt.enclave.generate import Sampler, generate
 from shmrt.errors import PeerError
@@ -26,6 +27,7 @@ SERVED = re.compile(r"\((\d+) planned calls served in C[,)]")
 def _serve(model: str, endpoint: str, logs, stop, width_step: int, lane: bool, device: str) -> None:
     """A daemon: the model's handler (on a CPU with plans), the lane on or off, scores padded to `width_step`."""
     os.environ["SHMRT_PLANNED_LANE"] = "1" if lane else "0"
+    os.environ["SHMRT_POISON"] = "1"   # released ring memory reads 0xFF (NaN): a view kept past its release shows
     import shmrt.host.graphs as graphs
     graphs.SCORE_WIDTH_STEP = width_step   # (read as each session's graphs are made)
     from shmrt.host.daemon import ModelHandler
@@ -67,6 +69,14 @@ class Daemon:
         while closed() < sessions and self._until(lambda line: "closed" in line, 10):
             pass
         return [int(m[1]) for m in map(SERVED.search, self.lines) if m]
+
+    def served_by(self, clients) -> list[int | None]:
+        """Planned calls served in C in each of these clients' sessions (None: no lane), once each has closed."""
+        ids = [f"session {t._routing_id.hex()[:8]} " for t in clients]
+        closing = lambda: [next((line for line in self.lines if i in line), None) for i in ids]   # noqa: E731
+        while None in closing() and self._until(lambda line: "closed" in line, 10):
+            pass
+        return [int(m[1]) if m else None for m in (SERVED.search(line or "") for line in closing())]
 
     def close(self) -> None:
         self.stop.set()
@@ -115,13 +125,13 @@ def test_the_lane_serves_decode_steps_with_transformers_tokens_through_small_poi
 
 def _random_call(rng: random.Random, cfg, filled: list[int]):
     """One decode-shaped call a client might make to layer 0 or 1 (`filled`: their K/V rows as the client counts
-    them), now and then one the daemon refuses (a position off by one, P wider than the cache's room, P over an
-    empty cache): (method, tensors, layer, op, pos)."""
+    them), now and then one the daemon refuses (a position off by one, a width short of it, P wider than the cache's
+    room, P over an empty cache, an id out of the vocabulary): (method, tensors, layer, op, pos)."""
     from shmrt.model.calls import matmul_bits, projection_bits
     Hkv, g, hd = cfg.num_key_value_heads, cfg.groups, cfg.head_dim
     gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
     layer = rng.choice([0, 0, 1])
-    kind = rng.choice(["scores"] * 4 + ["output"] * 3 + ["matmul", "gate_up", "down", "restart"])
+    kind = rng.choice(["scores"] * 4 + ["output"] * 3 + ["matmul", "gate_up", "down", "restart", "embed", "head"])
     pos = filled[layer] if rng.random() > 0.03 else filled[layer] + rng.choice([-1, 1])
     padded = -(-(pos + 1) // 8) * 8   # the width a step at pos pads to (SCORE_WIDTH_STEP 8 in these daemons)
     if kind == "output" and (filled[layer] or rng.random() < 0.05):
@@ -132,17 +142,34 @@ def _random_call(rng: random.Random, cfg, filled: list[int]):
         tensors = [torch.randn(1, 1, cfg.hidden_size, generator=gen), torch.randn(4, 1, hd, generator=gen)]
         if kind == "restart":
             return "AttentionScores", tensors, layer, 8, 0
-        return "AttentionScores", tensors, layer, rng.choice([padded] * 4 + [padded + 8, 0]), max(pos, 0)
+        short = padded - 8 if padded > 8 else 0   # past its width (the plan of that width must not serve it)
+        return "AttentionScores", tensors, layer, rng.choice([padded] * 12 + [padded + 8, 0, short]), max(pos, 0)
     if kind == "matmul":
         cache, rows = rng.choice(["k", "v"]), rng.randint(1, 2)
         a = torch.randn(1, Hkv, g, hd if cache == "k" else max(pos, 0) + rows, generator=gen)
         return "Matmul", [a, torch.randn(1, Hkv, rows, hd, generator=gen)], layer, matmul_bits(cache == "k", cache), \
             max(pos, 0)
+    if kind == "embed":
+        token = rng.randrange(cfg.vocab_size) if rng.random() > 0.03 else rng.choice([-1, cfg.vocab_size])
+        return "Embedding", [torch.tensor([[token]], dtype=rng.choice([torch.int64, torch.int64, torch.int32]))], -1, 0, 0
+    if kind == "head":
+        return "LMHead", [torch.randn(1, 1, cfg.hidden_size, generator=gen)], -1, 0, 0
     if kind == "gate_up":
         return "BatchLinear", [torch.randn(1, 1, cfg.hidden_size, generator=gen)], layer, \
             projection_bits(["gate_proj", "up_proj"]), 0
     return "BatchLinear", [torch.randn(1, 1, cfg.intermediate_size, generator=gen)], layer, \
         projection_bits(["down_proj"]), 0
+
+
+@pytest.fixture(scope="module")
+def step8(tmp_path_factory):
+    """The tiny preset's daemons with scores padded to 8 (so that short sequences have plans): (lane, python)."""
+    directory = tmp_path_factory.mktemp("lane")
+    daemons = [Daemon("tiny", f"ipc://{directory}/{name}.sock", width_step=8, lane=lane)
+               for name, lane in (("lane", True), ("python", False))]
+    yield daemons
+    for d in daemons:
+        d.close()
 
 
 def _open(endpoint: str):
@@ -153,83 +180,225 @@ def _open(endpoint: str):
     return t
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_the_lane_changes_no_outcome_of_random_call_sequences(tmp_path, monkeypatch, seed):
-    """Differential: the same random decode-shaped calls (steps at the right position and off it, two padded widths,
-    P naming V or K, K/V rows that restart or grow a cache, the MLP's projections, a reply held across a call) to a
+class Sessions:
+    """One session on each daemon of a list (reopened together); `served()`: per daemon, what its lane served in each
+    of them (None: no lane), from its log."""
+
+    def __init__(self, daemons):
+        self.daemons = daemons
+        self.opened = [[] for _ in daemons]
+        self.clients = []
+        self.reopen()
+
+    def reopen(self) -> None:
+        self.close()
+        self.clients = [_open(d.endpoint) for d in self.daemons]
+        for mine, t in zip(self.opened, self.clients):
+            mine.append(t)
+
+    def close(self) -> None:
+        for t in self.clients:
+            t.close()
+        self.clients = []
+
+    def served(self) -> list[list[int | None]]:
+        return [d.served_by(mine) for d, mine in zip(self.daemons, self.opened)]
+
+
+def _outcome(t, method, tensors, layer=-1, op=0, pos=0, hold=False, hidden=0):
+    """("ok", values, places in the response ring) or ("refused", the daemon's message)."""
+    try:
+        reply = t.call(method, tensors, layer=layer, op=op, pos=pos)
+    except PeerError as exc:
+        return "refused", str(exc).split(": ", 1)[1]
+    with reply:
+        values = [reply.view(i).clone() for i in range(len(reply))]
+        places = [reply.view(i).data_ptr() - t.rsp.native.address for i in range(len(reply))]
+        if hold:   # the next reply lands elsewhere while this one is held
+            t.call("BatchLinear", [torch.zeros(1, 1, hidden)], layer=0, op=48).release()
+    return "ok", values, places
+
+
+def _same(a, b, what) -> None:
+    assert a[0] == b[0], (what, a, b)
+    if a[0] == "refused":
+        assert a[1] == b[1], what
+    else:
+        assert all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and a[2] == b[2], what
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_lane_changes_no_outcome_of_random_call_sequences(step8, monkeypatch, seed):
+    """Differential: the same random decode-shaped calls (steps at the right position and off it, padded widths and
+    a width short of the step, P naming V or K, K/V rows that restart or grow a cache, the MLP's projections, a
+    decode step's Embedding (int64 or int32, in the vocabulary or not) and LMHead, a reply held across a call) to a
     daemon whose lane serves what its plans answer and to one that serves everything from Python: every reply the
     same values at the same places in the response ring, every refusal the same message (a refusal ends the session
     on both: each opens a new one), and the lane served a good part of them."""
     monkeypatch.setenv("SHMRT_POISON", "1")
     cfg = load_weights("tiny").cfg
-    daemons = [Daemon("tiny", f"ipc://{tmp_path}/{name}.sock", width_step=8, lane=lane)
-               for name, lane in (("lane", True), ("python", False))]
-    clients = []
+    pair = Sessions(step8)
     try:
-        clients = [_open(d.endpoint) for d in daemons]
         rng = random.Random(seed)
-        filled, sessions = [0, 0], 1
-        for step in range(250):
+        filled = [0, 0]
+        for step in range(300):
             method, tensors, layer, op, pos = _random_call(rng, cfg, filled)
             hold = rng.random() < 0.1
-            outcomes = []
-            for t in clients:
-                try:
-                    reply = t.call(method, tensors, layer=layer, op=op, pos=pos)
-                except PeerError as exc:
-                    outcomes.append(("refused", str(exc).split(": ", 1)[1]))
-                    continue
-                with reply:
-                    values = [reply.view(i).clone() for i in range(len(reply))]
-                    places = [reply.view(i).data_ptr() - t.rsp.native.address for i in range(len(reply))]
-                    if hold:   # the next reply lands elsewhere while this one is held
-                        t.call("BatchLinear", [torch.zeros(1, 1, cfg.hidden_size)], layer=0, op=48).release()
-                outcomes.append(("ok", values, places))
-            a, b = outcomes
-            assert a[0] == b[0], (step, method, a, b)
+            a, b = (_outcome(t, method, tensors, layer, op, pos, hold, cfg.hidden_size) for t in pair.clients)
+            _same(a, b, (step, method, layer, op, pos))
             if a[0] == "refused":
-                assert a[1] == b[1], (step, method)
-                for t in clients:
-                    t.close()
-                clients = [_open(d.endpoint) for d in daemons]
-                filled, sessions = [0, 0], sessions + 1
-            else:
-                assert all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and a[2] == b[2], (step, method, op, pos)
-                if method == "AttentionScores":   # (a guide for the next calls' positions, no more)
-                    filled[layer] = pos + 1
-        for t in clients:
-            t.close()
-        clients = []
-        served = daemons[0].served(sessions)
-        assert sum(served) >= 20 and daemons[1].served(sessions) == [], served
+                pair.reopen()
+                filled = [0, 0]
+            elif method == "AttentionScores":   # (a guide for the next calls' positions, no more)
+                filled[layer] = pos + 1
+        pair.close()
+        lane, python = pair.served()
+        assert sum(lane) >= 40 and set(python) == {None}, lane
     finally:
-        for t in clients:
-            t.close()
-        for d in daemons:
-            d.close()
+        pair.close()
 
 
-def test_a_planned_embedding_refuses_an_id_out_of_the_vocabulary_as_the_python_path_does(tmp_path):
-    """Once a decode step's Embedding has a plan, an id outside the vocabulary (read once, in C) is still the
-    handler's to refuse, with its message; the next session's steps are served in C again."""
-    daemon = Daemon("tiny", f"ipc://{tmp_path}/d.sock")
+def _steps_on_both(step8, steps) -> list:
+    """`steps(client)` on a session of each daemon (lane, python): their results, the first session's served."""
+    pair = Sessions(step8)
     try:
-        vocab = LinearCompute(load_weights("tiny"), "cpu", torch.float32).cfg.vocab_size
-        for bad in (vocab, -1, 1 << 40):
-            t = _open(daemon.endpoint)
-            try:
-                for token in (5, 6, 7):
-                    with t.call("Embedding", [torch.tensor([[token]])]) as reply:
-                        row = reply.view(0).clone()
-                with pytest.raises(PeerError, match=r"token id out of range"):
-                    t.call("Embedding", [torch.tensor([[bad]])])
-            finally:
-                t.close()
-        served = daemon.served(3)
-        assert len(served) == 3 and all(n >= 1 for n in served), daemon.lines
-        assert row.shape[-1] > 0
+        results = [steps(t) for t in pair.clients]
     finally:
-        daemon.close()
+        pair.close()
+    ((served,), (none,)) = pair.served()
+    assert none is None
+    return results, served
+
+
+def _refused(call) -> str:
+    with pytest.raises(PeerError) as info:
+        call()
+    return str(info.value).split(": ", 1)[1]
+
+
+def test_the_lane_does_not_serve_scores_once_k_restarted_behind_v(step8):
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+
+    def steps(t):
+        out = [_scores(t, c, pos, 8, seed=pos) for pos in range(6)]
+        _kv_call(t, c, "Matmul", "k", 0, 2, 0, seed=10)   # K restarts with 2 rows; V keeps 6
+        return out + [_refused(lambda: _scores(t, c, 6, 8, seed=6))]
+    (lane, python), served = _steps_on_both(step8, steps)
+    assert lane[-1] == python[-1] == "K cache of layer 0 holds 2 positions, request says pos 6"
+    assert all(torch.equal(a, b) for a, b in zip(lane[:-1], python[:-1])) and served >= 3
+
+
+def test_the_lane_does_not_serve_scores_past_its_width(step8):
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+
+    def steps(t):
+        _scores(t, c, 0, 16, seed=0)   # buffers with room for 16 rows: a write at 8 would land in them
+        out = [_scores(t, c, pos, 8, seed=pos) for pos in range(8)]
+        return out + [_refused(lambda: _scores(t, c, 8, 8, seed=8))]
+    (lane, python), served = _steps_on_both(step8, steps)
+    assert lane[-1] == python[-1] and "width 8: expected 0 or from pos" in lane[-1]
+    assert all(torch.equal(a, b) for a, b in zip(lane[:-1], python[:-1])) and served >= 4
+
+
+def test_the_lane_does_not_write_k_and_v_buffers_the_store_let_go(step8):
+    """K and V moved to new buffers by calls of another shape (a batch of 2, then 1 again, as many rows as before):
+    the store holds as many rows as the plan expects, in other memory (its buffers' generations moved). The next
+    steps' scores are the Python path's."""
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+
+    def steps(t):
+        out = []
+        for pos in range(4):   # plans for the scores and for P*V over V
+            out += [_scores(t, c, pos, 8, seed=pos), _kv_call(t, c, "AttentionOutput", "v", 0, 0, 8, seed=pos)]
+        for cache in ("k", "v"):
+            _kv_call(t, c, "Matmul", cache, 0, 3, 0, seed=11, batch=2)
+            out.append(_kv_call(t, c, "Matmul", cache, 0, 4, 0, seed=12))
+        if output_first:   # P*V's plan, its V in another buffer (with room for 4 rows: refused)
+            # (one more call first: the output's request and reply then lie at the lap starts its plan's did)
+            t.call("BatchLinear", [torch.zeros(1, 1, c.cfg.hidden_size)], layer=0, op=48).release()
+            return out + [_refused(lambda: _kv_call(t, c, "AttentionOutput", "v", 0, 0, 8, seed=9))]
+        for pos in (4, 5, 6):
+            out += [_scores(t, c, pos, 8, seed=pos), _kv_call(t, c, "AttentionOutput", "v", 0, 0, 8, seed=pos)]
+        return out
+    for output_first in (True, False):
+        (lane, python), served = _steps_on_both(step8, steps)
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(lane, python)), output_first
+        assert served >= 4 and len(lane) == len(python) == (11 if output_first else 16)
+
+
+@pytest.mark.parametrize("cache", ["v", "k"])
+def test_the_lane_does_not_serve_attention_output_once_its_cache_grew_past_p(step8, cache):
+    c = LinearCompute(load_weights("tiny"), "cpu", torch.float32)
+
+    def steps(t):
+        _scores(t, c, 0, 8, seed=0)
+        out = [_kv_call(t, c, "AttentionOutput", cache, 0, 0, 8, seed=20 + i) for i in range(4)]
+        _kv_call(t, c, "Matmul", cache, 1, 10, 0, seed=30)   # that cache: 11 rows
+        return out + [_refused(lambda: _kv_call(t, c, "AttentionOutput", cache, 0, 0, 8, seed=24))]
+    (lane, python), served = _steps_on_both(step8, steps)
+    assert lane[-1] == python[-1] and "inner dims differ" in lane[-1]
+    assert all(torch.equal(a, b) for a, b in zip(lane[:-1], python[:-1])) and served >= 2
+
+
+def _ring_by_hand(t, cfg, *, text: bytes = b"", ring_end: int | None = None) -> None:
+    """A BatchLinear (gate|up) rung as ShmClient.call rings it, with a text or another ring end; waits for its answer."""
+    from shmrt.wire import protocol
+    from shmrt.wire.shm_transport import describe_input
+    desc, _ = describe_input(t.req, torch.randn(1, 1, cfg.hidden_size), None, None, t.timeout)
+    end = t.req.producer.publish()
+    seq = t._next_seq()
+    words = protocol.to_words(protocol.Method.BatchLinear, seq, 0, 48, 0, end if ring_end is None else ring_end, [desc])
+    words[9] = len(text)
+    t._bell_out.post_words(words, text)
+    t._await_bell(seq, protocol.Method.BatchLinear)
+
+
+def test_a_planned_call_releases_its_request_poisoned_and_leaves_what_it_cannot_check_to_python(step8, monkeypatch):
+    """What the lane does to the request ring: the input a served call staged there reads 0xFF (NaN) once the reply
+    came (the daemon's release poisons it, SHMRT_POISON). A record the lane would serve but for its text (no planned
+    call has one) or its ring end (past what the ring can hold) goes to the Python path, which refuses it as it
+    always did."""
+    monkeypatch.setenv("SHMRT_POISON", "1")
+    cfg = load_weights("tiny").cfg
+    pair = Sessions(step8[:1])
+    try:
+        (t,) = pair.clients
+        for i in range(5):
+            x = t.request().alloc((1, 1, cfg.hidden_size))
+            x.copy_(torch.randn(1, 1, cfg.hidden_size))
+            t.call("BatchLinear", [x], layer=0, op=48).release()
+            assert torch.isnan(x).all(), i   # (a view kept past the call, to read what the release left)
+        with pytest.raises(PeerError, match="doorbell text is not valid UTF-8"):
+            _ring_by_hand(t, cfg, text=b"\xff\xfe")   # the same record once more, with a text
+        pair.reopen()
+        (t,) = pair.clients
+        for _ in range(3):
+            t.call("BatchLinear", [torch.randn(1, 1, cfg.hidden_size)], layer=0, op=48).release()
+        with pytest.raises(PeerError, match=r"message end \d+ outside"):
+            _ring_by_hand(t, cfg, ring_end=1 << 50)
+    finally:
+        pair.close()
+    ((first, second),) = pair.served()
+    assert first >= 3 and second >= 1
+
+
+def test_a_planned_embedding_reads_the_id_once_and_refuses_one_out_of_the_vocabulary(step8):
+    """Once a decode step's Embedding has a plan, its row is the table's row of the id sent, and an id outside the
+    vocabulary (read once, in C) is still the handler's to refuse, with its message."""
+    weights = load_weights("tiny")
+    vocab = weights.cfg.vocab_size
+    for bad in (vocab, -1, 1 << 40):
+        def steps(t):
+            rows = []
+            for token in (5, 6, 7, 8):
+                with t.call("Embedding", [torch.tensor([[token]])]) as reply:
+                    rows.append(reply.view(0).clone())
+            return rows + [_refused(lambda: t.call("Embedding", [torch.tensor([[bad]])]))]
+        (lane, python), served = _steps_on_both(step8, steps)
+        assert lane[-1] == python[-1] and "token id out of range" in lane[-1]
+        for token, row in zip((5, 6, 7, 8), lane):
+            assert torch.equal(row.view(-1), weights.embed[token].view(-1))
+        assert served >= 2
 
 
 def test_a_daemon_whose_lane_is_off_serves_the_same_tokens(checkpoints, tmp_path):

@@ -78,7 +78,8 @@ class ModelSession(HandlerSession):
     def summary(self) -> str:
         if self.lane is None:
             return ""
-        return f" ({self.lane.served} planned calls served in C{', graphs launched from C' if self.lane.cuda else ''})"
+        launched = f", {self.lane.launched} CUDA graphs launched from C" if self.lane.cuda else ""
+        return f" ({self.lane.served} planned calls served in C{launched})"
 
     def close(self) -> None:
         if self.graphs is not None:   # they hold the rings' addresses: gone before the rings are unregistered

@@ -1,5 +1,5 @@
-"""A decode step's calls as CUDA graphs that copy straight from the request ring and into the response ring
-(CUDA daemons only).
+"""A decode step's calls as CUDA graphs that copy straight from the request ring and into the response ring (a CUDA
+daemon's; a CPU daemon makes the same plans, each graph's body run again where a GPU would replay it: RerunCapture).
 
 Eager, a decode-shaped BatchLinear is ~8 torch ops on the daemon's CPU (the copy in, the product, its split,
 the copy out, ...), each a dispatch and a launch, while the GPU works a few microseconds. A graph launches
@@ -87,8 +87,8 @@ class CapturedCall:
 
 
 class RerunCapture:
-    """A capture's stand-in where there is no CUDA (the tests, the benches' CPU probes): the body runs once at capture
-    (its warm-up) and again at each replay, reading the request ring and writing the reply where a graph's replay
+    """A capture's stand-in where there is no CUDA (a CPU daemon's plans, the tests, the benches' CPU probes): the body
+    runs once at capture (its warm-up) and again at each replay, reading the request ring and writing the reply where a graph's replay
     would. `replays` and `replay_ns` count every replay, class-wide (a bench takes their time out of a call's)."""
 
     replays = 0
@@ -341,12 +341,12 @@ class SessionGraphs:
         plans = self.plans.setdefault(record, [])
         plans[:] = [p for p in plans if p.reply_offset != plan.reply_offset][-1:] + [plan]
         if self.lane is not None:
-            self.lane.planned(record, plans)
+            self.lane.on_plans_changed(record, plans)
 
     def _forget_plans(self) -> None:
         self.plans.clear()
         if self.lane is not None:
-            self.lane.forgot()
+            self.lane.on_plans_cleared()
 
     def replay_planned(self, request, builder, kv) -> bool:
         """Serve `request` by its record's plan (`Plan`): True if it ran (the reply reserved and described in
@@ -480,7 +480,7 @@ class SessionGraphs:
             else:
                 del self.plans[record]
             if self.lane is not None:   # (before the graph goes: the lane never launches a freed one)
-                self.lane.planned(record, kept)
+                self.lane.on_plans_changed(record, kept)
 
     def _graph(self, key: tuple, make_body, family: tuple | None = None, held: frozenset = frozenset()
                ) -> CapturedCall | None:

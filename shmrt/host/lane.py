@@ -14,7 +14,7 @@ plan's stand-in), the K/V rows counted, the request released (poisoned first in 
 rung. Whatever an entry does not answer leaves the record taken and checked for the Python path and the rings as
 they were, so the lane changes no outcome: only who serves a call a plan would serve.
 
-Entries follow graphs.py's plans (`planned`, `forgot`): a plan that goes takes its entry first, so the lane never
+Entries follow graphs.py's plans (`on_plans_changed`, `on_plans_cleared`): a plan that goes takes its entry first, so the lane never
 launches a graph that was freed.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ from ..wire.protocol import Method
 from ..wire.shm_transport import LaneParts
 from .graphs import EmbeddingPlan, OutputPlan, Plan, ScoresPlan, SessionGraphs
 
-MAX_ENTRIES = 256   # records with plans a lane holds (a decode step has ~4 per layer and 2 more); past that, none new
+ENTRIES_PER_LAYER = 8   # records with plans a lane holds, per layer (a decode step has 4 a layer and 2 more; a new
+ENTRIES_MORE = 64       # score width adds a layer's new ones before its old ones go); past that, none new
 
 
 def record_key(record: tuple) -> list[int]:
@@ -44,11 +45,12 @@ class PlannedLane:
         self.graphs, self.kv, self.vocab = graphs, kv, vocab
         cuda = (*runtime, graphs.stream.cuda_stream) if runtime is not None else None
         self.cuda = cuda is not None
+        self.capacity = ENTRIES_PER_LAYER * graphs.c.cfg.num_hidden_layers + ENTRIES_MORE
         self.native = NativeLane(parts.requests, parts.replies, parts.consumer.state, parts.request_buf,
                                  parts.request_data, parts.request_tail_off, parts.consumer.poison, parts.producer,
-                                 MAX_ENTRIES, run=self._run, cuda=cuda)
+                                 self.capacity, run=self._run, cuda=cuda)
         self._entries: dict[tuple, int] = {}   # record -> its entry
-        self._free = list(range(MAX_ENTRIES - 1, -1, -1))
+        self._free = list(range(self.capacity - 1, -1, -1))
         self._handles: dict[int, tuple[Plan, int]] = {}   # a run handle -> (the plan it replays, its entry)
         self._next_handle = 1
         self._install = parts.install
@@ -66,18 +68,23 @@ class PlannedLane:
         """Calls the lane served whole."""
         return self.native.c.served
 
+    @property
+    def launched(self) -> int:
+        """Of them, the CUDA graphs launched from C."""
+        return self.native.c.launched
+
     def _run(self, handle: int) -> None:
         self._handles[handle][0].graph.replay()
 
     # ---- entries, as graphs.py's plans change
 
-    def planned(self, record: tuple, plans: list[Plan]) -> None:
+    def on_plans_changed(self, record: tuple, plans: list[Plan]) -> None:
         """The record's plans are now `plans`: its entry says so (none where the lane cannot check them)."""
         self._drop_entry(record)
         if not plans:
             return
         method, _, _, descs = record
-        checks = self._checks(plans[-1], descs)
+        checks = self._entry_fields(plans[-1], descs)
         if checks is None or not self._free or descs is None or len(descs) > protocol.MAX_TENSORS:
             return
         key = record_key(record)
@@ -85,7 +92,7 @@ class PlannedLane:
             return
         # The record's two reply places (the response ring's lap starts) share an entry where their checks agree
         # (they hold the same K/V buffers: graphs.py drops the plans of old ones); else the newest alone
-        same = [p for p in plans if self._checks(p, descs) == checks and p.reply_nbytes == plans[-1].reply_nbytes]
+        same = [p for p in plans if self._entry_fields(p, descs) == checks and p.reply_nbytes == plans[-1].reply_nbytes]
         index = self._free.pop()
         places = []
         for plan in same[-2:]:
@@ -95,15 +102,15 @@ class PlannedLane:
         self.native.put(index, key, kind, plans[-1].reply_nbytes, places, **words)
         self._entries[record] = index
 
-    def forgot(self) -> None:
+    def on_plans_cleared(self) -> None:
         """Every plan went (graphs off, the session's end)."""
         self.native.clear()
         self._entries.clear()
         self._handles.clear()
-        self._free = list(range(MAX_ENTRIES - 1, -1, -1))
+        self._free = list(range(self.capacity - 1, -1, -1))
 
     def close(self) -> None:
-        self.forgot()
+        self.on_plans_cleared()
         self.native.detach()
         self._install(None)
         self.graphs.lane = None
@@ -117,8 +124,9 @@ class PlannedLane:
         for handle in [h for h, (_, at) in self._handles.items() if at == index]:
             del self._handles[handle]
 
-    def _checks(self, plan: Plan, descs) -> tuple[int, dict] | None:
-        """(kind, the words its checks read and its run writes) of a plan; None for a kind the lane does not know."""
+    def _entry_fields(self, plan: Plan, descs) -> tuple[int, dict] | None:
+        """A plan's entry but for its key and places: (kind, the words its checks read and its run writes, as
+        NativeLane.put takes them); None for a kind the lane does not know."""
         kv, t = self.kv, type(plan)
         if t is Plan:
             return PLAN_PLAIN, {}

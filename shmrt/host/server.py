@@ -34,8 +34,7 @@ from ..wire import registry
 from ..errors import ProtocolError, ShmrtError
 from ..wire.native import Backoff, WordWaiter, now_ns, precise_sleeps
 from ..wire.peer import pid_namespace, process_alive
-from ..wire.shm_transport import SERVED
-from ..wire.transport import Request, ServerSession, check_endpoint
+from ..wire.transport import SERVED, Request, ServerSession, check_endpoint
 from .handler import EchoHandler, Handler, HandlerSession  # noqa: F401 (EchoHandler: tests and bench import it here)
 
 
@@ -251,6 +250,10 @@ class Server:
                 payload = session.transport.take_bell()
             except ShmrtError as exc:  # a scribbled bell word or slot: like any bad request
                 payload, reply, dropped = None, session.transport.encode_error(session.transport.expect_seq, str(exc)), str(exc)
+            except Exception as exc:  # noqa: BLE001 - a planned call's run failed (the lane's): as _serve answers one
+                traceback.print_exc(file=sys.stderr)
+                dropped = f"internal error in a planned call: {type(exc).__name__}: {exc}"
+                payload, reply = None, session.transport.encode_error(session.transport.expect_seq, dropped)
             else:
                 if payload is None:
                     continue

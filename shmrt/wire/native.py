@@ -291,7 +291,7 @@ def consumer_state():
     return ffi.new("shmrt_consumer *")
 
 
-# ---- the daemon's planned calls in C (host/lane.py fills the plans; the enclave never uses these)
+# ---- the daemon's planned calls in C (host/lane.py fills the plans; the enclave never calls these, nor shmrt_lane.c)
 
 LANE_SERVED = lib.SHMRT_LANE_SERVED
 PLAN_PLAIN, PLAN_SCORES, PLAN_OUTPUT, PLAN_EMBEDDING = (lib.SHMRT_PLAN_PLAIN, lib.SHMRT_PLAN_SCORES, lib.SHMRT_PLAN_OUTPUT,
@@ -312,7 +312,7 @@ class NativeLane:
         lane = ffi.new("shmrt_lane *")
         self.plans = ffi.new("shmrt_plan[]", capacity)
         self.capacity = capacity
-        lane.requests, lane.words, lane.replies, lane.consumer = requests.c, requests.words, replies.c, consumer
+        lane.requests, lane.request_words, lane.replies, lane.consumer = requests.c, requests.words, replies.c, consumer
         lane.request_base, lane.request_len = request_buf._buf, request_buf.nbytes
         lane.request_data, lane.request_tail_off, lane.poison = request_data, request_tail_off, int(poison)
         lane.producer, lane.plans = producer.c, self.plans
@@ -351,7 +351,6 @@ class NativeLane:
             p.reply_offset[i], p.handle[i] = offset, handle
             p.reply_words[i][0:len(words)] = words
             p.exec[i] = ffi.cast("void *", exec_address)
-        p.reply_nwords = len(places[0][1])
         for i in range(2):
             p.filled[i] = ffi.cast("int64_t *", filled[i])
             p.generation[i] = ffi.cast("uint64_t *", generation[i])
@@ -365,6 +364,8 @@ class NativeLane:
         self.plans[index].nkey = 0
 
     def clear(self) -> None:
+        for i in range(self.c.n_plans):   # (every entry free: none keeps a graph's address for a later `put` to meet)
+            self.plans[i].nkey = 0
         self.c.n_plans = 0
 
     def serve(self, expect_seq: int) -> int:
@@ -381,8 +382,9 @@ class NativeLane:
         return rc
 
     def detach(self) -> None:
-        """No more serves (the session's mappings go)."""
-        self.c.n_plans = 0
+        """No more serves (the session's mappings go): a serve after this is refused, SHMRT_E_BOUNDS."""
+        self.clear()
+        self.c.requests = ffi.NULL
         self._keep = None
 
 

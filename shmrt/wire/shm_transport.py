@@ -33,7 +33,8 @@ from .protocol import Doorbell, Method, TensorDesc
 from .ring import OFF_TAIL, PAGE_BYTES, Ring, align_up, check_segment_name, unlink_segment
 from .scopes import Reply
 from .stats import CallStats
-from .transport import ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind, parse_client_info
+from .transport import (SERVED, ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind,
+                        parse_client_info)
 from .native import LANE_SERVED, NONE, Backoff, WaitPolicy, now_ns, precise_sleeps
 from .untrusted import load_json
 
@@ -41,7 +42,6 @@ NAME = "shm"
 MAX_RING_BYTES = 1 << 40
 DOORBELLS = ("shm", "zmq")
 WAIT_SLICE_NS = 2_000_000  # a client waiting for a reply bell looks at its ZeroMQ socket this often
-SERVED = object()   # what take_bell returns for a request a planned lane served whole (its reply rung)
 
 
 # ---- codec: the first message of a new client (registry.py's interface)

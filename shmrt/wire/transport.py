@@ -27,6 +27,9 @@ from .stats import CallStats
 from .untrusted import load_json
 
 
+SERVED = object()   # what a session's take_bell returns for a request the daemon's planned lane served whole
+
+
 # ---- endpoints
 
 _TCP_RE = re.compile(r"^tcp://(?P<host>[^:/\s]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
