@@ -89,9 +89,11 @@ def test_kill_9_daemon_mid_run_client_fails_within_timeout_and_unlinks(tmp_path)
         client.kill()
         daemon.stop()
     print(f"client noticed the dead daemon after {detect:.2f} s")
-    # Killed between calls, the next send finds no peer; killed inside one, the reply never comes.
+    # Killed between calls, the next send finds no peer; killed inside one, the connection closes (or, where the
+    # kernel's news comes late, the reply never comes)
     assert client.returncode == 2 and "Traceback" not in err
-    assert "did not answer within 2 s" in err or "no daemon is accepting connections" in err, err
+    assert any(m in err for m in ("the connection to the daemon at", "did not answer within 2 s",
+                                  "no daemon is accepting connections")), err
     assert detect < 2 + 3
     assert not (ours & shm_segments()), "the client left its rings behind"
     with DaemonProcess(["--model", "tiny"], endpoint, quiet=True):  # a restarted daemon serves a new client
@@ -213,7 +215,9 @@ def test_a_busy_doorbell_session_skips_the_socket_and_a_new_client_is_still_serv
         server.close()
 
 
-def test_kill_9_daemon_mid_session_next_shm_doorbell_call_times_out_and_close_unlinks(endpoint):
+def test_kill_9_daemon_mid_session_next_shm_doorbell_call_fails_and_close_unlinks(endpoint):
+    """A daemon killed outright rings no goodbye; its connection closes with it: the next call says so at once, and
+    the one after (the daemon still gone) too."""
     from conftest import EchoDaemon
     d = EchoDaemon(endpoint)
     timeout = 1.0
@@ -229,11 +233,11 @@ def test_kill_9_daemon_mid_session_next_shm_doorbell_call_times_out_and_close_un
         for asleep in (1, 0):  # the call sends a Wake to nobody; then as if killed while awake (no Wake)
             t.req.native.store(OFF_ASLEEP, asleep)
             t0 = time.monotonic()
-            with pytest.raises(PeerTimeout, match="did not answer within|no daemon is accepting"):
+            with pytest.raises(PeerError, match="the connection to the daemon at .* closed"):
                 _echoes(t, 2)
             took.append(time.monotonic() - t0)
         print(f"calls to the killed daemon failed after {took[0]:.2f} s (asleep) and {took[1]:.2f} s (awake)")
-        assert all(timeout - 0.1 < s < timeout + 1.5 for s in took), took
+        assert all(s < timeout + 0.5 for s in took), took
         assert names <= shm_segments()
         t.close()
         assert not (names & shm_segments()), "the client left its rings behind"

@@ -340,6 +340,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
             waited = now_ns() - start
             if self._sock.poll(0, zmq.POLLIN):
                 self._refuse_socket_message(self._sock.recv(copy=True))
+            self._raise_if_disconnected()   # (a daemon killed outright rings no goodbye)
             if waited > limit:
                 raise self._no_answer()
 

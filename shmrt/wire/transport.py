@@ -16,12 +16,13 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
+import struct
 from dataclasses import dataclass, field
 
 import torch
 import zmq
 
-from ..errors import PeerTimeout, SetupError
+from ..errors import PeerError, PeerTimeout, SetupError
 from .scopes import PendingRequest, Reply, refuse_unstaged
 from .stats import CallStats
 from .untrusted import load_json
@@ -137,6 +138,8 @@ class ClientTransport(Caller):
         # message-size limit (limit_replies) keeps its session on the daemon's ROUTER (ROUTER_HANDOVER).
         self._routing_id = b"\x01" + secrets.token_bytes(15)
         self.max_message = self.message_limit(max_reply_bytes)
+        self._monitor = None
+        self._disconnected = False   # the daemon closed our connection once: its session is gone with it
         self._sock = self._open_socket()
         self._closed = False
         self.ring_bytes = 0  # shared memory this session holds (for the log), set by open_session()
@@ -160,8 +163,19 @@ class ClientTransport(Caller):
         # Enforced by ZeroMQ while receiving: a larger message is never buffered, the connection is
         # dropped instead, and the call ends in PeerTimeout after --timeout (not a 100 MiB allocation).
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        # The connection's end, as ZeroMQ sees it: a daemon that stops or dies closes it, and whatever Error it queued
+        # for us goes with it; a call waiting for its answer hears of that at once instead of waiting out --timeout
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         sock.connect(self.endpoint)
         return sock
+
+    def _close_socket(self, linger: int) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=linger)
 
     def limit_replies(self, max_reply_bytes: int) -> None:
         """Tighten or widen the message-size bound once the largest reply is known (the model's size).
@@ -170,7 +184,7 @@ class ClientTransport(Caller):
         limit = self.message_limit(max_reply_bytes)
         if limit != self.max_message and not self._closed:
             self.max_message = limit
-            self._sock.close(linger=0)
+            self._close_socket(linger=0)
             self._sock = self._open_socket()
 
     # Subclasses implement these (and `call`).
@@ -186,18 +200,37 @@ class ClientTransport(Caller):
         return self.seq
 
     def _send(self, payload: bytes) -> None:
+        self._raise_if_disconnected()
         try:
             self._sock.send(payload, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            if not self._sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
+        except zmq.Again:   # no connection (ZMQ_IMMEDIATE): wait for one, or hear that ours closed
+            poller = zmq.Poller()
+            poller.register(self._sock, zmq.POLLOUT)
+            poller.register(self._monitor, zmq.POLLIN)
+            if self._sock not in dict(poller.poll(int(self.timeout * 1000))):
+                self._raise_if_disconnected()
                 raise PeerTimeout(f"no daemon is accepting connections at {self.endpoint} "
                                   f"(waited {self.timeout:.0f} s): start `shmrt daemon` there or pass --endpoint") from None
             self._sock.send(payload)
 
     def _recv(self) -> bytes:
-        if not self._sock.poll(int(self.timeout * 1000), zmq.POLLIN):
-            raise self._no_answer()
-        return self._sock.recv(copy=True)
+        self._raise_if_disconnected()
+        ready = dict(self._poller.poll(int(self.timeout * 1000)))
+        if self._sock in ready:
+            return self._sock.recv(copy=True)
+        if self._monitor in ready:
+            self._raise_if_disconnected()
+        raise self._no_answer()
+
+    def _raise_if_disconnected(self) -> None:
+        """PeerError if the daemon closed our connection, now or before (its events: ZeroMQ's monitor frames, event
+        number u16 and value u32, then the endpoint). ZeroMQ reconnects by itself, but to no session of ours."""
+        while not self._disconnected and self._monitor.poll(0, zmq.POLLIN):
+            frames = self._monitor.recv_multipart(copy=True)
+            self._disconnected = len(frames[0]) >= 6 and struct.unpack_from("=H", frames[0])[0] == zmq.EVENT_DISCONNECTED
+        if self._disconnected:
+            raise PeerError(f"the connection to the daemon at {self.endpoint} closed (the daemon stopped or was killed, "
+                            "or sent a message past this client's size limit): start the daemon again, then the client")
 
     def _no_answer(self) -> PeerTimeout:
         return PeerTimeout(f"the daemon at {self.endpoint} did not answer within {self.timeout:.0f} s "
@@ -226,7 +259,7 @@ class ClientTransport(Caller):
                 self._sock.send(message, flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-        self._sock.close(linger=100 if message is not None else 0)
+        self._close_socket(linger=100 if message is not None else 0)
 
     def __enter__(self):
         return self
