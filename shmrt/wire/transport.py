@@ -17,6 +17,7 @@ import ipaddress
 import re
 import secrets
 import struct
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from .stats import CallStats
 from .untrusted import load_json
 
 
+CONNECTION_SLICE_S = 0.1   # a call waiting on its socket looks at the connection this often (ZeroMQ's monitor)
 SERVED = object()   # what a session's take_bell returns for a request the daemon's planned lane served whole
 
 
@@ -166,14 +168,13 @@ class ClientTransport(Caller):
         # The connection's end, as ZeroMQ sees it: a daemon that stops or dies closes it, and whatever Error it queued
         # for us goes with it; a call waiting for its answer hears of that at once instead of waiting out --timeout
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
+        self._monitored = sock
         sock.connect(self.endpoint)
         return sock
 
     def _close_socket(self, linger: int) -> None:
-        self._sock.disable_monitor()
+        if not self._monitored.closed:
+            self._monitored.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=linger)
 
@@ -204,28 +205,32 @@ class ClientTransport(Caller):
         try:
             self._sock.send(payload, flags=zmq.NOBLOCK)
         except zmq.Again:   # no connection (ZMQ_IMMEDIATE): wait for one, or hear that ours closed
-            poller = zmq.Poller()
-            poller.register(self._sock, zmq.POLLOUT)
-            poller.register(self._monitor, zmq.POLLIN)
-            if self._sock not in dict(poller.poll(int(self.timeout * 1000))):
-                self._raise_if_disconnected()
+            if not self._wait(zmq.POLLOUT):
                 raise PeerTimeout(f"no daemon is accepting connections at {self.endpoint} "
                                   f"(waited {self.timeout:.0f} s): start `shmrt daemon` there or pass --endpoint") from None
             self._sock.send(payload)
 
     def _recv(self) -> bytes:
-        self._raise_if_disconnected()
-        ready = dict(self._poller.poll(int(self.timeout * 1000)))
-        if self._sock in ready:
-            return self._sock.recv(copy=True)
-        if self._monitor in ready:
+        if not self._wait(zmq.POLLIN):
+            raise self._no_answer()
+        return self._sock.recv(copy=True)
+
+    def _wait(self, event: int) -> bool:
+        """Wait up to --timeout for the socket to be ready for `event` (False: it was not), looking at the
+        connection every CONNECTION_SLICE_S (PeerError once it closed)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
             self._raise_if_disconnected()
-        raise self._no_answer()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._sock.poll(max(1, int(min(left, CONNECTION_SLICE_S) * 1000)), event):
+                return True
 
     def _raise_if_disconnected(self) -> None:
         """PeerError if the daemon closed our connection, now or before (its events: ZeroMQ's monitor frames, event
         number u16 and value u32, then the endpoint). ZeroMQ reconnects by itself, but to no session of ours."""
-        while not self._disconnected and self._monitor.poll(0, zmq.POLLIN):
+        while not self._disconnected and not self._monitor.closed and self._monitor.poll(0, zmq.POLLIN):
             frames = self._monitor.recv_multipart(copy=True)
             self._disconnected = len(frames[0]) >= 6 and struct.unpack_from("=H", frames[0])[0] == zmq.EVENT_DISCONNECTED
         if self._disconnected:
