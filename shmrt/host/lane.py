@@ -51,8 +51,8 @@ class PlannedLane:
                                  self.capacity, run=self._run, cuda=cuda)
         self._entries: dict[tuple, int] = {}   # record -> its entry
         self._free = list(range(self.capacity - 1, -1, -1))
-        self._handles: dict[int, tuple[Plan, int]] = {}   # a run handle -> (the plan it replays, its entry)
-        self._next_handle = 1
+        # an entry's plans by place, for the run callback: its handle is 2 * entry + place
+        self._replays: dict[int, list[Plan]] = {}
         self._install = parts.install
         graphs.lane = self
         parts.install(self)
@@ -74,7 +74,7 @@ class PlannedLane:
         return self.native.c.launched
 
     def _run(self, handle: int) -> None:
-        self._handles[handle][0].graph.replay()
+        self._replays[handle >> 1][handle & 1].graph.replay()
 
     # ---- entries, as graphs.py's plans change
 
@@ -95,9 +95,10 @@ class PlannedLane:
         same = [p for p in plans if self._entry_fields(p, descs) == checks and p.reply_nbytes == plans[-1].reply_nbytes]
         index = self._free.pop()
         places = []
-        for plan in same[-2:]:
+        for place, plan in enumerate(same[-2:]):
             words = protocol.to_words(Method[method], 0, -1, 0, 0, 0, plan.reply_descs)
-            places.append((plan.reply_offset, words, *self._launch(plan, index)))
+            places.append((plan.reply_offset, words, self._exec_address(plan), 2 * index + place))
+        self._replays[index] = same[-2:]
         kind, words = checks
         self.native.put(index, key, kind, plans[-1].reply_nbytes, places, **words)
         self._entries[record] = index
@@ -106,7 +107,7 @@ class PlannedLane:
         """Every plan went (graphs off, the session's end)."""
         self.native.clear()
         self._entries.clear()
-        self._handles.clear()
+        self._replays.clear()
         self._free = list(range(self.capacity - 1, -1, -1))
 
     def close(self) -> None:
@@ -121,8 +122,7 @@ class PlannedLane:
             return
         self.native.remove(index)
         self._free.append(index)
-        for handle in [h for h, (_, at) in self._handles.items() if at == index]:
-            del self._handles[handle]
+        del self._replays[index]
 
     def _entry_fields(self, plan: Plan, descs) -> tuple[int, dict] | None:
         """A plan's entry but for its key and places: (kind, the words its checks read and its run writes, as
@@ -146,17 +146,9 @@ class PlannedLane:
                                     "id_bytes": descs[0].dtype.itemsize, "vocab": self.vocab}
         return None
 
-    def _launch(self, plan: Plan, index: int) -> tuple[int, int]:
-        """(the graph's exec address, 0) where the CUDA runtime launches it; else (0, a handle the run callback
-        replays)."""
-        if self.cuda:
-            exec_address = plan.graph.exec_address()
-            if exec_address:
-                return exec_address, 0
-        handle = self._next_handle
-        self._next_handle += 1
-        self._handles[handle] = (plan, index)
-        return 0, handle
+    def _exec_address(self, plan: Plan) -> int:
+        """The graph's exec address where the CUDA runtime launches it; 0: the run callback replays it."""
+        return plan.graph.exec_address() if self.cuda else 0
 
 
 def _word(array, index: int) -> int:
