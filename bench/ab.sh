@@ -7,8 +7,9 @@
 #                                                          # [".whl", "scratch/old"] (scratch/ is git-ignored)
 #
 # Each round runs `shmrt bench --suite e2e` once per variant (`old`: $OLD, `new`: this tree; VARIANTS picks,
-# `new1t`/`newshortyield`/`nographs`/`nolane`/`noplans`/`newfused` are this tree with --decode-threads 1 / the
-# few-core backoff before session 7 / SHMRT_CUDA_GRAPHS=0 / SHMRT_PLANNED_LANE=0 / SHMRT_CPU_PLANS=0 / --calls fused) and
+# `new1t`/`newshortyield`/`nographs`/`nolane`/`noplans`/`nocalls`/`newfused` are this tree with --decode-threads 1 /
+# the few-core backoff before session 7 / SHMRT_CUDA_GRAPHS=0 / SHMRT_PLANNED_LANE=0 / SHMRT_CPU_PLANS=0 /
+# SHMRT_CALLS_IN_C=0 / --calls fused) and
 # prints its per-token row and prefill rows; results land in $RES (default /tmp/ab) and, on a device, $OUT/ab.tgz.
 # More than two trees: TREES="old=scratch/old mid=scratch/mid new=." (names, then directories under this one;
 # VARIANTS defaults to the names in that order). At the end, the medians per variant of every per-token column
@@ -51,6 +52,7 @@ for round in ${ROUNDS:-1 2 3}; do
       nographs) envs=(SHMRT_CUDA_GRAPHS=0);;   # this tree, decode BatchLinear eager on CUDA
       nolane) envs=(SHMRT_PLANNED_LANE=0);;     # this tree, planned calls served from Python (host/lane.py off)
       noplans) envs=(SHMRT_CPU_PLANS=0);;       # this tree, a CPU daemon's every call through the handler
+      nocalls) envs=(SHMRT_CALLS_IN_C=0);;      # this tree, the client's calls from Python (no shmrt_call)
       newfused) extra=(--calls fused);;         # this tree, 5 calls a layer (Q*K^T a call of its own)
     esac
     (cd "$dir" && env "${envs[@]}" PYTHONPATH="$SITE${SITE:+:}$dir" timeout "${T:-300}" "$PY" -m shmrt bench --suite e2e \

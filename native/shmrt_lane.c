@@ -30,6 +30,7 @@ static shmrt_plan *find_plan(const shmrt_lane *lane, const uint64_t *w) {
 static int ready(const shmrt_lane *lane, const shmrt_plan *p, uint64_t pos, int64_t *id) {
     switch (p->kind) {
     case SHMRT_PLAN_PLAIN:
+    case SHMRT_PLAN_ECHO:
         return 1;
     case SHMRT_PLAN_SCORES:
         return pos < p->width && *p->filled[0] == (int64_t)pos && *p->filled[1] == (int64_t)pos
@@ -51,6 +52,22 @@ static int ready(const shmrt_lane *lane, const shmrt_plan *p, uint64_t pos, int6
     default:
         return 0;
     }
+}
+
+/* An echo plan's run: each request tensor (the checked record's descriptors, inside the request ring's capacity)
+ * copied to the reply's descriptor of the same index (the plan's words, where the reservation just landed). The
+ * client may rewrite its bytes meanwhile: they are copied, never interpreted. */
+static int64_t echo(const shmrt_lane *lane, const uint64_t *w, const uint64_t *r) {
+    const shmrt_producer *prod = lane->producer;
+    for (uint64_t i = 0; i < w[8]; i++) {
+        const uint64_t *q = w + SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS, *d = r + SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS;
+        uint64_t from = lane->request_data + q[0], to = lane->reply_data + d[0], n = q[1];
+        if (n != d[1] || from > lane->request_len || n > lane->request_len - from || to > prod->base_len
+            || n > prod->base_len - to)
+            return SHMRT_E_BOUNDS;
+        memcpy(prod->base + to, lane->request_base + from, n);
+    }
+    return 0;
 }
 
 int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq) {
@@ -84,7 +101,8 @@ int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq) {
     else if (p->kind == SHMRT_PLAN_EMBEDDING) *p->word = id;
     uint64_t start = shmrt_now_ns();
     int64_t run_rc;
-    if (p->exec[place] != NULL) run_rc = lane->launch(p->exec[place], lane->stream);
+    if (p->kind == SHMRT_PLAN_ECHO) run_rc = echo(lane, w, p->reply_words[place]);
+    else if (p->exec[place] != NULL) run_rc = lane->launch(p->exec[place], lane->stream);
     else run_rc = lane->run(p->handle[place]);
     if (run_rc == 0 && lane->sync != NULL) run_rc = lane->sync(lane->stream);   /* a device's: its copies done */
     uint64_t work = shmrt_now_ns() - start;

@@ -1,6 +1,6 @@
 /* shmrt native helper: timed copies into the ring, atomics on its header words, the shared-memory
  * doorbell's waits and records (shmrt_native.c), a ring's producer (shmrt_ring.c), the daemon's planned calls
- * (shmrt_lane.c, host side only) and the enclave's one-pass rows (shmrt_rows.c).
+ * (shmrt_lane.c, host side only), the enclave's calls (shmrt_call.c) and its one-pass rows (shmrt_rows.c).
  *
  * Plain C11, no Python headers. The build script (build_native.py) reads the declarations
  * below (between the CDEF markers) into cffi's cdef(), so this header is the one source of
@@ -225,6 +225,7 @@ typedef struct {
 #define SHMRT_PLAN_SCORES 1        /* padded AttentionScores: K and V end at pos, below the width; kept to pos + 1 */
 #define SHMRT_PLAN_OUTPUT 2        /* AttentionOutput with P alone: 0 < the cache's rows <= the width */
 #define SHMRT_PLAN_EMBEDDING 3     /* a decode step's id, read once from the ring, below the vocabulary */
+#define SHMRT_PLAN_ECHO 4          /* the echo daemon's (tests, micro bench): each request tensor copied into the reply's */
 
 typedef struct {
     uint64_t key[SHMRT_KEY_WORDS];
@@ -260,7 +261,8 @@ typedef struct {
     uint64_t request_data;         /* where its data area begins, */
     uint64_t request_tail_off;     /* its tail word, */
     uint32_t poison;               /* whether a released request's bytes are overwritten with 0xFF */
-    shmrt_producer *producer;      /* the response ring's producer */
+    shmrt_producer *producer;      /* the response ring's producer, and where its data area begins in its mapping */
+    uint64_t reply_data;
     shmrt_plan *plans;
     uint32_t n_plans;
     shmrt_launch_fn launch;        /* with CUDA: the runtime's, and the daemon's stream (every run is waited for) */
@@ -276,6 +278,47 @@ typedef struct {
 /* (taken and checked, no plan answers it: words hold it, the rings are as they were), SHMRT_E_NONE, SHMRT_E_SLOW */
 /* (as shmrt_bell_take_record), SHMRT_E_RUN, or another error of a take or a post. */
 int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq);
+
+/* ---- the enclave's calls (shmrt_call.c; shmrt/wire/shm_transport.py's ShmClient drives it): a call's inputs */
+/* reserved and copied into the request ring, the message published, its record encoded and rung, the reply's */
+/* record awaited, taken and checked, in one C call. */
+#define SHMRT_CALL_ASLEEP 2        /* rung, and the daemon sleeps on ZeroMQ: the caller sends a Wake, then waits */
+
+typedef struct {
+    shmrt_producer *producer;      /* the request ring's producer, */
+    uint64_t request_data;         /* where its data area begins in the mapping, */
+    shmrt_bell *requests;          /* its doorbell (the writer's side) */
+    shmrt_bell *replies;           /* the response ring's doorbell (the reader's side), and the words its takes fill */
+    uint64_t *reply_words;
+} shmrt_caller;
+
+typedef struct {
+    uint64_t t_encoded;            /* CLOCK_MONOTONIC ns: the copies done, the record rung, the reply taken */
+    uint64_t t_sent;
+    uint64_t t_replied;
+    uint64_t copy_ns;              /* of it, the copies */
+    uint64_t sent_length;          /* the request record's bytes */
+    uint64_t same_reply;           /* SHMRT_OK: 1 or 2 where the reply fixes what expect_reply's first or second */
+                                   /* record fixed (and has no text), else 0; its ring end */
+    uint64_t ring_end;             /* and the daemon's work */
+    uint64_t work_ns;
+} shmrt_call_times;
+
+/* `words`: the request's record (protocol.to_words' layout) but for seq, pos and ring_end, which this sets; sources[i]: */
+/* the address of input i's bytes (words give their count), copied into a reservation whose offset this writes into */
+/* the descriptor, or 0 for an input staged in the ring already (its offset given). Then publish, ring, and wait up */
+/* to budget_ns for the reply (method words[0], seq `seq`) as shmrt_bell_await_record does. Returns SHMRT_OK (the */
+/* reply's record checked into the caller's reply_words; t says whether it is shaped as one of expect_reply's two, */
+/* the words of earlier replies (2 * SHMRT_RECORD_WORDS; zeros match nothing), or NULL), SHMRT_E_SLOW (taken, for */
+/* Python's decoder), */
+/* SHMRT_E_TIMEOUT (rung, nothing back yet), SHMRT_CALL_ASLEEP (rung; wake the daemon), SHMRT_E_WAIT, */
+/* SHMRT_E_TOO_LARGE or SHMRT_E_TAIL (nothing reserved, written or rung: the producer as it was), or an error. */
+int shmrt_call(shmrt_caller *c, uint64_t *words, const uint64_t *sources, uint64_t seq, uint64_t pos,
+               const uint64_t *expect_reply, const shmrt_backoff *b, uint64_t budget_ns, shmrt_call_times *t);
+/* The wait of shmrt_call alone, for the reply of call `seq` of `method` rung before (waited_ns ago): its answers are */
+/* shmrt_call's from SHMRT_OK to SHMRT_E_TIMEOUT (t's t_replied, same_reply, ring_end and work_ns set). */
+int shmrt_call_await(shmrt_caller *c, uint64_t seq, uint32_t method, const uint64_t *expect_reply,
+                     const shmrt_backoff *b, uint64_t waited_ns, uint64_t budget_ns, shmrt_call_times *t);
 
 /* ---- the enclave's rows (shmrt_rows.c): one decode step's residual and RMSNorm in one pass */
 

@@ -91,6 +91,12 @@ def planned_lane() -> bool:
     return os.environ.get("SHMRT_PLANNED_LANE", "1") not in ("", "0")
 
 
+def calls_in_c() -> bool:
+    """SHMRT_CALLS_IN_C=0: a shm client makes every call from Python (its copies, post, wait and take each a C call
+    of their own) instead of in one C call (wire/shm_transport.py's `_call_in_c`); for comparison runs."""
+    return os.environ.get("SHMRT_CALLS_IN_C", "1") not in ("", "0")
+
+
 def poison() -> bool:
     """SHMRT_POISON=1: released ring space is overwritten with 0xFF before it is handed back (tests:
     a view kept past its scope then reads NaN instead of plausible stale numbers)."""

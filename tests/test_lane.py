@@ -350,7 +350,9 @@ def _ring_by_hand(t, cfg, *, text: bytes = b"", ring_end: int | None = None) -> 
     words = protocol.to_words(protocol.Method.BatchLinear, seq, 0, 48, 0, end if ring_end is None else ring_end, [desc])
     words[9] = len(text)
     t._bell_out.post_words(words, text)
-    t._await_bell(seq, protocol.Method.BatchLinear)
+    from shmrt.wire.native import now_ns
+    rc = t._await_reply(seq, protocol.Method.BatchLinear, t._caller.NO_REPLIES, now_ns())
+    t._taken_reply(rc, seq, protocol.Method.BatchLinear)
 
 
 def test_a_planned_call_releases_its_request_poisoned_and_leaves_what_it_cannot_check_to_python(step8, monkeypatch):

@@ -253,6 +253,7 @@ def test_wrong_session_token_is_refused(model_daemon):
         t.call("Init").release()
         t.token = b"\x00" * 16
         t._bell_out = BellOut(t.req, t.token)   # the shm doorbell's requests carry the token its BellOut was given
+        t.bind_caller()
         with pytest.raises(PeerError, match="token does not match"):
             t.call("LMHead", [torch.zeros(1, 64)])
 

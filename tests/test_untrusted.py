@@ -364,6 +364,10 @@ def _reset_rings(t) -> None:
         ring.native.store(OFF_HEAD, 0)
         ring.native.store(OFF_TAIL, 0)
     t._pending = None
+    if t.calls_in_c:
+        calls_in_c = t.calls_in_c
+        t.bind_caller()   # (over the new producer)
+        t.calls_in_c = calls_in_c
 
 
 @pytest.fixture(scope="module")
@@ -405,8 +409,11 @@ def slot_mutation(draw):
 
 
 class SlotResponder:
-    """Stands in for the client's BellOut: posts the request for real, then plays the daemon on the response
-    ring (its own mapping, attached by name as the daemon does) with the reply `state["reply"]` makes."""
+    """Plays the daemon on the response ring (its own mapping, attached by name as the daemon does) with the reply
+    `state["reply"]` makes of each request. Two ways in, as the client rings: `post_call` stands in for the client's
+    BellOut where its calls are made from Python (it posts the request for real, then answers); `idle` is a perf-log
+    observer's hook, which a call in one C call (shmrt_call) runs between its post and its wait: it reads the request
+    the client posted from the request ring's slot, then answers."""
 
     def __init__(self, t, state):
         self.t, self.state = t, state
@@ -417,24 +424,37 @@ class SlotResponder:
     def post_call(self, method: int, seq: int, layer: int, op: int, pos: int, ring_end: int, tensors):
         record = protocol.encode(protocol.Doorbell(protocol.Method(method), seq, self.t.token, layer, op, pos, ring_end,
                                                    tensors=tuple(tensors)))
-        raw, (kind, *arg) = self.state["reply"](record)
-        if kind == "wake":
+        raw, slot = self.state["reply"](record)
+        if slot[0] == "wake":
             self.t.req.native.store(OFF_ASLEEP, 1)
         wake = self.request_out.post_call(method, seq, layer, op, pos, ring_end, tensors)
+        self._answer(raw, slot, seq)
+        return wake
+
+    def __call__(self, stats) -> None:
+        pass
+
+    def idle(self) -> None:
+        length = self.t.req.native.load(OFF_BELL_SLOT)
+        record = bytes(self.t.req.mapping[OFF_BELL_SLOT + 8:OFF_BELL_SLOT + 8 + length])
+        raw, slot = self.state["reply"](record)
+        self._answer(raw, slot, struct.unpack_from("<Q", record, 8)[0])
+
+    def _answer(self, raw: bytes, slot: tuple, seq: int) -> None:
+        kind, *arg = slot
         if kind == "wake":
             self.t.req.native.store(OFF_ASLEEP, 0)
         if kind == "socket":
             self.t._sock.pending = encode_error(raw, "the daemon on the socket") if arg[0] else raw
-            return wake
+            return
         if kind == "seq" and arg[0] == "seen":
-            return wake  # nothing posted: the client waits out its timeout
+            return  # nothing posted: the client waits out its timeout
         self.reply_out.post(raw[:MAX_RECORD], seq)  # the slot holds no more: a longer record is cut
         if kind == "length":
             self.rsp.native.store(OFF_BELL_SLOT, arg[0])
         elif kind == "seq":
             word = {"next": seq + 1, "previous": seq - 1}.get(arg[0], arg[0])
             self.rsp.native.store(OFF_BELL_SEQ, word)
-        return wake
 
     def close(self) -> None:
         self.rsp.close()
@@ -446,13 +466,20 @@ def encode_error(raw: bytes, text: str) -> bytes:
     return protocol.encode(protocol.Doorbell(protocol.Method.Error, seq, token, flags=protocol.FLAG_ERROR, text=text))
 
 
-@pytest.fixture(scope="module")
-def shm_bell_client():
+@pytest.fixture(scope="module", params=["python", "c"])
+def shm_bell_client(request):
+    """A shm doorbell client whose calls are made from Python (its BellOut stood in for) or in one C call (the
+    responder an observer whose `idle` the call runs between its post and its wait)."""
     state = {"respond": lambda raw: _legit_shm_reply(raw, []) if protocol.peek_method(raw) != protocol.Method.Wake
              else None}
     t = client_with("shm", lambda raw: state["respond"](raw), doorbell="shm")
     t.open_session(1 << 16)
-    responder = t._bell_out = SlotResponder(t, state)
+    responder = SlotResponder(t, state)
+    if request.param == "python":
+        t._bell_out = responder
+        t.calls_in_c = False
+    else:
+        t.observers.append(responder)
     yield t, state
     responder.close()
     t.close()
@@ -465,6 +492,8 @@ def test_fuzz_shm_doorbell_replies_through_the_slot(shm_bell_client, mutation, m
     _reset_rings(t)
     t.rsp.native.store(OFF_BELL_SEQ, t._bell_in.seen)  # a scribbled word of the last example is gone
     record_mutation, slot = mutation
+    if slot[0] == "wake" and t.calls_in_c:   # (the C call reads the daemon's asleep word as it posts)
+        t.req.native.store(OFF_ASLEEP, 1)
     state["reply"] = lambda raw: (_mutate_doorbell(_legit_shm_reply(raw, RPC_SHAPES[method]), record_mutation), slot)
     start = time.monotonic()
     survives("shm doorbell replies (slot)", _rpc, RemoteOps(t, TINY, torch.float32), t, method)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import settings
 from ..errors import ProtocolError
 from ..wire.protocol import RPC_METHODS
 from ..wire.transport import ReplyBuilder, Request
@@ -102,15 +103,44 @@ def _no_state(handler, session, request, builder) -> None:
     pass
 
 
-def _echo(handler, session, request, builder) -> None:
+class EchoSession(HandlerSession):
+    """An echo client's state: its lane (host/lane.py's EchoLane) where its doorbell is in shared memory."""
+
+    def __init__(self, lane_parts: Callable[[], object]):
+        self.lane_parts = lane_parts
+        self.lane = None
+
+    def summary(self) -> str:
+        return f" ({self.lane.served} echoes served in C)" if self.lane is not None else ""
+
+    def close(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
+
+
+def _echo_init(handler, session: EchoSession, request, builder) -> None:
+    from .lane import EchoLane   # (torch-heavy host modules: only where a session asks)
+    parts = session.lane_parts() if settings.planned_lane() else None
+    if parts is not None:
+        session.lane = EchoLane(parts)
+
+
+def _echo(handler, session: EchoSession, request, builder) -> None:
     for t in request.tensors:
         builder.alloc(t.shape, t.dtype).copy_(t)
+    if session.lane is not None and request.rung:
+        session.lane.remember(request, builder)
 
 
 class EchoHandler(Handler):
-    """Returns every request tensor unchanged (a copy into the reply buffers): tests, micro bench."""
+    """Returns every request tensor unchanged (a copy into the reply buffers): tests, micro bench. With the shm
+    doorbell a repeated call is served in C (its lane), as a model daemon's planned calls are."""
 
-    calls = table(Call(INIT, 0, _no_state), *(Call(name, None, _echo) for name in RPC_METHODS if name != INIT))
+    calls = table(Call(INIT, 0, _echo_init), *(Call(name, None, _echo) for name in RPC_METHODS if name != INIT))
 
     def hello(self) -> dict:
         return {"echo": True}
+
+    def open(self, client_info: dict, pinned_buffers, lane_parts=lambda: None) -> EchoSession:
+        return EchoSession(lane_parts)

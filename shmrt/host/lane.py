@@ -16,11 +16,15 @@ they were, so the lane changes no outcome: only who serves a call a plan would s
 
 Entries follow graphs.py's plans (`on_plans_changed`, `on_plans_cleared`): a plan that goes takes its entry first, so the lane never
 launches a graph that was freed.
+
+The echo daemon (handler.EchoHandler: tests, the micro bench) has a lane too (`EchoLane`): a call it answered from
+Python becomes an entry whose run is the C copy of each request tensor into the reply, so that its next ones measure
+the transport as a model's planned calls use it, and the tests' hostile peers meet the C path.
 """
 from __future__ import annotations
 
 from ..wire import protocol
-from ..wire.native import (KEY_WORDS, PLAN_EMBEDDING, PLAN_OUTPUT, PLAN_PLAIN, PLAN_SCORES, NativeLane,
+from ..wire.native import (KEY_WORDS, PLAN_ECHO, PLAN_EMBEDDING, PLAN_OUTPUT, PLAN_PLAIN, PLAN_SCORES, NativeLane,
                            cuda_graph_runtime)
 from ..wire.protocol import Method
 from ..wire.shm_transport import LaneParts
@@ -37,27 +41,16 @@ def record_key(record: tuple) -> list[int]:
     return [words[0], words[3], words[4], words[8], *words[protocol.HEAD_WORDS:]]
 
 
-class PlannedLane:
-    """The C lane of one session with graphs (`SessionGraphs`), its entries kept as the plans are."""
+class Lane:
+    """One session's C lane (native.NativeLane) as its transport's take_bell asks it: what every kind of lane shares."""
 
-    def __init__(self, parts: LaneParts, graphs: SessionGraphs, kv, vocab: int, runtime: tuple[int, int] | None = None):
-        """`runtime`: cuda_graph_runtime()'s functions, for a session whose graphs are CUDA's."""
-        self.graphs, self.kv, self.vocab = graphs, kv, vocab
-        cuda = (*runtime, graphs.stream.cuda_stream) if runtime is not None else None
-        self.cuda = cuda is not None
-        self.capacity = ENTRIES_PER_LAYER * graphs.c.cfg.num_hidden_layers + ENTRIES_MORE
+    def __init__(self, parts: LaneParts, capacity: int, run=None, cuda: tuple[int, int, int] | None = None):
+        self.capacity = capacity
         self.native = NativeLane(parts.requests, parts.replies, parts.consumer.state, parts.request_buf,
                                  parts.request_data, parts.request_tail_off, parts.consumer.poison, parts.producer,
-                                 self.capacity, run=self._run, cuda=cuda)
-        self._entries: dict[tuple, int] = {}   # record -> its entry
-        self._free = list(range(self.capacity - 1, -1, -1))
-        # an entry's plans by place, for the run callback: its handle is 2 * entry + place
-        self._replays: dict[int, list[Plan]] = {}
+                                 parts.reply_data, capacity, run=run, cuda=cuda)
         self._install = parts.install
-        graphs.lane = self
         parts.install(self)
-
-    # ---- serving (the transport's take_bell asks first)
 
     def serve(self, expect_seq: int) -> int:
         """native.NativeLane.serve: LANE_SERVED, or the take's answer for the Python path."""
@@ -68,9 +61,30 @@ class PlannedLane:
         """Calls the lane served whole."""
         return self.native.c.served
 
+    def close(self) -> None:
+        self.native.clear()
+        self.native.detach()
+        self._install(None)
+
+
+class PlannedLane(Lane):
+    """The C lane of one session with graphs (`SessionGraphs`), its entries kept as the plans are."""
+
+    def __init__(self, parts: LaneParts, graphs: SessionGraphs, kv, vocab: int, runtime: tuple[int, int] | None = None):
+        """`runtime`: cuda_graph_runtime()'s functions, for a session whose graphs are CUDA's."""
+        self.graphs, self.kv, self.vocab = graphs, kv, vocab
+        cuda = (*runtime, graphs.stream.cuda_stream) if runtime is not None else None
+        self.cuda = cuda is not None
+        super().__init__(parts, ENTRIES_PER_LAYER * graphs.c.cfg.num_hidden_layers + ENTRIES_MORE, self._run, cuda)
+        self._entries: dict[tuple, int] = {}   # record -> its entry
+        self._free = list(range(self.capacity - 1, -1, -1))
+        # an entry's plans by place, for the run callback: its handle is 2 * entry + place
+        self._replays: dict[int, list[Plan]] = {}
+        graphs.lane = self
+
     @property
     def launched(self) -> int:
-        """Of them, the CUDA graphs launched from C."""
+        """Of the calls served, the CUDA graphs launched from C."""
         return self.native.c.launched
 
     def _run(self, handle: int) -> None:
@@ -112,8 +126,7 @@ class PlannedLane:
 
     def close(self) -> None:
         self.on_plans_cleared()
-        self.native.detach()
-        self._install(None)
+        super().close()
         self.graphs.lane = None
 
     def _drop_entry(self, record: tuple) -> None:
@@ -164,3 +177,38 @@ def lane_for(parts: LaneParts | None, graphs: SessionGraphs | None, kv, vocab: i
     if graphs.cuda and runtime is None:   # (no CUDA runtime among this process's libraries: no wait to call from C)
         return None
     return PlannedLane(parts, graphs, kv, vocab, runtime)
+
+
+class EchoLane(Lane):
+    """The echo daemon's lane: a request record it answered from Python (`remember`) is an entry whose run copies each
+    request tensor into the reply, where that reply landed (the response ring's lap starts: up to two places)."""
+
+    ENTRIES = 64   # distinct records (past that, none new)
+
+    def __init__(self, parts: LaneParts):
+        super().__init__(parts, self.ENTRIES)
+        self._places: dict[tuple, list[tuple[int, list[int]]]] = {}   # record -> its reply places (offset, words)
+        self._entries: dict[tuple, int] = {}
+
+    def remember(self, request, builder) -> None:
+        """`request` was answered with `builder`'s reply (its tensors, in order): its record's entry knows that place.
+        C reserves the reply's span (first reservation's start to the last one's end) at once and copies each tensor
+        to its descriptor inside it; where that reservation lands elsewhere than a known place, C declines."""
+        descs, reserved = request.descs, builder.reserved
+        if not descs or len(descs) > protocol.MAX_TENSORS or len(reserved) != len(descs) or request.text \
+                or any(n == 0 for _, n in reserved):
+            return
+        record = (request.method, request.layer, request.op, descs)
+        index = self._entries.get(record)
+        if index is None:
+            if len(self._entries) >= self.ENTRIES:
+                return
+            index = self._entries[record] = len(self._entries)
+        start = reserved[0][0]
+        span = reserved[-1][0] + reserved[-1][1] - start
+        if any(after < offset + n for (offset, n), (after, _) in zip(reserved, reserved[1:])):
+            return   # (a reservation wrapped to the lap's beginning: no one span holds them)
+        places = self._places.setdefault(record, [])
+        places[:] = [p for p in places if p[0] != start][-1:] + [
+            (start, protocol.to_words(Method[request.method], 0, -1, 0, 0, 0, builder.descs))]
+        self.native.put(index, record_key(record), PLAN_ECHO, span, [(o, w, 0, 0) for o, w in places])

@@ -33,8 +33,7 @@ from typing import NamedTuple
 
 from ..errors import ProtocolError
 from . import protocol
-from .native import (DESC_WORDS, HEAD_WORDS, NONE, RECORD_LAYOUT, SLOW, TIMEOUT, TOOK, NativeBell, WaitPolicy,
-                     now_ns, record_codec)
+from .native import DESC_WORDS, HEAD_WORDS, NONE, RECORD_LAYOUT, SLOW, TOOK, NativeBell, record_codec
 from .protocol import Method, TensorDesc
 from .ring import BELL_SLOT_BYTES, OFF_ASLEEP, OFF_BELL_SEQ, OFF_BELL_SLOT, Ring
 
@@ -108,8 +107,8 @@ class Rung(NamedTuple):
 
 class BellIn:
     """The consumer's side of one ring's doorbell: the last seq it took, and the word to wait on. Records of the
-    session's model RPCs are taken and checked in one C call (`take_checked`, `await_checked`) and come back as a
-    Rung; any other comes back as its private copy for protocol.decode."""
+    session's model RPCs are taken and checked in one C call (`take_checked`; a client's within its call's, shmrt_call)
+    and come back as a Rung; any other comes back as its private copy for protocol.decode."""
 
     def __init__(self, ring: Ring, token: bytes, capacity: int):
         """`token`: the session's (a record with another is not the fast path's); `capacity`: the sender's ring data
@@ -139,17 +138,6 @@ class BellIn:
         C call loads the seq word and the length once each, copies the record once and checks the copy."""
         rc = self._native.take(expect_seq, method)
         return None if rc == NONE else self.record(rc, expect_seq)
-
-    def await_checked(self, expect_seq: int, method: int, policy: WaitPolicy, waited_ns: int, budget_ns: int
-                      ) -> tuple[Rung | bytes, int] | None:
-        """`take_checked` once the seq word changes, waiting up to `budget_ns` as `policy` says (None: it did not
-        change), and the record's bytes."""
-        start = now_ns()
-        rc = self._native.await_record(expect_seq, method, policy.current(), waited_ns, budget_ns)
-        if rc in (TIMEOUT, NONE):
-            return None
-        policy.note(waited_ns + now_ns() - start)
-        return self.record(rc, expect_seq), self._native.taken_length
 
     def record(self, rc: int, expect_seq: int) -> Rung | bytes:
         """What a take that found a new seq word brought (its answer `rc`, TOOK or SLOW; the take may have been a

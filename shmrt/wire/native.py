@@ -150,7 +150,7 @@ def record_codec(magic: bytes, version: int, rpc_codes, itemsizes: dict[int, int
 
 class NativeBell:
     """One side of one ring's doorbell as the C helper sees it (shmrt_bell): set up once, then one C call a
-    post (`post`) or a take (`take`, `await_record`). `words` holds the record a take checked (RECORD_WORDS,
+    post (`post`) or a take (`take`). `words` holds the record a take checked (RECORD_WORDS,
     the header's layout). The mapping must outlive it (bell.py drops it first)."""
 
     def __init__(self, buf: MappedBuffer, codec, *, seq_off: int, slot_off: int, slot_cap: int, flag_off: int = 0,
@@ -183,14 +183,6 @@ class NativeBell:
         if rc in (TOOK, NONE, SLOW):
             return rc
         _check_rc(rc, "taking a doorbell")
-        return rc
-
-    def await_record(self, expect_seq: int, expect_method: int, backoff, waited_ns: int, budget_ns: int) -> int:
-        """`take` once the seq word changes (waiting as WordWaiter does, `backoff` its C policy), or TIMEOUT."""
-        rc = lib.shmrt_bell_await_record(self.c, expect_seq, expect_method, backoff, waited_ns, budget_ns, self.words)
-        if rc in (TOOK, NONE, SLOW, TIMEOUT):
-            return rc
-        _check_rc(rc, "waiting for a doorbell")
         return rc
 
     def checked(self) -> list[int]:
@@ -291,11 +283,72 @@ def consumer_state():
     return ffi.new("shmrt_consumer *")
 
 
+# ---- the enclave's calls in C (shm_transport.py's ShmClient: shmrt_call.c)
+
+CALL_ASLEEP = lib.SHMRT_CALL_ASLEEP
+
+
+class NativeCaller:
+    """shmrt_caller: one C call a request, from its inputs' copies to its reply's checked record (`call`). Holds the
+    structs it points into as long as it lives; their mappings must outlive it (the client drops it first)."""
+
+    def __init__(self, producer: NativeProducer, request_data: int, requests: NativeBell, replies: NativeBell):
+        c = ffi.new("shmrt_caller *")
+        c.producer, c.request_data, c.requests, c.replies, c.reply_words = (producer.c, request_data, requests.c,
+                                                                             replies.c, replies.words)
+        self.c = c
+        self._replies = replies
+        self._keep = (producer, requests, replies)
+        self.sources = ffi.new("uint64_t[]", lib.SHMRT_MAX_TENSORS)
+        self.times = ffi.new("shmrt_call_times *")
+
+    @staticmethod
+    def words(record: list[int]):
+        """A request's record words as C memory (a template `call` completes: seq, pos, ring end, offsets)."""
+        return ffi.new("uint64_t[]", record)
+
+    NO_REPLIES = ffi.NULL   # an expect_reply that no reply matches
+
+    @staticmethod
+    def expected_replies():
+        """Room for the words of two replies a call expects (`call`'s expect_reply), none yet (zeros match nothing)."""
+        return ffi.new("uint64_t[]", 2 * RECORD_WORDS)
+
+    def keep_reply(self, expected, which: int) -> None:
+        """Copy the words of the reply the last call took and checked into `expected`'s record `which` (0 or 1)."""
+        ffi.memmove(expected + which * RECORD_WORDS, self._replies.words, 8 * RECORD_WORDS)
+
+    def received(self) -> int:
+        """The bytes of the reply record the last call took."""
+        return self._replies.c.taken_length
+
+    def call(self, words, seq: int, pos: int, expect_reply, backoff, budget_ns: int) -> int:
+        """TOOK (the reply's record in the reply bell's words; `times.same_reply` 1 or 2 where it is shaped as the first
+        or second record of `expect_reply`: `expected_replies()` that `keep_reply` filled), SLOW, TIMEOUT, CALL_ASLEEP, or a reservation's RESERVE_WAIT,
+        RESERVE_TOO_LARGE or RESERVE_BAD_TAIL (nothing done); `sources` and `times` as shmrt_call says."""
+        rc = lib.shmrt_call(self.c, words, self.sources, seq, pos, expect_reply, backoff, budget_ns, self.times)
+        if rc == TOOK or rc in _CALL_ANSWERS:
+            return rc
+        _check_rc(rc, "making a call")
+        return rc
+
+    def await_reply(self, seq: int, method: int, expect_reply, backoff, waited_ns: int, budget_ns: int) -> int:
+        """`call`'s wait alone, for the reply of call `seq` (rung `waited_ns` ago): TOOK, SLOW or TIMEOUT."""
+        rc = lib.shmrt_call_await(self.c, seq, method, expect_reply, backoff, waited_ns, budget_ns, self.times)
+        if rc == TOOK or rc == SLOW or rc == TIMEOUT:
+            return rc
+        _check_rc(rc, "waiting for a reply")
+        return rc
+
+
+_CALL_ANSWERS = frozenset((SLOW, TIMEOUT, CALL_ASLEEP, RESERVE_WAIT, RESERVE_TOO_LARGE, RESERVE_BAD_TAIL))
+
+
 # ---- the daemon's planned calls in C (host/lane.py fills the plans; the enclave never calls these, nor shmrt_lane.c)
 
 LANE_SERVED = lib.SHMRT_LANE_SERVED
-PLAN_PLAIN, PLAN_SCORES, PLAN_OUTPUT, PLAN_EMBEDDING = (lib.SHMRT_PLAN_PLAIN, lib.SHMRT_PLAN_SCORES, lib.SHMRT_PLAN_OUTPUT,
-                                                        lib.SHMRT_PLAN_EMBEDDING)
+PLAN_PLAIN, PLAN_SCORES, PLAN_OUTPUT, PLAN_EMBEDDING, PLAN_ECHO = (
+    lib.SHMRT_PLAN_PLAIN, lib.SHMRT_PLAN_SCORES, lib.SHMRT_PLAN_OUTPUT, lib.SHMRT_PLAN_EMBEDDING, lib.SHMRT_PLAN_ECHO)
 KEY_WORDS = lib.SHMRT_KEY_WORDS
 
 
@@ -307,15 +360,15 @@ class NativeLane:
     their mappings must outlive it (the session drops it first)."""
 
     def __init__(self, requests: NativeBell, replies: NativeBell, consumer, request_buf: MappedBuffer, request_data: int,
-                 request_tail_off: int, poison: bool, producer: NativeProducer, capacity: int, run=None,
-                 cuda: tuple[int, int, int] | None = None):
+                 request_tail_off: int, poison: bool, producer: NativeProducer, reply_data: int, capacity: int,
+                 run=None, cuda: tuple[int, int, int] | None = None):
         lane = ffi.new("shmrt_lane *")
         self.plans = ffi.new("shmrt_plan[]", capacity)
         self.capacity = capacity
         lane.requests, lane.request_words, lane.replies, lane.consumer = requests.c, requests.words, replies.c, consumer
         lane.request_base, lane.request_len = request_buf._buf, request_buf.nbytes
         lane.request_data, lane.request_tail_off, lane.poison = request_data, request_tail_off, int(poison)
-        lane.producer, lane.plans = producer.c, self.plans
+        lane.producer, lane.reply_data, lane.plans = producer.c, reply_data, self.plans
         self._keep = (requests, replies, consumer, request_buf._buf, producer)
         self.error: BaseException | None = None
         self._run = run
@@ -377,7 +430,7 @@ class NativeLane:
             error, self.error = self.error, None
             if error is not None:
                 raise error
-            raise SetupError(f"a planned call's CUDA graph failed (CUDA error {self.c.run_rc})")
+            raise SetupError(f"a planned call's run failed (its CUDA graph's error or the echo's code: {self.c.run_rc})")
         _check_rc(rc, "serving a planned call")
         return rc
 

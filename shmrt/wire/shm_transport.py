@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -28,14 +29,15 @@ import zmq
 from .. import settings
 from . import protocol
 from ..errors import PeerError, ProtocolError, printable
-from .bell import MAX_RECORD, BellIn, BellOut, Rung
+from .bell import KNOWN_RECORDS, MAX_RECORD, BellIn, BellOut, RecordShape, Rung
 from .protocol import Doorbell, Method, TensorDesc
 from .ring import OFF_TAIL, PAGE_BYTES, Ring, align_up, check_segment_name, unlink_segment
 from .scopes import Reply
 from .stats import CallStats
 from .transport import (SERVED, ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind,
                         parse_client_info)
-from .native import LANE_SERVED, NONE, Backoff, WaitPolicy, now_ns, precise_sleeps
+from .native import (CALL_ASLEEP, DESC_WORDS, HEAD_WORDS, LANE_SERVED, NONE, SLOW, TIMEOUT, TOOK,
+                     Backoff, NativeCaller, WaitPolicy, now_ns, precise_sleeps)
 from .untrusted import load_json
 
 NAME = "shm"
@@ -86,8 +88,8 @@ class RungReply(NamedTuple):
 
 class LaneParts(NamedTuple):
     """What a shm doorbell session hands the daemon's planned calls (host/lane.py): the request ring's bell (its
-    reader), consumer and mapping, the response ring's bell (its writer) and producer, and `install(lane or None)`:
-    the session's take_bell asks the lane first."""
+    reader), consumer and mapping, the response ring's bell (its writer), producer and data offset, and
+    `install(lane or None)`: the session's take_bell asks the lane first."""
 
     requests: object         # native.NativeBell
     replies: object          # native.NativeBell
@@ -96,6 +98,7 @@ class LaneParts(NamedTuple):
     request_data: int        # the request ring's data offset in its mapping
     request_tail_off: int    # its tail word
     producer: object         # native.NativeProducer
+    reply_data: int          # the response ring's data offset in its mapping
     install: object
 
 
@@ -177,6 +180,34 @@ def accept_rung(ring: Ring, rung: Rung) -> tuple[list[torch.Tensor], object]:
     return [ring_view(ring, d) for d in descs], lambda: ring.consumer.release(entry)
 
 
+POS_LIMIT = 1 << 63   # a record's pos word (protocol.to_words' range)
+
+
+class CallShape:
+    """What the client knows of a call with one method, layer, op and inputs' shapes (ShmClient._call_in_c): its
+    request record's words (C fills seq, pos, ring end and the inputs' offsets), its inputs' bytes, and the shape of
+    its last reply (the words C compares the next reply's record with, its descriptors and bytes)."""
+
+    __slots__ = ("code", "words", "nbytes", "payload_sent", "expect", "replies", "_next")
+
+    def __init__(self, code: Method, words, descs: list[TensorDesc]):
+        self.code, self.words = code, words
+        self.nbytes = [d.nbytes for d in descs]
+        self.payload_sent = sum(self.nbytes)
+        # its last two replies' shapes (a reply lands at either lap start of the response ring, ring.py): their records'
+        # words for C to compare with, and (descriptors, tensor bytes) for the views (`replies[same_reply - 1]`)
+        self.expect = NativeCaller.expected_replies()
+        self.replies: list[tuple[tuple[TensorDesc, ...], int]] = [((), 0), ((), 0)]
+        self._next = 0
+
+    def learn_reply(self, caller: NativeCaller, shape: RecordShape) -> None:
+        """The reply the last call took (checked in C, shaped as `shape`): the next one shaped alike is known by one
+        comparison in C."""
+        caller.keep_reply(self.expect, self._next)
+        self.replies[self._next] = (shape.descs, sum(d.nbytes for d in shape.descs))
+        self._next ^= 1
+
+
 class RequestRingInputs:
     """A caller's inputs staged in its request ring `self.req` (reservations wait up to `self.timeout` seconds)."""
 
@@ -209,6 +240,10 @@ class ShmClient(RequestRingInputs, ClientTransport):
         self._bell_out: BellOut | None = None   # --doorbell shm, from Attach on
         self._bell_in: BellIn | None = None
         self._wait_policy: WaitPolicy | None = None   # how the client waits for a reply bell (the C take's backoff)
+        self._caller: NativeCaller | None = None   # the call in one C call (`_call_in_c`), from Attach on
+        self._call_shapes: dict[tuple, CallShape] = {}   # by method, layer, op and the inputs' dtypes and shapes
+        self.calls_in_c = False   # calls through `_call_in_c` (from Attach on, with the shm doorbell; SHMRT_CALLS_IN_C)
+        self._request_span = (0, 0)   # the request ring's mapping, [first, last + 1) (inputs inside it are staged)
         self._wake = protocol.encode(Doorbell(Method.Wake, 0, self.token))
 
     def message_limit(self, max_reply_bytes: int | None) -> int:
@@ -256,22 +291,39 @@ class ShmClient(RequestRingInputs, ClientTransport):
             self._bell_out = BellOut(self.req, self.token)
             self._bell_in = BellIn(self.rsp, self.token, self.rsp.capacity)
             self._wait_policy = WaitPolicy(self.backoff)
+            self.bind_caller()
             precise_sleeps()
+
+    def bind_caller(self) -> None:
+        """The C caller over this session's rings and doorbells as they are now (again after one is replaced: tests)."""
+        self._caller = NativeCaller(self.req.producer.native, self.req.data_offset, self._bell_out.native,
+                                    self._bell_in.native)
+        self._request_span = (self.req.native.address, self.req.native.address + self.req.native.nbytes)
+        self.calls_in_c = settings.calls_in_c()
 
     # ---- calls
 
     def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
              wire_dtype=None) -> Reply:
         assert self.req is not None, "open_session() first"
-        stats = CallStats(method, self.name, layer, t_start=now_ns(), op=op)
+        t_start = now_ns()
+        claims = self._claim_inputs(method, tensors) if self._pending is not None else None
+        if self.calls_in_c:
+            reply = self._call_in_c(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
+            if reply is not None:
+                return reply
+        if claims is None:
+            claims = self._claim_inputs(method, tensors)
+        stats = CallStats(method, self.name, layer, t_start=t_start, op=op)
+        code = Method[method]
         descs = []
-        for t, staged in zip(tensors, self._claim_inputs(method, tensors)):
+        for t, staged in zip(tensors, claims):
             desc, copy_ns = describe_input(self.req, t, staged, wire_dtype, self.timeout)
             descs.append(desc)
             stats.copy_in_ns += copy_ns
         ring_end = self.req.producer.publish()
         seq = self._next_seq()
-        code = Method[method]
+        payload_sent = sum(d.nbytes for d in descs)
         if self._bell_out is not None:
             # encoded straight into the ring header's slot and rung, in one C call (the log's Send)
             stats.t_encoded = now_ns()
@@ -280,30 +332,113 @@ class ShmClient(RequestRingInputs, ClientTransport):
                 self._send_wake()
             stats.t_sent = now_ns()
             self._while_waiting()
-            bell, received = self._await_bell(seq, code)
-            stats.t_replied = now_ns()
-            if type(bell) is Rung:   # the reply's record, checked in C: its shape's views
-                tensors = bell.shape.descs
-                out, release = accept_rung(self.rsp, bell)
+            rc = self._await_reply(seq, code, NativeCaller.NO_REPLIES, stats.t_sent)
+            stats.t_replied = self._caller.times.t_replied
+            return self._reply(self._taken_reply(rc, seq, code), stats, payload_sent, sent, self._caller.received())
+        payload = protocol.encode(Doorbell(code, seq, self.token, layer, op, pos, ring_end, tensors=tuple(descs)))
+        stats.t_encoded = now_ns()
+        self._send(payload)
+        stats.t_sent = now_ns()
+        self._while_waiting()
+        raw = self._recv()
+        stats.t_replied = now_ns()
+        return self._reply(self._checked_reply(raw, seq, code), stats, payload_sent, len(payload), len(raw))
+
+    def _call_in_c(self, method: str, tensors, claims, layer: int, op: int, pos: int, wire_dtype, t_start: int
+                   ) -> Reply | None:
+        """The call made by one C call (native.NativeCaller: the inputs' copies, the publish, the record's post, the
+        wait's first slice, the reply's take and check) where every input is staged in the ring (`claims`: None where
+        no request was opened) or a contiguous CPU tensor in its wire dtype outside the ring; None, nothing done, where
+        one is not, or where the request ring has no room now (the Python path waits for it, or words why it never
+        will). A call whose method, layer, op and inputs' shapes came before is known (`CallShape`): its record's
+        words are made, and a reply shaped as one of its last two is recognised in C: its descriptors are theirs."""
+        key = (method, layer, op, *[(t.dtype, t.shape) for t in tensors])
+        shape = self._call_shapes.get(key)
+        if shape is None:
+            shape = self._learn_call(key, tensors, wire_dtype)
+            if shape is None:
+                return None
+        if not 0 <= pos < POS_LIMIT:
+            return None   # (the Python path's encoder words it)
+        caller = self._caller
+        sources, words = caller.sources, shape.words
+        low, high = self._request_span
+        for i, t in enumerate(tensors):
+            staged = claims[i] if claims is not None else None
+            if staged is None:
+                address = t.data_ptr()
+                if low <= address < high or not t.is_contiguous() or not t.is_cpu:
+                    return None   # (a view on the ring no request staged: the Python path refuses it)
+                sources[i] = address
+            elif staged.nbytes == shape.nbytes[i] and staged.dtype == t.dtype and t.is_contiguous():
+                sources[i] = 0
+                words[HEAD_WORDS + i * DESC_WORDS] = staged.offset
             else:
-                tensors = bell.tensors
-                out, release = accept_views(self.rsp, bell.ring_end, tensors)
+                return None
+        seq = self.seq + 1
+        policy = self._wait_policy
+        # with observers to serve while the daemon works (the perf log's rows), nothing waited in C: they run first
+        idle = self.observers and self._idle_observers
+        rc = caller.call(words, seq, pos, shape.expect, policy.current(), 0 if idle else WAIT_SLICE_NS)
+        if rc < 0 and rc != TIMEOUT and rc != SLOW:
+            return None   # no room now (or a scribbled tail): the Python path, from the start
+        self.seq = seq
+        times = caller.times
+        if rc == TOOK or rc == SLOW:
+            policy.note(times.t_replied - times.t_sent)
         else:
-            payload = protocol.encode(Doorbell(code, seq, self.token, layer, op, pos, ring_end, tensors=tuple(descs)))
-            sent = len(payload)
-            stats.t_encoded = now_ns()
-            self._send(payload)
-            stats.t_sent = now_ns()
+            if rc == CALL_ASLEEP:   # the daemon sleeps on ZeroMQ: wake it
+                self._send_wake()
             self._while_waiting()
-            raw = self._recv()
-            stats.t_replied = now_ns()
-            bell, received = self._checked_reply(raw, seq, code), len(raw)
+            rc = self._await_reply(seq, shape.code, shape.expect, times.t_sent)
+        same = times.same_reply
+        if same:   # shaped as one of this call's last two replies: their descriptors
+            descs, payload_recv = shape.replies[same - 1]
+            rsp = self.rsp
+            entry = rsp.consumer.accept(times.ring_end, descs)
+            out = [ring_view(rsp, d) for d in descs]
+            stats = CallStats(method, NAME, layer, t_start, times.t_encoded, times.t_sent, times.t_replied, now_ns(),
+                              shape.payload_sent + times.sent_length, payload_recv + caller.received(),
+                              shape.payload_sent, payload_recv, times.copy_ns, times.work_ns, op)
+            if self.observers:
+                self._notify(stats)
+            return Reply(out, stats, "", partial(rsp.consumer.release, entry))
+        stats = CallStats(method, NAME, layer, t_start=t_start, op=op, t_encoded=times.t_encoded, t_sent=times.t_sent,
+                          t_replied=times.t_replied, copy_in_ns=times.copy_ns)
+        bell = self._taken_reply(rc, seq, shape.code)
+        if type(bell) is Rung:
+            shape.learn_reply(caller, bell.shape)
+        return self._reply(bell, stats, shape.payload_sent, times.sent_length, caller.received())
+
+    def _learn_call(self, key: tuple, tensors, wire_dtype) -> CallShape | None:
+        """A call's CallShape, made once per method, layer, op and inputs' shapes; None where an input is not in its
+        wire dtype (a converting copy: Python's) or has no bytes."""
+        descs = []
+        for t in tensors:
+            if wire_dtype is not None and t.is_floating_point() and t.dtype != wire_dtype or not t.numel():
+                return None
+            descs.append(TensorDesc(0, t.numel() * t.element_size(), t.dtype, tuple(t.shape)))
+        if len(self._call_shapes) >= KNOWN_RECORDS:
+            self._call_shapes.clear()
+        method, layer, op = key[:3]
+        code = Method[method]
+        shape = self._call_shapes[key] = CallShape(code, NativeCaller.words(protocol.to_words(code, 0, layer, op, 0, 0,
+                                                                                              descs)), descs)
+        return shape
+
+    def _reply(self, bell: Rung | Doorbell, stats: CallStats, payload_sent: int, sent: int, received: int) -> Reply:
+        """The call's Reply: the reply's tensors as views on the response ring (accepted: released with the Reply),
+        its stats completed and handed to the observers."""
+        if type(bell) is Rung:   # the reply's record, checked in C: its shape's views
+            tensors = bell.shape.descs
+            out, release = accept_rung(self.rsp, bell)
+        else:
             tensors = bell.tensors
             out, release = accept_views(self.rsp, bell.ring_end, tensors)
         stats.t_decoded = now_ns()
-        stats.payload_sent = sum(d.nbytes for d in descs)
+        stats.payload_sent = payload_sent
         stats.payload_recv = sum(d.nbytes for d in tensors)
-        stats.sent_bytes = stats.payload_sent + sent
+        stats.sent_bytes = payload_sent + sent
         stats.recv_bytes = stats.payload_recv + received
         stats.work_ns = bell.work_ns
         self._notify(stats)
@@ -323,26 +458,30 @@ class ShmClient(RequestRingInputs, ClientTransport):
             raise ProtocolError(f"reply method {bell.method.name}, expected {method.name}")
         return bell
 
-    def _await_bell(self, seq: int, method: Method) -> tuple[Rung | Doorbell, int]:
-        """The reply of call `seq` from the response ring's doorbell, and its record's bytes. Waits spinning,
-        then yielding, then sleeping (native.Backoff), in C, which takes the record and checks it (a reply that is
-        not this call's, an Error among them, comes back as bytes and is decoded here); between slices it looks
+    def _await_reply(self, seq: int, method: Method, expect, start: int) -> int:
+        """Wait for the reply of call `seq` (rung at `start`) in the response ring's doorbell: TOOK (checked in C, in the
+        caller's words; `times.same_reply` says whether it is shaped as one of `expect`'s) or SLOW (its copy, for
+        `_taken_reply`). Waits spinning, then yielding, then sleeping (native.Backoff), in C; between slices it looks
         at the ZeroMQ socket, where only an Error can come (the daemon dropped the session, or a restarted daemon
         never had it); --timeout bounds it all."""
-        start = now_ns()
         limit = int(self.timeout * 1e9)
-        waited = 0
+        caller, policy = self._caller, self._wait_policy
         while True:
-            got = self._bell_in.await_checked(seq, method, self._wait_policy, waited, WAIT_SLICE_NS)
-            if got is not None:
-                record, length = got
-                return (self._checked_reply(record, seq, method) if type(record) is bytes else record), length
             waited = now_ns() - start
+            rc = caller.await_reply(seq, method, expect, policy.current(), waited, WAIT_SLICE_NS)
+            if rc != TIMEOUT:
+                policy.note(caller.times.t_replied - start)
+                return rc
             if self._sock.poll(0, zmq.POLLIN):
                 self._refuse_socket_message(self._sock.recv(copy=True))
             self._raise_if_disconnected()   # (a daemon killed outright rings no goodbye)
-            if waited > limit:
+            if now_ns() - start > limit:
                 raise self._no_answer()
+
+    def _taken_reply(self, rc: int, seq: int, method: Method) -> Rung | Doorbell:
+        """The reply `_await_reply` took: its checked record's shape and fields, or its copy decoded (an Error raised)."""
+        bell = self._bell_in.record(rc, seq)
+        return self._checked_reply(bell, seq, method) if type(bell) is bytes else bell
 
     def _refuse_socket_message(self, raw: bytes) -> None:
         """A message on the socket during a call rung through the ring: an Error (raised as PeerError), or
@@ -357,7 +496,8 @@ class ShmClient(RequestRingInputs, ClientTransport):
 
     def close(self) -> None:
         super().close()
-        self._bell_out = self._bell_in = self._wait_policy = None
+        self._bell_out = self._bell_in = self._wait_policy = self._caller = None
+        self.calls_in_c = False
         close_rings(self.req, self.rsp)
         self.req = self.rsp = None
 
@@ -520,7 +660,8 @@ class ShmServerSession(ServerSession):
         if self.bell_in is None:
             return None
         return LaneParts(self.bell_in.native, self.bell_out.native, self.req.consumer, self.req.native,
-                         self.req.data_offset, OFF_TAIL, self.rsp.producer.native, self._install_lane)
+                         self.req.data_offset, OFF_TAIL, self.rsp.producer.native, self.rsp.data_offset,
+                         self._install_lane)
 
     def _install_lane(self, lane) -> None:
         self.lane = lane

@@ -241,6 +241,11 @@ class ClientTransport(Caller):
         return PeerTimeout(f"the daemon at {self.endpoint} did not answer within {self.timeout:.0f} s "
                            "(is it running? pass --timeout to wait longer)")
 
+    @property
+    def _idle_observers(self) -> bool:
+        """Whether an observer has an `idle()` for `_while_waiting` to call."""
+        return any(getattr(observer, "idle", None) is not None for observer in self.observers)
+
     def _while_waiting(self) -> None:
         """A call's bell is rung: observers with an `idle()` (the perf log formats its rows there) do their
         bookkeeping now, while the daemon works, instead of between calls."""

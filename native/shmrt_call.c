@@ -1,0 +1,81 @@
+/* The enclave's calls (shmrt/wire/shm_transport.py's ShmClient.call drives this; shmrt_native.h documents shmrt_call):
+ * one C call from the first input's reservation to the reply's checked record, where the Python path takes ~15 C and
+ * Python steps (reserve, copy, publish, encode, post, wait, take, check) of a few microseconds each.
+ *
+ * Bytes crossing processes here: the request ring's data (written: the copies), its head word, bell slot and seq word
+ * (stored by shmrt_publish and shmrt_bell_post_words), its asleep word (loaded once, after the post's fence), its
+ * consumer's tail word (loaded by shmrt_reserve, validated there); the response ring's seq word and slot (loaded and
+ * copied once by shmrt_bell_await_record, the copy checked there). Nothing read from the response ring is used before
+ * that check; the reply's ring end is Python's to accept (ring.py's Consumer). */
+#include "shmrt_native.h"
+
+#include <string.h>
+
+/* Whether the checked reply r fixes what `expect` (an earlier reply's words) fixed: method, layer, op, tensor count and
+ * descriptors, and no text. */
+static int same_reply(const uint64_t *r, const uint64_t *expect) {
+    return r[9] == 0 && r[0] == expect[0] && r[3] == expect[3] && r[4] == expect[4] && r[8] == expect[8]
+           && r[8] <= SHMRT_MAX_TENSORS
+           && memcmp(r + SHMRT_HEAD_WORDS, expect + SHMRT_HEAD_WORDS, (size_t)r[8] * SHMRT_DESC_WORDS * 8) == 0;
+}
+
+int shmrt_call_await(shmrt_caller *c, uint64_t seq, uint32_t method, const uint64_t *expect_reply,
+                     const shmrt_backoff *b, uint64_t waited_ns, uint64_t budget_ns, shmrt_call_times *t) {
+    int rc = shmrt_bell_await_record(c->replies, seq, method, b, waited_ns, budget_ns, c->reply_words);
+    t->t_replied = shmrt_now_ns();
+    t->same_reply = 0;
+    if (rc == SHMRT_OK) {
+        const uint64_t *r = c->reply_words;
+        t->same_reply = expect_reply == NULL ? 0
+                        : same_reply(r, expect_reply) ? 1
+                        : same_reply(r, expect_reply + SHMRT_RECORD_WORDS) ? 2 : 0;
+        t->ring_end = r[6];
+        t->work_ns = r[7];
+    }
+    return rc;
+}
+
+int shmrt_call(shmrt_caller *c, uint64_t *words, const uint64_t *sources, uint64_t seq, uint64_t pos,
+               const uint64_t *expect_reply, const shmrt_backoff *b, uint64_t budget_ns, shmrt_call_times *t) {
+    shmrt_producer *p = c->producer;
+    uint64_t n = words[8];
+    if (n > SHMRT_MAX_TENSORS || p->base == NULL) return SHMRT_E_BOUNDS;
+    /* Reservations first, for every input still to copy: one refused (the ring full now, or never large enough, or a
+     * scribbled tail) leaves the producer as it was, nothing written, for the Python path to wait or to word. */
+    shmrt_producer before = *p;
+    for (uint64_t i = 0; i < n; i++) {
+        if (sources[i] == 0) continue;   /* staged in the ring already: its offset is in words */
+        uint64_t *d = words + SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS;
+        int64_t at = shmrt_reserve(p, d[1]);
+        if (at < 0) {
+            *p = before;
+            return (int)at;
+        }
+        d[0] = (uint64_t)at;
+    }
+    uint64_t start = shmrt_now_ns(), copied = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (sources[i] == 0) continue;
+        copied++;
+        const uint64_t *d = words + SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS;
+        uint64_t to = c->request_data + d[0];
+        if (to > p->base_len || d[1] > p->base_len - to) {   /* (reserve keeps offsets inside the capacity) */
+            *p = before;
+            return SHMRT_E_BOUNDS;
+        }
+        memcpy(p->base + to, (const void *)(uintptr_t)sources[i], (size_t)d[1]);
+    }
+    t->t_encoded = shmrt_now_ns();
+    t->copy_ns = copied ? t->t_encoded - start : 0;
+    int rc = shmrt_publish(p);
+    if (rc != SHMRT_OK) return rc;
+    words[2] = seq;
+    words[5] = pos;
+    words[6] = p->head;
+    uint64_t flag = 0;
+    rc = shmrt_bell_post_words(c->requests, words, "", 0, &flag, &t->sent_length);
+    t->t_sent = shmrt_now_ns();
+    if (rc != SHMRT_OK) return rc;
+    if (flag != 0) return SHMRT_CALL_ASLEEP;
+    return shmrt_call_await(c, seq, (uint32_t)words[0], expect_reply, b, 0, budget_ns, t);
+}
