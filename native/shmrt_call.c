@@ -1,12 +1,15 @@
 /* The enclave's calls (shmrt/wire/shm_transport.py's ShmClient.call drives this; shmrt_native.h documents shmrt_call):
  * one C call from the first input's reservation to the reply's checked record, where the Python path takes ~15 C and
- * Python steps (reserve, copy, publish, encode, post, wait, take, check) of a few microseconds each.
+ * Python steps (reserve, copy, publish, encode, post, wait, take, check) of a few microseconds each. With the ZeroMQ
+ * doorbell, two: the inputs to the encoded record (shmrt_call_encode), and the reply's record, as it came over the
+ * socket, checked (shmrt_call_check).
  *
  * Bytes crossing processes here: the request ring's data (written: the copies), its head word, bell slot and seq word
  * (stored by shmrt_publish and shmrt_bell_post_words), its asleep word (loaded once, after the post's fence), its
  * consumer's tail word (loaded by shmrt_reserve, validated there); the response ring's seq word and slot (loaded and
- * copied once by shmrt_bell_await_record, the copy checked there). Nothing read from the response ring is used before
- * that check; the reply's ring end is Python's to accept (ring.py's Consumer). */
+ * copied once by shmrt_bell_await_record, the copy checked there), or a reply record that came over ZeroMQ (a private
+ * copy, checked by shmrt_record_check). Nothing of a reply is used before that check; its ring end is Python's to
+ * accept (ring.py's Consumer). */
 #include "shmrt_native.h"
 
 #include <string.h>
@@ -19,24 +22,39 @@ static int same_reply(const uint64_t *r, const uint64_t *expect) {
            && memcmp(r + SHMRT_HEAD_WORDS, expect + SHMRT_HEAD_WORDS, (size_t)r[8] * SHMRT_DESC_WORDS * 8) == 0;
 }
 
-int shmrt_call_await(shmrt_caller *c, uint64_t seq, uint32_t method, const uint64_t *expect_reply,
-                     const shmrt_backoff *b, uint64_t waited_ns, uint64_t budget_ns, shmrt_call_times *t) {
-    int rc = shmrt_bell_await_record(c->replies, seq, method, b, waited_ns, budget_ns, c->reply_words);
+/* What t says of a reply record r the caller checked: whether it is shaped as one of expect's two, its end, its work. */
+static void note_reply(const uint64_t *r, const uint64_t *expect, shmrt_call_times *t) {
+    t->same_reply = expect == NULL ? 0
+                    : same_reply(r, expect) ? 1
+                    : same_reply(r, expect + SHMRT_RECORD_WORDS) ? 2 : 0;
+    t->ring_end = r[6];
+    t->work_ns = r[7];
+}
+
+int shmrt_call_await(shmrt_caller *c, uint64_t seq, uint32_t method, const uint64_t *expect_reply, uint64_t rung_ns,
+                     uint64_t budget_ns, shmrt_call_times *t) {
+    const shmrt_backoff *b = c->last_wait_long ? &c->after_long : &c->backoff;
+    int rc = shmrt_bell_await_record(c->replies, seq, method, b, shmrt_now_ns() - rung_ns, budget_ns, c->reply_words);
     t->t_replied = shmrt_now_ns();
     t->same_reply = 0;
-    if (rc == SHMRT_OK) {
-        const uint64_t *r = c->reply_words;
-        t->same_reply = expect_reply == NULL ? 0
-                        : same_reply(r, expect_reply) ? 1
-                        : same_reply(r, expect_reply + SHMRT_RECORD_WORDS) ? 2 : 0;
-        t->ring_end = r[6];
-        t->work_ns = r[7];
-    }
+    if (rc != SHMRT_E_TIMEOUT && rc != SHMRT_E_NONE) c->last_wait_long = t->t_replied - rung_ns > c->long_ns;
+    if (rc == SHMRT_OK) note_reply(c->reply_words, expect_reply, t);
     return rc;
 }
 
-int shmrt_call(shmrt_caller *c, uint64_t *words, const uint64_t *sources, uint64_t seq, uint64_t pos,
-               const uint64_t *expect_reply, const shmrt_backoff *b, uint64_t budget_ns, shmrt_call_times *t) {
+int shmrt_call_check(shmrt_caller *c, const uint8_t *rec, uint64_t n, uint64_t seq, uint32_t method,
+                     const uint64_t *expect_reply, shmrt_call_times *t) {
+    const shmrt_bell *b = c->replies;
+    t->same_reply = 0;
+    int rc = shmrt_record_check(b->codec, rec, n, b->token, seq, method, b->capacity, c->reply_words);
+    if (rc == SHMRT_OK) note_reply(c->reply_words, expect_reply, t);
+    return rc;
+}
+
+/* The inputs reserved and copied, the message published, seq, pos and ring end set in words (shmrt_call's first half,
+ * both doorbells'). */
+static int stage(shmrt_caller *c, uint64_t *words, const uint64_t *sources, uint64_t seq, uint64_t pos,
+                 shmrt_call_times *t) {
     shmrt_producer *p = c->producer;
     uint64_t n = words[8];
     if (n > SHMRT_MAX_TENSORS || p->base == NULL) return SHMRT_E_BOUNDS;
@@ -72,10 +90,24 @@ int shmrt_call(shmrt_caller *c, uint64_t *words, const uint64_t *sources, uint64
     words[2] = seq;
     words[5] = pos;
     words[6] = p->head;
+    return SHMRT_OK;
+}
+
+int shmrt_call(shmrt_caller *c, uint64_t *words, const uint64_t *sources, uint64_t seq, uint64_t pos,
+               const uint64_t *expect_reply, uint64_t budget_ns, shmrt_call_times *t) {
+    int rc = stage(c, words, sources, seq, pos, t);
+    if (rc != SHMRT_OK) return rc;
     uint64_t flag = 0;
     rc = shmrt_bell_post_words(c->requests, words, "", 0, &flag, &t->sent_length);
     t->t_sent = shmrt_now_ns();
     if (rc != SHMRT_OK) return rc;
     if (flag != 0) return SHMRT_CALL_ASLEEP;
-    return shmrt_call_await(c, seq, (uint32_t)words[0], expect_reply, b, 0, budget_ns, t);
+    return shmrt_call_await(c, seq, (uint32_t)words[0], expect_reply, t->t_sent, budget_ns, t);
+}
+
+int shmrt_call_encode(shmrt_caller *c, uint64_t *words, const uint64_t *sources, uint64_t seq, uint64_t pos,
+                      uint8_t *out, uint64_t out_cap, shmrt_call_times *t) {
+    int rc = stage(c, words, sources, seq, pos, t);
+    if (rc != SHMRT_OK) return rc;
+    return shmrt_record_encode(c->requests->codec, c->requests->token, words, "", 0, out, out_cap, &t->sent_length);
 }

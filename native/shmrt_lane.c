@@ -1,9 +1,10 @@
 /* The daemon's planned calls (shmrt_native.h documents shmrt_lane; shmrt/host/lane.py fills the plans, host/graphs.py
  * makes them): a decode step's request whose record a plan knows, served from the take to the reply's post in one C
- * call. The daemon's code only: it is in the helper both sides load, and the enclave never calls it.
+ * call (with the ZeroMQ doorbell, from the record that came over the socket to the reply's record, to send). The
+ * daemon's code only: it is in the helper both sides load, and the enclave never calls it.
  *
  * Bytes crossing processes here: the request record (copied out of the request ring's slot once and checked by
- * shmrt_bell_take_record before any of its words is used), an Embedding's id (read once from the request ring into a
+ * shmrt_bell_take_record before any of its words is used; over ZeroMQ, a private copy checked by shmrt_record_check), an Embedding's id (read once from the request ring into a
  * local, then range-checked; the graph reads the local's copy, never the ring), the request ring's tail word (stored),
  * the response ring's head word, slot and seq word (stored by shmrt_publish and shmrt_bell_post_words). Everything
  * else (plans, K/V counts and generations, the producer's and consumer's states) is the daemon's private memory. */
@@ -70,13 +71,9 @@ static int64_t echo(const shmrt_lane *lane, const uint64_t *w, const uint64_t *r
     return 0;
 }
 
-int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq) {
-    uint64_t *w = lane->request_words;
-    /* (first: nothing changes before every word this call stores to is known to be mapped) */
-    if (lane->requests == NULL || lane->request_tail_off > lane->request_len || lane->request_len - lane->request_tail_off < 8
-        || lane->producer->base == NULL) return SHMRT_E_BOUNDS;
-    int rc = shmrt_bell_take_record(lane->requests, expect_seq, 0, w);
-    if (rc != SHMRT_OK) return rc;
+/* Serve a checked request record w by its plan: SHMRT_LANE_SERVED (published; *reply: the reply's record words, its
+ * seq, ring end and work set), SHMRT_OK (no plan answers it: nothing changed), SHMRT_E_RUN or a publish's error. */
+static int serve_checked(shmrt_lane *lane, const uint64_t *w, const uint64_t **reply) {
     if (w[9] != 0) return SHMRT_OK;   /* a text (no planned call has one): Python checks it is UTF-8 */
     shmrt_plan *p = find_plan(lane, w);
     if (p == NULL || p->places < 1 || p->places > 2) return SHMRT_OK;
@@ -122,16 +119,45 @@ int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq) {
     }
     c->accepted_end = c->tail = end;
     atomic_store_explicit((_Atomic uint64_t *)(lane->request_base + lane->request_tail_off), end, memory_order_release);
-    rc = shmrt_publish(prod);
+    int rc = shmrt_publish(prod);
     if (rc != SHMRT_OK) return rc;
     uint64_t *r = p->reply_words[place];
     r[2] = w[2];
     r[6] = prod->head;
     r[7] = work;
-    uint64_t flag, length;
-    rc = shmrt_bell_post_words(lane->replies, r, "", 0, &flag, &length);
-    if (rc != SHMRT_OK) return rc;
+    *reply = r;
     lane->served++;
     if (p->exec[place] != NULL) lane->launched++;
     return SHMRT_LANE_SERVED;
+}
+
+/* (first: nothing changes before every word a serve stores to is known to be mapped) */
+static int mapped(const shmrt_lane *lane) {
+    return lane->requests != NULL && lane->request_tail_off <= lane->request_len
+           && lane->request_len - lane->request_tail_off >= 8 && lane->producer->base != NULL;
+}
+
+int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq) {
+    if (!mapped(lane)) return SHMRT_E_BOUNDS;
+    int rc = shmrt_bell_take_record(lane->requests, expect_seq, 0, lane->request_words);
+    if (rc != SHMRT_OK) return rc;
+    const uint64_t *r;
+    rc = serve_checked(lane, lane->request_words, &r);
+    if (rc != SHMRT_LANE_SERVED) return rc;
+    uint64_t flag, length;
+    rc = shmrt_bell_post_words(lane->replies, r, "", 0, &flag, &length);
+    return rc == SHMRT_OK ? SHMRT_LANE_SERVED : rc;
+}
+
+int shmrt_lane_serve_record(shmrt_lane *lane, const uint8_t *rec, uint64_t n, uint64_t expect_seq, uint8_t *out,
+                            uint64_t out_cap, uint64_t *length) {
+    if (!mapped(lane)) return SHMRT_E_BOUNDS;
+    const shmrt_bell *b = lane->requests;
+    int rc = shmrt_record_check(b->codec, rec, n, b->token, expect_seq, 0, b->capacity, lane->request_words);
+    if (rc != SHMRT_OK) return rc;
+    const uint64_t *r;
+    rc = serve_checked(lane, lane->request_words, &r);
+    if (rc != SHMRT_LANE_SERVED) return rc;
+    rc = shmrt_record_encode(b->codec, b->token, r, "", 0, out, out_cap, length);
+    return rc == SHMRT_OK ? SHMRT_LANE_SERVED : rc;
 }

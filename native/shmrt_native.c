@@ -163,26 +163,21 @@ enum { H_MAGIC = 0, H_VERSION = 4, H_METHOD = 6, H_FLAGS = 7, H_SEQ = 8, H_TOKEN
        H_POS = 40, H_RING_END = 48, H_WORK_NS = 56, H_NTENSORS = 64, H_TEXT_LEN = 66,
        D_OFFSET = 0, D_NBYTES = 8, D_DTYPE = 16, D_NDIM = 17, D_DIMS = 24 };
 
-int shmrt_bell_post_words(const shmrt_bell *bell, const uint64_t *words, const char *text, uint64_t text_len,
-                          uint64_t *flag, uint64_t *length) {
+int shmrt_record_encode(const shmrt_codec *codec, const uint8_t *token, const uint64_t *words, const char *text,
+                        uint64_t text_len, uint8_t *r, uint64_t cap, uint64_t *length) {
     uint64_t ntensors = words[8];
     if (ntensors > SHMRT_MAX_TENSORS || text_len > 0xffff) return SHMRT_E_BOUNDS;
     uint64_t n = SHMRT_HEADER_BYTES + ntensors * SHMRT_DESC_BYTES + text_len;
-    if (!in_bounds(bell->base_len, bell->slot_off, bell->slot_cap) || bell->slot_cap < 8 || n > bell->slot_cap - 8
-        || !in_bounds(bell->base_len, bell->seq_off, 8) || !in_bounds(bell->base_len, bell->flag_off, 8))
-        return SHMRT_E_BOUNDS;
-    uint8_t *base = bell->base;
-    if (((uintptr_t)(base + bell->slot_off)) % 8 || ((uintptr_t)(base + bell->seq_off)) % 8
-        || ((uintptr_t)(base + bell->flag_off)) % 8) return SHMRT_E_ALIGN;
-    /* Our own slot (we are this ring's producer): written in place, then published by the seq store. */
-    uint8_t *r = base + bell->slot_off + 8;
+    if (n > cap) return SHMRT_E_BOUNDS;
+    for (uint64_t i = 0; i < ntensors; i++)
+        if (words[SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS + 3] > SHMRT_MAX_NDIM) return SHMRT_E_BOUNDS;
     memset(r, 0, (size_t)(n - text_len));   /* padding and the dims past ndim are zeros */
-    memcpy(r + H_MAGIC, bell->codec->magic, 4);
-    put_u16(r + H_VERSION, bell->codec->version);
+    memcpy(r + H_MAGIC, codec->magic, 4);
+    put_u16(r + H_VERSION, codec->version);
     r[H_METHOD] = (uint8_t)words[0];
     r[H_FLAGS] = (uint8_t)words[1];
     put_u64(r + H_SEQ, words[2]);
-    memcpy(r + H_TOKEN, bell->token, 16);
+    memcpy(r + H_TOKEN, token, 16);
     put_u32(r + H_LAYER, (uint32_t)words[3]);
     put_u32(r + H_OP, (uint32_t)words[4]);
     put_u64(r + H_POS, words[5]);
@@ -193,15 +188,31 @@ int shmrt_bell_post_words(const shmrt_bell *bell, const uint64_t *words, const c
     for (uint64_t i = 0; i < ntensors; i++) {
         const uint64_t *d = words + SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS;
         uint8_t *o = r + SHMRT_HEADER_BYTES + i * SHMRT_DESC_BYTES;
-        uint64_t ndim = d[3];
-        if (ndim > SHMRT_MAX_NDIM) return SHMRT_E_BOUNDS;   /* before anything is published: the seq is untouched */
         put_u64(o + D_OFFSET, d[0]);
         put_u64(o + D_NBYTES, d[1]);
         o[D_DTYPE] = (uint8_t)d[2];
-        o[D_NDIM] = (uint8_t)ndim;
-        for (uint64_t j = 0; j < ndim; j++) put_u64(o + D_DIMS + 8 * j, d[4 + j]);
+        o[D_NDIM] = (uint8_t)d[3];
+        for (uint64_t k = 0; k < d[3]; k++) put_u64(o + D_DIMS + 8 * k, d[4 + k]);
     }
     if (text_len) memcpy(r + n - text_len, text, (size_t)text_len);
+    *length = n;
+    return SHMRT_OK;
+}
+
+int shmrt_bell_post_words(const shmrt_bell *bell, const uint64_t *words, const char *text, uint64_t text_len,
+                          uint64_t *flag, uint64_t *length) {
+    if (!in_bounds(bell->base_len, bell->slot_off, bell->slot_cap) || bell->slot_cap < 8
+        || !in_bounds(bell->base_len, bell->seq_off, 8) || !in_bounds(bell->base_len, bell->flag_off, 8))
+        return SHMRT_E_BOUNDS;
+    uint8_t *base = bell->base;
+    if (((uintptr_t)(base + bell->slot_off)) % 8 || ((uintptr_t)(base + bell->seq_off)) % 8
+        || ((uintptr_t)(base + bell->flag_off)) % 8) return SHMRT_E_ALIGN;
+    /* Our own slot (we are this ring's producer): written in place, then published by the seq store. (Nothing is
+     * published where the record does not fit: the seq stays untouched.) */
+    uint64_t n;
+    int rc = shmrt_record_encode(bell->codec, bell->token, words, text, text_len, base + bell->slot_off + 8,
+                                 bell->slot_cap - 8, &n);
+    if (rc != SHMRT_OK) return rc;
     put_u64(base + bell->slot_off, n);
     *length = n;
     atomic_store_explicit((_Atomic uint64_t *)(base + bell->seq_off), words[2], memory_order_release);

@@ -152,6 +152,11 @@ typedef struct {
 int shmrt_bell_post_words(const shmrt_bell *bell, const uint64_t *words, const char *text, uint64_t text_len,
                           uint64_t *flag, uint64_t *length);
 
+/* Encode a record from words (as above) with `token` into out (cap bytes): *length its bytes. SHMRT_E_BOUNDS where */
+/* it does not fit (or a descriptor's ndim is past SHMRT_MAX_NDIM). */
+int shmrt_record_encode(const shmrt_codec *codec, const uint8_t *token, const uint64_t *words, const char *text,
+                        uint64_t text_len, uint8_t *out, uint64_t cap, uint64_t *length);
+
 /* Check a record of n bytes (a private copy) on the fast path: the session's token, seq expect_seq, */
 /* method expect_method (0: any model RPC), flags 0, every descriptor inside `capacity`. SHMRT_OK with */
 /* out (SHMRT_RECORD_WORDS) filled, or SHMRT_E_SLOW. */
@@ -278,6 +283,12 @@ typedef struct {
 /* (taken and checked, no plan answers it: words hold it, the rings are as they were), SHMRT_E_NONE, SHMRT_E_SLOW */
 /* (as shmrt_bell_take_record), SHMRT_E_RUN, or another error of a take or a post. */
 int shmrt_lane_serve(shmrt_lane *lane, uint64_t expect_seq);
+/* The same for a request whose record came over ZeroMQ (`--doorbell zmq`: rec, n bytes, a private copy): checked as */
+/* a take checks it (SHMRT_E_SLOW: not the fast path's, for Python's decoder), served by its plan, and the reply's */
+/* record encoded into out (out_cap bytes; *length) for the caller to send: SHMRT_LANE_SERVED, SHMRT_OK (no plan */
+/* answers it: the request words hold it checked), SHMRT_E_SLOW, SHMRT_E_RUN, or another error. */
+int shmrt_lane_serve_record(shmrt_lane *lane, const uint8_t *rec, uint64_t n, uint64_t expect_seq, uint8_t *out,
+                            uint64_t out_cap, uint64_t *length);
 
 /* ---- the enclave's calls (shmrt_call.c; shmrt/wire/shm_transport.py's ShmClient drives it): a call's inputs */
 /* reserved and copied into the request ring, the message published, its record encoded and rung, the reply's */
@@ -290,6 +301,10 @@ typedef struct {
     shmrt_bell *requests;          /* its doorbell (the writer's side) */
     shmrt_bell *replies;           /* the response ring's doorbell (the reader's side), and the words its takes fill */
     uint64_t *reply_words;
+    shmrt_backoff backoff;         /* how a call waits: so, or after a wait longer than long_ns so (native.WaitPolicy) */
+    shmrt_backoff after_long;
+    uint64_t long_ns;
+    uint32_t last_wait_long;
 } shmrt_caller;
 
 typedef struct {
@@ -307,18 +322,26 @@ typedef struct {
 /* `words`: the request's record (protocol.to_words' layout) but for seq, pos and ring_end, which this sets; sources[i]: */
 /* the address of input i's bytes (words give their count), copied into a reservation whose offset this writes into */
 /* the descriptor, or 0 for an input staged in the ring already (its offset given). Then publish, ring, and wait up */
-/* to budget_ns for the reply (method words[0], seq `seq`) as shmrt_bell_await_record does. Returns SHMRT_OK (the */
+/* to budget_ns for the reply (method words[0], seq `seq`) as shmrt_bell_await_record does, with the caller's */
+/* backoff, or its after_long one where the last wait took longer than long_ns. Returns SHMRT_OK (the */
 /* reply's record checked into the caller's reply_words; t says whether it is shaped as one of expect_reply's two, */
 /* the words of earlier replies (2 * SHMRT_RECORD_WORDS; zeros match nothing), or NULL), SHMRT_E_SLOW (taken, for */
 /* Python's decoder), */
 /* SHMRT_E_TIMEOUT (rung, nothing back yet), SHMRT_CALL_ASLEEP (rung; wake the daemon), SHMRT_E_WAIT, */
 /* SHMRT_E_TOO_LARGE or SHMRT_E_TAIL (nothing reserved, written or rung: the producer as it was), or an error. */
 int shmrt_call(shmrt_caller *c, uint64_t *words, const uint64_t *sources, uint64_t seq, uint64_t pos,
-               const uint64_t *expect_reply, const shmrt_backoff *b, uint64_t budget_ns, shmrt_call_times *t);
-/* The wait of shmrt_call alone, for the reply of call `seq` of `method` rung before (waited_ns ago): its answers are */
-/* shmrt_call's from SHMRT_OK to SHMRT_E_TIMEOUT (t's t_replied, same_reply, ring_end and work_ns set). */
-int shmrt_call_await(shmrt_caller *c, uint64_t seq, uint32_t method, const uint64_t *expect_reply,
-                     const shmrt_backoff *b, uint64_t waited_ns, uint64_t budget_ns, shmrt_call_times *t);
+               const uint64_t *expect_reply, uint64_t budget_ns, shmrt_call_times *t);
+/* The wait of shmrt_call alone, for the reply of call `seq` of `method` rung at rung_ns (CLOCK_MONOTONIC): its */
+/* answers are shmrt_call's from SHMRT_OK to SHMRT_E_TIMEOUT (t's t_replied, same_reply, ring_end and work_ns set). */
+int shmrt_call_await(shmrt_caller *c, uint64_t seq, uint32_t method, const uint64_t *expect_reply, uint64_t rung_ns,
+                     uint64_t budget_ns, shmrt_call_times *t);
+/* With the ZeroMQ doorbell: shmrt_call's first half, the record encoded into out (out_cap bytes; t's sent_length) */
+/* for the caller to send (SHMRT_OK, or what the reservations or the encoder answered); and the reply's record (rec, */
+/* n bytes, a private copy: what came over the socket) checked as shmrt_call checks it: SHMRT_OK or SHMRT_E_SLOW. */
+int shmrt_call_encode(shmrt_caller *c, uint64_t *words, const uint64_t *sources, uint64_t seq, uint64_t pos,
+                      uint8_t *out, uint64_t out_cap, shmrt_call_times *t);
+int shmrt_call_check(shmrt_caller *c, const uint8_t *rec, uint64_t n, uint64_t seq, uint32_t method,
+                     const uint64_t *expect_reply, shmrt_call_times *t);
 
 /* ---- the enclave's rows (shmrt_rows.c): one decode step's residual and RMSNorm in one pass */
 

@@ -172,27 +172,29 @@ def step8(tmp_path_factory):
         d.close()
 
 
-def _open(endpoint: str):
-    t = client_transport("shm", endpoint, timeout=30)
+def _open(endpoint: str, doorbell: str = "shm", calls_in_c: bool = True, ring_bytes: int = 1 << 20):
+    t = client_transport("shm", endpoint, timeout=30, doorbell=doorbell)
     t.hello(client_info())
-    t.open_session(1 << 20)
+    t.open_session(ring_bytes)
+    t.calls_in_c = calls_in_c
     t.call("Init").release()
     return t
 
 
 class Sessions:
-    """One session on each daemon of a list (reopened together); `served()`: per daemon, what its lane served in each
+    """One session on each daemon of a list (reopened together), rung through `doorbell`; the first daemon's client
+    makes its calls in C (shmrt_call), the others' from Python; `served()`: per daemon, what its lane served in each
     of them (None: no lane), from its log."""
 
-    def __init__(self, daemons):
-        self.daemons = daemons
+    def __init__(self, daemons, doorbell: str = "shm", ring_bytes: int = 1 << 20):
+        self.daemons, self.doorbell, self.ring_bytes = daemons, doorbell, ring_bytes
         self.opened = [[] for _ in daemons]
         self.clients = []
         self.reopen()
 
     def reopen(self) -> None:
         self.close()
-        self.clients = [_open(d.endpoint) for d in self.daemons]
+        self.clients = [_open(d.endpoint, self.doorbell, i == 0, self.ring_bytes) for i, d in enumerate(self.daemons)]
         for mine, t in zip(self.opened, self.clients):
             mine.append(t)
 
@@ -227,17 +229,19 @@ def _same(a, b, what) -> None:
         assert all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and a[2] == b[2], what
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_the_lane_changes_no_outcome_of_random_call_sequences(step8, monkeypatch, seed):
+@pytest.mark.parametrize("seed, doorbell", [(0, "shm"), (1, "shm"), (2, "shm"), (3, "zmq")])
+def test_the_lane_changes_no_outcome_of_random_call_sequences(step8, monkeypatch, seed, doorbell):
     """Differential: the same random decode-shaped calls (steps at the right position and off it, padded widths and
     a width short of the step, P naming V or K, K/V rows that restart or grow a cache, the MLP's projections, a
     decode step's Embedding (int64 or int32, in the vocabulary or not) and LMHead, a reply held across a call) to a
-    daemon whose lane serves what its plans answer and to one that serves everything from Python: every reply the
-    same values at the same places in the response ring, every refusal the same message (a refusal ends the session
-    on both: each opens a new one), and the lane served a good part of them."""
+    daemon whose lane serves what its plans answer, from a client whose calls are made in C, and to one that serves
+    everything from Python, from a client whose calls are made from Python: every reply the same values at the same
+    places in the response ring, every refusal the same message (a refusal ends the session on both: each opens a
+    new one), and the lane served a good part of them. Requests rung in the rings' headers, or over ZeroMQ (the
+    lane checks the record that came over the socket and answers there)."""
     monkeypatch.setenv("SHMRT_POISON", "1")
     cfg = load_weights("tiny").cfg
-    pair = Sessions(step8)
+    pair = Sessions(step8, doorbell)
     try:
         rng = random.Random(seed)
         filled = [0, 0]
@@ -416,3 +420,100 @@ def test_a_daemon_whose_lane_is_off_serves_the_same_tokens(checkpoints, tmp_path
         assert daemon.served() == []
     finally:
         daemon.close()
+
+
+# ---- the echo daemon's lane (tests, the micro bench) and the client's calls in C
+
+ECHOED = re.compile(r"\((\d+) echoes served in C\)")
+
+
+def _serve_echo(endpoint: str, logs, stop, lane: bool) -> None:
+    os.environ["SHMRT_PLANNED_LANE"] = "1" if lane else "0"
+    os.environ["SHMRT_POISON"] = "1"
+    from shmrt.host.server import EchoHandler, Server
+    with Server(endpoint, EchoHandler(), log=logs.put) as server:
+        logs.put("ready")
+        server.serve(until=stop.is_set, poll_ms=20)
+
+
+class EchoDaemon(Daemon):
+    def __init__(self, endpoint: str, *, lane: bool):
+        ctx = multiprocessing.get_context("spawn")
+        self.endpoint = endpoint
+        self.logs, self.stop = ctx.Queue(), ctx.Event()
+        self.proc = ctx.Process(target=_serve_echo, args=(endpoint, self.logs, self.stop, lane), daemon=True)
+        self.proc.start()
+        self.lines = []
+        assert self._until(lambda line: line == "ready", 60), self.lines
+
+    def echoed(self, sessions: int) -> list[int]:
+        closed = lambda: sum("closed" in line for line in self.lines)   # noqa: E731
+        while closed() < sessions and self._until(lambda line: "closed" in line, 10):
+            pass
+        return [int(m[1]) for m in map(ECHOED.search, self.lines) if m]
+
+
+DTYPES = [torch.float32, torch.float32, torch.bfloat16, torch.int64, torch.int32, torch.float16]
+
+
+def _random_echo(rng: random.Random, shapes: list) -> tuple[str, list, bool]:
+    """An echo call: 1-3 tensors, their shapes mostly one of a few seen before (so that the lane has entries for
+    them), up to 16 KiB each in a 64 KiB ring (messages wrap); now and then staged in the ring (a request opened)."""
+    if not shapes or rng.random() < 0.15:
+        shapes.append([(rng.choice(DTYPES), rng.choice([(rng.randint(1, 2048),), (rng.randint(1, 40), rng.randint(1, 50)),
+                                                        (rng.randint(1, 4), rng.randint(1, 8), rng.randint(1, 64))]))
+                       for _ in range(rng.randint(1, 3))])
+    tensors = []
+    for dtype, shape in rng.choice(shapes):
+        t = torch.randint(-1000, 1000, shape) if not dtype.is_floating_point else torch.randn(shape)
+        tensors.append(t.to(dtype))
+    return rng.choice(["Matmul", "BatchLinear", "LMHead"]), tensors, rng.random() < 0.2
+
+
+def _echo_outcome(t, method, tensors, staged: bool, hold: bool):
+    if staged:
+        with t.request(tensors[0].dtype) as req:
+            bufs = [req.alloc(x.shape, x.dtype) for x in tensors]
+            for b, x in zip(bufs, tensors):
+                b.copy_(x)
+            reply = t.call(method, bufs)
+    else:
+        reply = t.call(method, tensors)
+    with reply:
+        values = [reply.view(i).clone() for i in range(len(reply))]
+        places = [reply.view(i).data_ptr() - t.rsp.native.address for i in range(len(reply))]
+        if hold:
+            t.call("Matmul", [torch.ones(3)]).release()
+    return values, places
+
+
+@pytest.mark.parametrize("doorbell", ["shm", "zmq"])
+def test_the_echo_lane_and_the_calls_in_c_change_no_echo(tmp_path, monkeypatch, doorbell):
+    """Differential, as for the model's lane: the same random echo calls (1-3 tensors of six dtypes, shapes that
+    repeat and new ones, inputs staged in the ring or copied in, a reply held across a call, 64 KiB rings that
+    wrap) to an echo daemon whose lane serves repeated calls, from a client whose calls are made in C, and to one
+    that serves everything from Python, from a Python client: the same values at the same places, each the tensors
+    sent; the lane served a good part of them."""
+    monkeypatch.setenv("SHMRT_POISON", "1")
+    daemons = [EchoDaemon(f"ipc://{tmp_path}/{name}.sock", lane=lane) for name, lane in (("lane", True), ("py", False))]
+    pair = None
+    try:
+        pair = Sessions(daemons, doorbell, ring_bytes=1 << 16)
+        rng, shapes = random.Random(5), []
+        for step in range(400):
+            method, tensors, staged = _random_echo(rng, shapes)
+            hold = rng.random() < 0.1
+            a, b = (_echo_outcome(t, method, tensors, staged, hold) for t in pair.clients)
+            assert a[1] == b[1], step
+            for x, y, sent in zip(a[0], b[0], tensors):
+                assert torch.equal(x, sent) and torch.equal(y, sent), step
+        assert pair.clients[0].req.producer.head > 10 * pair.clients[0].req.capacity   # (the rings wrapped)
+        pair.close()
+        (echoed,) = daemons[0].echoed(1)
+        # (a record is the lane's once Python answered it where its request and its reply lie: the lap starts)
+        assert echoed >= 60 and daemons[1].echoed(1) == [], (echoed, daemons[1].lines)
+    finally:
+        if pair is not None:
+            pair.close()
+        for d in daemons:
+            d.close()

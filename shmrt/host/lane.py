@@ -56,6 +56,10 @@ class Lane:
         """native.NativeLane.serve: LANE_SERVED, or the take's answer for the Python path."""
         return self.native.serve(expect_seq)
 
+    def serve_record(self, record: bytes, expect_seq: int) -> bytes | None:
+        """native.NativeLane.serve_record: a request that came over ZeroMQ, its reply's record where the lane served it."""
+        return self.native.serve_record(record, expect_seq)
+
     @property
     def served(self) -> int:
         """Calls the lane served whole."""

@@ -292,15 +292,20 @@ class NativeCaller:
     """shmrt_caller: one C call a request, from its inputs' copies to its reply's checked record (`call`). Holds the
     structs it points into as long as it lives; their mappings must outlive it (the client drops it first)."""
 
-    def __init__(self, producer: NativeProducer, request_data: int, requests: NativeBell, replies: NativeBell):
+    def __init__(self, producer: NativeProducer, request_data: int, requests: NativeBell, replies: NativeBell,
+                 backoff: "Backoff"):
+        """Its calls wait as a WaitPolicy of `backoff` does (in C)."""
         c = ffi.new("shmrt_caller *")
         c.producer, c.request_data, c.requests, c.replies, c.reply_words = (producer.c, request_data, requests.c,
                                                                              replies.c, replies.words)
+        c.backoff, c.after_long = backoff.to_c()[0], backoff.after_long().to_c()[0]
+        c.long_ns = int(backoff.yield_us * 1e3)
         self.c = c
         self._replies = replies
         self._keep = (producer, requests, replies)
         self.sources = ffi.new("uint64_t[]", lib.SHMRT_MAX_TENSORS)
         self.times = ffi.new("shmrt_call_times *")
+        self._record = ffi.new("uint8_t[]", lib.SHMRT_HEADER_BYTES + lib.SHMRT_MAX_TENSORS * lib.SHMRT_DESC_BYTES)
 
     @staticmethod
     def words(record: list[int]):
@@ -318,23 +323,45 @@ class NativeCaller:
         """Copy the words of the reply the last call took and checked into `expected`'s record `which` (0 or 1)."""
         ffi.memmove(expected + which * RECORD_WORDS, self._replies.words, 8 * RECORD_WORDS)
 
+    def reply_text_length(self) -> int:
+        """The text bytes of the reply the last call checked."""
+        return self._replies.words[9]
+
     def received(self) -> int:
         """The bytes of the reply record the last call took."""
         return self._replies.c.taken_length
 
-    def call(self, words, seq: int, pos: int, expect_reply, backoff, budget_ns: int) -> int:
+    def call(self, words, seq: int, pos: int, expect_reply, budget_ns: int) -> int:
         """TOOK (the reply's record in the reply bell's words; `times.same_reply` 1 or 2 where it is shaped as the first
         or second record of `expect_reply`: `expected_replies()` that `keep_reply` filled), SLOW, TIMEOUT, CALL_ASLEEP, or a reservation's RESERVE_WAIT,
         RESERVE_TOO_LARGE or RESERVE_BAD_TAIL (nothing done); `sources` and `times` as shmrt_call says."""
-        rc = lib.shmrt_call(self.c, words, self.sources, seq, pos, expect_reply, backoff, budget_ns, self.times)
+        rc = lib.shmrt_call(self.c, words, self.sources, seq, pos, expect_reply, budget_ns, self.times)
         if rc == TOOK or rc in _CALL_ANSWERS:
             return rc
         _check_rc(rc, "making a call")
         return rc
 
-    def await_reply(self, seq: int, method: int, expect_reply, backoff, waited_ns: int, budget_ns: int) -> int:
-        """`call`'s wait alone, for the reply of call `seq` (rung `waited_ns` ago): TOOK, SLOW or TIMEOUT."""
-        rc = lib.shmrt_call_await(self.c, seq, method, expect_reply, backoff, waited_ns, budget_ns, self.times)
+    def encode(self, words, seq: int, pos: int) -> int:
+        """`call` with the ZeroMQ doorbell, to its record: TOOK (`record()` holds it, to send), or a reservation's
+        RESERVE_WAIT, RESERVE_TOO_LARGE or RESERVE_BAD_TAIL (nothing done)."""
+        rc = lib.shmrt_call_encode(self.c, words, self.sources, seq, pos, self._record, len(self._record), self.times)
+        if rc == TOOK or rc in _CALL_ANSWERS:
+            return rc
+        _check_rc(rc, "making a call")
+        return rc
+
+    def record(self):
+        """The request record `encode` made (a buffer ZeroMQ sends from)."""
+        return ffi.buffer(self._record, self.times.sent_length)
+
+    def check(self, record: bytes, seq: int, method: int, expect_reply) -> int:
+        """The reply to `encode`'s call, as it came over ZeroMQ, checked as `call` checks a reply: TOOK (in the reply
+        bell's words, `times.same_reply` set) or SLOW (for protocol.decode)."""
+        return lib.shmrt_call_check(self.c, record, len(record), seq, method, expect_reply, self.times)
+
+    def await_reply(self, seq: int, method: int, expect_reply, rung_ns: int, budget_ns: int) -> int:
+        """`call`'s wait alone, for the reply of call `seq` (rung at `rung_ns`): TOOK, SLOW or TIMEOUT."""
+        rc = lib.shmrt_call_await(self.c, seq, method, expect_reply, rung_ns, budget_ns, self.times)
         if rc == TOOK or rc == SLOW or rc == TIMEOUT:
             return rc
         _check_rc(rc, "waiting for a reply")
@@ -369,6 +396,8 @@ class NativeLane:
         lane.request_base, lane.request_len = request_buf._buf, request_buf.nbytes
         lane.request_data, lane.request_tail_off, lane.poison = request_data, request_tail_off, int(poison)
         lane.producer, lane.reply_data, lane.plans = producer.c, reply_data, self.plans
+        self._reply = ffi.new("uint8_t[]", lib.SHMRT_HEADER_BYTES + lib.SHMRT_MAX_TENSORS * lib.SHMRT_DESC_BYTES)
+        self._length = ffi.new("uint64_t *")
         self._keep = (requests, replies, consumer, request_buf._buf, producer)
         self.error: BaseException | None = None
         self._run = run
@@ -423,7 +452,16 @@ class NativeLane:
 
     def serve(self, expect_seq: int) -> int:
         """LANE_SERVED, TOOK (the record taken and checked, for Python), NONE or SLOW; a failed run raises."""
-        rc = lib.shmrt_lane_serve(self.c, expect_seq)
+        return self._answer(lib.shmrt_lane_serve(self.c, expect_seq))
+
+    def serve_record(self, record: bytes, expect_seq: int) -> bytes | None:
+        """A request whose record came over ZeroMQ: its reply's record where the lane served it, else None (Python
+        decodes and serves it; nothing changed); a failed run raises."""
+        rc = self._answer(lib.shmrt_lane_serve_record(self.c, record, len(record), expect_seq, self._reply,
+                                                      len(self._reply), self._length))
+        return ffi.buffer(self._reply, self._length[0])[:] if rc == LANE_SERVED else None
+
+    def _answer(self, rc: int) -> int:
         if rc in (LANE_SERVED, TOOK, NONE, SLOW):
             return rc
         if rc == lib.SHMRT_E_RUN:
@@ -521,6 +559,11 @@ class Backoff:
         values = settings.backoff_us()
         return cls(*values) if values else cls.for_host()
 
+    def after_long(self) -> "Backoff":
+        """How a waiter waits after a wait that outlasted the spin and yield phases (WaitPolicy's rule)."""
+        return Backoff(min(self.spin_us, self.AFTER_LONG_SPIN_US), min(self.yield_us, self.AFTER_LONG_YIELD_US),
+                       self.sleep_min_us, self.sleep_max_us)
+
     def to_c(self):
         b = ffi.new("shmrt_backoff *")
         b.spin_ns, b.yield_ns = int(self.spin_us * 1e3), int(self.yield_us * 1e3)
@@ -534,14 +577,12 @@ class WaitPolicy:
     a decode step's ~0.1-1 ms), and a waiter spinning 1 ms through the other side's long compute takes a core from
     it (a daemon doing so after each prefill reply made the client's 16-thread prefill math 10% slower on an H200
     host). Not less: on 2 cores, sleeping from the start (no spin, no yield) after long waits cost 10 ms per
-    decoded token (small), whose short calls followed long ones. Used by WordWaiter and by the doorbell's waits in
-    C (bell.py)."""
+    decoded token (small), whose short calls followed long ones. Used by WordWaiter; shmrt_call.c keeps the same
+    rule for a client's calls (native.NativeCaller)."""
 
     def __init__(self, backoff: Backoff):
         self._backoff = backoff.to_c()
-        self._after_long = Backoff(min(backoff.spin_us, Backoff.AFTER_LONG_SPIN_US),
-                                   min(backoff.yield_us, Backoff.AFTER_LONG_YIELD_US),
-                                   backoff.sleep_min_us, backoff.sleep_max_us).to_c()
+        self._after_long = backoff.after_long().to_c()
         self._long_ns = int(backoff.yield_us * 1e3)
         self.last_wait_long = False
 

@@ -427,6 +427,7 @@ class Consumer:
         # a C struct (shmrt_consumer) a daemon's planned calls accept and release through too (host/lane.py)
         self.state = consumer_state()
         self._outstanding: collections.deque[list] = collections.deque()  # [end, done, descriptors]
+        self._two_laps = 2 * ring.capacity
 
     accepted_end = property(lambda self: self.state.accepted_end,
                             lambda self, v: setattr(self.state, "accepted_end", v))
@@ -436,10 +437,10 @@ class Consumer:
         """Validate a message's end position (from its doorbell) and track it until released. It may lie up
         to two laps past the tail: a message that found the ring empty starts at a lap start up to a lap on.
         `tensors`: the message's descriptors (validated; offset and nbytes each), poisoned at release."""
-        bound = self.tail + 2 * self.ring.capacity
-        if not (self.accepted_end <= end <= bound):
-            raise ProtocolError(f"ring {self.ring.name}: message end {end} outside [{self.accepted_end}, {bound}]")
         state = self.state
+        accepted, bound = state.accepted_end, state.tail + self._two_laps
+        if not accepted <= end <= bound:
+            raise ProtocolError(f"ring {self.ring.name}: message end {end} outside [{accepted}, {bound}]")
         state.accepted_end = end
         entry = [end, False, tensors]
         self._outstanding.append(entry)

@@ -37,7 +37,7 @@ from .stats import CallStats
 from .transport import (SERVED, ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind,
                         parse_client_info)
 from .native import (CALL_ASLEEP, DESC_WORDS, HEAD_WORDS, LANE_SERVED, NONE, SLOW, TIMEOUT, TOOK,
-                     Backoff, NativeCaller, WaitPolicy, now_ns, precise_sleeps)
+                     Backoff, NativeCaller, now_ns, precise_sleeps)
 from .untrusted import load_json
 
 NAME = "shm"
@@ -239,10 +239,10 @@ class ShmClient(RequestRingInputs, ClientTransport):
         self.backoff = backoff or Backoff.configured()
         self._bell_out: BellOut | None = None   # --doorbell shm, from Attach on
         self._bell_in: BellIn | None = None
-        self._wait_policy: WaitPolicy | None = None   # how the client waits for a reply bell (the C take's backoff)
-        self._caller: NativeCaller | None = None   # the call in one C call (`_call_in_c`), from Attach on
+        self._caller: NativeCaller | None = None   # a call's C steps (`call`), from Attach on
+        self._reply_bell: BellIn | None = None   # the words the caller checks replies into
         self._call_shapes: dict[tuple, CallShape] = {}   # by method, layer, op and the inputs' dtypes and shapes
-        self.calls_in_c = False   # calls through `_call_in_c` (from Attach on, with the shm doorbell; SHMRT_CALLS_IN_C)
+        self.calls_in_c = False   # `call` in C (from Attach on; SHMRT_CALLS_IN_C=0: `_call_in_python`)
         self._request_span = (0, 0)   # the request ring's mapping, [first, last + 1) (inputs inside it are staged)
         self._wake = protocol.encode(Doorbell(Method.Wake, 0, self.token))
 
@@ -290,14 +290,17 @@ class ShmClient(RequestRingInputs, ClientTransport):
         if self.doorbell == "shm":
             self._bell_out = BellOut(self.req, self.token)
             self._bell_in = BellIn(self.rsp, self.token, self.rsp.capacity)
-            self._wait_policy = WaitPolicy(self.backoff)
-            self.bind_caller()
             precise_sleeps()
+        self.bind_caller()
 
     def bind_caller(self) -> None:
-        """The C caller over this session's rings and doorbells as they are now (again after one is replaced: tests)."""
-        self._caller = NativeCaller(self.req.producer.native, self.req.data_offset, self._bell_out.native,
-                                    self._bell_in.native)
+        """The C caller over this session's rings and doorbells as they are now (again after one is replaced: tests).
+        With the ZeroMQ doorbell its records still are the rings' doorbells' (their codec, the session's token and
+        the response ring's bounds), sent and received over the socket."""
+        requests = self._bell_out or BellOut(self.req, self.token)
+        self._reply_bell = self._bell_in or BellIn(self.rsp, self.token, self.rsp.capacity)
+        self._caller = NativeCaller(self.req.producer.native, self.req.data_offset, requests.native,
+                                    self._reply_bell.native, self.backoff)
         self._request_span = (self.req.native.address, self.req.native.address + self.req.native.nbytes)
         self.calls_in_c = settings.calls_in_c()
 
@@ -305,13 +308,93 @@ class ShmClient(RequestRingInputs, ClientTransport):
 
     def call(self, method: str, tensors=(), *, layer: int = -1, op: int = 0, pos: int = 0,
              wire_dtype=None) -> Reply:
-        assert self.req is not None, "open_session() first"
+        """One call in one C call (native.NativeCaller: the inputs' copies, the publish, the record's post, the wait's
+        first slice, the reply's take and check) where every input is staged in the ring or a contiguous CPU tensor in
+        its wire dtype outside it, the call's shape is known (`CallShape`: its record's words, made once) and the ring
+        has room now; else `_call_in_python`. A reply shaped as one of the call's last two is recognised in C: its
+        descriptors are theirs, no Python decodes it."""
         t_start = now_ns()
         claims = self._claim_inputs(method, tensors) if self._pending is not None else None
-        if self.calls_in_c:
-            reply = self._call_in_c(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
-            if reply is not None:
-                return reply
+        if not self.calls_in_c:
+            return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
+        shape = self._call_shapes.get((method, layer, op, *[(t.dtype, t.shape) for t in tensors]))
+        if shape is None:
+            shape = self._learn_call(method, layer, op, tensors, wire_dtype)
+        if shape is None or not 0 <= pos < POS_LIMIT:   # (the Python path words a pos out of range)
+            return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
+        caller = self._caller
+        sources, words = caller.sources, shape.words
+        low, high = self._request_span
+        for i, t in enumerate(tensors):
+            staged = claims[i] if claims is not None else None
+            if staged is None:
+                address = t.data_ptr()
+                if low <= address < high or not t.is_contiguous() or not t.is_cpu:
+                    # (a view on the ring no request staged: the Python path refuses it)
+                    return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
+                sources[i] = address
+            elif staged.nbytes == shape.nbytes[i] and staged.dtype == t.dtype and t.is_contiguous():
+                sources[i] = 0
+                words[HEAD_WORDS + i * DESC_WORDS] = staged.offset
+            else:
+                return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
+        seq = self.seq + 1
+        times = caller.times
+        if self._bell_out is not None:
+            # with observers to serve while the daemon works (the perf log's rows), nothing waited in C: they run first
+            rc = caller.call(words, seq, pos, shape.expect,
+                             0 if self.observers and self._idle_observers else WAIT_SLICE_NS)
+            if rc < 0 and rc != TIMEOUT and rc != SLOW:   # no room now (or a scribbled tail): nothing was done
+                return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
+            self.seq = seq
+            if rc != TOOK and rc != SLOW:
+                if rc == CALL_ASLEEP:   # the daemon sleeps on ZeroMQ: wake it
+                    self._send_wake()
+                self._while_waiting()
+                rc = self._await_reply(seq, shape.code, shape.expect, times.t_sent)
+            raw = None
+        else:   # the ZeroMQ doorbell: the record encoded in C, sent and received here, the reply checked in C
+            rc = caller.encode(words, seq, pos)
+            if rc != TOOK:
+                return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
+            self.seq = seq
+            self._send(caller.record())
+            times.t_sent = now_ns()
+            self._while_waiting()
+            raw = self._recv()
+            times.t_replied = now_ns()
+            rc = caller.check(raw, seq, shape.code, shape.expect)
+        same = times.same_reply
+        if same:   # shaped as one of this call's last two replies: their descriptors
+            descs, payload_recv = shape.replies[same - 1]
+            rsp = self.rsp
+            entry = rsp.consumer.accept(times.ring_end, descs)
+            out = [ring_view(rsp, d) for d in descs]
+            stats = CallStats(method, NAME, layer, t_start, times.t_encoded, times.t_sent, times.t_replied, now_ns(),
+                              shape.payload_sent + times.sent_length,
+                              payload_recv + (caller.received() if raw is None else len(raw)),
+                              shape.payload_sent, payload_recv, times.copy_ns, times.work_ns, op)
+            if self.observers:
+                self._notify(stats)
+            return Reply(out, stats, "", partial(rsp.consumer.release, entry))
+        stats = CallStats(method, NAME, layer, t_start=t_start, op=op, t_encoded=times.t_encoded, t_sent=times.t_sent,
+                          t_replied=times.t_replied, copy_in_ns=times.copy_ns)
+        if raw is None:
+            bell, received = self._taken_reply(rc, seq, shape.code), caller.received()
+        else:
+            received = len(raw)   # (a text lies in `raw`, not in the bell's copy: protocol.decode reads it)
+            if rc == TOOK and not caller.reply_text_length():
+                bell = self._reply_bell.record(rc, seq)
+            else:
+                bell = self._checked_reply(raw, seq, shape.code)
+        if type(bell) is Rung:
+            shape.learn_reply(caller, bell.shape)
+        return self._reply(bell, stats, shape.payload_sent, times.sent_length, received)
+
+    def _call_in_python(self, method: str, tensors, claims, layer: int, op: int, pos: int, wire_dtype, t_start: int
+                        ) -> Reply:
+        """One call, each of its steps a call into C or ZeroMQ of its own: a ZeroMQ doorbell's, one whose inputs need
+        a converting copy, one that waits for room in the ring, SHMRT_CALLS_IN_C=0."""
         if claims is None:
             claims = self._claim_inputs(method, tensors)
         stats = CallStats(method, self.name, layer, t_start=t_start, op=op)
@@ -344,73 +427,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         stats.t_replied = now_ns()
         return self._reply(self._checked_reply(raw, seq, code), stats, payload_sent, len(payload), len(raw))
 
-    def _call_in_c(self, method: str, tensors, claims, layer: int, op: int, pos: int, wire_dtype, t_start: int
-                   ) -> Reply | None:
-        """The call made by one C call (native.NativeCaller: the inputs' copies, the publish, the record's post, the
-        wait's first slice, the reply's take and check) where every input is staged in the ring (`claims`: None where
-        no request was opened) or a contiguous CPU tensor in its wire dtype outside the ring; None, nothing done, where
-        one is not, or where the request ring has no room now (the Python path waits for it, or words why it never
-        will). A call whose method, layer, op and inputs' shapes came before is known (`CallShape`): its record's
-        words are made, and a reply shaped as one of its last two is recognised in C: its descriptors are theirs."""
-        key = (method, layer, op, *[(t.dtype, t.shape) for t in tensors])
-        shape = self._call_shapes.get(key)
-        if shape is None:
-            shape = self._learn_call(key, tensors, wire_dtype)
-            if shape is None:
-                return None
-        if not 0 <= pos < POS_LIMIT:
-            return None   # (the Python path's encoder words it)
-        caller = self._caller
-        sources, words = caller.sources, shape.words
-        low, high = self._request_span
-        for i, t in enumerate(tensors):
-            staged = claims[i] if claims is not None else None
-            if staged is None:
-                address = t.data_ptr()
-                if low <= address < high or not t.is_contiguous() or not t.is_cpu:
-                    return None   # (a view on the ring no request staged: the Python path refuses it)
-                sources[i] = address
-            elif staged.nbytes == shape.nbytes[i] and staged.dtype == t.dtype and t.is_contiguous():
-                sources[i] = 0
-                words[HEAD_WORDS + i * DESC_WORDS] = staged.offset
-            else:
-                return None
-        seq = self.seq + 1
-        policy = self._wait_policy
-        # with observers to serve while the daemon works (the perf log's rows), nothing waited in C: they run first
-        idle = self.observers and self._idle_observers
-        rc = caller.call(words, seq, pos, shape.expect, policy.current(), 0 if idle else WAIT_SLICE_NS)
-        if rc < 0 and rc != TIMEOUT and rc != SLOW:
-            return None   # no room now (or a scribbled tail): the Python path, from the start
-        self.seq = seq
-        times = caller.times
-        if rc == TOOK or rc == SLOW:
-            policy.note(times.t_replied - times.t_sent)
-        else:
-            if rc == CALL_ASLEEP:   # the daemon sleeps on ZeroMQ: wake it
-                self._send_wake()
-            self._while_waiting()
-            rc = self._await_reply(seq, shape.code, shape.expect, times.t_sent)
-        same = times.same_reply
-        if same:   # shaped as one of this call's last two replies: their descriptors
-            descs, payload_recv = shape.replies[same - 1]
-            rsp = self.rsp
-            entry = rsp.consumer.accept(times.ring_end, descs)
-            out = [ring_view(rsp, d) for d in descs]
-            stats = CallStats(method, NAME, layer, t_start, times.t_encoded, times.t_sent, times.t_replied, now_ns(),
-                              shape.payload_sent + times.sent_length, payload_recv + caller.received(),
-                              shape.payload_sent, payload_recv, times.copy_ns, times.work_ns, op)
-            if self.observers:
-                self._notify(stats)
-            return Reply(out, stats, "", partial(rsp.consumer.release, entry))
-        stats = CallStats(method, NAME, layer, t_start=t_start, op=op, t_encoded=times.t_encoded, t_sent=times.t_sent,
-                          t_replied=times.t_replied, copy_in_ns=times.copy_ns)
-        bell = self._taken_reply(rc, seq, shape.code)
-        if type(bell) is Rung:
-            shape.learn_reply(caller, bell.shape)
-        return self._reply(bell, stats, shape.payload_sent, times.sent_length, caller.received())
-
-    def _learn_call(self, key: tuple, tensors, wire_dtype) -> CallShape | None:
+    def _learn_call(self, method: str, layer: int, op: int, tensors, wire_dtype) -> CallShape | None:
         """A call's CallShape, made once per method, layer, op and inputs' shapes; None where an input is not in its
         wire dtype (a converting copy: Python's) or has no bytes."""
         descs = []
@@ -420,7 +437,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
             descs.append(TensorDesc(0, t.numel() * t.element_size(), t.dtype, tuple(t.shape)))
         if len(self._call_shapes) >= KNOWN_RECORDS:
             self._call_shapes.clear()
-        method, layer, op = key[:3]
+        key = (method, layer, op, *[(t.dtype, t.shape) for t in tensors])
         code = Method[method]
         shape = self._call_shapes[key] = CallShape(code, NativeCaller.words(protocol.to_words(code, 0, layer, op, 0, 0,
                                                                                               descs)), descs)
@@ -465,12 +482,10 @@ class ShmClient(RequestRingInputs, ClientTransport):
         at the ZeroMQ socket, where only an Error can come (the daemon dropped the session, or a restarted daemon
         never had it); --timeout bounds it all."""
         limit = int(self.timeout * 1e9)
-        caller, policy = self._caller, self._wait_policy
+        caller = self._caller
         while True:
-            waited = now_ns() - start
-            rc = caller.await_reply(seq, method, expect, policy.current(), waited, WAIT_SLICE_NS)
+            rc = caller.await_reply(seq, method, expect, start, WAIT_SLICE_NS)
             if rc != TIMEOUT:
-                policy.note(caller.times.t_replied - start)
                 return rc
             if self._sock.poll(0, zmq.POLLIN):
                 self._refuse_socket_message(self._sock.recv(copy=True))
@@ -480,7 +495,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
 
     def _taken_reply(self, rc: int, seq: int, method: Method) -> Rung | Doorbell:
         """The reply `_await_reply` took: its checked record's shape and fields, or its copy decoded (an Error raised)."""
-        bell = self._bell_in.record(rc, seq)
+        bell = self._reply_bell.record(rc, seq)
         return self._checked_reply(bell, seq, method) if type(bell) is bytes else bell
 
     def _refuse_socket_message(self, raw: bytes) -> None:
@@ -496,7 +511,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
 
     def close(self) -> None:
         super().close()
-        self._bell_out = self._bell_in = self._wait_policy = self._caller = None
+        self._bell_out = self._bell_in = self._caller = self._reply_bell = None
         self.calls_in_c = False
         close_rings(self.req, self.rsp)
         self.req = self.rsp = None
@@ -655,16 +670,29 @@ class ShmServerSession(ServerSession):
         return None if rc == NONE else self.bell_in.record(rc, self.expect_seq)
 
     def lane_parts(self) -> LaneParts | None:
-        """What the daemon's planned calls need of this session: None unless its doorbell is in shared memory (its
-        rings attached)."""
-        if self.bell_in is None:
+        """What the daemon's planned calls need of this session: None before its rings are attached. With the ZeroMQ
+        doorbell the lane checks records and encodes replies as the rings' doorbells would (their codec, the session's
+        token, the request ring's bounds), and they travel over the socket (`serve_planned`)."""
+        if self.req is None:
             return None
-        return LaneParts(self.bell_in.native, self.bell_out.native, self.req.consumer, self.req.native,
+        requests = self.bell_in or BellIn(self.req, self.token, self.req.capacity)
+        replies = self.bell_out or BellOut(self.rsp, self.token)
+        return LaneParts(requests.native, replies.native, self.req.consumer, self.req.native,
                          self.req.data_offset, OFF_TAIL, self.rsp.producer.native, self.rsp.data_offset,
                          self._install_lane)
 
     def _install_lane(self, lane) -> None:
         self.lane = lane
+
+    def serve_planned(self, payload: bytes) -> bytes | None:
+        """A request that came over ZeroMQ served whole by the planned lane: its reply's record, to send; None where the
+        lane does not serve it (nothing changed: `decode` it)."""
+        if self.lane is None or self.bell_in is not None:
+            return None
+        reply = self.lane.serve_record(payload, self.expect_seq)
+        if reply is not None:
+            self.expect_seq += 1
+        return reply
 
     def post_reply(self, payload: bytes | RungReply) -> None:
         """Ring `payload` (a reply or an Error we encoded) in the response ring under its own seq, the one
