@@ -37,7 +37,8 @@ int shmrt_call_await(shmrt_caller *c, uint64_t seq, uint32_t method, const uint6
     int rc = shmrt_bell_await_record(c->replies, seq, method, b, shmrt_now_ns() - rung_ns, budget_ns, c->reply_words);
     t->t_replied = shmrt_now_ns();
     t->same_reply = 0;
-    if (rc != SHMRT_E_TIMEOUT && rc != SHMRT_E_NONE) c->last_wait_long = t->t_replied - rung_ns > c->long_ns;
+    if (rc == SHMRT_E_NONE) return SHMRT_E_TIMEOUT;   /* the seq word changed and changed back: nothing new yet */
+    if (rc != SHMRT_E_TIMEOUT) c->last_wait_long = t->t_replied - rung_ns > c->long_ns;
     if (rc == SHMRT_OK) note_reply(c->reply_words, expect_reply, t);
     return rc;
 }

@@ -19,7 +19,7 @@
  *   SHMRT_E_WAIT        -8  a ring is full now: its producer waits and tries again
  *   SHMRT_E_TOO_LARGE   -9  a tensor and the rest of its message can never fit the ring
  *   SHMRT_E_TAIL       -10  the consumer's tail word is outside what the producer allows (a scribbled header)
- *   SHMRT_E_RUN        -11  a planned call's launch, wait or run callback failed (shmrt_lane.c)
+ *   SHMRT_E_RUN        -11  a planned call's launch, wait, run callback or echo copy failed (shmrt_lane.c)
  *
  * Fault guard: a process that maps a ring it created registers the mapping here. If the host
  * shrinks that segment, the next access to a page past the new end raises SIGBUS; the handler
@@ -224,7 +224,7 @@ typedef struct {
 /* waited for (or, where there is no CUDA, the run callback), the request released, the reply published and rung. */
 /* Anything a plan does not answer leaves the record taken and checked for Python (SHMRT_OK), the rings as they were. */
 #define SHMRT_LANE_SERVED 1
-#define SHMRT_E_RUN -11            /* the launch, the wait or the run callback failed (lane->run_rc says how) */
+#define SHMRT_E_RUN -11            /* the launch, the wait, the run callback or an echo's copy failed (run_rc) */
 #define SHMRT_KEY_WORDS 84         /* method, layer, op, ntensors, then SHMRT_MAX_TENSORS descriptors' words */
 #define SHMRT_PLAN_PLAIN 0         /* nothing but the record to check */
 #define SHMRT_PLAN_SCORES 1        /* padded AttentionScores: K and V end at pos, below the width; kept to pos + 1 */
@@ -327,7 +327,8 @@ typedef struct {
 /* reply's record checked into the caller's reply_words; t says whether it is shaped as one of expect_reply's two, */
 /* the words of earlier replies (2 * SHMRT_RECORD_WORDS; zeros match nothing), or NULL), SHMRT_E_SLOW (taken, for */
 /* Python's decoder), */
-/* SHMRT_E_TIMEOUT (rung, nothing back yet), SHMRT_CALL_ASLEEP (rung; wake the daemon), SHMRT_E_WAIT, */
+/* SHMRT_E_TIMEOUT (rung, nothing back yet: also where the seq word changed and changed back), SHMRT_CALL_ASLEEP */
+/* (rung; wake the daemon), SHMRT_E_WAIT, */
 /* SHMRT_E_TOO_LARGE or SHMRT_E_TAIL (nothing reserved, written or rung: the producer as it was), or an error. */
 int shmrt_call(shmrt_caller *c, uint64_t *words, const uint64_t *sources, uint64_t seq, uint64_t pos,
                const uint64_t *expect_reply, uint64_t budget_ns, shmrt_call_times *t);

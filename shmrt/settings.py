@@ -93,7 +93,7 @@ def planned_lane() -> bool:
 
 def calls_in_c() -> bool:
     """SHMRT_CALLS_IN_C=0: a shm client makes every call from Python (its copies, post, wait and take each a C call
-    of their own) instead of in one C call (wire/shm_transport.py's `_call_in_c`); for comparison runs."""
+    of their own) instead of in one C call (wire/shm_transport.py's ShmClient.call); for comparison runs."""
     return os.environ.get("SHMRT_CALLS_IN_C", "1") not in ("", "0")
 
 

@@ -370,11 +370,14 @@ def _reset_rings(t) -> None:
         t.calls_in_c = calls_in_c
 
 
-@pytest.fixture(scope="module")
-def shm_client():
+@pytest.fixture(scope="module", params=["python", "c"])
+def shm_client(request):
+    """A shm client ringing over ZeroMQ (the fake peer its socket), its calls made from Python or in C (the record
+    encoded and the reply checked by the C helper)."""
     state = {"respond": lambda raw: _legit_shm_reply(raw, [])}   # a plain answer to Attach
     t = client_with("shm", lambda raw: state["respond"](raw))
     t.open_session(1 << 16)
+    t.calls_in_c = request.param == "c"
     yield t, state
     t.close()
 
@@ -386,6 +389,40 @@ def test_fuzz_shm_rpc_replies(shm_client, mutation, method):
     _reset_rings(t)
     state["respond"] = lambda raw: _mutate_doorbell(_legit_shm_reply(raw, RPC_SHAPES[method]), mutation)
     survives("shm RPC replies", _rpc, RemoteOps(t, TINY, torch.float32), t, method)
+
+
+def test_a_reply_seq_word_that_changes_and_changes_back_is_waited_through_or_refused():
+    """The host flips the response ring's seq word between another value and the one the client has seen while a
+    call waits (the C take can then load it changed, then unchanged): the call ends within its timeout with a
+    ShmrtError (the scribbled word named, or no answer), never another exception."""
+    import threading
+    from shmrt.errors import ShmrtError
+    t = client_with("shm", lambda raw: _legit_shm_reply(raw, []) if protocol.peek_method(raw) != protocol.Method.Wake
+                    else None, doorbell="shm")
+    try:
+        t.open_session(1 << 16)
+        stop = threading.Event()
+        seen = t._bell_in.seen
+
+        def flip():
+            while not stop.is_set():
+                t.rsp.native.store(OFF_BELL_SEQ, seen + 12345)
+                t.rsp.native.store(OFF_BELL_SEQ, seen)
+        flipper = threading.Thread(target=flip, daemon=True)
+        flipper.start()
+        try:
+            for _ in range(20):
+                start = time.monotonic()
+                with pytest.raises(ShmrtError):
+                    t.call("LMHead", [torch.zeros(1, 64)])
+                assert time.monotonic() - start < t.timeout + 1.0
+                _reset_rings(t)
+        finally:
+            stop.set()
+            flipper.join(5)
+            t.rsp.native.store(OFF_BELL_SEQ, seen)
+    finally:
+        t.close()
 
 
 # ---- hostile replies rung through the response ring's header (the shm doorbell)

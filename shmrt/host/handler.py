@@ -104,7 +104,7 @@ def _no_state(handler, session, request, builder) -> None:
 
 
 class EchoSession(HandlerSession):
-    """An echo client's state: its lane (host/lane.py's EchoLane) where its doorbell is in shared memory."""
+    """An echo client's state: its lane (host/lane.py's EchoLane) where its transport has rings (shm)."""
 
     def __init__(self, lane_parts: Callable[[], object]):
         self.lane_parts = lane_parts
@@ -134,8 +134,8 @@ def _echo(handler, session: EchoSession, request, builder) -> None:
 
 
 class EchoHandler(Handler):
-    """Returns every request tensor unchanged (a copy into the reply buffers): tests, micro bench. With the shm
-    doorbell a repeated call is served in C (its lane), as a model daemon's planned calls are."""
+    """Returns every request tensor unchanged (a copy into the reply buffers): tests, micro bench. Over shm rings a
+    repeated call is served in C (its lane), as a model daemon's planned calls are."""
 
     calls = table(Call(INIT, 0, _echo_init), *(Call(name, None, _echo) for name in RPC_METHODS if name != INIT))
 

@@ -11,8 +11,10 @@ plan's `ready` does (on numbers the K/V store keeps for it: its rows and buffer 
 once and range-checked), the reply reserved where the plan's reply lies, the graph launched and waited for (the CUDA
 runtime's cudaGraphLaunch and cudaStreamSynchronize, no Python; where there is no CUDA, a callback that replays the
 plan's stand-in), the K/V rows counted, the request released (poisoned first in tests), the reply published and
-rung. Whatever an entry does not answer leaves the record taken and checked for the Python path and the rings as
-they were, so the lane changes no outcome: only who serves a call a plan would serve.
+rung. With `--doorbell zmq` the server hands the lane the record that came over the socket (`serve_record`): checked
+as a take checks it, served the same way, and the reply's record encoded for the server to send. Whatever an entry
+does not answer leaves the record checked for the Python path and the rings as they were, so the lane changes no
+outcome: only who serves a call a plan would serve.
 
 Entries follow graphs.py's plans (`on_plans_changed`, `on_plans_cleared`): a plan that goes takes its entry first, so the lane never
 launches a graph that was freed.

@@ -36,8 +36,8 @@ from .scopes import Reply
 from .stats import CallStats
 from .transport import (SERVED, ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind,
                         parse_client_info)
-from .native import (CALL_ASLEEP, DESC_WORDS, HEAD_WORDS, LANE_SERVED, NONE, SLOW, TIMEOUT, TOOK,
-                     Backoff, NativeCaller, now_ns, precise_sleeps)
+from .native import (CALL_ASLEEP, DESC_WORDS, HEAD_WORDS, LANE_SERVED, NONE, RESERVE_BAD_TAIL, RESERVE_TOO_LARGE,
+                     RESERVE_WAIT, SLOW, TIMEOUT, TOOK, Backoff, NativeCaller, now_ns, precise_sleeps)
 from .untrusted import load_json
 
 NAME = "shm"
@@ -87,7 +87,7 @@ class RungReply(NamedTuple):
 
 
 class LaneParts(NamedTuple):
-    """What a shm doorbell session hands the daemon's planned calls (host/lane.py): the request ring's bell (its
+    """What a shm session hands the daemon's planned calls (host/lane.py): the request ring's bell (its
     reader), consumer and mapping, the response ring's bell (its writer), producer and data offset, and
     `install(lane or None)`: the session's take_bell asks the lane first."""
 
@@ -181,10 +181,11 @@ def accept_rung(ring: Ring, rung: Rung) -> tuple[list[torch.Tensor], object]:
 
 
 POS_LIMIT = 1 << 63   # a record's pos word (protocol.to_words' range)
+REFUSED = frozenset((RESERVE_WAIT, RESERVE_TOO_LARGE, RESERVE_BAD_TAIL))   # a C call that did nothing: the Python path
 
 
 class CallShape:
-    """What the client knows of a call with one method, layer, op and inputs' shapes (ShmClient._call_in_c): its
+    """What the client knows of a call with one method, layer, op, wire dtype and inputs' shapes (ShmClient.call): its
     request record's words (C fills seq, pos, ring end and the inputs' offsets), its inputs' bytes, and the shape of
     its last reply (the words C compares the next reply's record with, its descriptors and bytes)."""
 
@@ -243,6 +244,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         self._reply_bell: BellIn | None = None   # the words the caller checks replies into
         self._call_shapes: dict[tuple, CallShape] = {}   # by method, layer, op and the inputs' dtypes and shapes
         self.calls_in_c = False   # `call` in C (from Attach on; SHMRT_CALLS_IN_C=0: `_call_in_python`)
+        self.known_replies = 0    # replies C recognised as shaped as one of their call's last two
         self._request_span = (0, 0)   # the request ring's mapping, [first, last + 1) (inputs inside it are staged)
         self._wake = protocol.encode(Doorbell(Method.Wake, 0, self.token))
 
@@ -313,11 +315,12 @@ class ShmClient(RequestRingInputs, ClientTransport):
         its wire dtype outside it, the call's shape is known (`CallShape`: its record's words, made once) and the ring
         has room now; else `_call_in_python`. A reply shaped as one of the call's last two is recognised in C: its
         descriptors are theirs, no Python decodes it."""
+        assert self.req is not None, "open_session() first"
         t_start = now_ns()
         claims = self._claim_inputs(method, tensors) if self._pending is not None else None
         if not self.calls_in_c:
             return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
-        shape = self._call_shapes.get((method, layer, op, *[(t.dtype, t.shape) for t in tensors]))
+        shape = self._call_shapes.get((method, layer, op, wire_dtype, *[(t.dtype, t.shape) for t in tensors]))
         if shape is None:
             shape = self._learn_call(method, layer, op, tensors, wire_dtype)
         if shape is None or not 0 <= pos < POS_LIMIT:   # (the Python path words a pos out of range)
@@ -344,18 +347,18 @@ class ShmClient(RequestRingInputs, ClientTransport):
             # with observers to serve while the daemon works (the perf log's rows), nothing waited in C: they run first
             rc = caller.call(words, seq, pos, shape.expect,
                              0 if self.observers and self._idle_observers else WAIT_SLICE_NS)
-            if rc < 0 and rc != TIMEOUT and rc != SLOW:   # no room now (or a scribbled tail): nothing was done
+            if rc in REFUSED:   # no room now, or never, or a scribbled tail: nothing was done
                 return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
             self.seq = seq
             if rc != TOOK and rc != SLOW:
                 if rc == CALL_ASLEEP:   # the daemon sleeps on ZeroMQ: wake it
                     self._send_wake()
-                self._while_waiting()
-                rc = self._await_reply(seq, shape.code, shape.expect, times.t_sent)
+                self._while_waiting()   # (then the wait's clock starts: its backoff is the wait's own)
+                rc = self._await_reply(seq, shape.code, shape.expect, now_ns())
             raw = None
         else:   # the ZeroMQ doorbell: the record encoded in C, sent and received here, the reply checked in C
             rc = caller.encode(words, seq, pos)
-            if rc != TOOK:
+            if rc in REFUSED:
                 return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
             self.seq = seq
             self._send(caller.record())
@@ -376,6 +379,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
                               shape.payload_sent, payload_recv, times.copy_ns, times.work_ns, op)
             if self.observers:
                 self._notify(stats)
+            self.known_replies += 1
             return Reply(out, stats, "", partial(rsp.consumer.release, entry))
         stats = CallStats(method, NAME, layer, t_start=t_start, op=op, t_encoded=times.t_encoded, t_sent=times.t_sent,
                           t_replied=times.t_replied, copy_in_ns=times.copy_ns)
@@ -415,7 +419,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
                 self._send_wake()
             stats.t_sent = now_ns()
             self._while_waiting()
-            rc = self._await_reply(seq, code, NativeCaller.NO_REPLIES, stats.t_sent)
+            rc = self._await_reply(seq, code, NativeCaller.NO_REPLIES, now_ns())
             stats.t_replied = self._caller.times.t_replied
             return self._reply(self._taken_reply(rc, seq, code), stats, payload_sent, sent, self._caller.received())
         payload = protocol.encode(Doorbell(code, seq, self.token, layer, op, pos, ring_end, tensors=tuple(descs)))
@@ -437,7 +441,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
             descs.append(TensorDesc(0, t.numel() * t.element_size(), t.dtype, tuple(t.shape)))
         if len(self._call_shapes) >= KNOWN_RECORDS:
             self._call_shapes.clear()
-        key = (method, layer, op, *[(t.dtype, t.shape) for t in tensors])
+        key = (method, layer, op, wire_dtype, *[(t.dtype, t.shape) for t in tensors])
         code = Method[method]
         shape = self._call_shapes[key] = CallShape(code, NativeCaller.words(protocol.to_words(code, 0, layer, op, 0, 0,
                                                                                               descs)), descs)
@@ -480,7 +484,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         caller's words; `times.same_reply` says whether it is shaped as one of `expect`'s) or SLOW (its copy, for
         `_taken_reply`). Waits spinning, then yielding, then sleeping (native.Backoff), in C; between slices it looks
         at the ZeroMQ socket, where only an Error can come (the daemon dropped the session, or a restarted daemon
-        never had it); --timeout bounds it all."""
+        never had it); --timeout bounds it all, from `start` (the bell rung, and the observers' turn over)."""
         limit = int(self.timeout * 1e9)
         caller = self._caller
         while True:
