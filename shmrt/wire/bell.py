@@ -79,7 +79,8 @@ class BellOut:
         return self._native.post(words, text)[0]
 
 
-KNOWN_RECORDS = 256   # distinct records a BellIn remembers (a decode step repeats a few dozen); past that it starts over
+KNOWN_RECORDS = 4096  # distinct records a BellIn remembers (a decode step has ~8 a layer across the two lap starts:
+                      # 256 was fewer than a 32-layer model's); past that it starts over
 
 
 class RecordShape:

@@ -29,7 +29,7 @@ import zmq
 from .. import settings
 from . import protocol
 from ..errors import PeerError, ProtocolError, printable
-from .bell import KNOWN_RECORDS, MAX_RECORD, BellIn, BellOut, RecordShape, Rung
+from .bell import MAX_RECORD, BellIn, BellOut, RecordShape, Rung
 from .protocol import Doorbell, Method, TensorDesc
 from .ring import OFF_TAIL, PAGE_BYTES, Ring, align_up, check_segment_name, unlink_segment
 from .scopes import Reply
@@ -181,6 +181,7 @@ def accept_rung(ring: Ring, rung: Rung) -> tuple[list[torch.Tensor], object]:
 
 
 POS_LIMIT = 1 << 63   # a record's pos word (protocol.to_words' range)
+CALL_SHAPES_KEPT = 4096   # call shapes a client keeps (~2.3 KB of C words each; a decode step has ~4 a layer a width)
 REFUSED = frozenset((RESERVE_WAIT, RESERVE_TOO_LARGE, RESERVE_BAD_TAIL))   # a C call that did nothing: the Python path
 
 
@@ -439,7 +440,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
             if wire_dtype is not None and t.is_floating_point() and t.dtype != wire_dtype or not t.numel():
                 return None
             descs.append(TensorDesc(0, t.numel() * t.element_size(), t.dtype, tuple(t.shape)))
-        if len(self._call_shapes) >= KNOWN_RECORDS:
+        if len(self._call_shapes) >= CALL_SHAPES_KEPT:
             self._call_shapes.clear()
         key = (method, layer, op, wire_dtype, *[(t.dtype, t.shape) for t in tensors])
         code = Method[method]
