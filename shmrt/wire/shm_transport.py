@@ -187,8 +187,8 @@ REFUSED = frozenset((RESERVE_WAIT, RESERVE_TOO_LARGE, RESERVE_BAD_TAIL))   # a C
 
 class CallShape:
     """What the client knows of a call with one method, layer, op, wire dtype and inputs' shapes (ShmClient.call): its
-    request record's words (C fills seq, pos, ring end and the inputs' offsets), its inputs' bytes, and the shape of
-    its last reply (the words C compares the next reply's record with, its descriptors and bytes)."""
+    request record's words (C fills seq, pos, ring end and the inputs' offsets), its inputs' bytes, and the shapes of
+    its last two replies (the words C compares the next reply's record with, their descriptors and bytes)."""
 
     __slots__ = ("code", "words", "nbytes", "payload_sent", "expect", "replies", "_next")
 
