@@ -24,7 +24,7 @@ from shmrt.wire.registry import client_transport
 SERVED = re.compile(r"\((\d+) planned calls served in C[,)]")
 
 
-def _serve(model: str, endpoint: str, logs, stop, width_step: int, lane: bool, device: str) -> None:
+def _serve(model: str, endpoint: str, logs, stop, *, width_step: int, lane: bool, device: str) -> None:
     """A daemon: the model's handler (on a CPU with plans), the lane on or off, scores padded to `width_step`."""
     os.environ["SHMRT_PLANNED_LANE"] = "1" if lane else "0"
     os.environ["SHMRT_POISON"] = "1"   # released ring memory reads 0xFF (NaN): a view kept past its release shows
@@ -44,11 +44,14 @@ def _serve(model: str, endpoint: str, logs, stop, width_step: int, lane: bool, d
 
 class Daemon:
     def __init__(self, model: str, endpoint: str, *, width_step: int = 256, lane: bool = True, device: str = "cpu"):
+        self._start(endpoint, _serve, model, endpoint, width_step=width_step, lane=lane, device=device)
+
+    def _start(self, endpoint: str, target, *args, **kwargs) -> None:
+        """`target(*args, logs, stop, **kwargs)` in a process of its own, once it says "ready"."""
         ctx = multiprocessing.get_context("spawn")
         self.endpoint = endpoint
         self.logs, self.stop = ctx.Queue(), ctx.Event()
-        self.proc = ctx.Process(target=_serve, args=(model, endpoint, self.logs, self.stop, width_step, lane, device),
-                                daemon=True)
+        self.proc = ctx.Process(target=target, args=(*args, self.logs, self.stop), kwargs=kwargs, daemon=True)
         self.proc.start()
         self.lines = []
         assert self._until(lambda line: line == "ready", 120), self.lines
@@ -427,7 +430,7 @@ def test_a_daemon_whose_lane_is_off_serves_the_same_tokens(checkpoints, tmp_path
 ECHOED = re.compile(r"\((\d+) echoes served in C\)")
 
 
-def _serve_echo(endpoint: str, logs, stop, lane: bool) -> None:
+def _serve_echo(endpoint: str, logs, stop, *, lane: bool) -> None:
     os.environ["SHMRT_PLANNED_LANE"] = "1" if lane else "0"
     os.environ["SHMRT_POISON"] = "1"
     from shmrt.host.server import EchoHandler, Server
@@ -438,13 +441,7 @@ def _serve_echo(endpoint: str, logs, stop, lane: bool) -> None:
 
 class EchoDaemon(Daemon):
     def __init__(self, endpoint: str, *, lane: bool):
-        ctx = multiprocessing.get_context("spawn")
-        self.endpoint = endpoint
-        self.logs, self.stop = ctx.Queue(), ctx.Event()
-        self.proc = ctx.Process(target=_serve_echo, args=(endpoint, self.logs, self.stop, lane), daemon=True)
-        self.proc.start()
-        self.lines = []
-        assert self._until(lambda line: line == "ready", 60), self.lines
+        self._start(endpoint, _serve_echo, endpoint, lane=lane)
 
     def echoed(self, sessions: int) -> list[int]:
         closed = lambda: sum("closed" in line for line in self.lines)   # noqa: E731

@@ -78,6 +78,15 @@ def check_ipc_free(path: str) -> None:
                      "pick another --endpoint")
 
 
+def _failure(exc: Exception, where: str) -> str:
+    """What a session is told, and dropped for, when serving it raised: a ShmrtError's own line (a bad request); anything
+    else (a bug, or a hostile input not foreseen: the daemon goes on) named, its traceback on stderr."""
+    if isinstance(exc, ShmrtError):
+        return str(exc)
+    traceback.print_exc(file=sys.stderr)
+    return f"internal error in {where}: {type(exc).__name__}: {exc}"
+
+
 @dataclass
 class Session:
     identity: bytes
@@ -257,11 +266,8 @@ class Server:
                 continue  # dropped while serving an earlier one
             try:
                 payload = session.transport.take_bell()
-            except ShmrtError as exc:  # a scribbled bell word or slot: like any bad request
-                payload, reply, dropped = None, session.transport.encode_error(session.transport.expect_seq, str(exc)), str(exc)
-            except Exception as exc:  # noqa: BLE001 - a planned call's run failed (the lane's): as _serve answers one
-                traceback.print_exc(file=sys.stderr)
-                dropped = f"internal error in a planned call: {type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - a scribbled bell word or slot, or a planned call's run failed
+                dropped = _failure(exc, "a planned call")
                 payload, reply = None, session.transport.encode_error(session.transport.expect_seq, dropped)
             else:
                 if payload is None:
@@ -322,11 +328,8 @@ class Server:
         transport = session.transport
         try:
             return transport.serve_planned(payload), None
-        except ShmrtError as exc:
-            message = str(exc)
         except Exception as exc:  # noqa: BLE001 - a planned call's run failed: as _serve answers one
-            traceback.print_exc(file=sys.stderr)
-            message = f"internal error in a planned call: {type(exc).__name__}: {exc}"
+            message = _failure(exc, "a planned call")
         return transport.encode_error(transport.expect_seq, message), message
 
     def _serve(self, session: Session, payload) -> tuple[object | None, str | None]:
@@ -358,11 +361,8 @@ class Server:
             if ahead is not None:
                 return transport.finish_reply(ahead, work_ns), None
             return transport.encode_reply(request, builder, work_ns=work_ns, text=text), None
-        except ShmrtError as exc:
-            message = str(exc)
-        except Exception as exc:  # a bug or a hostile input we did not foresee: never crash the daemon
-            traceback.print_exc(file=sys.stderr)
-            message = f"internal error in {getattr(request, 'method', '?')}: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a bug or a hostile input we did not foresee: never crash the daemon
+            message = _failure(exc, getattr(request, "method", "?"))
         return transport.encode_error(request.seq if request else seq, message), message
 
     # ---- sessions

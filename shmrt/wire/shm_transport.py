@@ -243,7 +243,8 @@ class ShmClient(RequestRingInputs, ClientTransport):
         self._bell_in: BellIn | None = None
         self._caller: NativeCaller | None = None   # a call's C steps (`call`), from Attach on
         self._reply_bell: BellIn | None = None   # the words the caller checks replies into
-        self._call_shapes: dict[tuple, CallShape] = {}   # by method, layer, op and the inputs' dtypes and shapes
+        # by method, layer, op, wire dtype and the inputs' dtypes and shapes (False: a call the Python path makes)
+        self._call_shapes: dict[tuple, CallShape | bool] = {}
         self.calls_in_c = False   # `call` in C (from Attach on; SHMRT_CALLS_IN_C=0: `_call_in_python`)
         self.known_replies = 0    # replies C recognised as shaped as one of their call's last two
         self._request_span = (0, 0)   # the request ring's mapping, [first, last + 1) (inputs inside it are staged)
@@ -324,7 +325,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         shape = self._call_shapes.get((method, layer, op, wire_dtype, *[(t.dtype, t.shape) for t in tensors]))
         if shape is None:
             shape = self._learn_call(method, layer, op, tensors, wire_dtype)
-        if shape is None or not 0 <= pos < POS_LIMIT:   # (the Python path words a pos out of range)
+        if not shape or not 0 <= pos < POS_LIMIT:   # (the Python path words a pos out of range)
             return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
         caller = self._caller
         sources, words = caller.sources, shape.words
@@ -432,17 +433,17 @@ class ShmClient(RequestRingInputs, ClientTransport):
         stats.t_replied = now_ns()
         return self._reply(self._checked_reply(raw, seq, code), stats, payload_sent, len(payload), len(raw))
 
-    def _learn_call(self, method: str, layer: int, op: int, tensors, wire_dtype) -> CallShape | None:
-        """A call's CallShape, made once per method, layer, op and inputs' shapes; None where an input is not in its
-        wire dtype (a converting copy: Python's) or has no bytes."""
-        descs = []
-        for t in tensors:
-            if wire_dtype is not None and t.is_floating_point() and t.dtype != wire_dtype or not t.numel():
-                return None
-            descs.append(TensorDesc(0, t.numel() * t.element_size(), t.dtype, tuple(t.shape)))
+    def _learn_call(self, method: str, layer: int, op: int, tensors, wire_dtype) -> CallShape | bool:
+        """A call's CallShape, made once per method, layer, op, wire dtype and inputs' shapes; False (kept too, so that
+        it is not asked again) where an input is not in its wire dtype (a converting copy: Python's) or has no bytes."""
         if len(self._call_shapes) >= CALL_SHAPES_KEPT:
             self._call_shapes.clear()
         key = (method, layer, op, wire_dtype, *[(t.dtype, t.shape) for t in tensors])
+        if any(wire_dtype is not None and t.is_floating_point() and t.dtype != wire_dtype or not t.numel()
+               for t in tensors):
+            self._call_shapes[key] = False
+            return False
+        descs = [TensorDesc(0, t.numel() * t.element_size(), t.dtype, tuple(t.shape)) for t in tensors]
         code = Method[method]
         shape = self._call_shapes[key] = CallShape(code, NativeCaller.words(protocol.to_words(code, 0, layer, op, 0, 0,
                                                                                               descs)), descs)
