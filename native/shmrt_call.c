@@ -22,13 +22,46 @@ static int same_reply(const uint64_t *r, const uint64_t *expect) {
            && memcmp(r + SHMRT_HEAD_WORDS, expect + SHMRT_HEAD_WORDS, (size_t)r[8] * SHMRT_DESC_WORDS * 8) == 0;
 }
 
-/* What t says of a reply record r the caller checked: whether it is shaped as one of expect's two, its end, its work. */
-static void note_reply(const uint64_t *r, const uint64_t *expect, shmrt_call_times *t) {
+/* What t says of a reply record r the caller checked: whether it is shaped as one of expect's two, its end, its work;
+ * one shaped so is accepted where the consumer has nothing else out (shmrt_native.h, shmrt_call_release). */
+static void note_reply(shmrt_caller *c, const uint64_t *r, const uint64_t *expect, shmrt_call_times *t) {
     t->same_reply = expect == NULL ? 0
                     : same_reply(r, expect) ? 1
                     : same_reply(r, expect + SHMRT_RECORD_WORDS) ? 2 : 0;
     t->ring_end = r[6];
     t->work_ns = r[7];
+    shmrt_consumer *k = c->reply_consumer;
+    uint64_t end = r[6];
+    t->accepted = t->same_reply != 0 && k != NULL && k->outstanding == 0 && end >= k->accepted_end
+                  && end - k->tail <= 2 * c->replies->capacity;
+    if (t->accepted) {
+        k->accepted_end = end;
+        k->outstanding = 1;
+        uint32_t n = (uint32_t)r[8];   /* (same_reply bounds it by SHMRT_MAX_TENSORS) */
+        c->adopted_count = c->poison ? n : 0;
+        for (uint32_t i = 0; i < c->adopted_count; i++) {
+            c->adopted_offset[i] = r[SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS];
+            c->adopted_nbytes[i] = r[SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS + 1];
+        }
+    }
+}
+
+int shmrt_call_release(shmrt_caller *c, uint64_t end) {
+    shmrt_consumer *k = c->reply_consumer;
+    const shmrt_bell *b = c->replies;
+    if (k == NULL || k->outstanding != 1 || k->accepted_end != end) return SHMRT_E_NONE;
+    if (c->reply_tail_off % 8 || c->reply_tail_off > b->base_len - 8 || c->reply_data_off > b->base_len)
+        return SHMRT_E_BOUNDS;
+    for (uint32_t i = 0; i < c->adopted_count; i++) {   /* (offsets checked against the capacity with the record) */
+        uint64_t at = c->reply_data_off + c->adopted_offset[i];
+        if (at > b->base_len || c->adopted_nbytes[i] > b->base_len - at) return SHMRT_E_BOUNDS;
+        memset(b->base + at, 0xFF, (size_t)c->adopted_nbytes[i]);
+    }
+    c->adopted_count = 0;
+    k->tail = end;
+    k->outstanding = 0;
+    __atomic_store_n((uint64_t *)(b->base + c->reply_tail_off), end, __ATOMIC_RELEASE);
+    return SHMRT_OK;
 }
 
 int shmrt_call_await(shmrt_caller *c, uint64_t seq, uint32_t method, const uint64_t *expect_reply, uint64_t rung_ns,
@@ -36,19 +69,21 @@ int shmrt_call_await(shmrt_caller *c, uint64_t seq, uint32_t method, const uint6
     const shmrt_backoff *b = c->last_wait_long ? &c->after_long : &c->backoff;
     int rc = shmrt_bell_await_record(c->replies, seq, method, b, shmrt_now_ns() - rung_ns, budget_ns, c->reply_words);
     t->t_replied = shmrt_now_ns();
-    t->same_reply = 0;
+    t->same_reply = t->accepted = 0;
     if (rc == SHMRT_E_NONE) return SHMRT_E_TIMEOUT;   /* the seq word changed and changed back: nothing new yet */
     if (rc != SHMRT_E_TIMEOUT) c->last_wait_long = t->t_replied - rung_ns > c->long_ns;
-    if (rc == SHMRT_OK) note_reply(c->reply_words, expect_reply, t);
+    t->received = c->replies->taken_length;
+    if (rc == SHMRT_OK) note_reply(c, c->reply_words, expect_reply, t);
     return rc;
 }
 
 int shmrt_call_check(shmrt_caller *c, const uint8_t *rec, uint64_t n, uint64_t seq, uint32_t method,
                      const uint64_t *expect_reply, shmrt_call_times *t) {
     const shmrt_bell *b = c->replies;
-    t->same_reply = 0;
+    t->same_reply = t->accepted = 0;
+    t->received = n;
     int rc = shmrt_record_check(b->codec, rec, n, b->token, seq, method, b->capacity, c->reply_words);
-    if (rc == SHMRT_OK) note_reply(c->reply_words, expect_reply, t);
+    if (rc == SHMRT_OK) note_reply(c, c->reply_words, expect_reply, t);
     return rc;
 }
 

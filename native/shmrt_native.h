@@ -305,6 +305,13 @@ typedef struct {
     shmrt_backoff after_long;
     uint64_t long_ns;
     uint32_t last_wait_long;
+    shmrt_consumer *reply_consumer;   /* the response ring's consumer (NULL: Python accepts every reply), where its */
+    uint64_t reply_tail_off;          /* tail word and data area lie in the replies' mapping, */
+    uint64_t reply_data_off;
+    uint32_t poison;                  /* and whether a release overwrites the reply's tensor bytes with 0xFF (tests); */
+    uint32_t adopted_count;           /* the tensors of the reply accepted in C (for that poison) */
+    uint64_t adopted_offset[SHMRT_MAX_TENSORS];
+    uint64_t adopted_nbytes[SHMRT_MAX_TENSORS];
 } shmrt_caller;
 
 typedef struct {
@@ -317,6 +324,8 @@ typedef struct {
                                    /* record fixed (and has no text), else 0; its ring end */
     uint64_t ring_end;             /* and the daemon's work */
     uint64_t work_ns;
+    uint64_t received;             /* the reply record's bytes */
+    uint64_t accepted;             /* 1: a reply shaped as expected, accepted as the consumer's only message out */
 } shmrt_call_times;
 
 /* `words`: the request's record (protocol.to_words' layout) but for seq, pos and ring_end, which this sets; sources[i]: */
@@ -343,6 +352,12 @@ int shmrt_call_encode(shmrt_caller *c, uint64_t *words, const uint64_t *sources,
                       uint8_t *out, uint64_t out_cap, shmrt_call_times *t);
 int shmrt_call_check(shmrt_caller *c, const uint8_t *rec, uint64_t n, uint64_t seq, uint32_t method,
                      const uint64_t *expect_reply, shmrt_call_times *t);
+/* A reply shaped as expected (same_reply) is accepted here as ring.py's Consumer.accept would accept it where the */
+/* consumer has no other message out and its end lies in [accepted_end, tail + 2 laps] (t's accepted: 1; else 0, */
+/* Python's to accept or refuse). Its release: SHMRT_OK where it still is the only message out and ends at `end` (its */
+/* tensors' bytes poisoned where the caller poisons, the tail set and release-stored), else SHMRT_E_NONE (Python's */
+/* Consumer releases it: it holds it since). */
+int shmrt_call_release(shmrt_caller *c, uint64_t end);
 
 /* ---- the enclave's rows (shmrt_rows.c): one decode step's residual and RMSNorm in one pass */
 

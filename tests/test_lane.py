@@ -488,10 +488,14 @@ def _echo_outcome(t, method, tensors, staged: bool, hold: bool):
 def test_the_echo_lane_and_the_calls_in_c_change_no_echo(tmp_path, monkeypatch, doorbell):
     """Differential, as for the model's lane: the same random echo calls (1-3 tensors of six dtypes, shapes that
     repeat and new ones, inputs staged in the ring or copied in, a reply held across a call, 64 KiB rings that
-    wrap) to an echo daemon whose lane serves repeated calls, from a client whose calls are made in C, and to one
-    that serves everything from Python, from a Python client: the same values at the same places, each the tensors
-    sent; the lane served a good part of them."""
+    wrap) to an echo daemon whose lane serves repeated calls, from a client whose calls are made in C (most replies
+    accepted and released there), and to one that serves everything from Python, from a Python client: the same
+    values at the same places, each the tensors sent; the lane served a good part of them."""
+    from shmrt.wire.ring import Consumer
     monkeypatch.setenv("SHMRT_POISON", "1")
+    adopted = []   # replies accepted in C (as the only message out), by the consumer that adopted them
+    adopt = Consumer.adopt
+    monkeypatch.setattr(Consumer, "adopt", lambda self, end, descs: adopted.append(self) or adopt(self, end, descs))
     daemons = [EchoDaemon(f"ipc://{tmp_path}/{name}.sock", lane=lane) for name, lane in (("lane", True), ("py", False))]
     pair = None
     try:
@@ -507,6 +511,7 @@ def test_the_echo_lane_and_the_calls_in_c_change_no_echo(tmp_path, monkeypatch, 
         assert pair.clients[0].req.producer.head > 10 * pair.clients[0].req.capacity   # (the rings wrapped)
         # the first client's calls were made in C, most replies known there by their shape; the second's in Python
         assert pair.clients[0].known_replies >= 150 and pair.clients[1].known_replies == 0
+        assert adopted.count(pair.clients[0].rsp.consumer) >= 100 and pair.clients[1].rsp.consumer not in adopted
         pair.close()
         (echoed,) = daemons[0].echoed(1)
         # (a record is the lane's once Python answered it where its request and its reply lie: the lap starts)

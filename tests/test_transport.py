@@ -98,6 +98,78 @@ def test_shm_many_random_calls_wrap_the_rings(echo_daemon):
         assert t.req.producer.head > 10 * t.req.capacity
 
 
+def _known_session(t, shapes):
+    """Open a session and make each call shape's replies known (a reply lands at either lap start: two of each)."""
+    t.hello(client_info())
+    t.open_session(1 << 16)
+    t.call("Init").release()
+    for n in shapes:
+        for _ in range(4):
+            t.call("Matmul", [torch.ones(n)]).release()
+
+
+@pytest.mark.parametrize("doorbell", ["shm", "zmq"])
+@pytest.mark.parametrize("first_released", ["held", "later"])
+def test_shm_a_reply_accepted_in_c_and_one_held_with_it_release_in_ring_order(echo_daemon, monkeypatch, doorbell,
+                                                                               first_released):
+    """A known reply with nothing else out is accepted (and released) in C; a reply taken while it is held is the
+    Python consumer's, and the two release the ring in order whichever is released first: the tail word moves only
+    over released messages, their bytes are poisoned at release."""
+    from shmrt.wire.ring import OFF_TAIL, Consumer
+    adopted = []
+    adopt = Consumer.adopt
+    monkeypatch.setattr(Consumer, "adopt", lambda self, end, descs: adopted.append(end) or adopt(self, end, descs))
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10, doorbell=doorbell) as t:
+        _known_session(t, (64, 96))
+        consumer, tail = t.rsp.consumer, lambda: t.rsp.native.load(OFF_TAIL)
+        for i in range(40):
+            adopted.clear()
+            held = t.call("Matmul", [torch.full((64,), float(i))])
+            assert adopted == [consumer.accepted_end] and consumer.outstanding == 1   # accepted in C
+            view = held.view(0)
+            later = t.call("Matmul", [torch.full((96,), -float(i))])   # known too, but another reply is out
+            assert len(adopted) == 1 and consumer.outstanding == 2
+            before = tail()
+            assert torch.equal(view, torch.full((64,), float(i))) and torch.equal(later.view(0), torch.full((96,), -float(i)))
+            first, second = (held, later) if first_released == "held" else (later, held)
+            first.release()
+            if first is held:   # the tail moves over the held message only; its bytes poisoned
+                assert tail() == adopted[0] and consumer.outstanding == 1 and torch.isnan(view).all()
+            else:               # the held message is still out: the tail stays
+                assert tail() == before and consumer.outstanding == 2 and not torch.isnan(view).any()
+            second.release()
+            assert tail() == consumer.accepted_end and consumer.outstanding == 0 and torch.isnan(view).all()
+        with t.call("Matmul", [torch.full((64,), 7.0)]) as r:   # alone again: accepted in C
+            assert torch.equal(r.view(0), torch.full((64,), 7.0)) and consumer.outstanding == 1
+        assert consumer.outstanding == 0 and tail() == consumer.accepted_end
+
+
+@pytest.mark.parametrize("doorbell", ["shm", "zmq"])
+def test_shm_a_known_reply_has_its_call_s_stats_and_views_an_out_resized_are_made_again(echo_daemon, doorbell):
+    """A reply recognised in C makes its CallStats only when read: they are that call's (method, layer, op, bytes,
+    times in order). Its views are made once per reply shape; one an `out=` resized (a misuse torch allows) is made
+    again for the next reply, not handed out in its new shape."""
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10, doorbell=doorbell) as t:
+        _known_session(t, (256,))
+        known = t.known_replies
+        x = torch.randn(256)
+        with t.call("Matmul", [x], layer=3, op=5) as r:   # a new call shape (layer, op): its replies not known yet
+            first = r.stats
+        for i in range(4):
+            x = torch.randn(256)
+            with t.call("Matmul", [x], layer=3, op=5) as r:
+                stats = r.stats
+                assert r.stats is stats and torch.equal(r.view(0), x)
+                with pytest.warns(UserWarning, match="resized"):
+                    torch.mul(torch.ones(4), 2.0, out=r.view(0))   # now a (4,) view over the reply's first bytes
+            assert (stats.method, stats.layer, stats.op, stats.transport) == ("Matmul", 3, 5, "shm")
+            assert stats.payload_sent == stats.payload_recv == 1024 == first.payload_sent
+            assert (stats.sent_bytes, stats.recv_bytes) == (first.sent_bytes, first.recv_bytes)
+            assert stats.t_start <= stats.t_encoded <= stats.t_sent <= stats.t_replied <= stats.t_decoded
+            assert 0 < stats.copy_in_ns <= stats.t_encoded - stats.t_start and stats.work_ns >= 0
+        assert t.known_replies >= known + 2
+
+
 def test_oversize_tensor_is_a_clear_error(echo_daemon):
     with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
         t.hello(client_info())

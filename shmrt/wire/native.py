@@ -6,7 +6,9 @@ Every buffer is checked (contiguous, writable where written, large enough) befor
 """
 from __future__ import annotations
 
+import functools
 import os
+import struct
 import time
 from dataclasses import dataclass
 
@@ -65,6 +67,7 @@ class MappedBuffer:
     def __init__(self, buf):
         self._buf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         self.nbytes = len(self._buf)
+        self._base = int(ffi.cast("uintptr_t", self._buf))
         self.message_starts: tuple[int, ...] = ()   # addresses a message's first tensor returns to (Ring sets them)
         self._word_out = ffi.new("uint64_t *")
 
@@ -74,6 +77,15 @@ class MappedBuffer:
         ns = lib.shmrt_copy_in(self._buf, self.nbytes, offset, _tensor_address(src), src.numel() * src.element_size())
         if ns < 0:
             _check_rc(ns, "copy_in")
+        return ns
+
+    def copy_within(self, dst: int, src: int, nbytes: int) -> int:
+        """Copy [src, src + nbytes) of the mapping to [dst, dst + nbytes) (apart); the ns the copy took."""
+        if not (0 <= src <= self.nbytes - nbytes and nbytes >= 0):
+            raise ProtocolError(f"copy from {src}: outside the mapped buffer")
+        ns = lib.shmrt_copy_in(self._buf, self.nbytes, dst, self._base + src, nbytes)
+        if ns < 0:
+            _check_rc(ns, "copy_within")
         return ns
 
     @property
@@ -305,7 +317,19 @@ class NativeCaller:
         self._keep = (producer, requests, replies)
         self.sources = ffi.new("uint64_t[]", lib.SHMRT_MAX_TENSORS)
         self.times = ffi.new("shmrt_call_times *")
+        self.times_bytes = ffi.buffer(self.times)   # `times_bytes[:]`: a call's times, as CALL_TIMES unpacks them
         self._record = ffi.new("uint8_t[]", lib.SHMRT_HEADER_BYTES + lib.SHMRT_MAX_TENSORS * lib.SHMRT_DESC_BYTES)
+
+    def accept_replies(self, consumer, tail_offset: int, data_offset: int, poison: bool):
+        """Let calls accept a reply shaped as expected into `consumer` (a consumer_state()) where it has no other
+        message out (`times.accepted`); the response ring's tail word and data area at `tail_offset` and
+        `data_offset` of its mapping; `poison`: its release overwrites the reply's tensor bytes with 0xFF, as the
+        Consumer's does. Returns the release of such a reply: `release(end)`, shmrt_call_release (0: released;
+        NONE: another is out since)."""
+        c = self.c
+        c.reply_consumer, c.reply_tail_off, c.reply_data_off, c.poison = consumer, tail_offset, data_offset, poison
+        self._consumer = consumer
+        return functools.partial(lib.shmrt_call_release, c)
 
     @staticmethod
     def words(record: list[int]):
@@ -368,6 +392,9 @@ class NativeCaller:
         return rc
 
 
+# shmrt_call_times as bytes (NativeCaller.times_bytes), field by field
+CALL_TIMES = struct.Struct("<10Q")
+assert CALL_TIMES.size == ffi.sizeof("shmrt_call_times")
 _CALL_ANSWERS = frozenset((SLOW, TIMEOUT, CALL_ASLEEP, RESERVE_WAIT, RESERVE_TOO_LARGE, RESERVE_BAD_TAIL))
 
 

@@ -427,6 +427,9 @@ class Consumer:
         # a C struct (shmrt_consumer) a daemon's planned calls accept and release through too (host/lane.py)
         self.state = consumer_state()
         self._outstanding: collections.deque[list] = collections.deque()  # [end, done, descriptors]
+        # a message C accepted as the only one out (`adopt`): tracked in `_outstanding` only once another is accepted
+        self._adopted: list | None = None
+        self.release_in_c = None   # end -> 0 where that message, the only one out, is released in C (`adopt`)
         self._two_laps = 2 * ring.capacity
 
     accepted_end = property(lambda self: self.state.accepted_end,
@@ -441,11 +444,31 @@ class Consumer:
         accepted, bound = state.accepted_end, state.tail + self._two_laps
         if not accepted <= end <= bound:
             raise ProtocolError(f"ring {self.ring.name}: message end {end} outside [{accepted}, {bound}]")
+        if self._adopted is not None:   # the message C accepted comes first
+            self._outstanding.append(self._adopted)
+            self._adopted = None
         state.accepted_end = end
         entry = [end, False, tensors]
         self._outstanding.append(entry)
         state.outstanding += 1
         return entry
+
+    def adopt(self, end: int, tensors) -> list:
+        """A message C accepted as `accept` would, the only one out (shmrt_call's `accepted`): its entry, for
+        `release_adopted`."""
+        entry = self._adopted = [end, False, tensors]
+        return entry
+
+    def release_adopted(self, entry: list) -> None:
+        """`release` for an entry `accept` or `adopt` made: one still the only message out is released by
+        `release_in_c(end)` (the client's NativeCaller.accept_replies: the tail stored in C), where no Python runs."""
+        if entry is self._adopted:
+            self._adopted = None
+            rc = self.release_in_c(entry[0])
+            if rc:
+                raise ProtocolError(f"ring {self.ring.name}: a reply accepted in C could not be released there ({rc})")
+            return
+        self.release(entry)
 
     def release(self, entry: list) -> None:
         """Mark a message done; publish tail over the completed prefix (FIFO order)."""
@@ -469,4 +492,4 @@ class Consumer:
 
     @property
     def outstanding(self) -> int:
-        return len(self._outstanding)
+        return len(self._outstanding) + (self._adopted is not None)

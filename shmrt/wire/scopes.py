@@ -33,13 +33,20 @@ from .stats import CallStats
 class Reply:
     """A call's result tensors: views on the transport's memory until released (`with` block)."""
 
+    __slots__ = ("_tensors", "_stats", "text", "_release", "_released", "aliases_transport")
+
     def __init__(self, tensors: list[torch.Tensor], stats: CallStats | None, text: str = "", release=None):
         self._tensors = tensors
-        self.stats = stats
+        self._stats = stats
         self.text = text
         self._release = release
         self._released = False
         self.aliases_transport = release is not None  # views on a ring: `take` must copy
+
+    @property
+    def stats(self) -> CallStats | None:
+        """What the call cost (None for ops without a transport)."""
+        return self._stats
 
     def __len__(self) -> int:
         return len(self._tensors)

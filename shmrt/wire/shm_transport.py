@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -36,7 +35,7 @@ from .scopes import Reply
 from .stats import CallStats
 from .transport import (SERVED, ClientTransport, Hello, ReplyBuilder, Request, ServerSession, endpoint_kind,
                         parse_client_info)
-from .native import (CALL_ASLEEP, DESC_WORDS, HEAD_WORDS, LANE_SERVED, NONE, RESERVE_BAD_TAIL, RESERVE_TOO_LARGE,
+from .native import (CALL_ASLEEP, CALL_TIMES, DESC_WORDS, HEAD_WORDS, LANE_SERVED, NONE, RESERVE_BAD_TAIL, RESERVE_TOO_LARGE,
                      RESERVE_WAIT, SLOW, TIMEOUT, TOOK, Backoff, NativeCaller, now_ns, precise_sleeps)
 from .untrusted import load_json
 
@@ -185,10 +184,34 @@ CALL_SHAPES_KEPT = 4096   # call shapes a client keeps (~2.3 KB of C words each;
 REFUSED = frozenset((RESERVE_WAIT, RESERVE_TOO_LARGE, RESERVE_BAD_TAIL))   # a C call that did nothing: the Python path
 
 
+class ReplyShape:
+    """One reply shape a call had (`CallShape`): its descriptors, its tensors' bytes, and the views on the response ring
+    where such a reply lies (made once per inference mode; made again where an `out=` resized one)."""
+
+    __slots__ = ("descs", "nbytes", "_sizes", "_views", "_inference")
+
+    def __init__(self, descs: tuple[TensorDesc, ...]):
+        self.descs = descs
+        self.nbytes = sum(d.nbytes for d in descs)
+        self._sizes = [torch.Size(d.shape) for d in descs]
+        self._views: list[torch.Tensor] | None = None
+        self._inference = False
+
+    def views(self, ring: Ring) -> list[torch.Tensor]:
+        """The views (shared, as Ring.tensor's are: never changed in place; the list neither)."""
+        views, inference = self._views, torch.is_inference_mode_enabled()
+        if views is not None and inference is self._inference and (
+                views[0].shape == self._sizes[0] if len(views) == 1 else [v.shape for v in views] == self._sizes):
+            return views
+        views = self._views = [ring_view(ring, d) for d in self.descs]
+        self._inference = inference
+        return views
+
+
 class CallShape:
     """What the client knows of a call with one method, layer, op, wire dtype and inputs' shapes (ShmClient.call): its
     request record's words (C fills seq, pos, ring end and the inputs' offsets), its inputs' bytes, and the shapes of
-    its last two replies (the words C compares the next reply's record with, their descriptors and bytes)."""
+    its last two replies (the words C compares the next reply's record with, and their `ReplyShape`s)."""
 
     __slots__ = ("code", "words", "nbytes", "payload_sent", "expect", "replies", "_next")
 
@@ -197,17 +220,52 @@ class CallShape:
         self.nbytes = [d.nbytes for d in descs]
         self.payload_sent = sum(self.nbytes)
         # its last two replies' shapes (a reply lands at either lap start of the response ring, ring.py): their records'
-        # words for C to compare with, and (descriptors, tensor bytes) for the views (`replies[same_reply - 1]`)
+        # words for C to compare with, and their ReplyShapes (`replies[same_reply - 1]`)
         self.expect = NativeCaller.expected_replies()
-        self.replies: list[tuple[tuple[TensorDesc, ...], int]] = [((), 0), ((), 0)]
+        self.replies = [ReplyShape(()), ReplyShape(())]
         self._next = 0
 
     def learn_reply(self, caller: NativeCaller, shape: RecordShape) -> None:
         """The reply the last call took (checked in C, shaped as `shape`): the next one shaped alike is known by one
         comparison in C."""
         caller.keep_reply(self.expect, self._next)
-        self.replies[self._next] = (shape.descs, sum(d.nbytes for d in shape.descs))
+        self.replies[self._next] = ReplyShape(shape.descs)
         self._next ^= 1
+
+
+class KnownReply(Reply):
+    """The Reply of a call whose reply C recognised as shaped as one of its last two (ShmClient.call): views made for
+    that shape before, the message accepted in C where nothing else was out (and released there), its CallStats made
+    where someone reads them (from the C call's times, copied out as bytes)."""
+
+    __slots__ = ("_entry", "_consumer", "_call")
+    text, _release, aliases_transport = "", None, True   # (what every such reply has: class attributes, not slots)
+
+    def __init__(self, views: list[torch.Tensor], entry: list, consumer, call: tuple, stats: CallStats | None):
+        self._tensors, self._stats, self._released = views, stats, False
+        self._entry, self._consumer, self._call = entry, consumer, call
+
+    @property
+    def stats(self) -> CallStats:
+        if self._stats is None:
+            self._stats = known_call_stats(*self._call)
+        return self._stats
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._tensors = []
+        self._consumer.release_adopted(self._entry)
+
+
+def known_call_stats(method: str, layer: int, op: int, t_start: int, t_decoded: int, shape: CallShape,
+                     reply: ReplyShape, times: bytes) -> CallStats:
+    """A known reply's CallStats: its call's times (NativeCaller.times_bytes) and its shapes' byte counts."""
+    t_encoded, t_sent, t_replied, copy_ns, sent, _, _, work_ns, received, _ = CALL_TIMES.unpack(times)
+    return CallStats(method, NAME, layer, t_start, t_encoded, t_sent, t_replied, t_decoded,
+                     shape.payload_sent + sent, reply.nbytes + received, shape.payload_sent, reply.nbytes, copy_ns,
+                     work_ns, op)
 
 
 class RequestRingInputs:
@@ -305,6 +363,10 @@ class ShmClient(RequestRingInputs, ClientTransport):
         self._reply_bell = self._bell_in or BellIn(self.rsp, self.token, self.rsp.capacity)
         self._caller = NativeCaller(self.req.producer.native, self.req.data_offset, requests.native,
                                     self._reply_bell.native, self.backoff)
+        # a known reply accepted (and released, poisoned where the consumer poisons) in C where nothing else is out
+        consumer = self.rsp.consumer
+        consumer.release_in_c = self._caller.accept_replies(consumer.state, OFF_TAIL, self.rsp.data_offset,
+                                                            consumer.poison)
         self._request_span = (self.req.native.address, self.req.native.address + self.req.native.nbytes)
         self.calls_in_c = settings.calls_in_c()
 
@@ -322,19 +384,22 @@ class ShmClient(RequestRingInputs, ClientTransport):
         claims = self._claim_inputs(method, tensors) if self._pending is not None else None
         if not self.calls_in_c:
             return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
-        shape = self._call_shapes.get((method, layer, op, wire_dtype, *[(t.dtype, t.shape) for t in tensors]))
+        # what fixes a call's CallShape: its method, layer, op, wire dtype and each input's dtype and shape
+        key = (method, layer, op, wire_dtype) + tuple([(t.dtype, t.shape) for t in tensors])
+        shape = self._call_shapes.get(key)
         if shape is None:
-            shape = self._learn_call(method, layer, op, tensors, wire_dtype)
+            shape = self._learn_call(key, tensors, wire_dtype)
         if not shape or not 0 <= pos < POS_LIMIT:   # (the Python path words a pos out of range)
             return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
         caller = self._caller
         sources, words = caller.sources, shape.words
         low, high = self._request_span
-        for i, t in enumerate(tensors):
+        i = 0
+        for t in tensors:
             staged = claims[i] if claims is not None else None
             if staged is None:
                 address = t.data_ptr()
-                if low <= address < high or not t.is_contiguous() or not t.is_cpu:
+                if low <= address < high or not t.is_cpu or not t.is_contiguous():
                     # (a view on the ring no request staged: the Python path refuses it)
                     return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
                 sources[i] = address
@@ -343,6 +408,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
                 words[HEAD_WORDS + i * DESC_WORDS] = staged.offset
             else:
                 return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
+            i += 1
         seq = self.seq + 1
         times = caller.times
         if self._bell_out is not None:
@@ -370,19 +436,18 @@ class ShmClient(RequestRingInputs, ClientTransport):
             times.t_replied = now_ns()
             rc = caller.check(raw, seq, shape.code, shape.expect)
         same = times.same_reply
-        if same:   # shaped as one of this call's last two replies: their descriptors
-            descs, payload_recv = shape.replies[same - 1]
+        if same:   # shaped as one of this call's last two replies: their descriptors and views
+            reply = shape.replies[same - 1]
             rsp = self.rsp
-            entry = rsp.consumer.accept(times.ring_end, descs)
-            out = [ring_view(rsp, d) for d in descs]
-            stats = CallStats(method, NAME, layer, t_start, times.t_encoded, times.t_sent, times.t_replied, now_ns(),
-                              shape.payload_sent + times.sent_length,
-                              payload_recv + (caller.received() if raw is None else len(raw)),
-                              shape.payload_sent, payload_recv, times.copy_ns, times.work_ns, op)
-            if self.observers:
-                self._notify(stats)
+            views = reply.views(rsp)
+            entry = (rsp.consumer.adopt if times.accepted else rsp.consumer.accept)(times.ring_end, reply.descs)
             self.known_replies += 1
-            return Reply(out, stats, "", partial(rsp.consumer.release, entry))
+            call = (method, layer, op, t_start, now_ns(), shape, reply, caller.times_bytes[:])
+            stats = None
+            if self.observers:
+                stats = known_call_stats(*call)
+                self._notify(stats)
+            return KnownReply(views, entry, rsp.consumer, call, stats)
         stats = CallStats(method, NAME, layer, t_start=t_start, op=op, t_encoded=times.t_encoded, t_sent=times.t_sent,
                           t_replied=times.t_replied, copy_in_ns=times.copy_ns)
         if raw is None:
@@ -433,16 +498,16 @@ class ShmClient(RequestRingInputs, ClientTransport):
         stats.t_replied = now_ns()
         return self._reply(self._checked_reply(raw, seq, code), stats, payload_sent, len(payload), len(raw))
 
-    def _learn_call(self, method: str, layer: int, op: int, tensors, wire_dtype) -> CallShape | bool:
-        """A call's CallShape, made once per method, layer, op, wire dtype and inputs' shapes; False (kept too, so that
-        it is not asked again) where an input is not in its wire dtype (a converting copy: Python's) or has no bytes."""
+    def _learn_call(self, key: tuple, tensors, wire_dtype) -> CallShape | bool:
+        """A call's CallShape, made once per key (`call`); False (kept too, so that it is not asked again) where an input
+        is not in its wire dtype (a converting copy: Python's) or has no bytes."""
         if len(self._call_shapes) >= CALL_SHAPES_KEPT:
             self._call_shapes.clear()
-        key = (method, layer, op, wire_dtype, *[(t.dtype, t.shape) for t in tensors])
         if any(wire_dtype is not None and t.is_floating_point() and t.dtype != wire_dtype or not t.numel()
                for t in tensors):
             self._call_shapes[key] = False
             return False
+        method, layer, op = key[:3]
         descs = [TensorDesc(0, t.numel() * t.element_size(), t.dtype, tuple(t.shape)) for t in tensors]
         code = Method[method]
         shape = self._call_shapes[key] = CallShape(code, NativeCaller.words(protocol.to_words(code, 0, layer, op, 0, 0,
@@ -519,6 +584,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         super().close()
         self._bell_out = self._bell_in = self._caller = self._reply_bell = None
         self.calls_in_c = False
+        self._call_shapes.clear()   # (their views on the response ring)
         close_rings(self.req, self.rsp)
         self.req = self.rsp = None
 
