@@ -29,7 +29,7 @@ def test_bench_all_writes_complete_consistent_records_tables_plots_and_readable_
     records = json.loads((out / "results.json").read_text())
 
     micro = [r for r in records if r["suite"] == "micro"]
-    kinds = ("floor-shm", "shm", "floor-zmq", "shm-zmqbell", "msgpack")   # each doorbell beside its own floor
+    kinds = ("copies", "floor-shm", "shm", "floor-zmq", "shm-zmqbell", "msgpack")   # each doorbell beside its floor
     assert {(r["transport"], r["nbytes"]) for r in micro} == set(itertools.product(kinds, (4096, 65536)))
     for r in micro:
         assert MICRO_KEYS <= r.keys() and r["repeats"] >= 20 and 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"]

@@ -110,9 +110,10 @@ def _micro_table(records: list[dict]) -> list[str]:
         return []
     lines = ["| size | " + " | ".join(f"{c} us" for c in MICRO_COLUMNS) + " | shm / floor-shm | shm-zmqbell / floor-zmq "
              "| msgpack / shm |", "|---" * (len(MICRO_COLUMNS) + 4) + "|"]
+    k = len(MICRO_COLUMNS)
     for n, *vals in rows:
-        lines.append(f"| {format_bytes(n)} | " + " | ".join(f"{v * 1e6:.1f}" for v in vals[:5])
-                     + f" | {vals[5]:.2f}x | {vals[6]:.2f}x | {vals[7]:.1f}x |")
+        lines.append(f"| {format_bytes(n)} | " + " | ".join(f"{v * 1e6:.1f}" for v in vals[:k])
+                     + f" | {vals[k]:.2f}x | {vals[k + 1]:.2f}x | {vals[k + 2]:.1f}x |")
     return lines
 
 
@@ -123,8 +124,10 @@ def write_results(records: list[dict], out: pathlib.Path, machine: str) -> None:
     if micro:
         lines += ["## micro: echo round trip of one float32 tensor (median)", "",
                   "shm: tensors in the rings, doorbell in shared memory; shm-zmqbell: the same rings, a ZeroMQ "
-                  "doorbell per call. floor-shm / floor-zmq = two memcpys of the size (C helper) plus a bare round "
-                  "trip of that signalling (a word through shared memory / a 64-byte ZeroMQ message), same run.",
+                  "doorbell per call. floor-shm / floor-zmq = two memcpys of the size (C helper), made where a "
+                  "transport makes them (one into shared memory, one in the other process from there into a second "
+                  "shared area), around a bare round trip of that signalling (a word through shared memory / a "
+                  "64-byte ZeroMQ message), same run; copies = the two memcpys in one process.",
                   ""] + micro + [""]
     if any(r["suite"] == "e2e" for r in records):
         e2e = [r for r in records if r["suite"] == "e2e"]
