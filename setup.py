@@ -1,4 +1,12 @@
+import pathlib
+import sys
+
 from setuptools import find_packages, setup
+
+if {"develop", "editable_wheel", "build_ext", "bdist_wheel"} & set(sys.argv):   # a build: the helper's old modules go
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "native"))
+    from build_native import drop_other_builds
+    drop_other_builds()
 
 setup(
     name="shmrt",

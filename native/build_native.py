@@ -36,5 +36,16 @@ ffibuilder.set_source(
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"],
 )
 
+
+def drop_other_builds(keep: pathlib.Path | None = None) -> None:
+    """Remove the helper's module files but `keep`: pip's editable build names it _native.abi3.so, a build by this
+    script _native.<interpreter tag>.so, and Python imports the latter first, so a stale one of either would shadow
+    a fresh other (a bench script's build once hid a session's C changes from its own tests)."""
+    for module in (HERE.parent / "shmrt" / "wire").glob("_native.*.so"):
+        if module != keep:
+            module.unlink()
+
+
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=False)
+    built = pathlib.Path(ffibuilder.compile(tmpdir=str(HERE.parent), verbose=False)).resolve()
+    drop_other_builds(keep=built)

@@ -355,8 +355,8 @@ int shmrt_call_check(shmrt_caller *c, const uint8_t *rec, uint64_t n, uint64_t s
 /* A reply shaped as expected (same_reply) is accepted here as ring.py's Consumer.accept would accept it where the */
 /* consumer has no other message out and its end lies in [accepted_end, tail + 2 laps] (t's accepted: 1; else 0, */
 /* Python's to accept or refuse). Its release: SHMRT_OK where it still is the only message out and ends at `end` (its */
-/* tensors' bytes poisoned where the caller poisons, the tail set and release-stored), else SHMRT_E_NONE (Python's */
-/* Consumer releases it: it holds it since). */
+/* tensors' bytes poisoned where the caller poisons, the tail set and release-stored), else SHMRT_E_NONE (another */
+/* message was accepted since: ring.py's Consumer tracks both then, and releases this one itself). */
 int shmrt_call_release(shmrt_caller *c, uint64_t end);
 
 /* ---- the enclave's rows (shmrt_rows.c): one decode step's residual and RMSNorm in one pass */

@@ -163,3 +163,25 @@ def test_the_graph_route_probe_times_the_handler_on_every_decode_call():
     lines = [line.split() for line in out.stdout.splitlines() if line.strip()]
     assert {words[0] for words in lines} == {"AttentionOutput", "AttentionScores", "BatchLinear", "Embedding", "LMHead"}
     assert all(float(words[-2]) > 0 for words in lines), out.stdout
+
+
+def test_micro_floors_move_the_bytes_across_processes(tmp_path):
+    """The floors' round trips make the copies they stand for: the echo side (another process) leaves the client's
+    bytes in the second shared area, over either signalling, at each size in turn."""
+    import torch
+    from conftest import CHILDREN
+    from shmrt.tools.bench.micro import Floors
+    floors = Floors(CHILDREN, f"ipc://{tmp_path}/raw.sock", 2 * 65536 + 4096)
+    try:
+        area = floors.area
+        for signal in ("shm", "zmq"):
+            for n in (4096, 65536, 1024):
+                x = torch.randn(n // 4)
+                round_trip = getattr(floors, signal)(x)
+                for _ in range(3):
+                    x.normal_()
+                    round_trip()
+                    echoed = area.ring.tensor(area.dst - area.ring.data_offset, n, torch.float32, (n // 4,))
+                    assert torch.equal(echoed, x), (signal, n)
+    finally:
+        floors.close()

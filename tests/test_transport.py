@@ -130,7 +130,8 @@ def test_shm_a_reply_accepted_in_c_and_one_held_with_it_release_in_ring_order(ec
             later = t.call("Matmul", [torch.full((96,), -float(i))])   # known too, but another reply is out
             assert len(adopted) == 1 and consumer.outstanding == 2
             before = tail()
-            assert torch.equal(view, torch.full((64,), float(i))) and torch.equal(later.view(0), torch.full((96,), -float(i)))
+            assert torch.equal(view, torch.full((64,), float(i)))
+            assert torch.equal(later.view(0), torch.full((96,), -float(i)))
             first, second = (held, later) if first_released == "held" else (later, held)
             first.release()
             if first is held:   # the tail moves over the held message only; its bytes poisoned
@@ -140,8 +141,61 @@ def test_shm_a_reply_accepted_in_c_and_one_held_with_it_release_in_ring_order(ec
             second.release()
             assert tail() == consumer.accepted_end and consumer.outstanding == 0 and torch.isnan(view).all()
         with t.call("Matmul", [torch.full((64,), 7.0)]) as r:   # alone again: accepted in C
-            assert torch.equal(r.view(0), torch.full((64,), 7.0)) and consumer.outstanding == 1
-        assert consumer.outstanding == 0 and tail() == consumer.accepted_end
+            view = r.view(0)
+            assert torch.equal(view, torch.full((64,), 7.0)) and consumer.outstanding == 1
+        # released in C: the tail stored there, the bytes poisoned there
+        assert consumer.outstanding == 0 and tail() == consumer.accepted_end and torch.isnan(view).all()
+
+
+@pytest.mark.parametrize("doorbell", ["shm", "zmq"])
+def test_shm_replies_released_after_their_session_closed_give_nothing_back(echo_daemon, doorbell):
+    """A reply released after close (its rings unmapped, the C caller gone) is a no-op, whether C or Python
+    accepted it (C's release used to write into the unmapped ring and freed structs: a crash)."""
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10, doorbell=doorbell) as t:
+        _known_session(t, (64, 96))
+        adopted = t.call("Matmul", [torch.ones(64)])
+        tracked = t.call("Matmul", [torch.ones(96)])   # a second one out: the Python consumer's
+        assert t.rsp.consumer.outstanding == 2
+    adopted.release()
+    tracked.release()
+    with pytest.raises(StaleView):
+        adopted.view(0)
+
+
+def test_shm_a_known_reply_whose_ring_end_is_out_of_bounds_is_refused(echo_daemon):
+    """A host that moves a known-shaped reply's ring end past the two laps the consumer accepts gets the one-line
+    ProtocolError (C does not accept it; the Python consumer words it), nothing released."""
+    from shmrt.errors import ProtocolError
+    from shmrt.wire import protocol
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10, doorbell="zmq") as t:
+        _known_session(t, (64,))
+        known = t.known_replies
+        receive = t._recv
+
+        def hostile_receive():
+            bell = protocol.decode(receive(), capacity=t.rsp.capacity)
+            return protocol.encode(bell._replace(ring_end=bell.ring_end + 3 * t.rsp.capacity))
+        t._recv = hostile_receive
+        with pytest.raises(ProtocolError, match="message end"):
+            t.call("Matmul", [torch.ones(64)])
+        assert t.known_replies == known and t.rsp.consumer.outstanding == 0
+
+
+def test_shm_known_reply_views_follow_inference_mode(echo_daemon):
+    """A reply shape's views made inside torch.inference_mode are made again outside it, where they can be written
+    (an inference tensor cannot be updated in place outside inference mode)."""
+    with make_client_transport("shm", echo_daemon.endpoint, timeout=10) as t:
+        _known_session(t, (32,))
+        with torch.inference_mode():
+            for _ in range(4):
+                with t.call("Matmul", [torch.ones(32)]) as r:
+                    assert r.view(0).is_inference()
+        for i in range(4):
+            with t.call("Matmul", [torch.full((32,), float(i))]) as r:
+                view = r.view(0)
+                assert not view.is_inference()
+                view.add_(1.0)
+                assert torch.equal(view, torch.full((32,), i + 1.0))
 
 
 @pytest.mark.parametrize("doorbell", ["shm", "zmq"])

@@ -302,7 +302,8 @@ CALL_ASLEEP = lib.SHMRT_CALL_ASLEEP
 
 class NativeCaller:
     """shmrt_caller: one C call a request, from its inputs' copies to its reply's checked record (`call`). Holds the
-    structs it points into as long as it lives; their mappings must outlive it (the client drops it first)."""
+    structs it points into as long as it lives; their mappings must outlive it (the client drops it first; the release
+    `accept_replies` hands out goes to the response ring's consumer, which the ring detaches before it unmaps)."""
 
     def __init__(self, producer: NativeProducer, request_data: int, requests: NativeBell, replies: NativeBell,
                  backoff: "Backoff"):
@@ -329,7 +330,9 @@ class NativeCaller:
         c = self.c
         c.reply_consumer, c.reply_tail_off, c.reply_data_off, c.poison = consumer, tail_offset, data_offset, poison
         self._consumer = consumer
-        return functools.partial(lib.shmrt_call_release, c)
+        release = functools.partial(lib.shmrt_call_release, c)
+        release.caller = self   # (c points into the bells and the producer this caller keeps alive)
+        return release
 
     @staticmethod
     def words(record: list[int]):

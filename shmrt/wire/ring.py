@@ -255,6 +255,7 @@ class Ring:
         if self._closed:
             return
         self._closed = True
+        self.consumer.detach()
         if self._guard is not None:
             unguard_mapping(self._guard)
         self.producer.detach()
@@ -429,6 +430,7 @@ class Consumer:
         self._outstanding: collections.deque[list] = collections.deque()  # [end, done, descriptors]
         # a message C accepted as the only one out (`adopt`): tracked in `_outstanding` only once another is accepted
         self._adopted: list | None = None
+        self._detached = False
         self.release_in_c = None   # end -> 0 where that message, the only one out, is released in C (`adopt`)
         self._two_laps = 2 * ring.capacity
 
@@ -445,8 +447,7 @@ class Consumer:
         if not accepted <= end <= bound:
             raise ProtocolError(f"ring {self.ring.name}: message end {end} outside [{accepted}, {bound}]")
         if self._adopted is not None:   # the message C accepted comes first
-            self._outstanding.append(self._adopted)
-            self._adopted = None
+            self.track_adopted()
         state.accepted_end = end
         entry = [end, False, tensors]
         self._outstanding.append(entry)
@@ -459,19 +460,34 @@ class Consumer:
         entry = self._adopted = [end, False, tensors]
         return entry
 
+    def track_adopted(self) -> None:
+        """The message C accepted (if one is out) tracked here from now on: released by `release`, in ring order."""
+        if self._adopted is not None:
+            self._outstanding.append(self._adopted)
+            self._adopted = None
+
+    def detach(self) -> None:
+        """The ring is being unmapped: a message released from now on (a reply released after its session closed)
+        has nothing left to give back, in Python or in C."""
+        self._detached = True
+        self.release_in_c = self._adopted = None
+        self._outstanding.clear()
+
     def release_adopted(self, entry: list) -> None:
         """`release` for an entry `accept` or `adopt` made: one still the only message out is released by
         `release_in_c(end)` (the client's NativeCaller.accept_replies: the tail stored in C), where no Python runs."""
         if entry is self._adopted:
             self._adopted = None
             rc = self.release_in_c(entry[0])
-            if rc:
-                raise ProtocolError(f"ring {self.ring.name}: a reply accepted in C could not be released there ({rc})")
+            if rc:   # (it is the only message out, or `accept` would have tracked it: bookkeeping gone wrong)
+                raise AssertionError(f"ring {self.ring.name}: a reply accepted in C could not be released there ({rc})")
             return
         self.release(entry)
 
     def release(self, entry: list) -> None:
         """Mark a message done; publish tail over the completed prefix (FIFO order)."""
+        if self._detached:
+            return
         entry[1] = True
         if self.poison:
             self._poison(entry[2])

@@ -359,6 +359,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         """The C caller over this session's rings and doorbells as they are now (again after one is replaced: tests).
         With the ZeroMQ doorbell its records still are the rings' doorbells' (their codec, the session's token and
         the response ring's bounds), sent and received over the socket."""
+        self.rsp.consumer.track_adopted()   # (a reply the last caller accepted is Python's to release now)
         requests = self._bell_out or BellOut(self.req, self.token)
         self._reply_bell = self._bell_in or BellIn(self.rsp, self.token, self.rsp.capacity)
         self._caller = NativeCaller(self.req.producer.native, self.req.data_offset, requests.native,
