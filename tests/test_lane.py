@@ -211,7 +211,7 @@ class Sessions:
 
 
 def _outcome(t, method, tensors, layer=-1, op=0, pos=0, hold=False, hidden=0):
-    """("ok", values, places in the response ring) or ("refused", the daemon's message)."""
+    """("ok", values, places in the response ring, what its stats count) or ("refused", the daemon's message)."""
     try:
         reply = t.call(method, tensors, layer=layer, op=op, pos=pos)
     except PeerError as exc:
@@ -219,9 +219,11 @@ def _outcome(t, method, tensors, layer=-1, op=0, pos=0, hold=False, hidden=0):
     with reply:
         values = [reply.view(i).clone() for i in range(len(reply))]
         places = [reply.view(i).data_ptr() - t.rsp.native.address for i in range(len(reply))]
+        s = reply.stats   # (a reply C knew makes its stats here, from the call's times)
+        counts = (s.method, s.layer, s.op, s.payload_sent, s.payload_recv, s.sent_bytes, s.recv_bytes)
         if hold:   # the next reply lands elsewhere while this one is held
             t.call("BatchLinear", [torch.zeros(1, 1, hidden)], layer=0, op=48).release()
-    return "ok", values, places
+    return "ok", values, places, counts
 
 
 def _same(a, b, what) -> None:
@@ -230,6 +232,7 @@ def _same(a, b, what) -> None:
         assert a[1] == b[1], what
     else:
         assert all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and a[2] == b[2], what
+        assert a[3] == b[3], (what, a[3], b[3])
 
 
 @pytest.mark.parametrize("seed, doorbell", [(0, "shm"), (1, "shm"), (2, "shm"), (3, "zmq")])
@@ -239,7 +242,7 @@ def test_the_lane_changes_no_outcome_of_random_call_sequences(step8, monkeypatch
     decode step's Embedding (int64 or int32, in the vocabulary or not) and LMHead, a reply held across a call) to a
     daemon whose lane serves what its plans answer, from a client whose calls are made in C, and to one that serves
     everything from Python, from a client whose calls are made from Python: every reply the same values at the same
-    places in the response ring, every refusal the same message (a refusal ends the session on both: each opens a
+    places in the response ring and the same byte counts in its stats, every refusal the same message (a refusal ends the session on both: each opens a
     new one), and the lane served a good part of them. Requests rung in the rings' headers, or over ZeroMQ (the
     lane checks the record that came over the socket and answers there)."""
     monkeypatch.setenv("SHMRT_POISON", "1")
