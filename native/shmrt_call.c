@@ -8,8 +8,10 @@
  * (stored by shmrt_publish and shmrt_bell_post_words), its asleep word (loaded once, after the post's fence), its
  * consumer's tail word (loaded by shmrt_reserve, validated there); the response ring's seq word and slot (loaded and
  * copied once by shmrt_bell_await_record, the copy checked there), or a reply record that came over ZeroMQ (a private
- * copy, checked by shmrt_record_check). Nothing of a reply is used before that check; its ring end is Python's to
- * accept (ring.py's Consumer). */
+ * copy, checked by shmrt_record_check). Nothing of a reply is used before that check. A reply shaped as expected is
+ * accepted into the response ring's consumer here where nothing else is out (shmrt_ring.c's consumer helpers, the
+ * bounds ring.py's Consumer.accept keeps), and released by shmrt_call_release (its tail word stored); any other is
+ * Python's to accept. */
 #include "shmrt_native.h"
 
 #include <string.h>
@@ -31,18 +33,12 @@ static void note_reply(shmrt_caller *c, const uint64_t *r, const uint64_t *expec
     t->ring_end = r[6];
     t->work_ns = r[7];
     shmrt_consumer *k = c->reply_consumer;
-    uint64_t end = r[6];
-    t->accepted = t->same_reply != 0 && k != NULL && k->outstanding == 0 && end >= k->accepted_end
-                  && end - k->tail <= 2 * c->replies->capacity;
+    t->accepted = t->same_reply != 0 && k != NULL && shmrt_consumer_takes_only(k, r[6], c->replies->capacity);
     if (t->accepted) {
-        k->accepted_end = end;
+        k->accepted_end = r[6];
         k->outstanding = 1;
-        uint32_t n = (uint32_t)r[8];   /* (same_reply bounds it by SHMRT_MAX_TENSORS) */
-        c->adopted_count = c->poison ? n : 0;
-        for (uint32_t i = 0; i < c->adopted_count; i++) {
-            c->adopted_offset[i] = r[SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS];
-            c->adopted_nbytes[i] = r[SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS + 1];
-        }
+        c->adopted_count = (uint32_t)r[8];   /* (same_reply bounds it by SHMRT_MAX_TENSORS) */
+        if (c->poison) memcpy(c->adopted_descs, r + SHMRT_HEAD_WORDS, (size_t)r[8] * SHMRT_DESC_WORDS * 8);
     }
 }
 
@@ -50,18 +46,8 @@ int shmrt_call_release(shmrt_caller *c, uint64_t end) {
     shmrt_consumer *k = c->reply_consumer;
     const shmrt_bell *b = c->replies;
     if (k == NULL || k->outstanding != 1 || k->accepted_end != end) return SHMRT_E_NONE;
-    if (c->reply_tail_off % 8 || c->reply_tail_off > b->base_len - 8 || c->reply_data_off > b->base_len)
-        return SHMRT_E_BOUNDS;
-    for (uint32_t i = 0; i < c->adopted_count; i++) {   /* (offsets checked against the capacity with the record) */
-        uint64_t at = c->reply_data_off + c->adopted_offset[i];
-        if (at > b->base_len || c->adopted_nbytes[i] > b->base_len - at) return SHMRT_E_BOUNDS;
-        memset(b->base + at, 0xFF, (size_t)c->adopted_nbytes[i]);
-    }
-    c->adopted_count = 0;
-    k->tail = end;
-    k->outstanding = 0;
-    __atomic_store_n((uint64_t *)(b->base + c->reply_tail_off), end, __ATOMIC_RELEASE);
-    return SHMRT_OK;
+    return shmrt_consumer_release_only(k, b->base, b->base_len, c->reply_data_off, c->reply_tail_off, c->adopted_descs,
+                                       c->adopted_count, c->poison, end);
 }
 
 int shmrt_call_await(shmrt_caller *c, uint64_t seq, uint32_t method, const uint64_t *expect_reply, uint64_t rung_ns,

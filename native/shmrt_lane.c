@@ -79,8 +79,7 @@ static int serve_checked(shmrt_lane *lane, const uint64_t *w, const uint64_t **r
     if (p == NULL || p->places < 1 || p->places > 2) return SHMRT_OK;
     shmrt_consumer *c = lane->consumer;
     uint64_t pos = w[5], end = w[6], cap = lane->requests->capacity;
-    /* The request's end as ring.py's Consumer.accept wants it; any other case is Python's to word. */
-    if (c->outstanding || end < c->accepted_end || end > c->tail + 2 * cap) return SHMRT_OK;
+    if (!shmrt_consumer_takes_only(c, end, cap)) return SHMRT_OK;
     int64_t id = 0;
     if (!ready(lane, p, pos, &id)) return SHMRT_OK;
     /* The reply's one reservation, where one of the plan's places is; else the producer as it was. */
@@ -110,16 +109,10 @@ static int serve_checked(shmrt_lane *lane, const uint64_t *w, const uint64_t **r
     }
     if (p->kind == SHMRT_PLAN_SCORES) *p->filled[0] = *p->filled[1] = (int64_t)pos + 1;
     /* The request is done with: poisoned (tests), then handed back (its tail), as ring.py's Consumer.release does. */
-    if (lane->poison) {
-        for (uint64_t i = 0; i < w[8]; i++) {
-            const uint64_t *d = w + SHMRT_HEAD_WORDS + i * SHMRT_DESC_WORDS;
-            uint64_t off = lane->request_data + d[0];
-            if (off <= lane->request_len && d[1] <= lane->request_len - off) memset(lane->request_base + off, 0xFF, d[1]);
-        }
-    }
-    c->accepted_end = c->tail = end;
-    atomic_store_explicit((_Atomic uint64_t *)(lane->request_base + lane->request_tail_off), end, memory_order_release);
-    int rc = shmrt_publish(prod);
+    int rc = shmrt_consumer_release_only(c, lane->request_base, lane->request_len, lane->request_data,
+                                         lane->request_tail_off, w + SHMRT_HEAD_WORDS, w[8], lane->poison, end);
+    if (rc != SHMRT_OK) return rc;
+    rc = shmrt_publish(prod);
     if (rc != SHMRT_OK) return rc;
     uint64_t *r = p->reply_words[place];
     r[2] = w[2];

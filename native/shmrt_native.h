@@ -217,6 +217,16 @@ typedef struct {
     uint64_t outstanding;     /* messages accepted and not released yet */
 } shmrt_consumer;
 
+/* Whether a message ending at `end` may be accepted as the consumer's only message out: none is out, and end lies in */
+/* [accepted_end, tail + 2 laps of `capacity`] (ring.py's Consumer.accept; anything else is Python's to word). */
+int shmrt_consumer_takes_only(const shmrt_consumer *k, uint64_t end, uint64_t capacity);
+/* Release the consumer's only message out, ending at `end`, from the mapping [base, base + len): where `poison`, its */
+/* n tensors' bytes (descs: n descriptors of SHMRT_DESC_WORDS words, offsets into the data area at data_off) */
+/* overwritten with 0xFF first; then accepted_end = tail = end, none out, and tail release-stored into the word at */
+/* tail_off. SHMRT_OK, or SHMRT_E_BOUNDS (nothing changed) where a word or a tensor lies outside the mapping. */
+int shmrt_consumer_release_only(shmrt_consumer *k, uint8_t *base, uint64_t len, uint64_t data_off, uint64_t tail_off,
+                                const uint64_t *descs, uint64_t n, uint32_t poison, uint64_t end);
+
 /* ---- the daemon's planned calls (shmrt_lane.c; shmrt/host/lane.py fills the plans from host/graphs.py's): a */
 /* request whose record a plan knows is served in one C call from the take to the reply's post, without Python: */
 /* the record taken and checked, its plan found by the record's fixed words, what the record does not fix checked */
@@ -309,9 +319,8 @@ typedef struct {
     uint64_t reply_tail_off;          /* tail word and data area lie in the replies' mapping, */
     uint64_t reply_data_off;
     uint32_t poison;                  /* and whether a release overwrites the reply's tensor bytes with 0xFF (tests); */
-    uint32_t adopted_count;           /* the tensors of the reply accepted in C (for that poison) */
-    uint64_t adopted_offset[SHMRT_MAX_TENSORS];
-    uint64_t adopted_nbytes[SHMRT_MAX_TENSORS];
+    uint32_t adopted_count;           /* the descriptors of the reply accepted in C (for that poison) */
+    uint64_t adopted_descs[SHMRT_MAX_TENSORS * SHMRT_DESC_WORDS];
 } shmrt_caller;
 
 typedef struct {

@@ -4,6 +4,7 @@
 #include "shmrt_native.h"
 
 #include <stdatomic.h>
+#include <string.h>
 
 static uint64_t align_up(uint64_t value, uint64_t alignment) {
     return (value + alignment - 1) / alignment * alignment;
@@ -94,5 +95,28 @@ int shmrt_publish(shmrt_producer *p) {
     p->in_message = 0;
     p->published = p->head;
     atomic_store_explicit((_Atomic uint64_t *)(p->base + p->head_off), p->head, memory_order_release);
+    return SHMRT_OK;
+}
+
+/* ---- the consumer's only message out (shmrt_native.h): the daemon's planned calls and the client's known replies */
+
+int shmrt_consumer_takes_only(const shmrt_consumer *k, uint64_t end, uint64_t capacity) {
+    return k->outstanding == 0 && end >= k->accepted_end && end - k->tail <= 2 * capacity;
+}
+
+int shmrt_consumer_release_only(shmrt_consumer *k, uint8_t *base, uint64_t len, uint64_t data_off, uint64_t tail_off,
+                                const uint64_t *descs, uint64_t n, uint32_t poison, uint64_t end) {
+    if (tail_off % 8 || len < 8 || tail_off > len - 8 || data_off > len) return SHMRT_E_BOUNDS;
+    for (uint64_t i = 0; poison && i < n; i++) {   /* (the descriptors were checked against the capacity) */
+        const uint64_t *d = descs + i * SHMRT_DESC_WORDS;
+        if (d[0] > len - data_off || d[1] > len - data_off - d[0]) return SHMRT_E_BOUNDS;
+    }
+    for (uint64_t i = 0; poison && i < n; i++) {
+        const uint64_t *d = descs + i * SHMRT_DESC_WORDS;
+        memset(base + data_off + d[0], 0xFF, (size_t)d[1]);
+    }
+    k->accepted_end = k->tail = end;
+    k->outstanding = 0;
+    atomic_store_explicit((_Atomic uint64_t *)(base + tail_off), end, memory_order_release);
     return SHMRT_OK;
 }

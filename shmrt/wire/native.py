@@ -67,7 +67,7 @@ class MappedBuffer:
     def __init__(self, buf):
         self._buf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         self.nbytes = len(self._buf)
-        self._base = int(ffi.cast("uintptr_t", self._buf))
+        self._base = int(ffi.cast("uintptr_t", self._buf))   # (`address`: asked on every staged input's check)
         self.message_starts: tuple[int, ...] = ()   # addresses a message's first tensor returns to (Ring sets them)
         self._word_out = ffi.new("uint64_t *")
 
@@ -91,7 +91,7 @@ class MappedBuffer:
     @property
     def address(self) -> int:
         """The mapping's base address (for cudaHostRegister)."""
-        return int(ffi.cast("uintptr_t", self._buf))
+        return self._base
 
     def load(self, offset: int) -> int:
         """Acquire-load the 64-bit word at `offset`. (The header words go through here a few times a call on each
