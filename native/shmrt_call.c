@@ -33,18 +33,21 @@ static void note_reply(shmrt_caller *c, const uint64_t *r, const uint64_t *expec
     t->ring_end = r[6];
     t->work_ns = r[7];
     shmrt_consumer *k = c->reply_consumer;
-    t->accepted = t->same_reply != 0 && k != NULL && shmrt_consumer_takes_only(k, r[6], c->replies->capacity);
-    if (t->accepted) {
-        k->accepted_end = r[6];
+    int taken = t->same_reply != 0 && k != NULL && shmrt_consumer_takes_only(k, r[6], c->replies->capacity);
+    t->accepted = taken ? t->same_reply : 0;   /* (which of the two: the one field a client's hot path reads) */
+    c->known_replies += taken;
+    if (taken) {
+        k->accepted_end = c->adopted_end = r[6];
         k->outstanding = 1;
         c->adopted_count = (uint32_t)r[8];   /* (same_reply bounds it by SHMRT_MAX_TENSORS) */
         if (c->poison) memcpy(c->adopted_descs, r + SHMRT_HEAD_WORDS, (size_t)r[8] * SHMRT_DESC_WORDS * 8);
     }
 }
 
-int shmrt_call_release(shmrt_caller *c, uint64_t end) {
+int shmrt_call_release(shmrt_caller *c) {
     shmrt_consumer *k = c->reply_consumer;
     const shmrt_bell *b = c->replies;
+    uint64_t end = c->adopted_end;
     if (k == NULL || k->outstanding != 1 || k->accepted_end != end) return SHMRT_E_NONE;
     return shmrt_consumer_release_only(k, b->base, b->base_len, c->reply_data_off, c->reply_tail_off, c->adopted_descs,
                                        c->adopted_count, c->poison, end);

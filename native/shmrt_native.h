@@ -319,8 +319,10 @@ typedef struct {
     uint64_t reply_tail_off;          /* tail word and data area lie in the replies' mapping, */
     uint64_t reply_data_off;
     uint32_t poison;                  /* and whether a release overwrites the reply's tensor bytes with 0xFF (tests); */
-    uint32_t adopted_count;           /* the descriptors of the reply accepted in C (for that poison) */
+    uint32_t adopted_count;           /* the end and descriptors of the reply accepted in C (its release; the */
+    uint64_t adopted_end;             /* descriptors for that poison) */
     uint64_t adopted_descs[SHMRT_MAX_TENSORS * SHMRT_DESC_WORDS];
+    uint64_t known_replies;           /* replies accepted here (shaped as one of their call's expect_reply) */
 } shmrt_caller;
 
 typedef struct {
@@ -334,7 +336,7 @@ typedef struct {
     uint64_t ring_end;             /* and the daemon's work */
     uint64_t work_ns;
     uint64_t received;             /* the reply record's bytes */
-    uint64_t accepted;             /* 1: a reply shaped as expected, accepted as the consumer's only message out */
+    uint64_t accepted;             /* same_reply where that reply was accepted as the consumer's only message out */
 } shmrt_call_times;
 
 /* `words`: the request's record (protocol.to_words' layout) but for seq, pos and ring_end, which this sets; sources[i]: */
@@ -362,11 +364,12 @@ int shmrt_call_encode(shmrt_caller *c, uint64_t *words, const uint64_t *sources,
 int shmrt_call_check(shmrt_caller *c, const uint8_t *rec, uint64_t n, uint64_t seq, uint32_t method,
                      const uint64_t *expect_reply, shmrt_call_times *t);
 /* A reply shaped as expected (same_reply) is accepted here as ring.py's Consumer.accept would accept it where the */
-/* consumer has no other message out and its end lies in [accepted_end, tail + 2 laps] (t's accepted: 1; else 0, */
-/* Python's to accept or refuse). Its release: SHMRT_OK where it still is the only message out and ends at `end` (its */
-/* tensors' bytes poisoned where the caller poisons, the tail set and release-stored), else SHMRT_E_NONE (another */
-/* message was accepted since: ring.py's Consumer tracks both then, and releases this one itself). */
-int shmrt_call_release(shmrt_caller *c, uint64_t end);
+/* consumer has no other message out and its end lies in [accepted_end, tail + 2 laps] (t's accepted: its same_reply; */
+/* else 0, Python's to accept or refuse; the consumer's accepted_end is its end then). Its release: SHMRT_OK where it */
+/* still is the only message out (its tensors' bytes poisoned where the caller poisons, the tail set to its end and */
+/* release-stored), else SHMRT_E_NONE (another message was accepted since: ring.py's Consumer tracks both then, and */
+/* releases this one itself). */
+int shmrt_call_release(shmrt_caller *c);
 
 /* ---- the enclave's rows (shmrt_rows.c): one decode step's residual and RMSNorm in one pass */
 

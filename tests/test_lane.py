@@ -498,7 +498,7 @@ def test_the_echo_lane_and_the_calls_in_c_change_no_echo(tmp_path, monkeypatch, 
     monkeypatch.setenv("SHMRT_POISON", "1")
     adopted = []   # replies accepted in C (as the only message out), by the consumer that adopted them
     adopt = Consumer.adopt
-    monkeypatch.setattr(Consumer, "adopt", lambda self, end, descs: adopted.append(self) or adopt(self, end, descs))
+    monkeypatch.setattr(Consumer, "adopt", lambda self, descs: adopted.append(self) or adopt(self, descs))
     daemons = [EchoDaemon(f"ipc://{tmp_path}/{name}.sock", lane=lane) for name, lane in (("lane", True), ("py", False))]
     pair = None
     try:

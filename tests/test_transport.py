@@ -118,7 +118,8 @@ def test_shm_a_reply_accepted_in_c_and_one_held_with_it_release_in_ring_order(ec
     from shmrt.wire.ring import OFF_TAIL, Consumer
     adopted = []
     adopt = Consumer.adopt
-    monkeypatch.setattr(Consumer, "adopt", lambda self, end, descs: adopted.append(end) or adopt(self, end, descs))
+    # (the end C accepted it at: the consumer's accepted_end, which C set)
+    monkeypatch.setattr(Consumer, "adopt", lambda self, descs: adopted.append(self.accepted_end) or adopt(self, descs))
     with make_client_transport("shm", echo_daemon.endpoint, timeout=10, doorbell=doorbell) as t:
         _known_session(t, (64, 96))
         consumer, tail = t.rsp.consumer, lambda: t.rsp.native.load(OFF_TAIL)

@@ -319,14 +319,17 @@ class NativeCaller:
         self.sources = ffi.new("uint64_t[]", lib.SHMRT_MAX_TENSORS)
         self.times = ffi.new("shmrt_call_times *")
         self.times_bytes = ffi.buffer(self.times)   # `times_bytes[:]`: a call's times, as CALL_TIMES unpacks them
+        # shmrt_call over this caller: call_c(words, sources, seq, pos, expect_reply, budget_ns, times) (`call`'s
+        # steps with no Python frame between: a client's hot path)
+        self.call_c = functools.partial(lib.shmrt_call, c)
         self._record = ffi.new("uint8_t[]", lib.SHMRT_HEADER_BYTES + lib.SHMRT_MAX_TENSORS * lib.SHMRT_DESC_BYTES)
 
     def accept_replies(self, consumer, tail_offset: int, data_offset: int, poison: bool):
         """Let calls accept a reply shaped as expected into `consumer` (a consumer_state()) where it has no other
-        message out (`times.accepted`); the response ring's tail word and data area at `tail_offset` and
-        `data_offset` of its mapping; `poison`: its release overwrites the reply's tensor bytes with 0xFF, as the
-        Consumer's does. Returns the release of such a reply: `release(end)`, shmrt_call_release (0: released;
-        NONE: another is out since)."""
+        message out (`times.accepted`: which of the two it is shaped as); the response ring's tail word and data area
+        at `tail_offset` and `data_offset` of its mapping; `poison`: its release overwrites the reply's tensor bytes
+        with 0xFF, as the Consumer's does. Returns the release of such a reply: `release()`, shmrt_call_release (0:
+        released; NONE: another is out since)."""
         c = self.c
         c.reply_consumer, c.reply_tail_off, c.reply_data_off, c.poison = consumer, tail_offset, data_offset, poison
         self._consumer = consumer
@@ -350,6 +353,11 @@ class NativeCaller:
         """Copy the words of the reply the last call took and checked into `expected`'s record `which` (0 or 1)."""
         ffi.memmove(expected + which * RECORD_WORDS, self._replies.words, 8 * RECORD_WORDS)
 
+    @property
+    def known_replies(self) -> int:
+        """Replies this caller's calls took shaped as one of their call's last two and accepted in C."""
+        return self.c.known_replies
+
     def reply_text_length(self) -> int:
         """The text bytes of the reply the last call checked."""
         return self._replies.words[9]
@@ -361,8 +369,14 @@ class NativeCaller:
     def call(self, words, seq: int, pos: int, expect_reply, budget_ns: int) -> int:
         """TOOK (the reply's record in the reply bell's words; `times.same_reply` 1 or 2 where it is shaped as the first
         or second record of `expect_reply`: `expected_replies()` that `keep_reply` filled), SLOW, TIMEOUT, CALL_ASLEEP, or a reservation's RESERVE_WAIT,
-        RESERVE_TOO_LARGE or RESERVE_BAD_TAIL (nothing done); `sources` and `times` as shmrt_call says."""
-        rc = lib.shmrt_call(self.c, words, self.sources, seq, pos, expect_reply, budget_ns, self.times)
+        RESERVE_TOO_LARGE or RESERVE_BAD_TAIL (nothing done); `sources` and `times` as shmrt_call says. (A client's
+        hot path calls `call_c` itself, then `answer` where the rc is not TOOK.)"""
+        rc = self.call_c(words, self.sources, seq, pos, expect_reply, budget_ns, self.times)
+        return rc if rc == TOOK else self.answer(rc)
+
+    @staticmethod
+    def answer(rc: int) -> int:
+        """A C call's rc that is one of its answers (`call`'s), returned; an error's rc raised."""
         if rc == TOOK or rc in _CALL_ANSWERS:
             return rc
         _check_rc(rc, "making a call")

@@ -431,7 +431,7 @@ class Consumer:
         # a message C accepted as the only one out (`adopt`): tracked in `_outstanding` only once another is accepted
         self._adopted: list | None = None
         self._detached = False
-        self.release_in_c = None   # end -> 0 where that message, the only one out, is released in C (`adopt`)
+        self.release_in_c = None   # () -> 0 where that message, the only one out, is released in C (`adopt`)
         self._two_laps = 2 * ring.capacity
 
     accepted_end = property(lambda self: self.state.accepted_end,
@@ -454,16 +454,19 @@ class Consumer:
         state.outstanding += 1
         return entry
 
-    def adopt(self, end: int, tensors) -> list:
-        """A message C accepted as `accept` would, the only one out (shmrt_call's `accepted`): its entry, for
-        `release_adopted`."""
-        entry = self._adopted = [end, False, tensors]
+    def adopt(self, tensors) -> list:
+        """A message C accepted as `accept` would, the only one out (shmrt_call's `accepted`; C set accepted_end to
+        its end): its entry, for `release_adopted`."""
+        entry = self._adopted = [0, False, tensors]
         return entry
 
     def track_adopted(self) -> None:
-        """The message C accepted (if one is out) tracked here from now on: released by `release`, in ring order."""
-        if self._adopted is not None:
-            self._outstanding.append(self._adopted)
+        """The message C accepted (if one is out) tracked here from now on: released by `release`, in ring order.
+        (Its end is accepted_end until then: C set it, and nothing else is accepted while it is out.)"""
+        entry = self._adopted
+        if entry is not None:
+            entry[0] = self.state.accepted_end
+            self._outstanding.append(entry)
             self._adopted = None
 
     def detach(self) -> None:
@@ -475,10 +478,10 @@ class Consumer:
 
     def release_adopted(self, entry: list) -> None:
         """`release` for an entry `accept` or `adopt` made: one still the only message out is released by
-        `release_in_c(end)` (the client's NativeCaller.accept_replies: the tail stored in C), where no Python runs."""
+        `release_in_c()` (the client's NativeCaller.accept_replies: the tail stored in C), where no Python runs."""
         if entry is self._adopted:
             self._adopted = None
-            rc = self.release_in_c(entry[0])
+            rc = self.release_in_c()
             if rc:   # (it is the only message out, or `accept` would have tracked it: bookkeeping gone wrong)
                 raise AssertionError(f"ring {self.ring.name}: a reply accepted in C could not be released there ({rc})")
             return

@@ -242,8 +242,13 @@ class KnownReply(Reply):
     text, _release, aliases_transport = "", None, True   # (what every such reply has: class attributes, not slots)
 
     def __init__(self, views: list[torch.Tensor], entry: list, consumer, call: tuple, stats: CallStats | None):
-        self._tensors, self._stats, self._released = views, stats, False
-        self._entry, self._consumer, self._call = entry, consumer, call
+        # (one store a line: a tuple's packing and unpacking cost ~80 ns more, on the path of every decode call)
+        self._tensors = views
+        self._stats = stats
+        self._released = False
+        self._entry = entry
+        self._consumer = consumer
+        self._call = call
 
     @property
     def stats(self) -> CallStats:
@@ -255,7 +260,7 @@ class KnownReply(Reply):
         if self._released:
             return
         self._released = True
-        self._tensors = []
+        self._tensors = ()
         self._consumer.release_adopted(self._entry)
 
 
@@ -304,9 +309,14 @@ class ShmClient(RequestRingInputs, ClientTransport):
         # by method, layer, op, wire dtype and the inputs' dtypes and shapes (False: a call the Python path makes)
         self._call_shapes: dict[tuple, CallShape | bool] = {}
         self.calls_in_c = False   # `call` in C (from Attach on; SHMRT_CALLS_IN_C=0: `_call_in_python`)
-        self.known_replies = 0    # replies C recognised as shaped as one of their call's last two
+        self._known_elsewhere = 0   # known replies the caller bound now did not count: accepted here, or by others
         self._request_span = (0, 0)   # the request ring's mapping, [first, last + 1) (inputs inside it are staged)
         self._wake = protocol.encode(Doorbell(Method.Wake, 0, self.token))
+
+    @property
+    def known_replies(self) -> int:
+        """Replies C recognised as shaped as one of their call's last two."""
+        return self._known_elsewhere + (self._caller.known_replies if self._caller is not None else 0)
 
     def message_limit(self, max_reply_bytes: int | None) -> int:
         # Tensors stay in the rings: every legal message is a doorbell, whatever the model's size.
@@ -360,6 +370,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         With the ZeroMQ doorbell its records still are the rings' doorbells' (their codec, the session's token and
         the response ring's bounds), sent and received over the socket."""
         self.rsp.consumer.track_adopted()   # (a reply the last caller accepted is Python's to release now)
+        self._known_elsewhere = self.known_replies
         requests = self._bell_out or BellOut(self.req, self.token)
         self._reply_bell = self._bell_in or BellIn(self.rsp, self.token, self.rsp.capacity)
         self._caller = NativeCaller(self.req.producer.native, self.req.data_offset, requests.native,
@@ -423,16 +434,19 @@ class ShmClient(RequestRingInputs, ClientTransport):
         times = caller.times
         if self._bell_out is not None:
             # with observers to serve while the daemon works (the perf log's rows), nothing waited in C: they run first
-            rc = caller.call(words, seq, pos, shape.expect,
-                             0 if self.observers and self._idle_observers else WAIT_SLICE_NS)
-            if rc in REFUSED:   # no room now, or never, or a scribbled tail: nothing was done
-                return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
+            rc = caller.call_c(words, sources, seq, pos, shape.expect,
+                               0 if self.observers and self._idle_observers else WAIT_SLICE_NS, times)
             self.seq = seq
-            if rc != TOOK and rc != SLOW:
-                if rc == CALL_ASLEEP:   # the daemon sleeps on ZeroMQ: wake it
-                    self._send_wake()
-                self._while_waiting()   # (then the wait's clock starts: its backoff is the wait's own)
-                rc = self._await_reply(seq, shape.code, shape.expect, now_ns())
+            if rc != TOOK:
+                rc = caller.answer(rc)
+                if rc in REFUSED:   # no room now, or never, or a scribbled tail: nothing was done (seq not used)
+                    self.seq = seq - 1
+                    return self._call_in_python(method, tensors, claims, layer, op, pos, wire_dtype, t_start)
+                if rc != SLOW:
+                    if rc == CALL_ASLEEP:   # the daemon sleeps on ZeroMQ: wake it
+                        self._send_wake()
+                    self._while_waiting()   # (then the wait's clock starts: its backoff is the wait's own)
+                    rc = self._await_reply(seq, shape.code, shape.expect, now_ns())
             raw = None
         else:   # the ZeroMQ doorbell: the record encoded in C, sent and received here, the reply checked in C
             rc = caller.encode(words, seq, pos)
@@ -445,19 +459,28 @@ class ShmClient(RequestRingInputs, ClientTransport):
             raw = self._recv()
             times.t_replied = now_ns()
             rc = caller.check(raw, seq, shape.code, shape.expect)
-        same = times.same_reply
-        if same:   # shaped as one of this call's last two replies: their descriptors and views
-            reply = shape.replies[same - 1]
-            rsp = self.rsp
-            views = reply.views(rsp)
-            entry = (rsp.consumer.adopt if times.accepted else rsp.consumer.accept)(times.ring_end, reply.descs)
-            self.known_replies += 1
+        # shaped as one of this call's last two replies: their descriptors and views; accepted in C where nothing else
+        # was out (`accepted` says which of the two: the one field read on this path), else here
+        known = times.accepted
+        if known:
+            reply = shape.replies[known - 1]
+            consumer = self.rsp.consumer
+            entry = consumer.adopt(reply.descs)
+        else:
+            known = times.same_reply
+            if known:
+                reply = shape.replies[known - 1]
+                consumer = self.rsp.consumer
+                entry = consumer.accept(times.ring_end, reply.descs)
+                self._known_elsewhere += 1
+        if known:
+            views = reply.views(self.rsp)
             call = (method, layer, op, t_start, now_ns(), shape, reply, caller.times_bytes[:])
             stats = None
             if self.observers:
                 stats = known_call_stats(*call)
                 self._notify(stats)
-            return KnownReply(views, entry, rsp.consumer, call, stats)
+            return KnownReply(views, entry, consumer, call, stats)
         stats = CallStats(method, NAME, layer, t_start=t_start, op=op, t_encoded=times.t_encoded, t_sent=times.t_sent,
                           t_replied=times.t_replied, copy_in_ns=times.copy_ns)
         if raw is None:
@@ -592,6 +615,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
 
     def close(self) -> None:
         super().close()
+        self._known_elsewhere = self.known_replies
         self._bell_out = self._bell_in = self._caller = self._reply_bell = None
         self.calls_in_c = False
         self._call_shapes.clear()   # (their views on the response ring)
