@@ -33,6 +33,9 @@ def test_bench_all_writes_complete_consistent_records_tables_plots_and_readable_
     assert {(r["transport"], r["nbytes"]) for r in micro} == set(itertools.product(kinds, (4096, 65536)))
     for r in micro:
         assert MICRO_KEYS <= r.keys() and r["repeats"] >= 20 and 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"]
+    allowed = os.sched_getaffinity(0)   # the client and every echo side pinned to two CPUs, where there are two
+    assert all(r["cpus"] is None if len(allowed) < 2 else len(set(r["cpus"])) == 2 and set(r["cpus"]) <= allowed
+               for r in micro)
 
     e2e = [r for r in records if r["suite"] == "e2e" and r["transport"] != "floor"]
     configs = set(itertools.product(("msgpack", "shm"), ("float32", "bfloat16"), ("daemon", "client"),
@@ -170,9 +173,12 @@ def test_micro_floors_move_the_bytes_across_processes(tmp_path):
     bytes in the second shared area, over either signalling, at each size in turn."""
     import torch
     from conftest import CHILDREN
-    from shmrt.tools.bench.micro import Floors
+    from shmrt.tools.bench.micro import Floors, micro_cpus
+    cpus = micro_cpus()
+    echo_cpu = cpus[1] if cpus else None
     floors = Floors(CHILDREN, f"ipc://{tmp_path}/raw.sock", 2 * 65536 + 4096)
     try:
+        floors.pin(echo_cpu)
         area = floors.area
         for signal in ("shm", "zmq"):
             for n in (4096, 65536, 1024):
@@ -183,5 +189,24 @@ def test_micro_floors_move_the_bytes_across_processes(tmp_path):
                     round_trip()
                     echoed = area.ring.tensor(area.dst - area.ring.data_offset, n, torch.float32, (n // 4,))
                     assert torch.equal(echoed, x), (signal, n)
+        if echo_cpu is not None:   # both echo sides' main threads run where they were put; ZeroMQ's threads do not
+            assert [os.sched_getaffinity(p.pid) for p in floors.procs] == [{echo_cpu}] * 2
+            raw = floors.procs[1].pid
+            others = [int(tid) for tid in os.listdir(f"/proc/{raw}/task") if int(tid) != raw]
+            assert others and all(os.sched_getaffinity(tid) == os.sched_getaffinity(0) for tid in others)
     finally:
         floors.close()
+
+
+def test_micro_cpus_pick_two_cpus_that_are_not_smt_siblings(monkeypatch):
+    from shmrt.tools.bench import micro
+    assert micro._cpu_list("0-2,8\n") == {0, 1, 2, 8} and micro._cpu_list("5") == {5}
+    monkeypatch.setattr(micro.os, "sched_getaffinity", lambda pid: {0, 1, 8, 9})
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: __import__("io").StringIO("0,8\n")
+                        if "thread_siblings_list" in str(path) else real_open(path, *a, **k))
+    assert micro.micro_cpus() == (0, 1)   # 8 is cpu 0's sibling; 1 is not
+    monkeypatch.setattr(micro.os, "sched_getaffinity", lambda pid: {0, 8})
+    assert micro.micro_cpus() == (0, 8)   # only its sibling left: that one
+    monkeypatch.setattr(micro.os, "sched_getaffinity", lambda pid: {3})
+    assert micro.micro_cpus() is None

@@ -16,6 +16,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 CPU cores")
     p.add_argument("--sizes", help="micro: comma-separated sizes, e.g. 4KiB,10MiB")
     p.add_argument("--repeats", type=int, default=None, help="micro: at least 20; e2e: at least 3")
+    p.add_argument("--no-pin", action="store_true",
+                   help="micro: leave the client and the echo processes where the scheduler puts them (default: two "
+                        "CPUs, the same for a floor and its transport)")
     p.add_argument("--json", metavar="PATH", help="also write the records to PATH")
     p.add_argument("--out", metavar="DIR", help="results directory (default bench/results/<machine>)")
     p.add_argument("--model", default="small")
@@ -87,7 +90,7 @@ def main(args) -> int:
             sizes = [4 << 10, 1 << 20, 10 << 20] if args.quick else [4 << 10, 64 << 10, 1 << 20, 10 << 20, 64 << 20]
         repeats = max(args.repeats or 20, 20)
         base = str(settings.runtime_dir() / f"bench-{os.getpid()}")
-        micro = run_micro(sizes, repeats, f"ipc://{base}", _progress("micro"))
+        micro = run_micro(sizes, repeats, f"ipc://{base}", _progress("micro"), pin=not args.no_pin)
         print(format_micro(micro))
         records += [dict(r, machine=machine) for r in micro]
     if args.suite in ("e2e", "all"):

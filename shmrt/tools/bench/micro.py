@@ -4,7 +4,14 @@ shared memory, the echo side's from there into a second shared area, in the othe
 cores as a transport's do), around a bare round trip of the same signalling: a 64-byte ZeroMQ message for the
 ZeroMQ doorbell, a word ping-ponged through shared memory with the same waiting policy for the shared-memory
 doorbell. `copies` is the two copies alone in one process (the floor up to session 20 added that to the bare
-round trip: it leaves out what moving the bytes to another core costs, ~2.5x at 64 KiB on 2 cores)."""
+round trip: it leaves out what moving the bytes to another core costs, ~2.5x at 64 KiB on 2 cores).
+
+Where the machine has two CPUs to spare, the client's main thread runs on one and every echo side's (the transports'
+daemon, both floors' echo processes) on another, not its SMT sibling (`micro_cpus`): a round trip's cost depends on
+which two cores it crosses, so a floor and the transport it is the floor of cross the same two; on 2 cores an
+unpinned floor once had its echo side share the client's core (192 us at 4 KiB, against 5-6). ZeroMQ's I/O threads
+stay where the scheduler puts them: pinned beside a main thread that waits, they waited for its time slice (0.9 ms
+round trips). The kinds' round trips are interleaved in blocks (`_time_interleaved`)."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +36,38 @@ SIZE_BITS = 32   # a floor's signal: (round trip count << SIZE_BITS) | bytes to 
 SIZE = struct.Struct("<Q")   # ... and its ZeroMQ message's first word: the bytes to copy
 # record name -> (transport, doorbell); floors are "floor-zmq" and "floor-shm", beside "copies"
 ROUND_TRIPS = {"shm": ("shm", "shm"), "shm-zmqbell": ("shm", "zmq"), "msgpack": ("msgpack", "zmq")}
+BLOCK = 100   # round trips of one kind in a row, then the next kind's (`_time_interleaved`)
+
+
+def micro_cpus() -> tuple[int, int] | None:
+    """(the client's CPU, the echo sides' CPU): the first this process may run on, and the first after it that is
+    not its SMT sibling (the last allowed, where every other is); None where fewer than two are allowed."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return None
+    client = allowed[0]
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{client}/topology/thread_siblings_list") as f:
+            siblings = _cpu_list(f.read())
+    except (OSError, ValueError):
+        siblings = {client}
+    return client, next((c for c in allowed if c not in siblings), allowed[-1])
+
+
+def _cpu_list(text: str) -> set[int]:
+    """A sysfs CPU list ("0,8" or "0-1") as a set."""
+    cpus = set()
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def _pin_thread(tid: int, cpu: int | None) -> None:
+    """Thread `tid` (a process's id: its main thread; 0: the calling thread) on `cpu` alone (None: left where the
+    scheduler puts it). Threads it starts later inherit that: pin a main thread after its ZeroMQ context is up."""
+    if cpu is not None:
+        os.sched_setaffinity(tid, {cpu})
 
 
 def _serve_echo(endpoint: str) -> None:
@@ -98,6 +137,14 @@ class Floors:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
+    def pin(self, cpu: int | None) -> None:
+        """Both echo sides' main threads on `cpu` (after a round trip of each: the ZeroMQ one's I/O thread is up)."""
+        one = torch.zeros(1)
+        self.shm(one)()
+        self.zmq(one)()
+        for proc in self.procs:
+            _pin_thread(proc.pid, cpu)
+
     def shm(self, x: torch.Tensor):
         copy_in, store, src = self.area.buf.copy_in, self.area.buf.store, self.area.src
         wait, seen, count, nbytes = self.waiter.wait, self.waiter.seen, self.count, x.numel() * x.element_size()
@@ -152,15 +199,42 @@ def _time(fn, repeats: int, warmup: int) -> list[float]:
     return out
 
 
+def _time_interleaved(round_trips: dict, repeats: dict, warmup: int, block: int = BLOCK) -> dict[str, list[float]]:
+    """Each round trip's samples, taken in blocks of `block` in turn (name by name, again, until each has its
+    `repeats[name]`): what slows the machine for a while (a neighbour, a frequency step) slows each alike, where
+    back-to-back runs of thousands each put one transport in a slow second and its floor in a fast one (one H200
+    host: the floor's median moved 4.6-6.4 us at 4 KiB between runs a minute apart). A block keeps each warm in the
+    caches as a tight loop does; its first samples are in the distribution (the median does not see them)."""
+    for name, fn in round_trips.items():
+        for _ in range(warmup):
+            fn()
+    out = {name: [] for name in round_trips}
+    pending = dict(round_trips)
+    while pending:
+        for name, fn in list(pending.items()):
+            samples = out[name]
+            for _ in range(min(block, repeats[name] - len(samples))):
+                t0 = now_ns()
+                fn()
+                samples.append((now_ns() - t0) / 1e9)
+            if len(samples) >= repeats[name]:
+                del pending[name]
+    return out
+
+
 def _repeats_for(nbytes: int, minimum: int) -> int:
     return max(minimum, min(200, int(2e9 // max(nbytes, 1))))
 
 
-def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None) -> list[dict]:
+def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None, pin: bool = True) -> list[dict]:
+    """Every size's records; `pin`: the client's and the echo sides' main threads on two CPUs (`micro_cpus`), where
+    there are."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     records = []
     echo_ep, raw_ep = endpoint_base + "-echo.sock", endpoint_base + "-raw.sock"
+    client_cpu, echo_cpu = (micro_cpus() if pin else None) or (None, None)
+    allowed = os.sched_getaffinity(0)
     proc = ctx.Process(target=_serve_echo, args=(echo_ep,), daemon=True)
     proc.start()
     floors = None
@@ -174,6 +248,10 @@ def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None)
             t.open_session(ring_cap)
             t.call("Init").release()
             transports[label] = t
+        # main threads pinned once every ZeroMQ context here and there is up (their I/O threads stay unpinned)
+        floors.pin(echo_cpu)
+        _pin_thread(proc.pid, echo_cpu)
+        _pin_thread(0, client_cpu)
         for i, nbytes in enumerate(sizes):
             n = _repeats_for(nbytes, repeats)
             x = torch.randn(nbytes // 4)
@@ -184,17 +262,22 @@ def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None)
             buf.release()
             area.close()
             records.append(record("copies", nbytes, [2 * c for c in copy]))
-            records.append(record("floor-shm", nbytes, _time(floors.shm(x), max(n, 2000), 50)))
-            records.append(record("floor-zmq", nbytes, _time(floors.zmq(x), max(n, 500), 50)))
+            round_trips = {"floor-shm": floors.shm(x), "floor-zmq": floors.zmq(x)}
+            repeats_of = {"floor-shm": max(n, 2000), "floor-zmq": max(n, 500)}
             for name, t in transports.items():
-                def roundtrip(t=t):
+                def round_trip(t=t):
                     t.call("Matmul", [x]).release()
-                records.append(record(name, nbytes, _time(roundtrip, n, 3)))
+                round_trips[name], repeats_of[name] = round_trip, n
+            samples = _time_interleaved(round_trips, repeats_of, 50)
+            records += [record(name, nbytes, samples[name]) for name in round_trips]
             if progress:
                 progress(i + 1, len(sizes))
         for t in transports.values():
             t.close()
+        for r in records:
+            r["cpus"] = None if client_cpu is None else [client_cpu, echo_cpu]   # (client, echo sides): pinned
     finally:
+        os.sched_setaffinity(0, allowed)
         if floors is not None:
             floors.close()
         proc.terminate()
@@ -227,4 +310,7 @@ def format_micro(records: list[dict]) -> str:
         med, ratios = vals[:len(MICRO_COLUMNS)], vals[len(MICRO_COLUMNS):]
         lines.append(f"{format_bytes(n):>10} " + " ".join(f"{v * 1e6:>15.1f}" for v in med)
                      + f" {ratios[0]:>9.2f}x {ratios[1]:>13.2f}x {ratios[2]:>11.1f}x")
+    cpus = next((r.get("cpus") for r in records if r.get("suite", "micro") == "micro"), None)
+    lines.append(f"client on CPU {cpus[0]}, every echo side on CPU {cpus[1]}" if cpus
+                 else "processes where the scheduler put them (not pinned)")
     return "\n".join(lines)

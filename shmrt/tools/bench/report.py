@@ -114,7 +114,9 @@ def _micro_table(records: list[dict]) -> list[str]:
     for n, *vals in rows:
         lines.append(f"| {format_bytes(n)} | " + " | ".join(f"{v * 1e6:.1f}" for v in vals[:k])
                      + f" | {vals[k]:.2f}x | {vals[k + 1]:.2f}x | {vals[k + 2]:.1f}x |")
-    return lines
+    cpus = next((r.get("cpus") for r in records if r["suite"] == "micro"), None)
+    return lines + ["", f"Client on CPU {cpus[0]}, every echo side on CPU {cpus[1]}." if cpus
+                    else "Processes where the scheduler put them (not pinned)."]
 
 
 def write_results(records: list[dict], out: pathlib.Path, machine: str) -> None:
