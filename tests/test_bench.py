@@ -210,3 +210,16 @@ def test_micro_cpus_pick_two_cpus_that_are_not_smt_siblings(monkeypatch):
     assert micro.micro_cpus() == (0, 8)   # only its sibling left: that one
     monkeypatch.setattr(micro.os, "sched_getaffinity", lambda pid: {3})
     assert micro.micro_cpus() is None
+
+
+def test_micro_interleaving_spreads_every_kinds_samples_over_all_rounds():
+    """A kind with a tenth of the floor's repeats is sampled in every round beside it, not all in the first ones."""
+    from shmrt.tools.bench.micro import _time_interleaved
+    order = []
+    kinds = {name: (lambda name=name: order.append(name)) for name in ("floor", "transport", "odd")}
+    samples = _time_interleaved(kinds, {"floor": 2000, "transport": 200, "odd": 333}, warmup=0, block=100)
+    assert {k: len(v) for k, v in samples.items()} == {"floor": 2000, "transport": 200, "odd": 333}
+    assert order.count("floor") == 2000   # (no warm-up asked)
+    floors_before = [order[:i].count("floor") for i, name in enumerate(order) if name == "transport"]
+    assert floors_before[0] == 100 and floors_before[-1] == 2000   # the first in round 1, the last in round 20
+    assert all(b - a in (0, 100) for a, b in zip(floors_before, floors_before[1:]))   # 10 a round, every round

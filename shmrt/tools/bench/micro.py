@@ -200,30 +200,31 @@ def _time(fn, repeats: int, warmup: int) -> list[float]:
 
 
 def _time_interleaved(round_trips: dict, repeats: dict, warmup: int, block: int = BLOCK) -> dict[str, list[float]]:
-    """Each round trip's samples, taken in blocks of `block` in turn (name by name, again, until each has its
-    `repeats[name]`): what slows the machine for a while (a neighbour, a frequency step) slows each alike, where
-    back-to-back runs of thousands each put one transport in a slow second and its floor in a fast one (one H200
-    host: the floor's median moved 4.6-6.4 us at 4 KiB between runs a minute apart). A block keeps each warm in the
-    caches as a tight loop does; its first samples are in the distribution (the median does not see them)."""
+    """Each round trip's `repeats[name]` samples, taken in rounds: in each, a block of each kind in turn, the kind with
+    the most repeats `block` round trips, the others as many fewer as they have fewer repeats, so that every kind's
+    samples spread over all the rounds. What slows the machine for a while (a neighbour, a frequency step) slows each
+    alike, where back-to-back runs of thousands each put one transport in a slow second and its floor in a fast one
+    (one H200 host: the floor's median moved 4.6-6.4 us at 4 KiB between runs a minute apart). A block keeps each warm
+    in the caches as a tight loop does; its first samples are in the distribution (the median does not see them)."""
     for name, fn in round_trips.items():
         for _ in range(warmup):
             fn()
+    rounds = -(-max(repeats.values()) // block)
     out = {name: [] for name in round_trips}
-    pending = dict(round_trips)
-    while pending:
-        for name, fn in list(pending.items()):
+    for r in range(rounds):
+        for name, fn in round_trips.items():
             samples = out[name]
-            for _ in range(min(block, repeats[name] - len(samples))):
+            for _ in range(repeats[name] * (r + 1) // rounds - len(samples)):
                 t0 = now_ns()
                 fn()
                 samples.append((now_ns() - t0) / 1e9)
-            if len(samples) >= repeats[name]:
-                del pending[name]
     return out
 
 
 def _repeats_for(nbytes: int, minimum: int) -> int:
-    return max(minimum, min(200, int(2e9 // max(nbytes, 1))))
+    """Round trips of each kind at a size: 2000 up to 1 MiB (a median that holds still on a noisy machine), fewer
+    above (~2 GB moved a kind), `minimum` (--repeats) at least."""
+    return max(minimum, min(2000, int(2e9 // max(nbytes, 1))))
 
 
 def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None, pin: bool = True) -> list[dict]:
@@ -263,12 +264,11 @@ def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None,
             area.close()
             records.append(record("copies", nbytes, [2 * c for c in copy]))
             round_trips = {"floor-shm": floors.shm(x), "floor-zmq": floors.zmq(x)}
-            repeats_of = {"floor-shm": max(n, 2000), "floor-zmq": max(n, 500)}
             for name, t in transports.items():
                 def round_trip(t=t):
                     t.call("Matmul", [x]).release()
-                round_trips[name], repeats_of[name] = round_trip, n
-            samples = _time_interleaved(round_trips, repeats_of, 50)
+                round_trips[name] = round_trip
+            samples = _time_interleaved(round_trips, dict.fromkeys(round_trips, n), 50)
             records += [record(name, nbytes, samples[name]) for name in round_trips]
             if progress:
                 progress(i + 1, len(sizes))
@@ -277,7 +277,9 @@ def run_micro(sizes: list[int], repeats: int, endpoint_base: str, progress=None,
         for r in records:
             r["cpus"] = None if client_cpu is None else [client_cpu, echo_cpu]   # (client, echo sides): pinned
     finally:
-        os.sched_setaffinity(0, allowed)
+        for tid in os.listdir("/proc/self/task"):   # every thread: one started while pinned kept its one CPU
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), allowed)
         if floors is not None:
             floors.close()
         proc.terminate()
