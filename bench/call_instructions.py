@@ -55,7 +55,7 @@ def _measure(lib_path: str, calls: int) -> None:
             stub = lambda *args: 0   # noqa: E731 (C's call: TOOK, the last reply's times; C's release: released)
             if hasattr(t._caller, "call_c"):
                 t._caller.call_c = stub
-            else:   # a tree whose NativeCaller.call reads native.lib's shmrt_call
+            else:   # a tree (before call_c) whose NativeCaller.call reads native.lib's shmrt_call
                 import shmrt.wire.native as native
 
                 class Lib:

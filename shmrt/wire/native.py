@@ -301,7 +301,7 @@ CALL_ASLEEP = lib.SHMRT_CALL_ASLEEP
 
 
 class NativeCaller:
-    """shmrt_caller: one C call a request, from its inputs' copies to its reply's checked record (`call`). Holds the
+    """shmrt_caller: one C call a request, from its inputs' copies to its reply's checked record (`call_c`). Holds the
     structs it points into as long as it lives; their mappings must outlive it (the client drops it first; the release
     `accept_replies` hands out goes to the response ring's consumer, which the ring detaches before it unmaps)."""
 
@@ -319,8 +319,8 @@ class NativeCaller:
         self.sources = ffi.new("uint64_t[]", lib.SHMRT_MAX_TENSORS)
         self.times = ffi.new("shmrt_call_times *")
         self.times_bytes = ffi.buffer(self.times)   # `times_bytes[:]`: a call's times, as CALL_TIMES unpacks them
-        # shmrt_call over this caller: call_c(words, sources, seq, pos, expect_reply, budget_ns, times) (`call`'s
-        # steps with no Python frame between: a client's hot path)
+        # shmrt_call over this caller: call_c(words, sources, seq, pos, expect_reply, budget_ns, times), `sources` and
+        # `times` this caller's (as shmrt_call says; `answer` for its rc), no Python frame between: a client's hot path
         self.call_c = functools.partial(lib.shmrt_call, c)
         self._record = ffi.new("uint8_t[]", lib.SHMRT_HEADER_BYTES + lib.SHMRT_MAX_TENSORS * lib.SHMRT_DESC_BYTES)
 
@@ -339,14 +339,15 @@ class NativeCaller:
 
     @staticmethod
     def words(record: list[int]):
-        """A request's record words as C memory (a template `call` completes: seq, pos, ring end, offsets)."""
+        """A request's record words as C memory (a template `call_c` completes: seq, pos, ring end, offsets)."""
         return ffi.new("uint64_t[]", record)
 
     NO_REPLIES = ffi.NULL   # an expect_reply that no reply matches
 
     @staticmethod
     def expected_replies():
-        """Room for the words of two replies a call expects (`call`'s expect_reply), none yet (zeros match nothing)."""
+        """Room for the words of two replies a call expects (`call_c`'s expect_reply), none yet (zeros match
+        nothing)."""
         return ffi.new("uint64_t[]", 2 * RECORD_WORDS)
 
     def keep_reply(self, expected, which: int) -> None:
@@ -366,24 +367,20 @@ class NativeCaller:
         """The bytes of the reply record the last call took."""
         return self._replies.c.taken_length
 
-    def call(self, words, seq: int, pos: int, expect_reply, budget_ns: int) -> int:
-        """TOOK (the reply's record in the reply bell's words; `times.same_reply` 1 or 2 where it is shaped as the first
-        or second record of `expect_reply`: `expected_replies()` that `keep_reply` filled), SLOW, TIMEOUT, CALL_ASLEEP, or a reservation's RESERVE_WAIT,
-        RESERVE_TOO_LARGE or RESERVE_BAD_TAIL (nothing done); `sources` and `times` as shmrt_call says. (A client's
-        hot path calls `call_c` itself, then `answer` where the rc is not TOOK.)"""
-        rc = self.call_c(words, self.sources, seq, pos, expect_reply, budget_ns, self.times)
-        return rc if rc == TOOK else self.answer(rc)
-
     @staticmethod
     def answer(rc: int) -> int:
-        """A C call's rc that is one of its answers (`call`'s), returned; an error's rc raised."""
+        """`call_c`'s rc, where it is one of its answers, returned: TOOK (the reply's record in the reply bell's words;
+        `times.same_reply` 1 or 2 where it is shaped as the first or second record of `expect_reply`, the
+        `expected_replies()` that `keep_reply` filled), SLOW, TIMEOUT, CALL_ASLEEP, or a reservation's RESERVE_WAIT,
+        RESERVE_TOO_LARGE or RESERVE_BAD_TAIL (nothing done); an error's rc raised. (The client's hot path calls
+        `call_c` itself, and this only where the rc is not TOOK.)"""
         if rc == TOOK or rc in _CALL_ANSWERS:
             return rc
         _check_rc(rc, "making a call")
         return rc
 
     def encode(self, words, seq: int, pos: int) -> int:
-        """`call` with the ZeroMQ doorbell, to its record: TOOK (`record()` holds it, to send), or a reservation's
+        """`call_c` with the ZeroMQ doorbell, to its record: TOOK (`record()` holds it, to send), or a reservation's
         RESERVE_WAIT, RESERVE_TOO_LARGE or RESERVE_BAD_TAIL (nothing done)."""
         rc = lib.shmrt_call_encode(self.c, words, self.sources, seq, pos, self._record, len(self._record), self.times)
         if rc == TOOK or rc in _CALL_ANSWERS:
@@ -396,12 +393,12 @@ class NativeCaller:
         return ffi.buffer(self._record, self.times.sent_length)
 
     def check(self, record: bytes, seq: int, method: int, expect_reply) -> int:
-        """The reply to `encode`'s call, as it came over ZeroMQ, checked as `call` checks a reply: TOOK (in the reply
+        """The reply to `encode`'s call, as it came over ZeroMQ, checked as `call_c` checks a reply: TOOK (in the reply
         bell's words, `times.same_reply` set) or SLOW (for protocol.decode)."""
         return lib.shmrt_call_check(self.c, record, len(record), seq, method, expect_reply, self.times)
 
     def await_reply(self, seq: int, method: int, expect_reply, rung_ns: int, budget_ns: int) -> int:
-        """`call`'s wait alone, for the reply of call `seq` (rung at `rung_ns`): TOOK, SLOW or TIMEOUT."""
+        """`call_c`'s wait alone, for the reply of call `seq` (rung at `rung_ns`): TOOK, SLOW or TIMEOUT."""
         rc = lib.shmrt_call_await(self.c, seq, method, expect_reply, rung_ns, budget_ns, self.times)
         if rc == TOOK or rc == SLOW or rc == TIMEOUT:
             return rc
