@@ -35,7 +35,6 @@ static void note_reply(shmrt_caller *c, const uint64_t *r, const uint64_t *expec
     shmrt_consumer *k = c->reply_consumer;
     int taken = t->same_reply != 0 && k != NULL && shmrt_consumer_takes_only(k, r[6], c->replies->capacity);
     t->accepted = taken ? t->same_reply : 0;   /* (which of the two: the one field a client's hot path reads) */
-    c->known_replies += taken;
     if (taken) {
         k->accepted_end = c->adopted_end = r[6];
         k->outstanding = 1;

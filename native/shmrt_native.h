@@ -322,7 +322,6 @@ typedef struct {
     uint32_t adopted_count;           /* the end and descriptors of the reply accepted in C (its release; the */
     uint64_t adopted_end;             /* descriptors for that poison) */
     uint64_t adopted_descs[SHMRT_MAX_TENSORS * SHMRT_DESC_WORDS];
-    uint64_t known_replies;           /* replies accepted here (shaped as one of their call's expect_reply) */
 } shmrt_caller;
 
 typedef struct {

@@ -176,8 +176,7 @@ def test_micro_floors_move_the_bytes_across_processes(tmp_path):
     from shmrt.tools.bench.micro import Floors, micro_cpus
     cpus = micro_cpus()
     echo_cpu = cpus[1] if cpus else None
-    floors = Floors(CHILDREN, f"ipc://{tmp_path}/raw.sock", 2 * 65536 + 4096)
-    try:
+    with Floors(CHILDREN, f"ipc://{tmp_path}/raw.sock", 2 * 65536 + 4096) as floors:
         floors.pin(echo_cpu)
         area = floors.area
         for signal in ("shm", "zmq"):
@@ -194,8 +193,6 @@ def test_micro_floors_move_the_bytes_across_processes(tmp_path):
             raw = floors.procs[1].pid
             others = [int(tid) for tid in os.listdir(f"/proc/{raw}/task") if int(tid) != raw]
             assert others and all(os.sched_getaffinity(tid) == os.sched_getaffinity(0) for tid in others)
-    finally:
-        floors.close()
 
 
 def test_micro_cpus_pick_two_cpus_that_are_not_smt_siblings(monkeypatch):

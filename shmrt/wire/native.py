@@ -354,18 +354,9 @@ class NativeCaller:
         """Copy the words of the reply the last call took and checked into `expected`'s record `which` (0 or 1)."""
         ffi.memmove(expected + which * RECORD_WORDS, self._replies.words, 8 * RECORD_WORDS)
 
-    @property
-    def known_replies(self) -> int:
-        """Replies this caller's calls took shaped as one of their call's last two and accepted in C."""
-        return self.c.known_replies
-
     def reply_text_length(self) -> int:
         """The text bytes of the reply the last call checked."""
         return self._replies.words[9]
-
-    def received(self) -> int:
-        """The bytes of the reply record the last call took."""
-        return self._replies.c.taken_length
 
     @staticmethod
     def answer(rc: int) -> int:

@@ -309,14 +309,9 @@ class ShmClient(RequestRingInputs, ClientTransport):
         # by method, layer, op, wire dtype and the inputs' dtypes and shapes (False: a call the Python path makes)
         self._call_shapes: dict[tuple, CallShape | bool] = {}
         self.calls_in_c = False   # `call` in C (from Attach on; SHMRT_CALLS_IN_C=0: `_call_in_python`)
-        self._known_elsewhere = 0   # known replies the caller bound now did not count: accepted here, or by others
+        self.known_replies = 0    # replies C recognised as shaped as one of their call's last two
         self._request_span = (0, 0)   # the request ring's mapping, [first, last + 1) (inputs inside it are staged)
         self._wake = protocol.encode(Doorbell(Method.Wake, 0, self.token))
-
-    @property
-    def known_replies(self) -> int:
-        """Replies C recognised as shaped as one of their call's last two."""
-        return self._known_elsewhere + (self._caller.known_replies if self._caller is not None else 0)
 
     def message_limit(self, max_reply_bytes: int | None) -> int:
         # Tensors stay in the rings: every legal message is a doorbell, whatever the model's size.
@@ -370,7 +365,6 @@ class ShmClient(RequestRingInputs, ClientTransport):
         With the ZeroMQ doorbell its records still are the rings' doorbells' (their codec, the session's token and
         the response ring's bounds), sent and received over the socket."""
         self.rsp.consumer.track_adopted()   # (a reply the last caller accepted is Python's to release now)
-        self._known_elsewhere = self.known_replies
         requests = self._bell_out or BellOut(self.req, self.token)
         self._reply_bell = self._bell_in or BellIn(self.rsp, self.token, self.rsp.capacity)
         self._caller = NativeCaller(self.req.producer.native, self.req.data_offset, requests.native,
@@ -461,19 +455,13 @@ class ShmClient(RequestRingInputs, ClientTransport):
             rc = caller.check(raw, seq, shape.code, shape.expect)
         # shaped as one of this call's last two replies: their descriptors and views; accepted in C where nothing else
         # was out (`accepted` says which of the two: the one field read on this path), else here
-        known = times.accepted
+        accepted = times.accepted
+        known = accepted or times.same_reply
         if known:
             reply = shape.replies[known - 1]
             consumer = self.rsp.consumer
-            entry = consumer.adopt(reply.descs)
-        else:
-            known = times.same_reply
-            if known:
-                reply = shape.replies[known - 1]
-                consumer = self.rsp.consumer
-                entry = consumer.accept(times.ring_end, reply.descs)
-                self._known_elsewhere += 1
-        if known:
+            entry = consumer.adopt(reply.descs) if accepted else consumer.accept(times.ring_end, reply.descs)
+            self.known_replies += 1
             views = reply.views(self.rsp)
             call = (method, layer, op, t_start, now_ns(), shape, reply, caller.times_bytes[:])
             stats = None
@@ -484,7 +472,7 @@ class ShmClient(RequestRingInputs, ClientTransport):
         stats = CallStats(method, NAME, layer, t_start=t_start, op=op, t_encoded=times.t_encoded, t_sent=times.t_sent,
                           t_replied=times.t_replied, copy_in_ns=times.copy_ns)
         if raw is None:
-            bell, received = self._taken_reply(rc, seq, shape.code), caller.received()
+            bell, received = self._taken_reply(rc, seq, shape.code), times.received
         else:
             received = len(raw)   # (a text lies in `raw`, not in the bell's copy: protocol.decode reads it)
             if rc == TOOK and not caller.reply_text_length():
@@ -521,7 +509,8 @@ class ShmClient(RequestRingInputs, ClientTransport):
             self._while_waiting()
             rc = self._await_reply(seq, code, NativeCaller.NO_REPLIES, now_ns())
             stats.t_replied = self._caller.times.t_replied
-            return self._reply(self._taken_reply(rc, seq, code), stats, payload_sent, sent, self._caller.received())
+            return self._reply(self._taken_reply(rc, seq, code), stats, payload_sent, sent,
+                               self._caller.times.received)
         payload = protocol.encode(Doorbell(code, seq, self.token, layer, op, pos, ring_end, tensors=tuple(descs)))
         stats.t_encoded = now_ns()
         self._send(payload)
@@ -615,7 +604,6 @@ class ShmClient(RequestRingInputs, ClientTransport):
 
     def close(self) -> None:
         super().close()
-        self._known_elsewhere = self.known_replies
         self._bell_out = self._bell_in = self._caller = self._reply_bell = None
         self.calls_in_c = False
         self._call_shapes.clear()   # (their views on the response ring)

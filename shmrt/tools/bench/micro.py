@@ -171,6 +171,12 @@ class Floors:
             recv()
         return round_trip
 
+    def __enter__(self) -> "Floors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self.sock.close()
         self.area.buf.store(OFF_HEAD, STOP)
